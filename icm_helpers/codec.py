@@ -1,0 +1,198 @@
+"""The learned codec: CompressAI's ``Cheng2020Attention`` (cheng2020-attn, the paper's ICM model, Sec. 4.1).
+
+Everything here wraps CompressAI's own modules; nothing of the architecture is re-implemented:
+- ``build_codec``: a Cheng2020Attention with configurable N, or CompressAI's pretrained zoo model.
+- ``codec_forward``: CompressAI's forward (likelihoods, x_hat) plus the intermediate tensors the auxiliary
+  branches attach to (``y_hat`` = the latent the decoder receives -> aux-enc; the input of the decoder's final
+  layer -> aux-dec), captured with forward pre-hooks so CompressAI's forward runs unchanged.
+- ``pad_to_multiple`` / ``crop_to``: images are padded to a multiple of 64 (Sec. 4.1) and cropped back.
+- ``compress_image`` / ``decompress_image``: real bitstreams through CompressAI's range coder.
+- checkpoints that refuse to load into another architecture or N.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PAD_MULTIPLE = 64  # Sec. 4.1: "padded them to a multiple of 64"
+ARCH = "cheng2020-attn"
+
+
+def build_codec(N: int = 128, pretrained: bool = False, quality: int | None = None) -> nn.Module:
+    """Cheng2020Attention with ``N`` channels, or the pretrained CompressAI zoo model for ``quality``.
+
+    ``pretrained=True`` downloads CompressAI's MSE-trained weights (qualities 1-6; N=128 for 1-3, N=192 for 4-6)
+    and therefore needs internet; offline it raises with the file to place in the torch hub cache.
+    """
+    from compressai.models import Cheng2020Attention
+
+    if pretrained:
+        if quality is None:
+            raise ValueError("pretrained=True needs quality in 1..6 (CompressAI cheng2020-attn zoo)")
+        from compressai.zoo import cheng2020_attn
+
+        try:
+            model = cheng2020_attn(quality=quality, metric="mse", pretrained=True, progress=True)
+        except Exception as exc:  # network errors come in many types
+            hub = Path(torch.hub.get_dir()) / "checkpoints"
+            raise RuntimeError(
+                f"could not load the pretrained cheng2020-attn (quality {quality}): {exc}. Without internet, place "
+                f"CompressAI's checkpoint file 'cheng2020_attn-mse-{quality}-*.pth.tar' in {hub} and retry."
+            ) from exc
+        return model
+    if N < 8:
+        raise ValueError(f"codec N must be >= 8, got {N}")
+    return Cheng2020Attention(N=N)
+
+
+def codec_N(model: nn.Module) -> int:
+    return int(model.g_a[0].conv1.out_channels)
+
+
+@contextlib.contextmanager
+def capture_features(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Capture the decoder's input (``"enc"``: y_hat, the aux-enc attachment point) and the input of the
+    decoder's final layer (``"dec"``: the aux-dec attachment point, Sec. 4.2 / Fig. 7)."""
+    store: dict[str, torch.Tensor] = {}
+    hooks = [
+        model.g_s.register_forward_pre_hook(lambda m, inp: store.__setitem__("enc", inp[0])),
+        model.g_s[-1].register_forward_pre_hook(lambda m, inp: store.__setitem__("dec", inp[0])),
+    ]
+    try:
+        yield store
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def codec_forward(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """CompressAI forward + captured features. Returns x_hat, likelihoods {"y","z"}, "enc" (y_hat), "dec".
+
+    In training mode y_hat is y plus uniform noise (CompressAI's quantization proxy); in eval mode it is rounded.
+    """
+    with capture_features(model) as feats:
+        out = model(x)
+    out.update(feats)
+    return out
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Zero-pad (left/right, top/bottom split as in CompressAI's evaluation) to a multiple of ``multiple``."""
+    h, w = x.shape[-2:]
+    H = (h + multiple - 1) // multiple * multiple
+    W = (w + multiple - 1) // multiple * multiple
+    left, top = (W - w) // 2, (H - h) // 2
+    pad = (left, W - w - left, top, H - h - top)
+    return F.pad(x, pad, mode="constant", value=0.0), pad
+
+
+def crop_to(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
+    left, right, top, bottom = pad
+    h, w = x.shape[-2:]
+    return x[..., top: h - bottom, left: w - right]
+
+
+def bits_from_likelihoods(likelihoods: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Total estimated bits per image (sum of -log2 likelihood over y and z), shape (B,)."""
+    total = 0
+    for lik in likelihoods.values():
+        total = total + (-torch.log2(lik)).flatten(1).sum(1)
+    return total
+
+
+def converge_quantiles(model: nn.Module, steps: int = 1000, lr: float = 0.05, tol: float = 0.05) -> float:
+    """Fit the entropy bottleneck's quantiles (CompressAI's ``aux_loss``; unrelated to the paper's auxiliary loss).
+
+    The quantiles only bound the CDF tables of the range coder; CompressAI trains them alongside the network
+    with a small learning rate over millions of steps. Short runs leave them far from converged, which
+    inflates the real bitstream (symbols outside the tables are escape-coded). Since the quantile loss depends
+    on the entropy bottleneck's density alone (not on data), it is minimised here directly, with the network
+    frozen, until it stops improving. Returns the final loss."""
+    quantiles = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
+    opt = torch.optim.Adam(quantiles, lr=lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=50)
+    loss = float("inf")
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        q = model.aux_loss()
+        q.backward()
+        opt.step()
+        loss = float(q)
+        sched.step(loss)
+        if loss < tol:
+            break
+    return loss
+
+
+def update_entropy_tables(model: nn.Module) -> None:
+    """Recompute the CDF tables the range coder needs (after training / loading)."""
+    model.update(force=True)
+
+
+@torch.no_grad()
+def compress_image(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """Real bitstream for ONE image (1x3xHxW, already padded). Returns CompressAI's dict + ``num_bytes``."""
+    if x.shape[0] != 1:
+        raise ValueError("compress_image codes one image at a time (batch of 1)")
+    enc = model.compress(x)
+    enc["num_bytes"] = sum(len(s) for strings in enc["strings"] for s in strings)
+    return enc
+
+
+@torch.no_grad()
+def decompress_image(model: nn.Module, enc: dict[str, Any]) -> torch.Tensor:
+    return model.decompress(enc["strings"], enc["shape"])["x_hat"].clamp_(0, 1)
+
+
+# ---------------------------------------------------------------- checkpoints
+def codec_meta(model: nn.Module) -> dict[str, Any]:
+    return {"arch": ARCH, "N": codec_N(model)}
+
+
+def save_codec(path: str | Path, model: nn.Module, extra: dict[str, Any] | None = None) -> Path:
+    from .io import atomic_torch_save
+
+    return atomic_torch_save({"meta": codec_meta(model), "state_dict": model.state_dict(), "extra": extra or {}}, path)
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """``torch.load`` with ``weights_only=True``; a truncated/corrupt file raises a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read checkpoint {path}: {exc} (truncated or corrupt file? delete it and re-run the step that writes it)") from exc
+
+
+def load_codec(path: str | Path) -> nn.Module:
+    """Load a codec saved by ``save_codec``; refuses checkpoints of another architecture."""
+    ckpt = load_state(path)
+    meta = ckpt.get("meta", {}) if isinstance(ckpt, dict) else {}
+    if meta.get("arch") != ARCH:
+        raise ValueError(f"{path} is not a {ARCH} codec checkpoint (meta={meta})")
+    model = build_codec(N=int(meta["N"]))
+    load_codec_state(model, ckpt["state_dict"], source=str(path))
+    return model
+
+
+def load_codec_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load weights, with a clear message when the checkpoint is of another N / architecture.
+
+    CompressAI's entropy-model buffers (CDF tables) change size with ``update()``, so they are resized first
+    (this is what ``CompressionModel.load_state_dict`` does, which we call)."""
+    params = dict(model.named_parameters())  # the entropy coder's buffers legitimately change size
+    bad = [k for k, v in state_dict.items() if k in params and params[k].shape != v.shape]
+    missing = [k for k in params if k not in state_dict]
+    if bad or missing:
+        detail = f"shape mismatch in {bad[:3]}" if bad else f"missing keys {missing[:3]}"
+        raise ValueError(f"{source} does not fit a {ARCH} codec with N={codec_N(model)}: {detail}. "
+                         "Was it saved from another architecture or N?")
+    model.load_state_dict(state_dict)
+    update_entropy_tables(model)

@@ -1,0 +1,229 @@
+"""The experiment of one profile: where everything lives on disk, and the idempotent steps the notebooks call.
+
+Layout under the run directory (``runs/<profile>/`` by default):
+
+    data/                         generated world (or prepared dataset) in COCO layout
+    models/recognizer_<task>.pt   frozen recognizers (suite backend: trained by notebook 01)
+    models/codec_start.pt         codec start point (Eq. 2, MSE)
+    icm/<task>/<run>/             ICM training: train_state.pt (resumable), codec.pt (final), history.json
+    results/<task>/<name>.json    one evaluation record per method and lambda
+
+Every step is idempotent: finished artefacts are reused (never silently overwritten; ``force=True`` redoes them),
+interrupted trainings resume from their last complete epoch.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from . import codec as codec_lib
+from .aux_branches import build_aux_branch
+from .config import load_profile, resolve_run_dir, safe_name
+from .data import IcmDataset, WorldSpec, generate_world
+from .evaluation import evaluate
+from .io import atomic_write_json, read_json
+from .recognizers import build_recognizer, check_task, load_recognizer, save_recognizer
+from .training import IcmSpec, InMemory, TrainConfig, train_icm, train_recognizer, train_start_codec
+
+
+class Experiment:
+    def __init__(self, profile: str = "smoke", run_dir: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                 device: str = "cpu", seed: int | None = None, log=print):
+        self.cfg = load_profile(profile, overrides)
+        self.profile = safe_name(self.cfg["name"], "profile name")
+        self.seed = int(self.cfg.get("seed", 0) if seed is None else seed)
+        self.device = self._check_device(device)
+        self.run_dir = resolve_run_dir(self.profile, run_dir)
+        self.log = log or (lambda *_: None)
+        self._datasets: dict[str, Any] = {}
+        if self.cfg.get("threads"):
+            torch.set_num_threads(int(self.cfg["threads"]))
+
+    @staticmethod
+    def _check_device(device: str) -> str:
+        if device == "cpu":
+            return device
+        if str(device).startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ValueError(f"device={device!r} but no CUDA GPU is visible; use device='cpu'")
+            return device
+        raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda[:N]'")
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def data_dir(self) -> Path:
+        return self.run_dir / "data"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.run_dir / "models"
+
+    def tasks(self, task: str = "all") -> list[str]:
+        """``"all"`` -> every task of the profile; else the one named task (validated)."""
+        return list(self.cfg["tasks"]) if task == "all" else [check_task(task)]
+
+    def task_cfg(self, task: str) -> dict[str, Any]:
+        return self.cfg["tasks"][check_task(task)]
+
+    def num_classes(self) -> int:
+        return int(self.cfg["data"]["world"]["n_classes"])
+
+    def spec(self, task: str, lambda_: float, aux_position: str | None, alpha: float | None = None) -> IcmSpec:
+        tc = self.task_cfg(task)
+        return IcmSpec(task=task, lambda_=float(lambda_), aux_position=aux_position,
+                       alpha=float(tc["alpha"] if alpha is None else alpha), add_mse=bool(tc.get("add_mse", False)), seed=self.seed)
+
+    def run_path(self, spec: IcmSpec) -> Path:
+        suffix = "" if spec.alpha == self.task_cfg(spec.task)["alpha"] else f"_alpha{spec.alpha:g}"
+        return self.run_dir / "icm" / spec.task / (spec.run_name + suffix)
+
+    def result_path(self, task: str, name: str) -> Path:
+        return self.run_dir / "results" / task / f"{safe_name(name.replace('.', 'p'), 'result name')}.json"
+
+    # ------------------------------------------------------------------ data
+    def prepare_data(self, force: bool = False) -> dict[str, int]:
+        """Generate the profile's image world (deterministic from the seed); reuse it when already there."""
+        dc = self.cfg["data"]
+        if dc["source"] != "shapes_world":
+            raise NotImplementedError(f"data source {dc['source']!r} is not implemented in this version (available: shapes_world)")
+        spec = WorldSpec(**dc["world"], seed=self.seed)
+        generate_world(self.data_dir, spec, dc["counts"], overwrite=force)
+        return {split: len(self.dataset(split)) for split in ("train", "val", "test")}
+
+    def dataset(self, split: str):
+        if split not in self._datasets:
+            ds = IcmDataset(self.data_dir / split)
+            self._datasets[split] = InMemory(ds) if split in ("train", "val") else ds
+        return self._datasets[split]
+
+    # ------------------------------------------------------------------ recognizers
+    def recognizer_path(self, task: str) -> Path:
+        return self.models_dir / f"recognizer_{check_task(task)}.pt"
+
+    def recognizer(self, task: str, force: bool = False):
+        """The frozen recognizer of ``task``; trained on ground truth first if missing (suite backend)."""
+        path = self.recognizer_path(task)
+        if path.exists() and not force:
+            return load_recognizer(path, expect_task=task).to(self.device)
+        rc = self.cfg["recognizers"][task]
+        torch.manual_seed(self.seed)
+        rec = build_recognizer(task, rc["backend"], self.num_classes(), **rc.get("model", {})).to(self.device)
+        t0 = time.time()
+        self.log(f"training the {task} recognizer ({rc['backend']})")
+        res = train_recognizer(rec, self.dataset("train"), TrainConfig.from_dict(rc["train"]), self.models_dir / f"train_state_recognizer_{task}.pt",
+                               seed=self.seed, log=self.log, device=self.device)
+        save_recognizer(path, rec.freeze(), extra={"history": res.history, "seconds": time.time() - t0})
+        return rec
+
+    def evaluate_reference(self, task: str, force: bool = False) -> dict[str, Any]:
+        """Task metric of the recognizer on the ORIGINAL (uncompressed) test images: the upper bound."""
+        return self._evaluate_cached(task, "reference", None, {"method": "reference"}, force, codec_factory=lambda: None)
+
+    # ------------------------------------------------------------------ codec start point
+    def start_codec(self, force: bool = False):
+        path = self.models_dir / "codec_start.pt"
+        if path.exists() and not force:
+            return codec_lib.load_codec(path).to(self.device)
+        cc = self.cfg["codec"]
+        if cc.get("pretrained"):
+            model = codec_lib.build_codec(pretrained=True, quality=cc["quality"])
+            codec_lib.save_codec(path, model, extra={"source": f"compressai cheng2020-attn mse q{cc['quality']}"})
+            return model.to(self.device)
+        torch.manual_seed(self.seed)
+        model = codec_lib.build_codec(N=int(cc["N"])).to(self.device)
+        self.log(f"training the codec start point (Eq. 2, MSE, lambda={cc['lambda_mse']})")
+        res = train_start_codec(model, self.dataset("train"), TrainConfig.from_dict(cc["train"]), float(cc["lambda_mse"]),
+                                self.models_dir / "train_state_codec_start.pt", seed=self.seed, log=self.log, device=self.device)
+        codec_lib.save_codec(path, model, extra={"history": res.history})
+        return model
+
+    def evaluate_start(self, task: str, force: bool = False) -> dict[str, Any]:
+        return self._evaluate_cached(task, "start", None, {"method": "start"}, force, codec_factory=self.start_codec)
+
+    # ------------------------------------------------------------------ ICM training
+    def train(self, spec: IcmSpec, force: bool = False) -> Path:
+        """Train one ICM model (resumes if interrupted; reuses a finished one). Returns the final codec path.
+
+        With the profile's ``validate_every_epoch`` the validation loss terms (Eq. 4 main loss among them) are
+        recorded per epoch, which the branch-position ablation plots (Figs. 8-9)."""
+        out = self.run_path(spec)
+        final = out / "codec.pt"
+        spec_dict = {k: getattr(spec, k) for k in spec.__dataclass_fields__}
+        if final.exists() and not force:
+            stored = codec_lib.load_state(final)["extra"].get("spec")
+            if stored != spec_dict:
+                raise FileExistsError(f"{final} was trained for {stored}, not {spec_dict}; pass force=True to retrain")
+            return final
+        if force:
+            for f in ("train_state.pt", "codec.pt"):
+                (out / f).unlink(missing_ok=True)
+        tc = self.task_cfg(spec.task)
+        codec = self.start_codec()
+        recognizer = self.recognizer(spec.task)
+        torch.manual_seed(spec.seed)
+        aux = build_aux_branch(spec.task, spec.aux_position, codec_lib.codec_N(codec), self.num_classes(), **tc.get("aux", {}))
+        if aux is not None:
+            aux = aux.to(self.device)
+        self.log(f"ICM training {spec.task}/{out.name}")
+        res = train_icm(spec, codec, recognizer, aux, self.dataset("train"), TrainConfig.from_dict(tc["train"]), out / "train_state.pt",
+                        val_set=self.dataset("val") if self.cfg.get("validate_every_epoch") else None, log=self.log, device=self.device)
+        atomic_write_json(out / "history.json", res.history)
+        codec_lib.save_codec(final, codec, extra={"spec": spec_dict, "history": res.history})
+        return final
+
+    def history(self, spec: IcmSpec) -> list[dict[str, Any]]:
+        return read_json(self.run_path(spec) / "history.json")
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate_cached(self, task: str, name: str, lambda_: float | None, fields: dict[str, Any], force: bool,
+                         codec_factory, roi_qf: float | None = None) -> dict[str, Any]:
+        path = self.result_path(task, name)
+        if path.exists() and not force:
+            return read_json(path)
+        ec = self.cfg.get("evaluation", {})
+        ev = evaluate(codec_factory(), self.recognizer(task), self.dataset("test"), bitstream=bool(ec.get("bitstream", True)),
+                      roi_qf=roi_qf, max_images=ec.get("max_images"), device=self.device)
+        record = {"profile": self.profile, "task": task, "lambda_": lambda_, **fields, **ev}
+        atomic_write_json(path, record)
+        return record
+
+    def evaluate_run(self, spec: IcmSpec, force: bool = False) -> dict[str, Any]:
+        final = self.train(spec)
+        fields = {"method": spec.method, "aux_position": spec.aux_position, "alpha": spec.alpha, "add_mse": spec.add_mse,
+                  "codec_path": str(final.relative_to(self.run_dir))}
+        return self._evaluate_cached(spec.task, self.run_path(spec).name, spec.lambda_, fields, force,
+                                     codec_factory=lambda: codec_lib.load_codec(final).to(self.device))
+
+    def run_grid(self, task: str, aux_positions: Iterable[str | None], lambdas: Iterable[float] | None = None,
+                 alpha: float | None = None) -> list[dict[str, Any]]:
+        """Train (or reuse) and evaluate every (position, lambda) of the grid; returns the result records."""
+        lambdas = self.task_cfg(task)["lambdas"] if lambdas is None else lambdas
+        records = []
+        for pos in aux_positions:
+            for lam in lambdas:
+                records.append(self.evaluate_run(self.spec(task, lam, pos, alpha)))
+        return records
+
+    def evaluate_roi(self, task: str, lambdas: Iterable[float] | None = None, qf: float | None = None) -> list[dict[str, Any]]:
+        """ROI baseline (Ahonen et al.): the w/o-aux models with latents outside the GT mask divided by QF."""
+        tc = self.task_cfg(task)
+        qf = tc.get("roi_qf") if qf is None else qf
+        if not qf:
+            raise ValueError(f"no ROI for {task}: the profile sets roi_qf=null (segmentation has no ROI, Sec. 4.1)")
+        records = []
+        for lam in (tc["lambdas"] if lambdas is None else lambdas):
+            spec = self.spec(task, lam, None)
+            final = self.train(spec)
+            fields = {"method": "roi", "aux_position": None, "qf": qf, "codec_path": str(final.relative_to(self.run_dir))}
+            records.append(self._evaluate_cached(task, f"roi_qf{qf:g}_lambda{lam:g}", float(lam), fields, False,
+                                                 codec_factory=lambda: codec_lib.load_codec(final).to(self.device), roi_qf=qf))
+        return records
+
+    def records(self, task: str | None = None) -> list[dict[str, Any]]:
+        """Every stored evaluation record (optionally of one task), without per-image lists."""
+        root = self.run_dir / "results"
+        paths = sorted((root / task).glob("*.json")) if task else sorted(root.glob("*/*.json"))
+        return [{k: v for k, v in read_json(p).items() if k != "per_image"} for p in paths]

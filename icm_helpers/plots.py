@@ -1,0 +1,315 @@
+"""Plots used by the notebooks: rate / task-metric curves, loss curves and bit-allocation maps.
+
+Every function builds a figure and returns ``(fig, data)``, where ``data`` holds the plotted numbers
+(JSON serialisable); nothing is written to disk here -- the notebook passes both to
+:func:`icm_helpers.figures.save_figure`.
+
+Evaluation results are records (dicts) such as::
+
+    {"task": "detection", "method": "baseline", "lambda_": 0.4, "bpp_estimated": 0.31,
+     "bpp_bitstream": 0.315, "metric_name": "mAP", "metric": 0.42}
+
+``method`` is e.g. ``"start"`` (the pre-trained codec, a single point), ``"baseline"`` (fine-tuned
+for the task without the auxiliary loss), ``"aux_enc"`` (with the auxiliary encoder loss of the
+paper) or ``"roi"``.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+__all__ = ["METHOD_STYLES", "BPP_LABELS", "plot_rd", "plot_rd_grid", "plot_loss_curves", "plot_bit_maps"]
+
+#: Legend label and line style of the known methods (others get the next colour / marker).
+METHOD_STYLES: dict[str, dict[str, Any]] = {
+    "start": {"label": "start codec", "color": "black", "marker": "*", "markersize": 11},
+    "baseline": {"label": "baseline (w/o aux)", "color": "tab:blue", "marker": "o"},
+    "aux_enc": {"label": "w/ aux loss", "color": "tab:red", "marker": "s"},
+    "roi": {"label": "ROI", "color": "tab:green", "marker": "^"},
+}
+#: Axis label of each bpp kind.
+BPP_LABELS = {"bpp_bitstream": "bpp (bitstream)", "bpp_estimated": "bpp (estimated)"}
+
+_RESERVED_KEYS = ("bpp_key", "task", "metric_name")
+_REQUIRED_KEYS = ("task", "method", "metric", "metric_name")
+
+
+def _task_records(records: Iterable[Mapping[str, Any]], task: str) -> tuple[list[Mapping[str, Any]], str]:
+    records = list(records)
+    for i, rec in enumerate(records):
+        missing = [k for k in _REQUIRED_KEYS if k not in rec]
+        if missing:
+            raise ValueError(f"record {i} ({dict(rec)}) lacks keys {missing}; every record needs {list(_REQUIRED_KEYS)}")
+    selected = [r for r in records if r["task"] == task]
+    if not selected:
+        tasks = sorted({str(r["task"]) for r in records})
+        raise ValueError(f"no records for task {task!r}; available tasks: {tasks}")
+    names = sorted({str(r["metric_name"]) for r in selected})
+    if len(names) != 1:
+        raise ValueError(f"records of task {task!r} mix metrics {names}; plot one metric per task")
+    return selected, names[0]
+
+
+def _method_order(selected: list[Mapping[str, Any]], methods: Sequence[str] | None) -> list[str]:
+    present = list(dict.fromkeys(str(r["method"]) for r in selected))
+    clash = [m for m in present if m in _RESERVED_KEYS]
+    if clash:
+        raise ValueError(f"method names {clash} clash with the keys {list(_RESERVED_KEYS)} of the plot data; rename them")
+    if methods is None:
+        return [m for m in METHOD_STYLES if m in present] + [m for m in present if m not in METHOD_STYLES]
+    absent = [m for m in methods if m not in present]
+    if absent:
+        raise ValueError(f"methods {absent} have no records for this task; available: {present}")
+    return list(methods)
+
+
+def _is_number(value: Any) -> bool:
+    return value is not None and isinstance(value, (int, float, np.number)) and math.isfinite(value)
+
+
+def _method_points(selected: list[Mapping[str, Any]], method: str, bpp_key: str) -> dict[str, list]:
+    """``{"bpp", "metric", "lambda_"}`` of one method, sorted by bpp; points without a bpp dropped."""
+    recs = [r for r in selected if r["method"] == method]
+    usable = [r for r in recs if _is_number(r.get(bpp_key)) and _is_number(r["metric"])]
+    if len(usable) < len(recs):
+        warnings.warn(
+            f"{len(recs) - len(usable)} record(s) of method {method!r} have no finite {bpp_key!r} or "
+            "metric and are left out of the plot",
+            stacklevel=3,
+        )
+    usable.sort(key=lambda r: (float(r[bpp_key]), float(r["metric"])))
+    return {
+        "bpp": [float(r[bpp_key]) for r in usable],
+        "metric": [float(r["metric"]) for r in usable],
+        "lambda_": [r.get("lambda_") for r in usable],
+    }
+
+
+def _method_style(method: str, fallback: Iterator[tuple[str, str]]) -> dict[str, Any]:
+    if method in METHOD_STYLES:
+        return dict(METHOD_STYLES[method])
+    color, marker = next(fallback)
+    return {"label": method, "color": color, "marker": marker}
+
+
+def plot_rd(
+    records: Iterable[Mapping[str, Any]],
+    task: str,
+    bpp_key: str = "bpp_bitstream",
+    methods: Sequence[str] | None = None,
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> tuple[Figure, dict[str, Any]]:
+    """Task metric versus bpp for ``task``: one line with markers per method, sorted by bpp.
+
+    Single-point methods (e.g. ``"start"``) are drawn as a marker only; each point is annotated
+    with its ``lambda_`` (when set). ``methods`` selects and orders the curves (default: the known
+    methods of :data:`METHOD_STYLES` first, then the others in order of appearance). Records whose
+    ``bpp_key`` or metric is missing / non-finite are left out with a warning.
+
+    Returns:
+        ``(fig, data)`` with ``data = {method: {"bpp": [...], "metric": [...], "lambda_": [...]},
+        "bpp_key": ..., "task": ..., "metric_name": ...}``.
+    """
+    selected, metric_name = _task_records(records, task)
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.0, 3.8), layout="constrained")
+    data: dict[str, Any] = {}
+    fallback = zip(itertools.cycle(["tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]),
+                   itertools.cycle("DvP<>Xph"))
+    for method in _method_order(selected, methods):
+        points = _method_points(selected, method, bpp_key)
+        if not points["bpp"]:
+            continue
+        style = _method_style(method, fallback)
+        linestyle = "-" if len(points["bpp"]) > 1 else "none"
+        (line,) = ax.plot(points["bpp"], points["metric"], linestyle=linestyle, **style)
+        for x, y, lam in zip(points["bpp"], points["metric"], points["lambda_"]):
+            if lam is not None:
+                ax.annotate(f"λ={lam:g}" if _is_number(lam) else f"λ={lam}", (x, y), xytext=(4, -9), textcoords="offset points",
+                            fontsize=6, color=line.get_color())
+        data[method] = points
+    ax.set_xlabel(BPP_LABELS.get(bpp_key, bpp_key))
+    ax.set_ylabel(metric_name)
+    ax.set_title(title if title is not None else task)
+    ax.grid(True, alpha=0.3)
+    if data:
+        ax.legend(fontsize=8)
+    data.update(bpp_key=bpp_key, task=task, metric_name=metric_name)
+    return fig, data
+
+
+def plot_rd_grid(
+    records: Iterable[Mapping[str, Any]],
+    tasks: Sequence[str],
+    bpp_keys: Sequence[str] = ("bpp_estimated", "bpp_bitstream"),
+    methods: Sequence[str] | None = None,
+) -> tuple[Figure, dict[str, Any]]:
+    """One :func:`plot_rd` panel per (task, bpp kind): a row per task, a column per bpp kind.
+
+    Returns:
+        ``(fig, data)`` with ``data[task][bpp_key]`` = the ``data`` of that panel's :func:`plot_rd`.
+    """
+    if not tasks or not bpp_keys:
+        raise ValueError(f"need at least one task and one bpp key, got tasks={list(tasks)}, bpp_keys={list(bpp_keys)}")
+    records = list(records)
+    fig, axes = plt.subplots(len(tasks), len(bpp_keys), figsize=(4.8 * len(bpp_keys), 3.7 * len(tasks)),
+                             squeeze=False, layout="constrained")
+    data: dict[str, Any] = {}
+    for row, task in zip(axes, tasks):
+        for ax, key in zip(row, bpp_keys):
+            title = f"{task} — {BPP_LABELS.get(key, key)}"
+            data.setdefault(task, {})[key] = plot_rd(records, task, key, methods=methods, ax=ax, title=title)[1]
+    return fig, data
+
+
+def plot_loss_curves(
+    curves: Mapping[str, Sequence[float]],
+    ylabel: str = "validation main loss (Eq. 4)",
+    xlabel: str = "epoch",
+    title: str | None = None,
+) -> tuple[Figure, dict[str, Any]]:
+    """One line per named loss curve (x = 1, 2, ...), e.g. the branch-position ablation (Figs. 8-9).
+
+    Returns:
+        ``(fig, data)`` with ``data = {"xlabel", "ylabel", "curves": {name: {"x": [...], "y": [...]}}}``.
+    """
+    if not curves or any(len(v) == 0 for v in curves.values()):
+        lengths = {k: len(v) for k, v in curves.items()}
+        raise ValueError(f"need at least one non-empty loss curve, got curve lengths {lengths}")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
+    data: dict[str, Any] = {"xlabel": xlabel, "ylabel": ylabel, "curves": {}}
+    for name, values in curves.items():
+        y = [float(v) for v in values]
+        x = list(range(1, len(y) + 1))
+        ax.plot(x, y, marker="o" if len(y) <= 30 else None, markersize=3, label=str(name))
+        data["curves"][str(name)] = {"x": x, "y": y}
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig, data
+
+
+def _stats(values: np.ndarray) -> dict[str, Any]:
+    return {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max()),
+            "sum": float(values.sum()), "shape": list(values.shape)}
+
+
+def _check_bit_row(i: int, row: Mapping[str, Any]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:
+    image = np.asarray(row.get("image"), dtype=float)
+    if image.ndim != 3 or image.shape[2] != 3 or not np.all(np.isfinite(image)) or image.min() < 0 or image.max() > 1:
+        raise ValueError(f"rows[{i}]['image'] must be an HxWx3 float array in [0, 1], got shape {image.shape}; "
+                         "convert with img.astype(float) / 255 or np.clip(img, 0, 1)")
+    maps = [np.asarray(m, dtype=float) for m in row.get("maps") or []]
+    diff = None if row.get("diff") is None else np.asarray(row["diff"], dtype=float)
+    arrays = maps + ([diff] if diff is not None else [])
+    if not maps or any(a.ndim != 2 or a.shape != maps[0].shape or not np.all(np.isfinite(a)) for a in arrays):
+        raise ValueError(f"rows[{i}] needs a non-empty 'maps' list of finite HxW arrays of one shape (and 'diff' of "
+                         f"the same shape), got shapes {[a.shape for a in arrays]}")
+    return image, maps, diff
+
+
+def plot_bit_maps(
+    rows: Sequence[Mapping[str, Any]],
+    titles: Sequence[str],
+    row_labels: Sequence[str] | None = None,
+    cmap: str = "viridis",
+    diff_cmap: str = "RdBu_r",
+    panel_size: float = 2.6,
+) -> tuple[Figure, dict[str, Any]]:
+    """Input images next to their bit-allocation maps (bits per pixel), one row per image.
+
+    Each row dict has ``"image"`` (HxWx3 float in [0, 1]), ``"maps"`` (HxW bits-per-pixel arrays
+    drawn with ONE colour scale per row, from ``min(0, min)`` to the row maximum, with a shared
+    colourbar labelled "bits/pixel") and optionally ``"diff"`` (w/ aux minus w/o aux), drawn with
+    the diverging ``diff_cmap`` (red = more bits with aux) on a scale symmetric around zero. All
+    rows must have the same panels; ``titles`` names the columns, e.g. ``["input", "start codec",
+    "w/o aux", "w/ aux", "difference (w/ − w/o)"]``.
+
+    Returns:
+        ``(fig, data)``; ``data["rows"][i]`` holds ``clim``, ``diff_clim`` and per-panel summary
+        stats (``mean``/``min``/``max`` bits per pixel, ``sum`` = total bits, ``shape``), not arrays.
+    """
+    if not rows:
+        raise ValueError("plot_bit_maps needs at least one row")
+    checked = [_check_bit_row(i, r) for i, r in enumerate(rows)]
+    layouts = {(len(maps), diff is not None) for _, maps, diff in checked}
+    if len(layouts) != 1:
+        raise ValueError(f"all rows need the same number of maps and all or none a 'diff', got {sorted(layouts)}")
+    n_maps, has_diff = layouts.pop()
+    ncols = 1 + n_maps + has_diff
+    if len(titles) != ncols:
+        raise ValueError(f"got {len(titles)} titles for {ncols} columns (input, {n_maps} map(s)"
+                         f"{', diff' if has_diff else ''}); pass one title per column")
+    if row_labels is not None and len(row_labels) != len(rows):
+        raise ValueError(f"got {len(row_labels)} row_labels for {len(rows)} rows")
+
+    fig, axes = plt.subplots(len(rows), ncols, squeeze=False, layout="constrained",
+                             figsize=(panel_size * ncols + 1.0 + has_diff, panel_size * len(rows)))
+    data: dict[str, Any] = {"titles": list(titles), "rows": []}
+    for r, (image, maps, diff) in enumerate(checked):
+        ax_row = axes[r]
+        vmin = min(0.0, min(float(m.min()) for m in maps))
+        vmax = max(float(m.max()) for m in maps)
+        vmax = vmax if vmax > vmin else vmin + 1.0
+        ax_row[0].imshow(image)
+        panels = [{"title": titles[0], "kind": "image", "shape": list(image.shape)}]
+        for ax, values, title in zip(ax_row[1:], maps, titles[1:]):
+            im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            panels.append({"title": title, "kind": "bits", **_stats(values)})
+            ax.set_xlabel(f"mean {values.mean():.3f} bpp", fontsize=8)
+        fig.colorbar(im, ax=list(ax_row[1:1 + n_maps]), label="bits/pixel", shrink=0.85)
+        row_data = {"label": row_labels[r] if row_labels else None, "clim": [vmin, vmax], "diff_clim": None}
+        if diff is not None:
+            lim = float(np.abs(diff).max()) or 1.0
+            im = ax_row[-1].imshow(diff, cmap=diff_cmap, vmin=-lim, vmax=lim, interpolation="nearest")
+            fig.colorbar(im, ax=ax_row[-1], label="Δ bits/pixel", shrink=0.85)
+            ax_row[-1].set_xlabel(f"mean {diff.mean():+.4f} bpp", fontsize=8)
+            panels.append({"title": titles[-1], "kind": "diff", **_stats(diff)})
+            row_data["diff_clim"] = [-lim, lim]
+        for ax, title in zip(ax_row, titles):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+        if row_labels:
+            ax_row[0].set_ylabel(row_labels[r])
+        data["rows"].append({**row_data, "panels": panels})
+    return fig, data
+
+
+def plot_samples(dataset, n: int = 4, class_names: Sequence[str] | None = None) -> tuple[Figure, dict[str, Any]]:
+    """First ``n`` images of a split with their ground truth: boxes + class names on the image (top row) and the
+    semantic label map (bottom row, when the split has one)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    n = min(n, len(dataset))
+    items = [dataset[i] for i in range(n)]
+    has_sem = all("semantic" in it for it in items)
+    fig, axes = plt.subplots(2 if has_sem else 1, n, figsize=(2.4 * n, 4.8 if has_sem else 2.4), squeeze=False)
+    data: dict[str, Any] = {"images": []}
+    for j, it in enumerate(items):
+        ax = axes[0, j]
+        ax.imshow(it["image"].permute(1, 2, 0).numpy())
+        for (x0, y0, x1, y1), lab in zip(it["boxes"].tolist(), it["labels"].tolist()):
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="yellow", lw=1))
+            ax.text(x0, y0, class_names[lab - 1] if class_names else str(lab), color="yellow", fontsize=6, va="bottom")
+        ax.set_title(f"image {it['image_id']}", fontsize=8)
+        data["images"].append({"image_id": it["image_id"], "boxes": it["boxes"].tolist(), "labels": it["labels"].tolist()})
+        if has_sem:
+            axes[1, j].imshow(it["semantic"].numpy(), cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+            axes[1, j].set_title("semantic labels", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    fig.tight_layout()
+    return fig, data

@@ -1,0 +1,66 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from icm_helpers.data import IcmDataset, WorldSpec, collate, generate_world, load_rgb, random_crop
+
+from conftest import COUNTS, SPEC
+
+
+def test_world_is_deterministic_and_in_coco_layout(world, tmp_path):
+    generate_world(tmp_path / "again", SPEC, COUNTS)
+    for split in ("train", "test"):
+        a = json.loads((world / split / "instances.json").read_text())
+        b = json.loads((tmp_path / "again" / split / "instances.json").read_text())
+        assert a == b
+        assert len(a["images"]) == COUNTS[split]
+        assert {c["id"] for c in a["categories"]} == {1, 2, 3}
+        assert np.array_equal(np.asarray(Image.open(world / split / "images" / "000000.png")),
+                              np.asarray(Image.open(tmp_path / "again" / split / "images" / "000000.png")))
+
+
+def test_world_refuses_to_overwrite_other_settings(world):
+    with pytest.raises(FileExistsError, match="other settings"):
+        generate_world(world, WorldSpec(image_size=96, seed=0), COUNTS)
+
+
+def test_dataset_items_boxes_masks_semantic_agree(world):
+    ds = IcmDataset(world / "test")
+    item = ds[0]
+    assert item["image"].shape == (3, 64, 64) and 0 <= item["image"].min() and item["image"].max() <= 1
+    assert item["boxes"].shape[1] == 4 and len(item["boxes"]) == len(item["labels"]) >= 1
+    # the ROI (union of instance masks) is exactly the non-background of the semantic map
+    assert torch.equal(item["roi"], item["semantic"] > 0)
+    for (x0, y0, x1, y1), lab in zip(item["boxes"].long().tolist(), item["labels"].tolist()):
+        assert (item["semantic"][y0:y1, x0:x1] == lab).any()
+
+
+def test_missing_split_gives_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="01_data_prep"):
+        IcmDataset(tmp_path / "nope")
+
+
+def test_corrupt_image_named_in_error(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(ValueError, match="bad.png"):
+        load_rgb(bad)
+
+
+def test_grayscale_and_rgba_become_rgb(tmp_path):
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "g.png")
+    Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(tmp_path / "a.png")
+    assert load_rgb(tmp_path / "g.png").shape == (8, 8, 3)
+    assert load_rgb(tmp_path / "a.png").shape == (8, 8, 3)
+
+
+def test_random_crop_shifts_and_clips_boxes(world):
+    ds = IcmDataset(world / "train")
+    batch = collate([ds[0], ds[1]])
+    crop = random_crop(batch, 32, torch.Generator().manual_seed(0))
+    assert crop["image"].shape[-2:] == (32, 32) and crop["semantic"].shape[-2:] == (32, 32)
+    for b in crop["boxes"]:
+        assert (b >= 0).all() and (b <= 32).all()
