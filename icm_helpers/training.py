@@ -173,6 +173,12 @@ class TrainConfig:
     quantile_lr: float = 1e-3  # CompressAI's separate optimizer for the entropy bottleneck's quantiles
     log_every: int = 0
 
+    def __post_init__(self) -> None:
+        if self.crop_size is not None and self.crop_size % 64:
+            raise ValueError(f"crop_size must be a multiple of 64 (cheng2020-attn's latent stride chain), got {self.crop_size}")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError(f"need epochs >= 1, batch_size >= 1 and lr > 0, got {self.epochs}, {self.batch_size}, {self.lr}")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         unknown = set(d) - set(cls.__dataclass_fields__)
@@ -202,7 +208,7 @@ def _codec_step(loss: torch.Tensor, codec: nn.Module, optimizers: dict[str, torc
     q = codec.aux_loss()  # CompressAI's entropy-bottleneck quantile loss (NOT the paper's auxiliary loss)
     q.backward()
     optimizers["quantiles"].step()
-    return float(q)
+    return float(q.detach())
 
 
 def train_recognizer(recognizer, train_set, cfg: TrainConfig, checkpoint_path: str | Path, seed: int = 0, log=print,
@@ -219,7 +225,7 @@ def train_recognizer(recognizer, train_set, cfg: TrainConfig, checkpoint_path: s
         if cfg.clip_max_norm:
             torch.nn.utils.clip_grad_norm_(recognizer.parameters(), cfg.clip_max_norm * 10)
         opt["main"].step()
-        return {"loss": float(loss)}
+        return {"loss": float(loss.detach())}
 
     return fit(modules={"recognizer": recognizer}, optimizers=opt, step_fn=step_fn,
                loader_fn=lambda e: epoch_loader(train_set, cfg.batch_size, seed, e, cfg.crop_size, device=device), epochs=cfg.epochs,
@@ -242,7 +248,7 @@ def train_start_codec(codec: nn.Module, train_set, cfg: TrainConfig, lambda_mse:
         rate = rate_bpp(out["likelihoods"], x.shape[-2] * x.shape[-1])
         loss = human_rd_loss(rate, x, out["x_hat"], lambda_mse)
         q = _codec_step(loss, codec, opts, params, cfg.clip_max_norm)
-        return {"loss": float(loss), "bpp": float(rate), "mse": float(F.mse_loss(out["x_hat"], x)), "quantile_loss": q}
+        return {"loss": float(loss.detach()), "bpp": float(rate.detach()), "mse": float(F.mse_loss(out["x_hat"].detach(), x)), "quantile_loss": q}
 
     res = fit(modules={"codec": codec}, optimizers=opts, step_fn=step_fn,
               loader_fn=lambda e: epoch_loader(train_set, cfg.batch_size, seed, e, cfg.crop_size, device=device), epochs=cfg.epochs,
@@ -325,7 +331,7 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
     def step_fn(batch, step):
         terms = icm_terms(spec, codec, recognizer, aux_branch, batch["image"])
         q = _codec_step(terms["loss"], codec, opts, params, cfg.clip_max_norm)
-        return {**{k: float(v) for k, v in terms.items()}, "quantile_loss": q}
+        return {**{k: float(v.detach()) for k, v in terms.items()}, "quantile_loss": q}
 
     validate = None
     if val_set is not None:
