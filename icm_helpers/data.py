@@ -7,6 +7,7 @@ k = category k). Every profile therefore goes through one loader (``IcmDataset``
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -212,8 +213,6 @@ class IcmDataset(torch.utils.data.Dataset):
                 "(or point data_dir at a prepared dataset)."
             )
         from pycocotools.coco import COCO
-
-        import contextlib
 
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco = COCO(str(ann_path))

@@ -223,7 +223,7 @@ def train_recognizer(recognizer, train_set, cfg: TrainConfig, checkpoint_path: s
         opt["main"].zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_max_norm:
-            torch.nn.utils.clip_grad_norm_(recognizer.parameters(), cfg.clip_max_norm * 10)
+            torch.nn.utils.clip_grad_norm_(recognizer.parameters(), cfg.clip_max_norm)
         opt["main"].step()
         return {"loss": float(loss.detach())}
 

@@ -16,14 +16,14 @@ from conftest import AUX_DET_CFG, DET_CFG
 CFG = TrainConfig(epochs=3, batch_size=4, lr=1e-3, crop_size=64, steps_per_epoch=2, poly_start_frac=0.5)
 
 
-def _job(tmp, train_set, stop=None):
+def _job(tmp, train_set):
     torch.manual_seed(0)
     rec = build_recognizer("detection", "suite", 3, **DET_CFG).freeze()
     torch.manual_seed(1)
     codec = build_codec(N=16)
     aux = build_aux_branch("detection", "enc", 16, 3, **AUX_DET_CFG)
     spec = IcmSpec("detection", 1.6, "enc", 0.5)
-    res = train_icm(spec, codec, rec, aux, train_set, CFG, tmp / "state.pt", log=None) if stop is None else None
+    res = train_icm(spec, codec, rec, aux, train_set, CFG, tmp / "state.pt", log=None)
     return codec, aux, res, (spec, rec)
 
 
