@@ -7,7 +7,17 @@ Positions (Sec. 4.2, Fig. 7), named by ``aux_position``:
   networks, so those receive no auxiliary gradient either; they follow the encoder through the rate term R.)
 - ``"dec"`` (aux-dec): on the input of the decoder's final layer; conv1 becomes [RB 128 down2, RB 128, RB 128]
   (Table 3), so the loss also reaches the decoder's earlier layers.
+- ``"task"`` (aux-task): inside the frozen recognizer's backbone, on features it computes from x_hat. Detection:
+  between conv2 and conv3 (the branch is Table 1 after its conv1: the ResNeXt stages, FPN and heads, fed the
+  recognizer's conv2 output); segmentation: between conv3 and conv4, head only, as MMSegmentation attaches its
+  auxiliary heads (the branch is Table 2's DeepLabV3+ head on the recognizer's conv3 output with conv2 as its
+  low-level input; ``task_head="fcn"`` gives MMSeg's own FCNHead instead). Its loss passes through the frozen
+  recognizer stages, the whole decoder and the encoder: it reaches the whole codec.
 - ``None``: no auxiliary branch (the "w/o aux" baseline).
+
+Note on MMSegmentation: its DeepLabV3+ configs put the auxiliary FCNHead on ``in_index=2`` (the output of
+ResNet's layer3 = conv4). The paper writes "between conv3 and conv4"; we follow the paper, and ``task_layer``
+(detection) / ``task_layers`` (segmentation, (low-level, high-level)) let a user move it.
 
 Architectures, with a width multiplier ``width`` (1.0 = the paper's widths) for small profiles:
 - detection (Table 1): conv1 = [RB 128 up2, RB 128, RB 128 up2] (stride 16 -> 4), then ResNeXt stages
@@ -18,27 +28,24 @@ RB is the residual block of CompressAI's Cheng2020 / Liu et al. [16] models.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import DeepLabV3PlusHead, FasterRCNNHeads, StagedBackbone, build_stages
+from .layers import DeepLabV3PlusHead, FasterRCNNHeads, StagedBackbone, build_stages, conv_bn_relu
 
-AUX_POSITIONS = ("enc", "dec", None)
-PLANNED_POSITIONS = ("task",)
+AUX_POSITIONS = ("enc", "dec", "task", None)
 STAGE_CHANNELS = (128, 256, 256, 512)  # Tables 1 and 2, auxiliary-branch column
+TASK_LAYERS = {"detection": ("conv2",), "segmentation": ("conv2", "conv3")}  # Sec. 4.2 aux-task insertion points
 
 
 def check_aux_position(position: str | None) -> str | None:
     if position in ("none", "None", ""):
         position = None
-    if position in PLANNED_POSITIONS:
-        raise NotImplementedError(f"aux_position={position!r} (inside the recognizer, Sec. 4.2) is not implemented in this "
-                                  f"version; available: {AUX_POSITIONS}")
     if position not in AUX_POSITIONS:
-        raise ValueError(f"unknown aux_position {position!r}; valid: 'enc' (proposed), 'dec', None (w/o aux)")
+        raise ValueError(f"unknown aux_position {position!r}; valid: 'enc' (proposed), 'dec', 'task', None (w/o aux)")
     return position
 
 
@@ -58,21 +65,38 @@ def aux_stem(position: str, cin: int, c: int) -> nn.Sequential:
     raise ValueError(f"no stem for aux_position {position!r}")
 
 
+def _pick(features: torch.Tensor | Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    if isinstance(features, Mapping):
+        if name not in features:
+            raise KeyError(f"the aux-task branch needs recognizer feature {name!r}; got {list(features)}")
+        return features[name]
+    return features
+
+
 class AuxDetectionBranch(nn.Module):
-    """Table 1 branch: RB stem + ResNeXt stages + FPN + Faster R-CNN heads; ``loss`` = Faster R-CNN loss."""
+    """Table 1 branch: RB stem + ResNeXt stages + FPN + Faster R-CNN heads; ``loss`` = Faster R-CNN loss.
+
+    ``position="task"``: no stem (Table 1 after conv1); the first ResNeXt stage takes the recognizer's
+    ``task_layer`` feature (stride 4, ``in_channels`` = that stage's width)."""
 
     def __init__(self, in_channels: int, num_classes: int, position: str = "enc", width: float = 1.0,
                  anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512), fpn_channels: int | None = None,
                  representation: int | None = None, rpn_pre_nms=(2000, 1000), rpn_post_nms=(2000, 1000),
-                 box_batch_per_image: int = 512):
+                 box_batch_per_image: int = 512, task_layer: str = TASK_LAYERS["detection"][0]):
         super().__init__()
         chans = [scaled(c, width) for c in STAGE_CHANNELS]
-        self.backbone = StagedBackbone(aux_stem(position, in_channels, chans[0]),
-                                       build_stages("resnext", chans[0], chans, (1, 1, 1, 1), (1, 2, 2, 2)), chans)
+        self.position = position
+        self.inputs = (task_layer,) if position == "task" else (position,)
+        stem = nn.Identity() if position == "task" else aux_stem(position, in_channels, chans[0])
+        stage_in = in_channels if position == "task" else chans[0]
+        self.backbone = StagedBackbone(stem, build_stages("resnext", stage_in, chans, (1, 1, 1, 1), (1, 2, 2, 2)), chans)
         self.heads = FasterRCNNHeads(chans, num_classes, fpn_channels or scaled(256, width), representation or scaled(1024, width),
                                      anchor_sizes, tuple(rpn_pre_nms), tuple(rpn_post_nms), box_batch_per_image)
 
-    def loss(self, feature: torch.Tensor, labels: list[dict[str, torch.Tensor]], image_size: tuple[int, int]) -> torch.Tensor:
+    def loss(self, feature: torch.Tensor | Mapping[str, torch.Tensor], labels: list[dict[str, torch.Tensor]],
+             image_size: tuple[int, int]) -> torch.Tensor:
+        """``feature``: the tensor at the branch's position, or a dict of features holding ``self.inputs``."""
+        feature = _pick(feature, self.inputs[0])
         was = self.heads.training
         self.heads.train()  # RPN/RoI heads compute losses only in training mode (the backbone keeps its own mode)
         try:
@@ -89,27 +113,91 @@ class AuxSegmentationBranch(nn.Module):
                  head_channels: int | None = None, low_channels: int | None = None, aspp_dilations=(1, 12, 24, 36)):
         super().__init__()
         chans = [scaled(c, width) for c in STAGE_CHANNELS]
+        self.position = position
+        self.inputs = (position,)
         self.backbone = StagedBackbone(aux_stem(position, in_channels, chans[0]),
                                        build_stages("basic", chans[0], chans, (1, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 4)), chans)
         self.head = DeepLabV3PlusHead(chans[-1], chans[0], num_classes + 1, head_channels or scaled(512, width),
                                       low_channels or scaled(48, width), aspp_dilations)
 
-    def logits(self, feature: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-        feats = self.backbone(feature)
+    def logits(self, feature: torch.Tensor | Mapping[str, torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
+        feats = self.backbone(_pick(feature, self.inputs[0]))
         return F.interpolate(self.head(feats["conv5"], feats["conv2"]), size=tuple(image_size), mode="bilinear", align_corners=False)
 
-    def loss(self, feature: torch.Tensor, labels: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    def loss(self, feature: torch.Tensor | Mapping[str, torch.Tensor], labels: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         return F.cross_entropy(self.logits(feature, image_size), labels)
 
 
-def build_aux_branch(task: str, position: str | None, codec_N: int, num_classes: int, **config: Any) -> nn.Module | None:
+class FCNAuxHead(nn.Module):
+    """MMSegmentation's auxiliary ``FCNHead`` (num_convs=1): 3x3 conv-BN-ReLU, dropout 0.1, 1x1 classifier."""
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int = 256, dropout: float = 0.1):
+        super().__init__()
+        self.conv = conv_bn_relu(in_channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, deep: torch.Tensor, low: torch.Tensor | None = None) -> torch.Tensor:
+        return self.classifier(self.dropout(self.conv(deep)))
+
+
+class AuxTaskSegmentationHead(nn.Module):
+    """aux-task for segmentation (Sec. 4.2): a head only, on the frozen recognizer's features from x_hat.
+
+    ``task_head="deeplabv3plus"`` (default): Table 2's DeepLabV3+ head, ASPP on ``task_layers[1]`` (conv3) and
+    the decoder's low-level input from ``task_layers[0]`` (conv2); ``"fcn"``: MMSeg's FCNHead on conv3."""
+
+    def __init__(self, channels: Mapping[str, int], num_classes: int, width: float = 1.0, head_channels: int | None = None,
+                 low_channels: int | None = None, aspp_dilations=(1, 12, 24, 36), task_head: str = "deeplabv3plus",
+                 task_layers: Sequence[str] = TASK_LAYERS["segmentation"]):
+        super().__init__()
+        self.position = "task"
+        low, deep = tuple(task_layers)
+        self.inputs = (low, deep)
+        missing = [n for n in self.inputs if n not in channels]
+        if missing:
+            raise ValueError(f"the recognizer has no backbone stage(s) {missing}; it has {list(channels)}")
+        if task_head == "deeplabv3plus":
+            self.head = DeepLabV3PlusHead(channels[deep], channels[low], num_classes + 1, head_channels or scaled(512, width),
+                                          low_channels or scaled(48, width), aspp_dilations)
+        elif task_head == "fcn":
+            self.head = FCNAuxHead(channels[deep], num_classes + 1, head_channels or scaled(256, width))
+        else:
+            raise ValueError(f"unknown task_head {task_head!r}; valid: 'deeplabv3plus' (Table 2's head), 'fcn' (MMSeg FCNHead)")
+
+    def logits(self, features: Mapping[str, torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
+        low, deep = (_pick(features, n) for n in self.inputs)
+        return F.interpolate(self.head(deep, low), size=tuple(image_size), mode="bilinear", align_corners=False)
+
+    def loss(self, features: Mapping[str, torch.Tensor], labels: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        if not isinstance(features, Mapping):
+            raise TypeError("the aux-task head takes the dict of recognizer features (recognizer.capture_features)")
+        return F.cross_entropy(self.logits(features, image_size), labels)
+
+
+def build_aux_branch(task: str, position: str | None, codec_N: int, num_classes: int, recognizer: Any = None,
+                     **config: Any) -> nn.Module | None:
     """The auxiliary branch for ``task`` at ``position`` (None -> no branch). Input channels: the codec's N
-    (y_hat for aux-enc; the decoder feature before its final layer for aux-dec, also N channels in cheng2020-attn)."""
+    (y_hat for aux-enc; the decoder feature before its final layer for aux-dec, also N channels in cheng2020-attn);
+    for aux-task, the widths of the ``recognizer``'s backbone stages (``recognizer.feature_channels()``)."""
     position = check_aux_position(position)
     if position is None:
         return None
+    if task not in TASK_LAYERS:
+        raise ValueError(f"unknown task {task!r}; valid tasks: detection, segmentation")
+    config = dict(config)
+    task_keys = ("task_layer",) if task == "detection" else ("task_head", "task_layers")
+    task_config = {k: config.pop(k) for k in task_keys if k in config}
+    if position == "task":
+        if recognizer is None or not hasattr(recognizer, "feature_channels"):
+            raise ValueError("aux_position='task' attaches inside the recognizer: pass recognizer= (one with feature_channels())")
+        channels = recognizer.feature_channels()
+        if task == "detection":
+            layer = task_config.get("task_layer", TASK_LAYERS["detection"][0])
+            if layer not in channels:
+                raise ValueError(f"task_layer {layer!r} is not a backbone stage of the recognizer ({list(channels)})")
+            return AuxDetectionBranch(channels[layer], num_classes, "task", **config, **task_config)
+        return AuxTaskSegmentationHead(channels, num_classes, **config, **task_config)
     if task == "detection":
         return AuxDetectionBranch(codec_N, num_classes, position, **config)
-    if task == "segmentation":
-        return AuxSegmentationBranch(codec_N, num_classes, position, **config)
-    raise ValueError(f"unknown task {task!r}; valid tasks: detection, segmentation")
+    return AuxSegmentationBranch(codec_N, num_classes, position, **config)

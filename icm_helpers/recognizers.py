@@ -7,6 +7,10 @@ Every task model implements ``Recognizer``:
 - ``task_loss(images, labels)``: E(y, y_hat) on (decoded) images; gradients flow into ``images`` only.
 - frozen: parameters never change during ICM training (Sec. 2.2: "we fixed the parameters of the recognition
   model"); BatchNorm statistics are frozen too.
+- ``stage_modules()`` / ``feature_channels()`` / ``capture_features(names)``: the backbone stages conv2..conv5
+  (ResNet naming) and a context manager that records their outputs during the next forward passes. The aux-task
+  branch position (Sec. 4.2) attaches there: it reads the features the recognizer computes on x_hat inside
+  ``task_loss``, so the backbone runs once and the aux loss reaches the codec through the frozen stages.
 
 Backends: ``suite`` = the suite's own small Faster R-CNN-structured detector and DeepLabV3+-structured
 segmenter, trained by notebook 01 on the profile's data. The paper's models (detectron2 Faster R-CNN X101-FPN,
@@ -118,6 +122,28 @@ class _FrozenRecognizer(nn.Module):
 
     def train(self, mode: bool = True):  # a frozen recognizer stays in eval mode
         return super().train(mode and not self.frozen)
+
+    def stage_modules(self) -> dict[str, nn.Module]:
+        """Backbone stages by ResNet name (conv2..conv5). Other backends map their own module names onto these."""
+        return dict(self.model.backbone.stages.items())
+
+    def feature_channels(self) -> dict[str, int]:
+        return dict(zip(self.stage_modules(), self.model.backbone.out_channels))
+
+    @contextlib.contextmanager
+    def capture_features(self, names) -> Iterator[dict[str, torch.Tensor]]:
+        """Within the block, ``store[name]`` holds the output of backbone stage ``name`` from the latest forward."""
+        stages = self.stage_modules()
+        unknown = [n for n in names if n not in stages]
+        if unknown:
+            raise ValueError(f"unknown backbone stage(s) {unknown}; this recognizer has {list(stages)}")
+        store: dict[str, torch.Tensor] = {}
+        hooks = [stages[n].register_forward_hook(lambda m, i, o, n=n: store.__setitem__(n, o)) for n in names]
+        try:
+            yield store
+        finally:
+            for h in hooks:
+                h.remove()
 
 
 class DetectionRecognizer(_FrozenRecognizer):

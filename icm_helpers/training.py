@@ -293,8 +293,15 @@ def icm_terms(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
     labels = recognizer.pseudo_labels(x)
     out = codec_forward(codec, x)
     rate = rate_bpp(out["likelihoods"], x.shape[-2] * x.shape[-1])
-    task = recognizer.task_loss(out["x_hat"], labels)
-    aux = aux_branch.loss(out[spec.aux_position], labels, tuple(x.shape[-2:])) if aux_branch is not None else None
+    if aux_branch is not None and spec.aux_position == "task":
+        # aux-task (Sec. 4.2): the branch reads the recognizer's own backbone features of x_hat, recorded during
+        # the task-loss forward (one backbone pass; the aux gradient flows back through the frozen stages)
+        with recognizer.capture_features(aux_branch.inputs) as features:
+            task = recognizer.task_loss(out["x_hat"], labels)
+        aux = aux_branch.loss(features, labels, tuple(x.shape[-2:]))
+    else:
+        task = recognizer.task_loss(out["x_hat"], labels)
+        aux = aux_branch.loss(out[spec.aux_position], labels, tuple(x.shape[-2:])) if aux_branch is not None else None
     mse = F.mse_loss(out["x_hat"], x) if spec.add_mse else None
     return icm_loss(rate, task, spec.lambda_, aux, spec.alpha, mse)
 

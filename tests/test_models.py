@@ -44,39 +44,81 @@ def test_codec_forward_shapes_and_features(codec):
     assert set(out["likelihoods"]) == {"y", "z"}
 
 
+AUX_SEG_CFG = dict(width=0.125, aspp_dilations=(1, 2, 3, 4))
+
+
+def _codec_groups(codec, g):
+    last = f"g_s.{len(codec.g_s) - 1}."
+    return {
+        "encoder": any(v for k, v in g.items() if k.startswith("g_a.")),
+        "decoder_early": any(v for k, v in g.items() if k.startswith("g_s.") and not k.startswith(last)),
+        "decoder_final": any(v for k, v in g.items() if k.startswith(last)),
+        # y_hat = y + noise does not depend on the hyperprior/context/entropy-parameter networks (CompressAI's
+        # quantization proxy), so no auxiliary gradient reaches them at any position; they learn through R
+        "entropy_nets": any(v for k, v in g.items() if k.startswith(("h_a.", "h_s.", "context_prediction.", "entropy_parameters."))),
+    }
+
+
+# Sec. 4.2: where each position's auxiliary loss may act
+EXPECTED_FLOW = {
+    "enc": {"encoder": True, "decoder_early": False, "decoder_final": False, "entropy_nets": False},
+    "dec": {"encoder": True, "decoder_early": True, "decoder_final": False, "entropy_nets": False},
+    "task": {"encoder": True, "decoder_early": True, "decoder_final": True, "entropy_nets": False},
+}
+
+
+@pytest.mark.parametrize("position", ["enc", "dec", "task"])
 @pytest.mark.parametrize("task", ["detection", "segmentation"])
-def test_aux_enc_gradient_reaches_encoder_only(codec, task, detector, segmenter, world):
-    """Eq. 5: the aux-enc loss must reach g_a and never the decoder g_s."""
+def test_aux_gradient_flow_per_position(codec, task, position, detector, segmenter, world):
+    """Backpropagate ONLY the auxiliary term of icm_terms (the training code path) and check which codec parts
+    receive gradient: enc -> encoder only; dec -> encoder + decoder except its final layer; task -> whole codec.
+    The frozen recognizer never receives gradient."""
     from icm_helpers.data import IcmDataset
+    from icm_helpers.training import IcmSpec, icm_terms
 
     ds = IcmDataset(world / "train")
     x = collate([ds[0], ds[1]])["image"]
     rec = detector if task == "detection" else segmenter
-    labels = rec.pseudo_labels(x)
-    cfg = AUX_DET_CFG if task == "detection" else dict(width=0.125, aspp_dilations=(1, 2, 3, 4))
-    aux = build_aux_branch(task, "enc", N, 3, **cfg)
-    out = codec_forward(codec, x)
-    aux.loss(out["enc"], labels, (64, 64)).backward()
-    g = grads(codec)
-    assert any(v for k, v in g.items() if k.startswith("g_a.")), "aux loss must reach the encoder"
-    assert not any(v for k, v in g.items() if k.startswith("g_s.")), "aux-enc loss must not reach the decoder"
-    # y_hat = y + noise does not depend on the hyperprior/context networks: no aux gradient there either
-    assert not any(v for k, v in g.items() if k.startswith(("h_s.", "context_prediction.", "entropy_parameters.")))
-    assert any(v for k, v in grads(aux).items()), "the branch itself is trained"
+    cfg = AUX_DET_CFG if task == "detection" else AUX_SEG_CFG
+    aux = build_aux_branch(task, position, N, 3, recognizer=rec, **cfg)
+    spec = IcmSpec(task, 1.0, position, 0.5, add_mse=task == "segmentation")
+    terms = icm_terms(spec, codec, rec, aux, x)
+    assert torch.isfinite(terms["aux"]) and terms["aux"] > 0
+    terms["aux"].backward()
+    assert _codec_groups(codec, grads(codec)) == EXPECTED_FLOW[position]
+    assert any(grads(aux).values()), "the branch itself is trained"
+    assert all(p.grad is None for p in rec.parameters()), "the recognizer is frozen"
 
 
-def test_aux_dec_gradient_also_reaches_decoder_but_not_final_layer(codec, segmenter, world):
-    from icm_helpers.data import IcmDataset
+def test_aux_task_branch_structure(detector, segmenter):
+    """aux-task: detection = Table 1 after conv1 (no RB stem) on the recognizer's conv2 output; segmentation =
+    head only on conv3 (low-level conv2), or MMSeg's FCNHead."""
+    det = build_aux_branch("detection", "task", N, 3, recognizer=detector, **AUX_DET_CFG)
+    assert isinstance(det.backbone.stem, torch.nn.Identity) and det.inputs == ("conv2",)
+    first = det.backbone.stages["conv2"][0]
+    assert first.conv1[0].in_channels == detector.feature_channels()["conv2"]
+    seg = build_aux_branch("segmentation", "task", N, 3, recognizer=segmenter, **AUX_SEG_CFG)
+    assert seg.inputs == ("conv2", "conv3") and not hasattr(seg, "backbone")
+    assert seg.head.aspp[0][0].in_channels == segmenter.feature_channels()["conv3"]
+    fcn = build_aux_branch("segmentation", "task", N, 3, recognizer=segmenter, task_head="fcn", width=0.125)
+    assert fcn.head.conv[0].in_channels == segmenter.feature_channels()["conv3"]
+    with pytest.raises(ValueError, match="pass recognizer"):
+        build_aux_branch("detection", "task", N, 3, **AUX_DET_CFG)
+    with pytest.raises(ValueError, match="not a backbone stage"):
+        build_aux_branch("detection", "task", N, 3, recognizer=detector, task_layer="conv9", **AUX_DET_CFG)
+    with pytest.raises(ValueError, match="unknown task_head"):
+        build_aux_branch("segmentation", "task", N, 3, recognizer=segmenter, task_head="psp", width=0.125)
 
-    x = collate([IcmDataset(world / "train")[i] for i in range(2)])["image"]
-    aux = build_aux_branch("segmentation", "dec", N, 3, width=0.125, aspp_dilations=(1, 2, 3, 4))
-    out = codec_forward(codec, x)
-    aux.loss(out["dec"], segmenter.pseudo_labels(x), (64, 64)).backward()
-    g = grads(codec)
-    last = f"g_s.{len(codec.g_s) - 1}."
-    assert any(v for k, v in g.items() if k.startswith("g_s.") and not k.startswith(last))
-    assert not any(v for k, v in g.items() if k.startswith(last))
-    assert any(v for k, v in g.items() if k.startswith("g_a."))
+
+def test_capture_features_records_stage_outputs_and_cleans_up(segmenter):
+    x = torch.rand(1, 3, 64, 64)
+    with segmenter.capture_features(["conv2", "conv3"]) as feats:
+        segmenter.predict(x)
+    assert feats["conv2"].shape[-1] == 16 and feats["conv3"].shape[-1] == 8  # strides 4 and 8 (D8)
+    assert all(not s._forward_hooks for s in segmenter.stage_modules().values())
+    with pytest.raises(ValueError, match="unknown backbone stage"):
+        with segmenter.capture_features(["res4"]):
+            pass
 
 
 @pytest.mark.parametrize("task", ["detection", "segmentation"])
@@ -130,6 +172,7 @@ def test_bad_lambda_alpha_rejected(lam, alpha):
 def test_bad_position_and_backend_rejected():
     with pytest.raises(ValueError, match="unknown aux_position"):
         check_aux_position("middle")
+    assert check_aux_position("task") == "task"
     assert check_aux_position("none") is None
     with pytest.raises(ValueError, match="unknown backend"):
         build_recognizer("detection", "yolo")
