@@ -21,7 +21,7 @@ import torch
 
 from .codec import bits_from_likelihoods, compress_image, crop_to, decompress_image, pad_to_multiple
 from .data import to_device
-from .roi import roi_latent_scaling
+from .roi import check_roi, roi_latent_scaling
 
 
 class DetectionMetric:
@@ -91,15 +91,18 @@ def make_metric(recognizer, dataset):
 
 
 @torch.no_grad()
-def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: float | None = None, max_images: int | None = None,
-             log=None, device: str = "cpu") -> dict[str, Any]:
+def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: float | None = None, roi_decoder: str = "as_is",
+             max_images: int | None = None, log=None, device: str = "cpu") -> dict[str, Any]:
     """Evaluate ``codec`` (None = uncompressed reference) + frozen ``recognizer`` on ``dataset``.
 
-    ``roi_qf``: apply the ROI method of Ahonen et al. with the item's ``roi`` mask (needs the mask at the encoder).
+    ``roi_qf``: apply the ROI method of Ahonen et al. with the item's ``roi`` mask (needs the mask at the encoder);
+    ``roi_decoder``: "as_is" or "rescale" (see ``icm_helpers.roi``; the signalled mask's bits count in both rates).
     Returns {"bpp_estimated", "bpp_bitstream", "metric_name", "metric", "metrics", "per_image", "seconds"}.
     """
     if roi_qf is not None and codec is None:
         raise ValueError("roi_qf needs a codec")
+    if roi_qf is not None:
+        check_roi(roi_qf, roi_decoder)
     metric = make_metric(recognizer, dataset)
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     if codec is not None:
@@ -115,13 +118,18 @@ def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: floa
         else:
             xp, pad = pad_to_multiple(x)
             num_pixels = x.shape[-2] * x.shape[-1]
-            roi_ctx = roi_latent_scaling(codec, pad_to_multiple(item["roi"][None, None].float())[0], roi_qf) if roi_qf else contextlib.nullcontext()
-            with roi_ctx:
+            roi_ctx = (roi_latent_scaling(codec, pad_to_multiple(item["roi"][None, None].float())[0], roi_qf, roi_decoder)
+                       if roi_qf else contextlib.nullcontext({"side_bits": 0}))
+            with roi_ctx as roi_info:
+                side_bits = roi_info["side_bits"]  # signalled ROI mask (decoder="rescale"), counted in both rates
                 out = codec(xp)
-                record["bpp_estimated"] = float(bits_from_likelihoods(out["likelihoods"])[0]) / num_pixels
+                record["bpp_estimated"] = (float(bits_from_likelihoods(out["likelihoods"])[0]) + side_bits) / num_pixels
+                if roi_qf:
+                    record["bpp_side_info"] = side_bits / num_pixels
+                    record["roi_latent_fraction"] = roi_info["inside_fraction"]
                 if bitstream:
                     enc = compress_image(codec, xp)
-                    record["bpp_bitstream"] = enc["num_bytes"] * 8.0 / num_pixels
+                    record["bpp_bitstream"] = (enc["num_bytes"] * 8.0 + side_bits) / num_pixels
                     x_hat = decompress_image(codec, enc)
                 else:
                     x_hat = out["x_hat"].clamp(0, 1)
@@ -134,7 +142,7 @@ def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: floa
     metrics = metric.compute()
     summary: dict[str, Any] = {"metric_name": metric.name, "metric": metrics[metric.name], "metrics": metrics,
                                "num_images": n, "per_image": per_image, "seconds": time.time() - t0}
-    for key in ("bpp_estimated", "bpp_bitstream", "psnr"):
+    for key in ("bpp_estimated", "bpp_bitstream", "psnr", "bpp_side_info", "roi_latent_fraction"):
         vals = [r[key] for r in per_image if key in r]
         summary[key] = float(np.mean(vals)) if vals else None
     return summary

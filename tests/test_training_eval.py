@@ -5,7 +5,7 @@ import torch
 
 from icm_helpers.aux_branches import build_aux_branch
 from icm_helpers.bitmaps import bit_allocation_map
-from icm_helpers.codec import bits_from_likelihoods, build_codec, compress_image, pad_to_multiple
+from icm_helpers.codec import bits_from_likelihoods, build_codec, compress_image, pad_to_multiple, update_entropy_tables
 from icm_helpers.evaluation import evaluate
 from icm_helpers.recognizers import build_recognizer
 from icm_helpers.roi import roi_latent_scaling
@@ -139,3 +139,72 @@ def test_evaluate_reports_both_bpps_and_metric(trained_codec, world):
     assert res["bpp_estimated"] > 0 and res["bpp_bitstream"] > 0 and len(res["per_image"]) == len(ds)
     ref = evaluate(None, seg, ds)
     assert ref["bpp_estimated"] is None and 0 <= ref["metric"] <= 1
+
+
+@pytest.mark.parametrize("shape,density", [((4, 4), 0.5), ((50, 76), 0.2), ((50, 76), 0.0), ((13, 7), 1.0), ((1, 1), 1.0)])
+def test_latent_mask_code_is_lossless(shape, density):
+    from icm_helpers.roi import decode_latent_mask, encode_latent_mask
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(shape, generator=g) < density
+    data = encode_latent_mask(mask)
+    assert torch.equal(decode_latent_mask(data, shape), mask)
+    assert len(data) <= 1 + (shape[0] * shape[1] + 7) // 8  # never longer than the raw bit-packed mask + flag
+    if density == 0.0:
+        assert data[0] == 1 and len(data) < 20  # an empty COCO-sized grid deflates to a few bytes
+
+
+def _roi_case(world, N=32):
+    from icm_helpers.data import IcmDataset
+
+    torch.manual_seed(0)
+    codec = build_codec(N=N).eval()
+    update_entropy_tables(codec)
+    item = IcmDataset(world / "test")[0]
+    x, _ = pad_to_multiple(item["image"][None])
+    return codec, x, pad_to_multiple(item["roi"][None, None].float())[0]
+
+
+def test_roi_decoder_readings(world):
+    """Both readings share the encoder (same latents, same bitstream); "rescale" multiplies the latents outside
+    the ROI by QF before synthesis, "as_is" feeds them unchanged; only "rescale" pays for the mask."""
+    from icm_helpers.roi import latent_roi_mask
+
+    codec, x, roi = _roi_case(world)
+    seen = {}
+    hook = codec.g_s.register_forward_pre_hook(lambda m, inp: seen.__setitem__("g_s_input", inp[0].clone()))
+    streams, inputs, side = {}, {}, {}
+    with torch.no_grad():
+        for decoder in ("as_is", "rescale"):
+            with roi_latent_scaling(codec, roi, 1.4, decoder) as info:
+                codec(x)
+                inputs[decoder] = seen["g_s_input"]
+                streams[decoder] = compress_image(codec, x)["strings"]
+                side[decoder] = info["side_bits"]
+    hook.remove()
+    outside = ~latent_roi_mask(roi, inputs["as_is"].shape[-2:])[0, 0]
+    assert outside.any() and (~outside).any()
+    assert streams["as_is"] == streams["rescale"]
+    assert torch.allclose(inputs["rescale"][..., outside], 1.4 * inputs["as_is"][..., outside])
+    assert torch.equal(inputs["rescale"][..., ~outside], inputs["as_is"][..., ~outside])
+    assert side["as_is"] == 0 and side["rescale"] > 0
+    with pytest.raises(ValueError, match="unknown ROI decoder"):
+        with roi_latent_scaling(codec, roi, 1.4, "signal"):
+            pass
+    with pytest.raises(ValueError, match="QF must be"):
+        with roi_latent_scaling(codec, roi, 0.7):
+            pass
+
+
+def test_evaluate_counts_the_signalled_mask_in_both_rates(trained_codec, world):
+    from icm_helpers.data import IcmDataset
+
+    torch.manual_seed(0)
+    seg = build_recognizer("segmentation", "suite", 3, width=8, head_channels=16, low_channels=8).freeze()
+    ds = IcmDataset(world / "test")
+    plain = evaluate(trained_codec, seg, ds, roi_qf=1.4, roi_decoder="as_is")
+    resc = evaluate(trained_codec, seg, ds, roi_qf=1.4, roi_decoder="rescale")
+    assert plain["bpp_side_info"] == 0 and resc["bpp_side_info"] > 0
+    for key in ("bpp_bitstream", "bpp_estimated"):
+        assert resc[key] == pytest.approx(plain[key] + resc["bpp_side_info"], rel=1e-9)
+    assert 0 < resc["roi_latent_fraction"] <= 1
