@@ -164,7 +164,8 @@ class Experiment:
         codec = self.start_codec()
         recognizer = self.recognizer(spec.task)
         torch.manual_seed(spec.seed)
-        aux = build_aux_branch(spec.task, spec.aux_position, codec_lib.codec_N(codec), self.num_classes(), **tc.get("aux", {}))
+        aux = build_aux_branch(spec.task, spec.aux_position, codec_lib.codec_N(codec), self.num_classes(), recognizer=recognizer,
+                               **tc.get("aux", {}))
         if aux is not None:
             aux = aux.to(self.device)
         self.log(f"ICM training {spec.task}/{out.name}")
@@ -174,18 +175,67 @@ class Experiment:
         codec_lib.save_codec(final, codec, extra={"spec": spec_dict, "history": res.history})
         return final
 
+    def loss_balance(self, task: str, lambdas: Iterable[float]) -> list[dict[str, Any]]:
+        """Validation terms of the START codec under Eq. 4/6 at each lambda: how much of the main loss the task
+        term carries (used by notebook 05 to choose the ablation lambda; the paper's 0.016 vs its 0.4..3.2 sweep)."""
+        from .training import validation_terms
+
+        codec, rec = self.start_codec(), self.recognizer(task)
+        codec.eval()
+        rows = []
+        for lam in lambdas:
+            spec = self.spec(task, lam, None)
+            t = validation_terms(spec, codec, rec, None, self.dataset("val"), 8, self.seed, self.device)
+            weighted = t["main"] - t["rate"]  # lambda * (E (+ MSE))
+            rows.append({"lambda_": float(lam), "rate_bpp": t["rate"], "task_loss": t["task"], "lambda_x_distortion": weighted,
+                         "task_share_of_main": weighted / t["main"]})
+        return rows
+
+    POSITION_LABELS = {None: "w/o aux", "enc": "aux-enc", "dec": "aux-dec", "task": "aux-task"}
+
+    def run_ablation(self, task: str, positions: Iterable[str | None] | None = None, lambda_: float | None = None,
+                     alpha: float | None = None, evaluate_test: bool = True) -> dict[str, Any]:
+        """The branch-position ablation of Sec. 4.2 for one task: train (or reuse) one model per position at the
+        profile's ``ablation_lambda``; return the validation MAIN loss per epoch of each (Figs. 8-9), the final
+        validation terms and, with ``evaluate_test``, the test-set bpp and task metric of each model. Curves start
+        at epoch 0 = the start codec (the same value for every position)."""
+        from .training import validation_terms
+
+        positions = list(self.cfg["ablation"]["positions"] if positions is None else positions)
+        lam = float(self.task_cfg(task)["ablation_lambda"] if lambda_ is None else lambda_)
+        # epoch 0: the start codec, common to every position (the main loss has no aux term)
+        start = self.start_codec().eval()
+        epoch0 = validation_terms(self.spec(task, lam, None), start, self.recognizer(task), None, self.dataset("val"), 8,
+                                  self.seed, self.device)["main"]
+        curves, rows = {}, []
+        for pos in positions:
+            spec = self.spec(task, lam, pos, alpha)
+            self.train(spec)
+            hist = self.history(spec)
+            if "val_main" not in hist[0]:
+                raise ValueError(f"{self.run_path(spec)} has no validation history: set validate_every_epoch: true in the profile "
+                                 "and retrain (force=True)")
+            label = self.POSITION_LABELS[spec.aux_position]
+            curves[label] = [epoch0] + [h["val_main"] for h in hist]
+            row = {"position": label, "val_main": hist[-1]["val_main"], "val_rate": hist[-1]["val_rate"], "val_task": hist[-1]["val_task"]}
+            if evaluate_test:
+                rec = self.evaluate_run(spec)
+                row.update(bpp_bitstream=rec["bpp_bitstream"], bpp_estimated=rec["bpp_estimated"], metric=rec["metric"])
+            rows.append(row)
+        return {"task": task, "lambda_": lam, "curves": curves, "rows": rows}
+
     def history(self, spec: IcmSpec) -> list[dict[str, Any]]:
         return read_json(self.run_path(spec) / "history.json")
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate_cached(self, task: str, name: str, lambda_: float | None, fields: dict[str, Any], force: bool,
-                         codec_factory, roi_qf: float | None = None) -> dict[str, Any]:
+                         codec_factory, roi_qf: float | None = None, roi_decoder: str = "as_is") -> dict[str, Any]:
         path = self.result_path(task, name)
         if path.exists() and not force:
             return read_json(path)
         ec = self.cfg.get("evaluation", {})
         ev = evaluate(codec_factory(), self.recognizer(task), self.dataset("test"), bitstream=bool(ec.get("bitstream", True)),
-                      roi_qf=roi_qf, max_images=ec.get("max_images"), device=self.device)
+                      roi_qf=roi_qf, roi_decoder=roi_decoder, max_images=ec.get("max_images"), device=self.device)
         record = {"profile": self.profile, "task": task, "lambda_": lambda_, **fields, **ev}
         atomic_write_json(path, record)
         return record
@@ -207,19 +257,30 @@ class Experiment:
                 records.append(self.evaluate_run(self.spec(task, lam, pos, alpha)))
         return records
 
-    def evaluate_roi(self, task: str, lambdas: Iterable[float] | None = None, qf: float | None = None) -> list[dict[str, Any]]:
-        """ROI baseline (Ahonen et al.): the w/o-aux models with latents outside the GT mask divided by QF."""
+    def evaluate_roi(self, task: str, lambdas: Iterable[float] | None = None, qf: float | None = None,
+                     decoder: str | None = None) -> list[dict[str, Any]]:
+        """ROI baseline (Ahonen et al.): the w/o-aux models with latents outside the GT mask divided by QF.
+
+        ``decoder``: "as_is" (method ``roi``: mask not signalled) or "rescale" (method ``roi_rescale``: the decoder
+        multiplies back by QF, the signalled mask counts in the rate); None = the first of the profile's ``roi_decoders``."""
+        from .roi import check_roi
+
         tc = self.task_cfg(task)
         qf = tc.get("roi_qf") if qf is None else qf
         if not qf:
             raise ValueError(f"no ROI for {task}: the profile sets roi_qf=null (segmentation has no ROI, Sec. 4.1)")
+        decoder = (tc.get("roi_decoders") or ["as_is"])[0] if decoder is None else decoder
+        check_roi(qf, decoder)
+        method = "roi" if decoder == "as_is" else f"roi_{decoder}"
         records = []
         for lam in (tc["lambdas"] if lambdas is None else lambdas):
             spec = self.spec(task, lam, None)
             final = self.train(spec)
-            fields = {"method": "roi", "aux_position": None, "qf": qf, "codec_path": str(final.relative_to(self.run_dir))}
-            records.append(self._evaluate_cached(task, f"roi_qf{qf:g}_lambda{lam:g}", float(lam), fields, False,
-                                                 codec_factory=lambda: codec_lib.load_codec(final).to(self.device), roi_qf=qf))
+            fields = {"method": method, "aux_position": None, "qf": qf, "roi_decoder": decoder,
+                      "codec_path": str(final.relative_to(self.run_dir))}
+            records.append(self._evaluate_cached(task, f"{method}_qf{qf:g}_lambda{lam:g}", float(lam), fields, False,
+                                                 codec_factory=lambda: codec_lib.load_codec(final).to(self.device), roi_qf=qf,
+                                                 roi_decoder=decoder))
         return records
 
     def records(self, task: str | None = None) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 __all__ = ["METHOD_STYLES", "BPP_LABELS", "plot_rd", "plot_rd_grid", "plot_loss_curves", "plot_bit_maps"]
 
@@ -32,7 +33,10 @@ METHOD_STYLES: dict[str, dict[str, Any]] = {
     "start": {"label": "start codec", "color": "black", "marker": "*", "markersize": 11},
     "baseline": {"label": "baseline (w/o aux)", "color": "tab:blue", "marker": "o"},
     "aux_enc": {"label": "w/ aux loss", "color": "tab:red", "marker": "s"},
-    "roi": {"label": "ROI", "color": "tab:green", "marker": "^"},
+    "roi": {"label": "ROI (decoder as is)", "color": "tab:green", "marker": "^"},
+    "roi_rescale": {"label": "ROI (decoder rescales, mask signalled)", "color": "tab:olive", "marker": "v"},
+    "aux_dec": {"label": "aux-dec", "color": "tab:purple", "marker": "D"},
+    "aux_task": {"label": "aux-task", "color": "tab:orange", "marker": "P"},
 }
 #: Axis label of each bpp kind.
 BPP_LABELS = {"bpp_bitstream": "bpp (bitstream)", "bpp_estimated": "bpp (estimated)"}
@@ -174,8 +178,10 @@ def plot_loss_curves(
     ylabel: str = "validation main loss (Eq. 4)",
     xlabel: str = "epoch",
     title: str | None = None,
+    first_x: int = 1,
 ) -> tuple[Figure, dict[str, Any]]:
-    """One line per named loss curve (x = 1, 2, ...), e.g. the branch-position ablation (Figs. 8-9).
+    """One line per named loss curve (x = first_x, first_x + 1, ...), e.g. the branch-position ablation
+    (Figs. 8-9; ``first_x=0`` when the curves start with the value before training).
 
     Returns:
         ``(fig, data)`` with ``data = {"xlabel", "ylabel", "curves": {name: {"x": [...], "y": [...]}}}``.
@@ -187,9 +193,10 @@ def plot_loss_curves(
     data: dict[str, Any] = {"xlabel": xlabel, "ylabel": ylabel, "curves": {}}
     for name, values in curves.items():
         y = [float(v) for v in values]
-        x = list(range(1, len(y) + 1))
+        x = list(range(first_x, first_x + len(y)))
         ax.plot(x, y, marker="o" if len(y) <= 30 else None, markersize=3, label=str(name))
         data["curves"][str(name)] = {"x": x, "y": y}
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:

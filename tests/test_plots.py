@@ -102,6 +102,8 @@ def test_plot_loss_curves():
     assert [line.get_label() for line in fig.axes[0].get_lines()] == list(curves)
     with pytest.raises(ValueError, match="non-empty loss curve"):
         plot_loss_curves({"a": []})
+    _, data0 = plot_loss_curves(curves, first_x=0)
+    assert data0["curves"]["no branch"]["x"] == [0, 1]
 
 
 def _bit_rows(rng, with_diff=True):
