@@ -3,7 +3,7 @@
 #
 #   make demo         set up, then run the notebooks with the demo profile (the main job)
 #   make smoke        set up, then run the notebooks with the smoke profile (tiny, CPU)
-#   make test         set up, unit tests, smoke run, nbval over the executed smoke notebooks
+#   make test         set up (+ mmseg from ../shared/wheels when there), unit tests, smoke run, nbval over the executed smoke notebooks
 #   make lab          set up, install the "icm-aux" kernel into .venv, start JupyterLab in notebooks/
 #   make clean-smoke  remove the smoke outputs (runs/smoke, papermill_runs/smoke)
 #
@@ -21,7 +21,7 @@ SMOKE_OUT := papermill_runs/smoke
 PYTEST := $(VENV_PY) -m pytest -q -p no:cacheprovider
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo smoke test lab clean-smoke
+.PHONY: help setup setup-mmseg demo smoke test lab clean-smoke
 
 help:
 	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
@@ -36,6 +36,22 @@ $(STAMP): pyproject.toml | $(VENV_PY)
 
 setup: $(STAMP)
 
+# --- optional: MMSegmentation (the paper's segmentation backend) for the DeepLabV3+ port's equivalence test.
+# mmseg 1.2.2 needs mmcv 2.1.0, which must be built from source against torch 2.14 (~21 min); a wheel built that way
+# (recipe in its README) is used when present at MMCV_WHEEL. Without it, the mmseg tests skip.
+MMCV_WHEEL ?= $(firstword $(wildcard ../shared/wheels/mmcv-2.1.0-*.whl))
+MMSEG_STAMP := $(VENV)/.mmseg-installed
+
+$(MMSEG_STAMP): $(STAMP)
+ifneq ($(MMCV_WHEEL),)
+	$(VENV)/bin/pip install "$(MMCV_WHEEL)" mmengine==0.10.7 mmsegmentation==1.2.2 ftfy regex "setuptools<81" "numpy<2" "opencv-python<4.12"
+	touch $@
+else
+	@echo "(no mmcv 2.1.0 wheel at MMCV_WHEEL: the MMSegmentation equivalence tests will be skipped)"
+endif
+
+setup-mmseg: $(MMSEG_STAMP)
+
 # --- runs
 demo: $(STAMP)
 	$(VENV_PY) $(RUNNER) --profile $(DEMO_PROFILE) $(RUN_ARGS)
@@ -46,7 +62,7 @@ smoke: $(STAMP)
 # --- tests: unit tests, then the smoke run, then nbval re-executes the executed smoke notebooks
 # (--nbval-lax: only cells marked NBVAL_CHECK_OUTPUT compare outputs; every cell must run).
 # Explicit paths on the command line, so pyproject's testpaths does not apply.
-test: $(STAMP)
+test: $(STAMP) setup-mmseg
 	$(PYTEST) tests
 	$(VENV_PY) $(RUNNER) --profile smoke
 	$(PYTEST) --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg $(SMOKE_OUT)/[0-9]*.ipynb
