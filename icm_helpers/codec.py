@@ -23,14 +23,25 @@ PAD_MULTIPLE = 64  # Sec. 4.1: "padded them to a multiple of 64"
 ARCH = "cheng2020-attn"
 
 
-def build_codec(N: int = 128, pretrained: bool = False, quality: int | None = None) -> nn.Module:
+def build_codec(N: int = 128, pretrained: bool = False, quality: int | None = None, weights: str | None = None) -> nn.Module:
     """Cheng2020Attention with ``N`` channels, or the pretrained CompressAI zoo model for ``quality``.
 
     ``pretrained=True`` downloads CompressAI's MSE-trained weights (qualities 1-6; N=128 for 1-3, N=192 for 4-6)
     and therefore needs internet; offline it raises with the file to place in the torch hub cache.
+    ``weights``: a local CompressAI checkpoint file (e.g. the zoo's ``cheng2020_attn-mse-6-*.pth.tar``) instead of the
+    download; loaded with ``weights_only=True``, N taken from the file.
     """
     from compressai.models import Cheng2020Attention
 
+    if weights:
+        state = load_state(weights)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict) or "g_a.0.conv1.weight" not in state:
+            raise ValueError(f"{weights} is not a cheng2020-attn checkpoint (no g_a.0.conv1.weight); expected CompressAI's "
+                             "zoo file or a state_dict of Cheng2020Attention")
+        model = Cheng2020Attention(N=int(state["g_a.0.conv1.weight"].shape[0]))
+        load_codec_state(model, state, source=str(weights))
+        return model
     if pretrained:
         if quality is None:
             raise ValueError("pretrained=True needs quality in 1..6 (CompressAI cheng2020-attn zoo)")

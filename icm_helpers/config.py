@@ -64,3 +64,11 @@ def resolve_run_dir(profile_name: str, run_dir: str | os.PathLike | None = None)
         return Path(run_dir).expanduser().resolve()
     base = Path(os.environ.get("ICM_RUNS_DIR", REPO_ROOT / "runs"))
     return (base / safe_name(profile_name, "profile name")).resolve()
+
+
+def resolve_data_path(path: str | os.PathLike) -> Path:
+    """A dataset path from a profile: absolute as given; relative under ``$ICM_DATA_DIR`` if set, else ``<repo>/data``."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    return (Path(os.environ.get("ICM_DATA_DIR", REPO_ROOT / "data")) / p).resolve()

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .io import atomic_write_bytes, atomic_write_json, read_json
@@ -256,9 +257,11 @@ class IcmDataset(torch.utils.data.Dataset):
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack equally sized images/maps; keep per-image boxes/labels as lists."""
-    out: dict[str, Any] = {"image": torch.stack([b["image"] for b in batch]), "image_id": [b["image_id"] for b in batch],
-                           "boxes": [b["boxes"] for b in batch], "labels": [b["labels"] for b in batch],
-                           "roi": torch.stack([b["roi"] for b in batch])}
+    out: dict[str, Any] = {"image": torch.stack([b["image"] for b in batch]), "image_id": [b["image_id"] for b in batch]}
+    if all("boxes" in b for b in batch):
+        out["boxes"], out["labels"] = [b["boxes"] for b in batch], [b["labels"] for b in batch]
+    if all("roi" in b for b in batch):
+        out["roi"] = torch.stack([b["roi"] for b in batch])
     if all("semantic" in b for b in batch):
         out["semantic"] = torch.stack([b["semantic"] for b in batch])
     return out
@@ -278,6 +281,8 @@ def random_crop(batch: dict[str, Any], crop: int, generator: torch.Generator) ->
     for key in ("image", "roi", "semantic"):
         if key in batch:
             out[key] = batch[key][..., top: top + crop, left: left + crop]
+    if "boxes" not in batch:
+        return out
     boxes, labels = [], []
     for b, lab in zip(batch["boxes"], batch["labels"]):
         b = b - torch.tensor([left, top, left, top], dtype=b.dtype)
@@ -286,6 +291,29 @@ def random_crop(batch: dict[str, Any], crop: int, generator: torch.Generator) ->
         boxes.append(b[keep])
         labels.append(lab[keep])
     out["boxes"], out["labels"] = boxes, labels
+    return out
+
+
+def crop_item(item: dict[str, Any], crop: int, generator: torch.Generator) -> dict[str, Any]:
+    """One random ``crop`` x ``crop`` window of one item (datasets whose images differ in size, e.g. COCO's 256x256
+    training crops); a side shorter than ``crop`` is zero-padded at the bottom/right (ROI 0, semantic 255 = ignore)."""
+    h, w = item["image"].shape[-2:]
+    ph, pw = max(0, crop - h), max(0, crop - w)
+    out = dict(item)
+    if ph or pw:
+        out["image"] = F.pad(item["image"], (0, pw, 0, ph))
+        if "roi" in item:
+            out["roi"] = F.pad(item["roi"], (0, pw, 0, ph))
+        if "semantic" in item:
+            out["semantic"] = F.pad(item["semantic"], (0, pw, 0, ph), value=255)
+    batch = random_crop({**{k: v[None] for k, v in out.items() if k in ("image", "roi", "semantic")},
+                         "boxes": [item.get("boxes", torch.zeros(0, 4))], "labels": [item.get("labels", torch.zeros(0, dtype=torch.int64))]},
+                        crop, generator)
+    for key in ("image", "roi", "semantic"):
+        if key in out:
+            out[key] = batch[key][0]
+    if "boxes" in item:
+        out["boxes"], out["labels"] = batch["boxes"][0], batch["labels"][0]
     return out
 
 

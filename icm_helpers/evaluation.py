@@ -38,7 +38,8 @@ class DetectionMetric:
         """``prediction``: the recognizer's output for a batch of one image."""
         prediction = prediction[0]
         self.image_ids.append(int(image_id))
-        boxes = prediction["boxes"].detach().cpu().numpy()
+        # boxes are predicted on the returned (possibly resized) image: back to the original annotation's pixels
+        boxes = prediction["boxes"].detach().cpu().double().numpy() / float(item.get("scale", 1.0))
         for (x0, y0, x1, y1), label, score in zip(boxes, prediction["labels"].tolist(), prediction["scores"].tolist()):
             self.results.append({"image_id": int(image_id), "category_id": int(label), "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
                                  "score": float(score)})
@@ -70,6 +71,11 @@ class SegmentationMetric:
         self.confusion = np.zeros((num_classes, num_classes), np.int64)
 
     def update(self, image_id: int, prediction: torch.Tensor, item: dict[str, Any]) -> None:
+        """``prediction``: logits (1,C,h,w). When the label map has another size (Pascal-Context is evaluated on
+        its ORIGINAL label maps, as MMSeg does), the logits are resized bilinearly to it before the argmax."""
+        if prediction.shape[-2:] != item["semantic"].shape[-2:]:
+            prediction = torch.nn.functional.interpolate(prediction, size=tuple(item["semantic"].shape[-2:]), mode="bilinear",
+                                                         align_corners=False)
         pred = prediction.argmax(1)[0].cpu().numpy().ravel()
         gt = item["semantic"].cpu().numpy().ravel()
         keep = gt != self.ignore_index
@@ -87,7 +93,7 @@ class SegmentationMetric:
 def make_metric(recognizer, dataset):
     if recognizer.task == "detection":
         return DetectionMetric(dataset)
-    return SegmentationMetric(int(recognizer.config["num_classes"]) + 1)
+    return SegmentationMetric(recognizer.num_outputs, getattr(dataset, "ignore_index", 255))
 
 
 @torch.no_grad()

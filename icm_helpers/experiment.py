@@ -21,7 +21,7 @@ import torch
 
 from . import codec as codec_lib
 from .aux_branches import build_aux_branch
-from .config import load_profile, resolve_run_dir, safe_name
+from .config import load_profile, resolve_data_path, resolve_run_dir, safe_name
 from .data import IcmDataset, WorldSpec, generate_world
 from .evaluation import evaluate
 from .io import atomic_write_json, read_json
@@ -39,6 +39,7 @@ class Experiment:
         self.run_dir = resolve_run_dir(self.profile, run_dir)
         self.log = log or (lambda *_: None)
         self._datasets: dict[str, Any] = {}
+        self._pretrained: dict[str, Any] = {}
         if self.cfg.get("threads"):
             torch.set_num_threads(int(self.cfg["threads"]))
 
@@ -68,8 +69,13 @@ class Experiment:
     def task_cfg(self, task: str) -> dict[str, Any]:
         return self.cfg["tasks"][check_task(task)]
 
-    def num_classes(self) -> int:
-        return int(self.cfg["data"]["world"]["n_classes"])
+    def num_classes(self, task: str | None = None) -> int:
+        """Foreground classes: the world's shape classes; for real data the profile's ``data.num_classes.<task>``
+        (COCO: 90 = the largest category id, torchvision's convention; Pascal-Context: 59)."""
+        dc = self.cfg["data"]
+        if self.shared_data:
+            return int(dc["world"]["n_classes"])
+        return int(dc["num_classes"][check_task(task)])
 
     def spec(self, task: str, lambda_: float, aux_position: str | None, alpha: float | None = None) -> IcmSpec:
         tc = self.task_cfg(task)
@@ -84,36 +90,107 @@ class Experiment:
         return self.run_dir / "results" / task / f"{safe_name(name.replace('.', 'p'), 'result name')}.json"
 
     # ------------------------------------------------------------------ data
-    def prepare_data(self, force: bool = False) -> dict[str, int]:
-        """Generate the profile's image world (deterministic from the seed); reuse it when already there."""
-        dc = self.cfg["data"]
-        if dc["source"] != "shapes_world":
-            raise NotImplementedError(f"data source {dc['source']!r} is not implemented in this version (available: shapes_world)")
-        spec = WorldSpec(**dc["world"], seed=self.seed)
-        generate_world(self.data_dir, spec, dc["counts"], overwrite=force)
-        return {split: len(self.dataset(split)) for split in ("train", "val", "test")}
+    @property
+    def shared_data(self) -> bool:
+        """True when both tasks use the same images (the generated world); False for COCO / Pascal-Context."""
+        return self.cfg["data"]["source"] == "shapes_world"
 
-    def dataset(self, split: str):
-        if split not in self._datasets:
+    def prepare_data(self, force: bool = False, download: bool = False) -> dict[str, Any]:
+        """Generated world: generate it (deterministic from the seed; reused when there). Real datasets: verify the
+        layout of every task's dataset and report what is missing; ``download=True`` fetches COCO 2017 (the user
+        asks for network access; Pascal-Context needs a manual step, see ``icm_helpers.pascal_context``)."""
+        dc = self.cfg["data"]
+        if dc["source"] == "shapes_world":
+            spec = WorldSpec(**dc["world"], seed=self.seed)
+            generate_world(self.data_dir, spec, dc["counts"], overwrite=force)
+            return {split: len(self.dataset(split)) for split in ("train", "val", "test")}
+        if dc["source"] == "coco_pascal_context":
+            report = {}
+            for task in self.tasks():
+                if task == "detection":
+                    from .coco import check_coco, download_coco
+
+                    root = resolve_data_path(dc["coco_root"])
+                    if download:
+                        download_coco(root, splits=("train2017", "val2017"), annotations=True)
+                    for split in ("train2017", "val2017"):
+                        check_coco(root, split)
+                else:
+                    from .pascal_context import check_pascal_context
+
+                    root = resolve_data_path(dc["pascal_context_root"])
+                    for split in ("train", "val"):
+                        check_pascal_context(root, split)
+                report[task] = {split: len(self.dataset(split, task)) for split in ("train", "val", "test")}
+            return report
+        raise ValueError(f"unknown data source {dc['source']!r}; valid: shapes_world, coco_pascal_context")
+
+    def dataset(self, split: str, task: str | None = None):
+        """The ``split`` ("train", "val" = per-epoch validation, "test" = evaluation) of ``task``'s dataset. The
+        generated world serves both tasks; COCO 2017 (detection) and Pascal-Context-59 (segmentation) need ``task``.
+        Real datasets: train = train2017 / train, test = val2017 / val (the paper evaluates on these), val = the first
+        ``data.val_images`` images of the evaluation split."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {split!r}; valid: train, val, test")
+        dc = self.cfg["data"]
+        key = split if self.shared_data else f"{check_task(task) if task else ''}/{split}"
+        if key in self._datasets:
+            return self._datasets[key]
+        if self.shared_data:
             ds = IcmDataset(self.data_dir / split)
-            self._datasets[split] = InMemory(ds) if split in ("train", "val") else ds
-        return self._datasets[split]
+            ds = InMemory(ds) if split in ("train", "val") else ds
+        elif task is None:
+            raise ValueError(f"data source {dc['source']!r} has one dataset per task: call dataset(split, task)")
+        elif task == "detection":
+            from .coco import CocoDetection
+
+            root = resolve_data_path(dc["coco_root"])
+            if split == "train":
+                ds = CocoDetection(root, "train2017", mode="train", on_corrupt=dc.get("on_corrupt", "raise"))
+            else:
+                ds = CocoDetection(root, "val2017", mode="eval", short_edge=int(dc["eval_short_edge"]), on_corrupt=dc.get("on_corrupt", "raise"))
+                if split == "val":
+                    ds = torch.utils.data.Subset(ds, range(min(int(dc["val_images"]), len(ds))))
+        else:
+            from .pascal_context import PascalContext59
+
+            root = resolve_data_path(dc["pascal_context_root"])
+            size = int(dc["seg_size"])
+            if split == "train":
+                ds = PascalContext59(root, "train", size=size, label_size="input")
+            else:
+                ds = PascalContext59(root, "val", size=size, label_size="original" if split == "test" else "input")
+                if split == "val":
+                    ds = torch.utils.data.Subset(ds, range(min(int(dc["val_images"]), len(ds))))
+        self._datasets[key] = ds
+        return ds
+
+    def sample_datasets(self) -> dict[str, Any]:
+        """Figure name -> test split to show in notebook 01 (one for the shared world, one per task otherwise)."""
+        if self.shared_data:
+            return {"data_samples": self.dataset("test")}
+        return {f"data_samples_{t}": self.dataset("test", t) for t in self.tasks()}
 
     # ------------------------------------------------------------------ recognizers
     def recognizer_path(self, task: str) -> Path:
         return self.models_dir / f"recognizer_{check_task(task)}.pt"
 
     def recognizer(self, task: str, force: bool = False):
-        """The frozen recognizer of ``task``; trained on ground truth first if missing (suite backend)."""
+        """The frozen recognizer of ``task``. Pretrained backends (profile ``train: null``, the paper profile) are
+        built with their weights; the suite backend is trained on ground truth first if missing."""
+        rc = self.cfg["recognizers"][task]
+        if rc.get("train") is None:
+            if task not in self._pretrained:
+                self._pretrained[task] = build_recognizer(task, rc["backend"], self.num_classes(task), **rc.get("model", {})).freeze().to(self.device)
+            return self._pretrained[task]
         path = self.recognizer_path(task)
         if path.exists() and not force:
             return load_recognizer(path, expect_task=task).to(self.device)
-        rc = self.cfg["recognizers"][task]
         torch.manual_seed(self.seed)
-        rec = build_recognizer(task, rc["backend"], self.num_classes(), **rc.get("model", {})).to(self.device)
+        rec = build_recognizer(task, rc["backend"], self.num_classes(task), **rc.get("model", {})).to(self.device)
         t0 = time.time()
         self.log(f"training the {task} recognizer ({rc['backend']})")
-        res = train_recognizer(rec, self.dataset("train"), TrainConfig.from_dict(rc["train"]), self.models_dir / f"train_state_recognizer_{task}.pt",
+        res = train_recognizer(rec, self.dataset("train", task), TrainConfig.from_dict(rc["train"]), self.models_dir / f"train_state_recognizer_{task}.pt",
                                seed=self.seed, log=self.log, device=self.device)
         save_recognizer(path, rec.freeze(), extra={"history": res.history, "seconds": time.time() - t0})
         return rec
@@ -128,9 +205,11 @@ class Experiment:
         if path.exists() and not force:
             return codec_lib.load_codec(path).to(self.device)
         cc = self.cfg["codec"]
-        if cc.get("pretrained"):
-            model = codec_lib.build_codec(pretrained=True, quality=cc["quality"])
-            codec_lib.save_codec(path, model, extra={"source": f"compressai cheng2020-attn mse q{cc['quality']}"})
+        if cc.get("weights") or cc.get("pretrained"):  # the paper: CompressAI's pretrained cheng2020-attn (Sec. 4.1)
+            weights = str(resolve_data_path(cc["weights"])) if cc.get("weights") else None
+            model = codec_lib.build_codec(pretrained=True, quality=cc["quality"], weights=weights)
+            source = weights or f"compressai cheng2020-attn mse q{cc['quality']}"
+            codec_lib.save_codec(path, model, extra={"source": source})
             return model.to(self.device)
         torch.manual_seed(self.seed)
         model = codec_lib.build_codec(N=int(cc["N"])).to(self.device)
@@ -164,13 +243,13 @@ class Experiment:
         codec = self.start_codec()
         recognizer = self.recognizer(spec.task)
         torch.manual_seed(spec.seed)
-        aux = build_aux_branch(spec.task, spec.aux_position, codec_lib.codec_N(codec), self.num_classes(), recognizer=recognizer,
+        aux = build_aux_branch(spec.task, spec.aux_position, codec_lib.codec_N(codec), self.num_classes(spec.task), recognizer=recognizer,
                                **tc.get("aux", {}))
         if aux is not None:
             aux = aux.to(self.device)
         self.log(f"ICM training {spec.task}/{out.name}")
-        res = train_icm(spec, codec, recognizer, aux, self.dataset("train"), TrainConfig.from_dict(tc["train"]), out / "train_state.pt",
-                        val_set=self.dataset("val") if self.cfg.get("validate_every_epoch") else None, log=self.log, device=self.device)
+        res = train_icm(spec, codec, recognizer, aux, self.dataset("train", spec.task), TrainConfig.from_dict(tc["train"]), out / "train_state.pt",
+                        val_set=self.dataset("val", spec.task) if self.cfg.get("validate_every_epoch") else None, log=self.log, device=self.device)
         atomic_write_json(out / "history.json", res.history)
         codec_lib.save_codec(final, codec, extra={"spec": spec_dict, "history": res.history})
         return final
@@ -185,7 +264,7 @@ class Experiment:
         rows = []
         for lam in lambdas:
             spec = self.spec(task, lam, None)
-            t = validation_terms(spec, codec, rec, None, self.dataset("val"), 8, self.seed, self.device)
+            t = validation_terms(spec, codec, rec, None, self.dataset("val", task), 8, self.seed, self.device)
             weighted = t["main"] - t["rate"]  # lambda * (E (+ MSE))
             rows.append({"lambda_": float(lam), "rate_bpp": t["rate"], "task_loss": t["task"], "lambda_x_distortion": weighted,
                          "task_share_of_main": weighted / t["main"]})
@@ -205,7 +284,7 @@ class Experiment:
         lam = float(self.task_cfg(task)["ablation_lambda"] if lambda_ is None else lambda_)
         # epoch 0: the start codec, common to every position (the main loss has no aux term)
         start = self.start_codec().eval()
-        epoch0 = validation_terms(self.spec(task, lam, None), start, self.recognizer(task), None, self.dataset("val"), 8,
+        epoch0 = validation_terms(self.spec(task, lam, None), start, self.recognizer(task), None, self.dataset("val", task), 8,
                                   self.seed, self.device)["main"]
         curves, rows = {}, []
         for pos in positions:
@@ -234,7 +313,7 @@ class Experiment:
         if path.exists() and not force:
             return read_json(path)
         ec = self.cfg.get("evaluation", {})
-        ev = evaluate(codec_factory(), self.recognizer(task), self.dataset("test"), bitstream=bool(ec.get("bitstream", True)),
+        ev = evaluate(codec_factory(), self.recognizer(task), self.dataset("test", task), bitstream=bool(ec.get("bitstream", True)),
                       roi_qf=roi_qf, roi_decoder=roi_decoder, max_images=ec.get("max_images"), device=self.device)
         record = {"profile": self.profile, "task": task, "lambda_": lambda_, **fields, **ev}
         atomic_write_json(path, record)

@@ -308,13 +308,17 @@ def plot_samples(dataset, n: int = 4, class_names: Sequence[str] | None = None) 
     for j, it in enumerate(items):
         ax = axes[0, j]
         ax.imshow(it["image"].permute(1, 2, 0).numpy())
-        for (x0, y0, x1, y1), lab in zip(it["boxes"].tolist(), it["labels"].tolist()):
+        boxes, labels = (it["boxes"].tolist(), it["labels"].tolist()) if "boxes" in it else ([], [])
+        for (x0, y0, x1, y1), lab in zip(boxes, labels):
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="yellow", lw=1))
-            ax.text(x0, y0, class_names[lab - 1] if class_names else str(lab), color="yellow", fontsize=6, va="bottom")
+            name = (class_names.get(lab, str(lab)) if isinstance(class_names, Mapping) else class_names[lab - 1]) if class_names else str(lab)
+            ax.text(x0, y0, name, color="yellow", fontsize=6, va="bottom")
         ax.set_title(f"image {it['image_id']}", fontsize=8)
-        data["images"].append({"image_id": it["image_id"], "boxes": it["boxes"].tolist(), "labels": it["labels"].tolist()})
+        data["images"].append({"image_id": it["image_id"], "boxes": boxes, "labels": labels})
         if has_sem:
-            axes[1, j].imshow(it["semantic"].numpy(), cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+            sem = it["semantic"].numpy()
+            vmax = max(9, int(sem[sem != 255].max(initial=0)))
+            axes[1, j].imshow(np.ma.masked_equal(sem, 255), cmap="tab10" if vmax <= 9 else "tab20", vmin=0, vmax=vmax, interpolation="nearest")
             axes[1, j].set_title("semantic labels", fontsize=8)
     for ax in axes.ravel():
         ax.set_axis_off()

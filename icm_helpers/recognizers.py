@@ -12,9 +12,12 @@ Every task model implements ``Recognizer``:
   branch position (Sec. 4.2) attaches there: it reads the features the recognizer computes on x_hat inside
   ``task_loss``, so the backbone runs once and the aux loss reaches the codec through the frozen stages.
 
-Backends: ``suite`` = the suite's own small Faster R-CNN-structured detector and DeepLabV3+-structured
-segmenter, trained by notebook 01 on the profile's data. The paper's models (detectron2 Faster R-CNN X101-FPN,
-MMSegmentation DeepLabV3+ R101) are separate backends of the ``paper`` profile.
+Backends (``backend=``): ``suite`` = the suite's own small Faster R-CNN-structured detector and DeepLabV3+-structured
+segmenter, trained by notebook 01 on the profile's data. The paper profile's pretrained models live in
+``icm_helpers.backends``: detection ``detectron2`` (Faster R-CNN X101-32x8d-FPN 3x, paper-exact) and ``torchvision``
+(Faster R-CNN R50-FPN v2, pip-only); segmentation ``mmseg`` (DeepLabV3+ R101-D8 Pascal-Context-59, paper-exact) and
+``deeplabv3plus`` (our pure-PyTorch port loading MMSeg's checkpoint, pip-only). All speak the same protocol; labels
+are always the dataset's category ids.
 """
 from __future__ import annotations
 
@@ -29,8 +32,7 @@ from torch import nn
 from .layers import DeepLabV3PlusHead, FasterRCNNHeads, StagedBackbone, batchnorm_eval, build_stages, conv_bn_relu
 
 TASKS = ("detection", "segmentation")
-BACKENDS = {"detection": ("suite",), "segmentation": ("suite",)}
-PLANNED_BACKENDS = {"detection": ("torchvision", "detectron2"), "segmentation": ("deeplabv3plus", "mmseg")}
+BACKENDS = {"detection": ("suite", "torchvision", "detectron2"), "segmentation": ("suite", "deeplabv3plus", "mmseg")}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -125,9 +127,13 @@ class _FrozenRecognizer(nn.Module):
 
     def stage_modules(self) -> dict[str, nn.Module]:
         """Backbone stages by ResNet name (conv2..conv5). Other backends map their own module names onto these."""
+        if hasattr(self.model, "stage_modules"):
+            return dict(self.model.stage_modules())
         return dict(self.model.backbone.stages.items())
 
     def feature_channels(self) -> dict[str, int]:
+        if hasattr(self.model, "stage_channels"):
+            return dict(self.model.stage_channels())
         return dict(zip(self.stage_modules(), self.model.backbone.out_channels))
 
     @contextlib.contextmanager
@@ -201,6 +207,11 @@ class SegmentationRecognizer(_FrozenRecognizer):
     task = "segmentation"
     metric_name = "mIoU"
 
+    @property
+    def num_outputs(self) -> int:
+        """Number of logit channels = classes the metric counts (suite: foreground + background; Pascal-Context: 59)."""
+        return int(getattr(self.model, "num_outputs", 0) or self.model.head.classifier.out_channels)
+
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
@@ -220,14 +231,17 @@ def build_recognizer(task: str, backend: str = "suite", num_classes: int = 3, **
     """Build an (untrained) recognizer. ``num_classes`` counts foreground classes; segmentation adds background."""
     check_task(task)
     if backend not in BACKENDS[task]:
-        planned = PLANNED_BACKENDS[task]
-        if backend in planned:
-            raise NotImplementedError(f"recognition backend {backend!r} for {task} belongs to the paper profile and is "
-                                      f"not implemented in this version; available: {', '.join(BACKENDS[task])}")
-        raise ValueError(f"unknown backend {backend!r} for {task}; valid: {', '.join(BACKENDS[task] + planned)}")
+        raise ValueError(f"unknown backend {backend!r} for {task}; valid: {', '.join(BACKENDS[task])}")
     config = dict(config)
     score_threshold = config.pop("score_threshold", 0.5)
     full = {"task": task, "backend": backend, "num_classes": num_classes, **config}
+    if backend != "suite":  # pretrained models of the paper profile (icm_helpers.backends)
+        from .backends import build_backend
+
+        model = build_backend(task, backend, **config)
+        if task == "detection":
+            return DetectionRecognizer(model, full, score_threshold)
+        return SegmentationRecognizer(model, full)
     if task == "detection":
         return DetectionRecognizer(SuiteDetector(num_classes, **config), full, score_threshold)
     return SegmentationRecognizer(SuiteSegmenter(num_classes + 1, **config), full)

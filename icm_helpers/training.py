@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .codec import codec_forward, converge_quantiles, load_state, update_entropy_tables
-from .data import collate, random_crop, to_device
+from .data import collate, crop_item, random_crop, to_device
 from .io import atomic_torch_save
 from .losses import check_lambda_alpha, human_rd_loss, icm_loss, rate_bpp
 
@@ -60,8 +60,13 @@ def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, crop_size: int
     if n == 0:
         raise ValueError(f"dataset of {len(dataset)} images is smaller than batch_size {batch_size}")
     for i in range(0, n, batch_size):
-        batch = collate([dataset[j] for j in order[i: i + batch_size]])
-        yield to_device(random_crop(batch, crop_size, g) if crop_size else batch, device)
+        items = [dataset[j] for j in order[i: i + batch_size]]
+        if crop_size and len({tuple(it["image"].shape[-2:]) for it in items}) > 1:
+            # images of different sizes (COCO): one random window per image, zero-padded when smaller than the crop
+            yield to_device(collate([crop_item(it, crop_size, g) for it in items]), device)
+        else:
+            batch = collate(items)
+            yield to_device(random_crop(batch, crop_size, g) if crop_size else batch, device)
 
 
 class InMemory(torch.utils.data.Dataset):
