@@ -28,8 +28,8 @@ them to RGB with ``bgr_to_rgb=True``; our input is already RGB, so no swap) -> b
 resize (``align_corners=False``) of the 1/4-resolution logits to the input size. The config's test mode
 ``slide`` (480x480 crops, stride 320) is available as ``inference="slide"``; the default is ``whole``.
 
-Checkpoints: ``load_mmseg_checkpoint`` reads MMSeg/MMCV/mmengine checkpoint files with ``torch.load(...,
-weights_only=True)`` and an explicit allow-list of the numpy globals that their ``meta`` holds (never an
+Checkpoints: ``load_checkpoint_file`` reads MMSeg/MMCV/mmengine checkpoint files with
+``torch.load(weights_only=True)`` and an explicit allow-list of the numpy globals that their ``meta`` holds (never an
 unrestricted unpickler).
 """
 from __future__ import annotations
