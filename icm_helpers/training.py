@@ -36,13 +36,21 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def poly_lr_lambda(total_steps: int, start_frac: float, power: float = 0.9, min_factor: float = 0.0) -> Callable[[int], float]:
-    """Multiplier of the initial learning rate at iteration ``step`` (constant, then polynomial decay)."""
+def poly_lr_lambda(total_steps: int, start_frac: float, power: float = 0.9, min_factor: float = 0.0,
+                   steps_per_decay: int = 1) -> Callable[[int], float]:
+    """Multiplier of the initial learning rate at iteration ``step`` (constant, then polynomial decay).
+
+    ``steps_per_decay``: 1 = decay at every iteration; the number of iterations per epoch = decay once per epoch
+    (the paper's segmentation setting: "polynomial decay in each epoch", Sec. 4.1)."""
     if not 0.0 <= start_frac < 1.0:
         raise ValueError(f"poly_start_frac must be in [0, 1), got {start_frac}")
+    if steps_per_decay < 1:
+        raise ValueError(f"steps_per_decay must be >= 1, got {steps_per_decay}")
+    total_steps = max(1, total_steps // steps_per_decay)
     start = int(round(start_frac * total_steps))
 
     def factor(step: int) -> float:
+        step //= steps_per_decay
         if step < start:
             return 1.0
         progress = min(1.0, (step - start) / max(1, total_steps - start))
@@ -177,12 +185,15 @@ class TrainConfig:
     clip_max_norm: float = 1.0
     quantile_lr: float = 1e-3  # CompressAI's separate optimizer for the entropy bottleneck's quantiles
     log_every: int = 0
+    poly_step: str = "iteration"  # "iteration" or "epoch" (Sec. 4.1, segmentation: "polynomial decay in each epoch")
 
     def __post_init__(self) -> None:
         if self.crop_size is not None and self.crop_size % 64:
             raise ValueError(f"crop_size must be a multiple of 64 (cheng2020-attn's latent stride chain), got {self.crop_size}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError(f"need epochs >= 1, batch_size >= 1 and lr > 0, got {self.epochs}, {self.batch_size}, {self.lr}")
+        if self.poly_step not in ("iteration", "epoch"):
+            raise ValueError(f"poly_step must be 'iteration' or 'epoch', got {self.poly_step!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -193,6 +204,11 @@ class TrainConfig:
 
     def steps(self, n_train: int) -> int:
         return self.steps_per_epoch or max(1, n_train // self.batch_size)
+
+    def lr_lambda(self, steps_per_epoch: int) -> Callable[[int], float]:
+        """The learning-rate multiplier per iteration: constant, then polynomial decay per iteration or per epoch."""
+        return poly_lr_lambda(self.epochs * steps_per_epoch, self.poly_start_frac, self.poly_power,
+                              steps_per_decay=steps_per_epoch if self.poly_step == "epoch" else 1)
 
 
 def _codec_optimizers(codec: nn.Module, extra: list[nn.Parameter], cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
@@ -234,7 +250,7 @@ def train_recognizer(recognizer, train_set, cfg: TrainConfig, checkpoint_path: s
 
     return fit(modules={"recognizer": recognizer}, optimizers=opt, step_fn=step_fn,
                loader_fn=lambda e: epoch_loader(train_set, cfg.batch_size, seed, e, cfg.crop_size, device=device), epochs=cfg.epochs,
-               steps_per_epoch=steps, lr_lambda=poly_lr_lambda(cfg.epochs * steps, cfg.poly_start_frac, cfg.poly_power),
+               steps_per_epoch=steps, lr_lambda=cfg.lr_lambda(steps),
                checkpoint_path=checkpoint_path, meta={"job": "recognizer", "task": recognizer.task, "seed": seed, **asdict(cfg)},
                log=log, log_every=cfg.log_every)
 
@@ -257,7 +273,7 @@ def train_start_codec(codec: nn.Module, train_set, cfg: TrainConfig, lambda_mse:
 
     res = fit(modules={"codec": codec}, optimizers=opts, step_fn=step_fn,
               loader_fn=lambda e: epoch_loader(train_set, cfg.batch_size, seed, e, cfg.crop_size, device=device), epochs=cfg.epochs,
-              steps_per_epoch=steps, lr_lambda=poly_lr_lambda(cfg.epochs * steps, cfg.poly_start_frac, cfg.poly_power),
+              steps_per_epoch=steps, lr_lambda=cfg.lr_lambda(steps),
               checkpoint_path=checkpoint_path, meta={"job": "start_codec", "lambda_mse": lambda_mse, "seed": seed, **asdict(cfg)},
               log=log, log_every=cfg.log_every)
     converge_quantiles(codec)
@@ -352,7 +368,7 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
 
     res = fit(modules=modules, optimizers=opts, step_fn=step_fn,
               loader_fn=lambda e: epoch_loader(train_set, cfg.batch_size, spec.seed, e, cfg.crop_size, device=device), epochs=cfg.epochs,
-              steps_per_epoch=steps, lr_lambda=poly_lr_lambda(cfg.epochs * steps, cfg.poly_start_frac, cfg.poly_power),
+              steps_per_epoch=steps, lr_lambda=cfg.lr_lambda(steps),
               checkpoint_path=checkpoint_path, meta={"job": "icm", **asdict(spec), **asdict(cfg)}, validate_fn=validate,
               log=log, log_every=cfg.log_every)
     converge_quantiles(codec)

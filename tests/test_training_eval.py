@@ -34,6 +34,18 @@ def test_poly_schedule_constant_then_decays():
     assert poly_lr_lambda(10, 0.0)(1) < 1.0  # segmentation: decay from the start
 
 
+def test_poly_schedule_per_epoch_is_constant_within_an_epoch():
+    """Sec. 4.1 (segmentation): "polynomial decay in each epoch": the factor changes only at epoch boundaries."""
+    cfg = TrainConfig(epochs=4, batch_size=2, lr=1e-3, crop_size=None, poly_start_frac=0.0, poly_step="epoch")
+    f = cfg.lr_lambda(5)
+    per_step = [f(s) for s in range(20)]
+    assert [per_step[e * 5: e * 5 + 5] for e in range(4)] == [[(1 - e / 4) ** 0.9] * 5 for e in range(4)]
+    g = TrainConfig(epochs=4, batch_size=2, lr=1e-3, crop_size=None, poly_start_frac=0.0).lr_lambda(5)
+    assert g(1) < g(0)  # per iteration
+    with pytest.raises(ValueError, match="poly_step"):
+        TrainConfig(poly_step="batch")
+
+
 def test_resume_gives_same_result_as_uninterrupted(tmp_path, train_set, monkeypatch):
     full, full_aux, res, (spec, rec) = _job(tmp_path / "a", train_set)
     assert len(res.history) == CFG.epochs
