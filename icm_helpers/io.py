@@ -45,11 +45,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):  # disk full, quota, I/O error: say which file, and that the old one survives
+            reason = exc.strerror or str(exc)
+            msg = f"could not write {path}: {reason}; the previous file (if any) is intact, no partial file was left"
+            # same errno -> same OSError subclass (callers can still test errno / except e.g. PermissionError)
+            raise (OSError(exc.errno, msg) if exc.errno is not None else OSError(msg)) from exc
         raise
     _fsync_dir(path.parent)
     return path
@@ -98,3 +103,15 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, "r", encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def remove_stale_temps(path: str | os.PathLike) -> int:
+    """Delete the temp files that ``atomic_write_bytes`` leaves beside ``path`` when its process is killed mid-write
+    (``.<name>.<random>.tmp``; never a file under the final name). Call it only where one process owns ``path``
+    (e.g. a training job at start-up). Returns how many were removed."""
+    path = Path(path)
+    n = 0
+    for tmp in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else ():
+        tmp.unlink(missing_ok=True)
+        n += 1
+    return n

@@ -28,7 +28,7 @@ from torch import nn
 
 from .codec import codec_forward, converge_quantiles, load_state, update_entropy_tables
 from .data import collate, crop_item, random_crop, to_device
-from .io import atomic_torch_save
+from .io import atomic_torch_save, remove_stale_temps
 from .losses import check_lambda_alpha, human_rd_loss, icm_loss, rate_bpp
 
 
@@ -112,8 +112,15 @@ def fit(*, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Opti
     schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda) for k, o in optimizers.items()}
     result = FitResult()
     start_epoch = 0
+    stale = remove_stale_temps(checkpoint_path)  # temp files of a write that was killed (never the final name)
+    if stale and log:
+        log(f"removed {stale} temp file(s) left by an interrupted checkpoint write")
     if checkpoint_path.exists():
-        ckpt = load_state(checkpoint_path)
+        try:
+            ckpt = load_state(checkpoint_path)
+        except ValueError as exc:  # truncated / corrupt: never start over silently (that would discard finished epochs)
+            raise ValueError(f"cannot resume from the checkpoint {checkpoint_path}: it is truncated or corrupt "
+                             f"({exc.__cause__ or exc}); delete it to start this training over from epoch 0") from exc
         if ckpt.get("meta") != meta:
             raise FileExistsError(f"{checkpoint_path} belongs to another job (its meta {ckpt.get('meta')} != {meta}); "
                                   "delete it or choose another output directory")
@@ -139,8 +146,9 @@ def fit(*, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Opti
                 break
             step = epoch * steps_per_epoch + i
             logs = step_fn(batch, step)
-            if not math.isfinite(logs["loss"]):
-                raise NonFiniteLossError(f"non-finite loss {logs['loss']} at epoch {epoch}, step {step} ({logs}); "
+            bad = [k for k, v in logs.items() if not math.isfinite(float(v))]  # the loss, and e.g. the quantile loss
+            if bad:
+                raise NonFiniteLossError(f"non-finite {', '.join(bad)} ({logs}) at epoch {epoch}, step {step}; "
                                          f"nothing was saved for this epoch; last good checkpoint: {checkpoint_path}")
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
