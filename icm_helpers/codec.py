@@ -43,17 +43,20 @@ def build_codec(N: int = 128, pretrained: bool = False, quality: int | None = No
         load_codec_state(model, state, source=str(weights))
         return model
     if pretrained:
-        if quality is None:
-            raise ValueError("pretrained=True needs quality in 1..6 (CompressAI cheng2020-attn zoo)")
+        if quality not in (1, 2, 3, 4, 5, 6):
+            raise ValueError(f"pretrained=True needs quality in 1..6 (CompressAI cheng2020-attn zoo), got {quality!r}")
         from compressai.zoo import cheng2020_attn
+        from compressai.zoo.image import model_urls
 
         try:
             model = cheng2020_attn(quality=quality, metric="mse", pretrained=True, progress=True)
         except Exception as exc:  # network errors come in many types
             hub = Path(torch.hub.get_dir()) / "checkpoints"
+            url = model_urls["cheng2020-attn"]["mse"][quality]
             raise RuntimeError(
-                f"could not load the pretrained cheng2020-attn (quality {quality}): {exc}. Without internet, place "
-                f"CompressAI's checkpoint file 'cheng2020_attn-mse-{quality}-*.pth.tar' in {hub} and retry."
+                f"could not load the pretrained cheng2020-attn (quality {quality}). Without internet, place "
+                f"CompressAI's checkpoint file {url.rsplit('/', 1)[-1]} (from {url}) in {hub} and retry, "
+                f"or pass weights=/path/to/that/file. (download failed: {type(exc).__name__}: {exc})"
             ) from exc
         return model
     if N < 8:
@@ -179,7 +182,8 @@ def load_state(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"cannot read checkpoint {path}: {exc} (truncated or corrupt file? delete it and re-run the step that writes it)") from exc
+        raise ValueError(f"cannot read checkpoint {path}: truncated or corrupt file? delete it and re-run the step that writes it "
+                         f"({type(exc).__name__}: {exc})") from exc
 
 
 def load_codec(path: str | Path) -> nn.Module:
@@ -187,7 +191,13 @@ def load_codec(path: str | Path) -> nn.Module:
     ckpt = load_state(path)
     meta = ckpt.get("meta", {}) if isinstance(ckpt, dict) else {}
     if meta.get("arch") != ARCH:
-        raise ValueError(f"{path} is not a {ARCH} codec checkpoint (meta={meta})")
+        if meta.get("kind") == "recognizer":
+            hint = f"it holds a {meta.get('task')} recognizer: load it with icm_helpers.recognizers.load_recognizer"
+        elif not meta and isinstance(ckpt, dict) and ("g_a.0.conv1.weight" in ckpt or "g_a.0.conv1.weight" in (ckpt.get("state_dict") or {})):
+            hint = "it is a bare CompressAI state_dict (e.g. a zoo file): load it with build_codec(weights=path)"
+        else:
+            hint = f"its meta says {meta or 'nothing'}; expected a file written by save_codec"
+        raise ValueError(f"{path} is not a {ARCH} codec checkpoint: {hint}")
     model = build_codec(N=int(meta["N"]))
     load_codec_state(model, ckpt["state_dict"], source=str(path))
     return model

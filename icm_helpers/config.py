@@ -25,7 +25,7 @@ def available_profiles() -> list[str]:
 
 def load_profile(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load ``profiles/<name>.yaml`` (or a path to a YAML file) and apply dotted-key ``overrides``."""
-    path = Path(name) if str(name).endswith((".yaml", ".yml")) else PROFILES_DIR / f"{name}.yaml"
+    path = Path(name) if str(name).endswith((".yaml", ".yml")) else PROFILES_DIR / f"{safe_name(name, 'profile name')}.yaml"
     if not path.is_file():
         raise ValueError(f"unknown profile {name!r}; available: {', '.join(available_profiles())} "
                          f"(or give the path of a profile YAML file)")
@@ -44,11 +44,33 @@ def set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     for part in parts[:-1]:
         if part not in node or not isinstance(node[part], dict):
-            raise KeyError(f"override {key!r}: {part!r} is not a section of the profile")
+            raise KeyError(f"override {key!r}: {part!r} is not a section of the profile{_did_you_mean(part, node)}")
         node = node[part]
     if parts[-1] not in node:
-        raise KeyError(f"override {key!r}: no such setting in the profile (typo?)")
+        raise KeyError(f"override {key!r}: no such setting in the profile (typo?){_did_you_mean(parts[-1], node)}")
     node[parts[-1]] = value
+
+
+def _did_you_mean(word: str, node: dict[str, Any]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, [str(k) for k in node], n=3)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else f"; valid here: {', '.join(map(str, node))}"
+
+
+def check_device(device: str) -> str:
+    """'cpu' or an available 'cuda[:N]'; anything else raises a ValueError saying what to use instead."""
+    device = str(device)
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but no CUDA GPU is visible (torch.cuda.is_available() is False); "
+                             "use device='cpu'")
+        return device
+    raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda[:N]'")
 
 
 def safe_name(name: str, what: str = "name") -> str:

@@ -190,6 +190,9 @@ def generate_world(root: str | Path, spec: WorldSpec, counts: dict[str, int], ov
 def load_rgb(path: str | Path) -> np.ndarray:
     """Load an image as HxWx3 uint8 RGB; grayscale/RGBA/palette images are converted. Corrupt files raise
     ValueError naming the file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image file not found: {path} (the image folder does not match the annotations? "
+                                "re-extract / regenerate the dataset)")
     try:
         with Image.open(path) as im:
             im.load()
@@ -209,9 +212,11 @@ class IcmDataset(torch.utils.data.Dataset):
         self.root = Path(split_dir)
         ann_path = self.root / "instances.json"
         if not ann_path.is_file():
+            state = ("does not exist" if not self.root.exists() else
+                     "is empty" if self.root.is_dir() and not any(self.root.iterdir()) else f"has no {ann_path.name}")
             raise FileNotFoundError(
-                f"dataset split not found: {ann_path} is missing. Run notebook 01_data_prep for this profile "
-                "(or point data_dir at a prepared dataset)."
+                f"dataset split not found: {self.root} {state} ({ann_path} is missing). Run notebook 01_data_prep "
+                "(Experiment.prepare_data()) for this profile, or point data_dir at a prepared dataset."
             )
         from pycocotools.coco import COCO
 
@@ -219,8 +224,16 @@ class IcmDataset(torch.utils.data.Dataset):
             self.coco = COCO(str(ann_path))
         self.ids = sorted(self.coco.getImgIds())
         if not self.ids:
-            raise ValueError(f"{ann_path} lists no images: the dataset is empty")
+            raise ValueError(f"{ann_path} lists no images: the dataset is empty. Regenerate it with "
+                             "Experiment.prepare_data(force=True) (notebook 01_data_prep).")
         self.image_dir = self.root / image_dir
+        on_disk = {p.name for p in self.image_dir.iterdir()} if self.image_dir.is_dir() else set()
+        missing = sorted(im["file_name"] for im in self.coco.loadImgs(self.ids) if im["file_name"] not in on_disk)
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(self.ids)} images listed in {ann_path} are missing from {self.image_dir} "
+                f"(e.g. {', '.join(missing[:5])}): the image folder does not match the annotations. Regenerate the "
+                "dataset (Experiment.prepare_data(force=True)) or fix the JSON.")
         self.label_dir = self.root / label_dir if label_dir and (self.root / label_dir).is_dir() else None
         self.categories = sorted(self.coco.getCatIds())
 

@@ -105,6 +105,9 @@ def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: floa
     ``roi_decoder``: "as_is" or "rescale" (see ``icm_helpers.roi``; the signalled mask's bits count in both rates).
     Returns {"bpp_estimated", "bpp_bitstream", "metric_name", "metric", "metrics", "per_image", "seconds"}.
     """
+    from .config import check_device
+
+    check_device(device)
     if roi_qf is not None and codec is None:
         raise ValueError("roi_qf needs a codec")
     if roi_qf is not None:

@@ -21,7 +21,7 @@ import torch
 
 from . import codec as codec_lib
 from .aux_branches import build_aux_branch
-from .config import load_profile, resolve_data_path, resolve_run_dir, safe_name
+from .config import check_device, load_profile, resolve_data_path, resolve_run_dir, safe_name
 from .data import IcmDataset, WorldSpec, generate_world
 from .evaluation import evaluate
 from .io import atomic_write_json, read_json
@@ -45,13 +45,7 @@ class Experiment:
 
     @staticmethod
     def _check_device(device: str) -> str:
-        if device == "cpu":
-            return device
-        if str(device).startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ValueError(f"device={device!r} but no CUDA GPU is visible; use device='cpu'")
-            return device
-        raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda[:N]'")
+        return check_device(device)
 
     # ------------------------------------------------------------------ paths
     @property
@@ -87,7 +81,7 @@ class Experiment:
         return self.run_dir / "icm" / spec.task / (spec.run_name + suffix)
 
     def result_path(self, task: str, name: str) -> Path:
-        return self.run_dir / "results" / task / f"{safe_name(name.replace('.', 'p'), 'result name')}.json"
+        return self.run_dir / "results" / check_task(task) / f"{safe_name(name.replace('.', 'p'), 'result name')}.json"
 
     # ------------------------------------------------------------------ data
     @property

@@ -5,6 +5,8 @@ the number of image pixels), as in CompressAI's ``RateDistortionLoss``.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -13,11 +15,15 @@ import torch.nn.functional as F
 from .codec import bits_from_likelihoods
 
 
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def check_lambda_alpha(lambda_: float, alpha: float = 0.0) -> None:
-    if not (isinstance(lambda_, (int, float)) and lambda_ > 0 and lambda_ == lambda_):
-        raise ValueError(f"lambda_ must be a positive number (paper: detection {{0.4, 0.8, 1.6, 3.2}}, segmentation {{1, 2, 4, 8}}), got {lambda_!r}")
-    if not (isinstance(alpha, (int, float)) and alpha >= 0 and alpha == alpha):
-        raise ValueError(f"alpha must be >= 0 (paper: 0.5), got {alpha!r}")
+    if not (_real(lambda_) and lambda_ > 0):
+        raise ValueError(f"lambda_ must be a positive finite number (paper: detection {{0.4, 0.8, 1.6, 3.2}}, segmentation {{1, 2, 4, 8}}), got {lambda_!r}")
+    if not (_real(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be a finite number >= 0 (paper: 0.5), got {alpha!r}")
 
 
 def rate_bpp(likelihoods: dict[str, torch.Tensor], num_pixels: int) -> torch.Tensor:

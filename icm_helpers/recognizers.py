@@ -262,7 +262,9 @@ def load_recognizer(path: str | Path, expect_task: str | None = None, freeze: bo
     ckpt = load_state(path)
     meta = dict(ckpt.get("meta", {})) if isinstance(ckpt, dict) else {}
     if meta.pop("kind", None) != "recognizer":
-        raise ValueError(f"{path} is not a recognizer checkpoint")
+        hint = (f": it holds a {meta.get('arch')} codec, load it with icm_helpers.codec.load_codec" if meta.get("arch")
+                else " (expected a file written by save_recognizer)")
+        raise ValueError(f"{path} is not a recognizer checkpoint{hint}")
     if expect_task and meta.get("task") != expect_task:
         raise ValueError(f"{path} holds a {meta.get('task')} recognizer, expected {expect_task}")
     rec = build_recognizer(meta.pop("task"), meta.pop("backend"), meta.pop("num_classes"), **meta)

@@ -35,8 +35,8 @@ ROI_DECODERS = ("as_is", "rescale")
 
 
 def check_roi(qf: float, decoder: str = "as_is") -> None:
-    if not (isinstance(qf, (int, float)) and qf >= 1.0):
-        raise ValueError(f"QF must be a number >= 1 (paper: 1.4), got {qf!r}")
+    if not (isinstance(qf, (int, float)) and not isinstance(qf, bool) and 1.0 <= qf < float("inf")):
+        raise ValueError(f"QF must be a finite number >= 1 (paper: 1.4), got {qf!r}")
     if decoder not in ROI_DECODERS:
         raise ValueError(f"unknown ROI decoder {decoder!r}; valid: 'as_is' (mask not signalled), 'rescale' (mask signalled, "
                          f"latents outside the ROI multiplied by QF at the decoder)")
