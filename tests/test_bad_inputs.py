@@ -404,7 +404,7 @@ def test_row06_roi_qf_below_one(tmp_path, rec, tiny_codec, tiny_detector):
     from icm_helpers.experiment import Experiment
 
     ds = IcmDataset(_write_world(tmp_path / "w", [(64, 64)]))
-    rec.raises(ValueError, ["QF must be a number >= 1", "paper: 1.4"], lambda: evaluate(tiny_codec, tiny_detector, ds, roi_qf=0.5),
+    rec.raises(ValueError, ["QF must be a finite number >= 1", "paper: 1.4"], lambda: evaluate(tiny_codec, tiny_detector, ds, roi_qf=0.5),
                input="roi_qf=0.5", where="evaluation.evaluate / roi.check_roi")
     exp = Experiment("smoke", run_dir=tmp_path / "run", log=None)
     with pytest.raises(ValueError, match="QF must be"):
