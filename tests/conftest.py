@@ -28,3 +28,21 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def train_set(world):
     return InMemory(IcmDataset(world / "train"))
+
+
+def tiny_icm_job(checkpoint, train_set, cfg):
+    """The tiny detection ICM job (codec N=16 + aux-enc branch, fixed seeds) shared by the resume test and the
+    kill/resume stress script; returns (codec, aux, FitResult, (spec, recognizer))."""
+    from icm_helpers.aux_branches import build_aux_branch
+    from icm_helpers.codec import build_codec
+    from icm_helpers.recognizers import build_recognizer
+    from icm_helpers.training import IcmSpec, train_icm
+
+    torch.manual_seed(0)
+    rec = build_recognizer("detection", "suite", 3, **DET_CFG).freeze()
+    torch.manual_seed(1)
+    codec = build_codec(N=16)
+    aux = build_aux_branch("detection", "enc", 16, 3, **AUX_DET_CFG)
+    spec = IcmSpec("detection", 1.6, "enc", 0.5)
+    res = train_icm(spec, codec, rec, aux, train_set, cfg, checkpoint, log=None)
+    return codec, aux, res, (spec, rec)

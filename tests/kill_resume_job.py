@@ -22,16 +22,13 @@ torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tiny-world settings shared with the test suite
-from conftest import AUX_DET_CFG, COUNTS, DET_CFG, SPEC  # noqa: E402
+from conftest import COUNTS, SPEC, tiny_icm_job  # noqa: E402
 
 torch.set_num_threads(1)  # conftest sets 2 on import
 
-from icm_helpers.aux_branches import build_aux_branch  # noqa: E402
-from icm_helpers.codec import build_codec  # noqa: E402
 from icm_helpers.data import IcmDataset, generate_world  # noqa: E402
 from icm_helpers.io import atomic_write_text  # noqa: E402
-from icm_helpers.recognizers import build_recognizer  # noqa: E402
-from icm_helpers.training import IcmSpec, InMemory, TrainConfig, train_icm  # noqa: E402
+from icm_helpers.training import InMemory, TrainConfig  # noqa: E402
 
 
 def state_hash(*modules: torch.nn.Module) -> str:
@@ -55,13 +52,7 @@ def main(argv=None) -> int:
     generate_world(args.world, SPEC, COUNTS)
     train_set = InMemory(IcmDataset(args.world / "train"))
     cfg = TrainConfig(epochs=args.epochs, batch_size=4, lr=1e-3, crop_size=64, steps_per_epoch=args.steps, poly_start_frac=0.5)
-    torch.manual_seed(0)
-    rec = build_recognizer("detection", "suite", 3, **DET_CFG).freeze()
-    torch.manual_seed(1)
-    codec = build_codec(N=16)
-    aux = build_aux_branch("detection", "enc", 16, 3, **AUX_DET_CFG)
-    spec = IcmSpec("detection", 1.6, "enc", 0.5)
-    res = train_icm(spec, codec, rec, aux, train_set, cfg, args.out / "state.pt", log=None)
+    codec, aux, res, _ = tiny_icm_job(args.out / "state.pt", train_set, cfg)
     digest = state_hash(codec, aux)
     atomic_write_text(args.out / "final.sha256", digest + "\n")
     print(f"resumed_from_epoch={res.resumed_from_epoch} sha256={digest}", flush=True)

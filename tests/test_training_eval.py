@@ -11,20 +11,13 @@ from icm_helpers.recognizers import build_recognizer
 from icm_helpers.roi import roi_latent_scaling
 from icm_helpers.training import IcmSpec, TrainConfig, poly_lr_lambda, train_icm, train_start_codec
 
-from conftest import AUX_DET_CFG, DET_CFG
+from conftest import AUX_DET_CFG, DET_CFG, tiny_icm_job
 
 CFG = TrainConfig(epochs=3, batch_size=4, lr=1e-3, crop_size=64, steps_per_epoch=2, poly_start_frac=0.5)
 
 
 def _job(tmp, train_set):
-    torch.manual_seed(0)
-    rec = build_recognizer("detection", "suite", 3, **DET_CFG).freeze()
-    torch.manual_seed(1)
-    codec = build_codec(N=16)
-    aux = build_aux_branch("detection", "enc", 16, 3, **AUX_DET_CFG)
-    spec = IcmSpec("detection", 1.6, "enc", 0.5)
-    res = train_icm(spec, codec, rec, aux, train_set, CFG, tmp / "state.pt", log=None)
-    return codec, aux, res, (spec, rec)
+    return tiny_icm_job(tmp / "state.pt", train_set, CFG)
 
 
 def test_poly_schedule_constant_then_decays():

@@ -274,7 +274,29 @@ class FCNHead(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # the segmenter
 # ----------------------------------------------------------------------------------------------------------------
-class DeepLabV3PlusR101(nn.Module):
+class MMSegContract(nn.Module):
+    """The backend contract shared by our port and the MMSeg adapter: MMSeg's SegDataPreProcessor normalisation
+    and the ResNet stage names. Subclasses call ``_register_normalization()`` and define ``resnet``."""
+
+    resnet: nn.Module
+
+    def _register_normalization(self) -> None:
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+
+    def stage_modules(self) -> dict[str, nn.Module]:
+        b = self.resnet
+        return {"conv2": b.layer1, "conv3": b.layer2, "conv4": b.layer3, "conv5": b.layer4}
+
+    def stage_channels(self) -> dict[str, int]:
+        return dict(STAGE_CHANNELS)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """SegDataPreProcessor: 0-255 RGB, (x - mean) / std (input already RGB, so no channel swap)."""
+        return (images * 255.0 - self.mean) / self.std
+
+
+class DeepLabV3PlusR101(MMSegContract):
     """DeepLabV3+ R101-D8 (MMSeg layout). ``forward(images)``: RGB in [0, 1], (B, 3, H, W) -> logits
     (B, num_classes, H, W). ``inference``: ``"whole"`` (default, = ``encode_decode`` on the full image) or
     ``"slide"`` (MMSeg's slide inference with the config's 480x480 crops, stride 320)."""
@@ -287,24 +309,15 @@ class DeepLabV3PlusR101(nn.Module):
         self.num_outputs = int(num_classes)
         self.inference = inference
         self.slide_crop, self.slide_stride = tuple(slide_crop), tuple(slide_stride)
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+        self._register_normalization()
         self.backbone = ResNetV1c(101)
         self.decode_head = DepthwiseSeparableASPPHead(num_classes=num_classes)
         self.auxiliary_head = FCNHead(num_classes=num_classes)
         self.align_corners = False
 
-    # -- contract -----------------------------------------------------------------------------------------------
-    def stage_modules(self) -> dict[str, nn.Module]:
-        b = self.backbone
-        return {"conv2": b.layer1, "conv3": b.layer2, "conv4": b.layer3, "conv5": b.layer4}
-
-    def stage_channels(self) -> dict[str, int]:
-        return dict(STAGE_CHANNELS)
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """SegDataPreProcessor: 0-255 RGB, (x - mean) / std (input already RGB, so no channel swap)."""
-        return (images * 255.0 - self.mean) / self.std
+    @property
+    def resnet(self) -> nn.Module:
+        return self.backbone
 
     def encode_decode(self, inputs: torch.Tensor) -> torch.Tensor:
         """MMSeg's ``EncoderDecoder.encode_decode`` on normalised inputs: decode-head logits resized (bilinear,

@@ -24,8 +24,7 @@ import torch
 import torch.nn as nn
 
 from . import missing_backend_error, resolve_weights
-from .deeplabv3plus import (MEAN, OFFICIAL_URL, STAGE_CHANNELS, STD, extract_state_dict, load_checkpoint_file,
-                            load_state_dict_strict)
+from .deeplabv3plus import MMSegContract, OFFICIAL_URL, extract_state_dict, load_checkpoint_file, load_state_dict_strict
 
 CONFIG_NAME = "deeplabv3plus/deeplabv3plus_r101-d8_4xb4-80k_pascal-context-59-480x480.py"
 INSTALL = ('pip install ../shared/wheels/mmcv-2.1.0-cp311-cp311-linux_x86_64.whl mmengine==0.10.7 '
@@ -93,7 +92,7 @@ def build_mmseg_model(config: str | Path | None = None, num_classes: int | None 
     return model.eval()
 
 
-class MMSegSegmenter(nn.Module):
+class MMSegSegmenter(MMSegContract):
     """Contract wrapper around an MMSeg ``EncoderDecoder`` (``self.model``)."""
 
     def __init__(self, model: nn.Module, inference: str = "whole"):
@@ -103,18 +102,11 @@ class MMSegSegmenter(nn.Module):
         self.model = model
         self.inference = inference
         self.num_outputs = int(model.decode_head.out_channels)
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+        self._register_normalization()
 
-    def stage_modules(self) -> dict[str, nn.Module]:
-        b = self.model.backbone
-        return {"conv2": b.layer1, "conv3": b.layer2, "conv4": b.layer3, "conv5": b.layer4}
-
-    def stage_channels(self) -> dict[str, int]:
-        return dict(STAGE_CHANNELS)
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images * 255.0 - self.mean) / self.std
+    @property
+    def resnet(self) -> nn.Module:
+        return self.model.backbone
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.normalize(images)
