@@ -1,10 +1,12 @@
 # icm-aux: set-up, notebook runs and tests.  Everything runs in the virtualenv .venv, created on
 # first use from $(PYTHON) (CI: .ci/run on a clean clone with only python3 available).
 #
-#   make demo         set up, then run the notebooks with the demo profile (the main job)
-#   make smoke        set up, then run the notebooks with the smoke profile (tiny, CPU)
+#   make demo         set up, then run notebooks 01-07 (the paper's grid) with the demo profile (the main job)
+#   make extensions   set up, then run the beyond-the-paper notebooks (08 adaptive alpha) on the demo profile
+#   make smoke        set up, then run all notebooks (01-08) with the smoke profile (tiny, CPU)
 #   make test         set up (+ mmseg from ../shared/wheels when there), unit tests, smoke run, nbval over the executed smoke notebooks
 #   make lab          set up, install the "icm-aux" kernel into .venv, start JupyterLab in notebooks/
+#   make browser-test notebook 06 + its widget in headless JupyterLab/Chromium (needs a smoke run, chromium, chromium-driver)
 #   make clean-smoke  remove the smoke outputs (runs/smoke, papermill_runs/smoke)
 #
 # Extra runner options: make smoke RUN_ARGS="--force --only 03"
@@ -15,13 +17,16 @@ VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUNNER := papermill_runs/run.py
 RUN_ARGS ?=
-# The main job's profile.  It becomes `demo` when papermill_runs/params/demo.yaml lands.
-DEMO_PROFILE ?= smoke
+# The main job's profile: demo (the paper's grid in miniature on CPU; icm_helpers/profiles/demo.yaml).
+DEMO_PROFILE ?= demo
+# The paper's grid (the main job) and the notebooks that go beyond the paper (08: adaptive alpha, issue 9).
+MAIN_NOTEBOOKS ?= 01 02 03 04 05 06 07
+EXTENSION_NOTEBOOKS ?= 08
 SMOKE_OUT := papermill_runs/smoke
 PYTEST := $(VENV_PY) -m pytest -q -p no:cacheprovider
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-mmseg demo smoke test lab clean-smoke
+.PHONY: help setup setup-mmseg demo extensions smoke test lab clean-smoke browser-test
 
 help:
 	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
@@ -54,7 +59,10 @@ setup-mmseg: $(MMSEG_STAMP)
 
 # --- runs
 demo: $(STAMP)
-	$(VENV_PY) $(RUNNER) --profile $(DEMO_PROFILE) $(RUN_ARGS)
+	$(VENV_PY) $(RUNNER) --profile $(DEMO_PROFILE) --only $(MAIN_NOTEBOOKS) $(RUN_ARGS)
+
+extensions: $(STAMP)
+	$(VENV_PY) $(RUNNER) --profile $(DEMO_PROFILE) --only $(EXTENSION_NOTEBOOKS) $(RUN_ARGS)
 
 smoke: $(STAMP)
 	$(VENV_PY) $(RUNNER) --profile smoke $(RUN_ARGS)
@@ -65,9 +73,14 @@ smoke: $(STAMP)
 # ICM_NO_NETWORK=1: outgoing (non-loopback) connections raise inside every process that imports icm_helpers,
 # papermill kernels included (icm_helpers/netguard.py): the tests and the smoke run prove the suite needs no network.
 test: $(STAMP) setup-mmseg
-	ICM_NO_NETWORK=1 $(PYTEST) tests
+	ICM_NO_NETWORK=1 $(PYTEST) -m "not browser" tests
 	ICM_NO_NETWORK=1 $(VENV_PY) $(RUNNER) --profile smoke
 	ICM_NO_NETWORK=1 $(PYTEST) --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg $(SMOKE_OUT)/[0-9]*.ipynb
+
+# --- notebook 06 in a real JupyterLab driven by Debian's Chromium (tests/test_browser.py, ~1 min; run after a smoke run).
+# Skips when chromium / chromium-driver (apt) are missing; ICM_REQUIRE_BROWSER=1 makes that an error (.ci/run sets it).
+browser-test: $(STAMP)
+	ICM_NO_NETWORK=1 $(PYTEST) -m browser -rs -s tests/test_browser.py
 
 # --- JupyterLab with a kernel named icm-aux that runs .venv's python
 lab: $(STAMP)

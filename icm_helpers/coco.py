@@ -454,6 +454,15 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def image_size(self, idx: int) -> tuple[int, int]:
+        """(h, w) of item ``idx`` as ``__getitem__`` returns it, from the annotation file (no decoding): lets the
+        training loader plan its random crops ahead (DataLoader workers, ranks; ``training.EpochLoader``)."""
+        info = self.coco.imgs[self.ids[idx]]
+        h, w = int(info["height"]), int(info["width"])
+        if self.mode == "eval":
+            h, w, _ = resized_size(h, w, self.short_edge, self.max_size)
+        return h, w
+
     def __getitem__(self, idx: int) -> dict[str, Any]:
         image_id = self.ids[idx]
         info = self.coco.imgs[image_id]

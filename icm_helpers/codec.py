@@ -88,11 +88,66 @@ def codec_forward(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     """CompressAI forward + captured features. Returns x_hat, likelihoods {"y","z"}, "enc" (y_hat), "dec".
 
     In training mode y_hat is y plus uniform noise (CompressAI's quantization proxy); in eval mode it is rounded.
+
+    Under ``torch.autocast`` (mixed precision, ``TrainConfig.amp``) or for a codec prepared by ``torch.compile``
+    (``compile_codec``), the forward runs step by step (``mixed_forward``): the analysis and synthesis transforms
+    g_a / g_s in the autocast dtype, everything that makes the rate (hyper transforms, entropy bottleneck, context
+    model, entropy parameters, Gaussian conditional) in fp32 with autocast off, so likelihoods and rate are fp32.
+    Without either, it is CompressAI's own forward, unchanged (bit-identical results). ``model`` may be a
+    ``distributed.DistributedView`` (DDP): the forward then runs through DDP (gradients are all-reduced).
     """
+    inner = model.unwrap() if hasattr(model, "unwrap") else model
+    amp_device = x.device.type if torch.is_autocast_enabled(x.device.type) else None
+    if (amp_device is not None or getattr(inner, "_icm_explicit_forward", False)) and _is_joint_autoregressive(inner):
+        run = getattr(model, "run", None)
+        return run(mixed_forward, x) if run is not None else mixed_forward(inner, x)
+    if amp_device is not None:  # another architecture: no step-by-step forward known -> plain fp32
+        with torch.autocast(amp_device, enabled=False):
+            return codec_forward(model, x.float())
     with capture_features(model) as feats:
         out = model(x)
     out.update(feats)
     return out
+
+
+def _is_joint_autoregressive(model: nn.Module) -> bool:
+    names = ("g_a", "g_s", "h_a", "h_s", "entropy_bottleneck", "gaussian_conditional", "context_prediction", "entropy_parameters")
+    return all(hasattr(model, n) for n in names) and isinstance(model.g_s, nn.Sequential)
+
+
+def mixed_forward(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """CompressAI's ``JointAutoregressiveHierarchicalPriors.forward`` (cheng2020-attn), step by step, with the rate
+    path in fp32 (autocast off) and g_a / g_s under the caller's autocast (if any). Without autocast it computes
+    exactly what CompressAI's forward computes (same ops, same order). Also returns "enc" (y_hat) and "dec" (the
+    input of g_s's last layer) without hooks (hooks would defeat torch.compile)."""
+    device = x.device.type
+    y = model.g_a(x)
+    with torch.autocast(device, enabled=False):
+        y = y.float()
+        z = model.h_a(y)
+        z_hat, z_likelihoods = model.entropy_bottleneck(z)
+        params = model.h_s(z_hat)
+        y_hat = model.gaussian_conditional.quantize(y, "noise" if model.training else "dequantize")
+        ctx_params = model.context_prediction(y_hat)
+        gaussian_params = model.entropy_parameters(torch.cat((params, ctx_params), dim=1))
+        scales_hat, means_hat = gaussian_params.chunk(2, 1)
+        _, y_likelihoods = model.gaussian_conditional(y, scales_hat, means=means_hat)
+    dec = y_hat
+    for layer in list(model.g_s)[:-1]:
+        dec = layer(dec)
+    x_hat = model.g_s[-1](dec)
+    return {"x_hat": x_hat.float(), "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}, "enc": y_hat, "dec": dec}
+
+
+def compile_codec(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
+    """``torch.compile`` the codec's analysis / synthesis transforms in place (each layer of g_s separately, so the
+    aux-dec feature stays reachable without hooks); ``codec_forward`` then uses ``mixed_forward``. The entropy
+    models stay eager (their CDF bookkeeping is not worth compiling). State dict keys are unchanged."""
+    model.g_a.compile(**compile_kwargs)
+    for layer in model.g_s:
+        layer.compile(**compile_kwargs)
+    model._icm_explicit_forward = True
+    return model
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> tuple[torch.Tensor, tuple[int, int, int, int]]:

@@ -41,6 +41,11 @@ class WorldSpec:
     clutter: int = 4  # distractor blobs (background, not objects)
     texture_amplitude: float = 0.25
     noise_std: float = 0.04
+    texture_frequency: float = 6.0  # highest spatial frequency of the background gratings (cycles per image side)
+    texture_components: int = 4  # gratings summed per colour channel
+    detail_patches: int = 0  # background patches of fine stripes / checkers: expensive to code, useless for the task
+    detail_amplitude: float = 0.3
+    detail_frequency: tuple[float, float] = (12.0, 28.0)  # cycles per image side of the detail patches
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -50,6 +55,9 @@ class WorldSpec:
             raise ValueError(f"image_size must be >= 32, got {self.image_size}")
         if not 1 <= self.objects_min <= self.objects_max:
             raise ValueError("need 1 <= objects_min <= objects_max")
+        if self.texture_components < 1 or self.detail_patches < 0 or not self.texture_frequency > 0:
+            raise ValueError("need texture_components >= 1, detail_patches >= 0 and texture_frequency > 0")
+        object.__setattr__(self, "detail_frequency", tuple(float(f) for f in self.detail_frequency))  # YAML gives a list
 
 
 def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float, rot: float) -> np.ndarray:
@@ -79,18 +87,39 @@ def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float,
     raise ValueError(f"unknown shape {kind!r}")
 
 
-def _texture(rng: np.random.Generator, size: int, amplitude: float) -> np.ndarray:
-    """Smooth coloured background: a random base colour plus a sum of random low-frequency gratings."""
+def _texture(rng: np.random.Generator, size: int, amplitude: float, frequency: float = 6.0, components: int = 4) -> np.ndarray:
+    """Coloured background: a random base colour plus a sum of random gratings up to ``frequency`` cycles/side."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     img = np.empty((size, size, 3), np.float32)
     base = rng.uniform(0.25, 0.75, size=3)
     for ch in range(3):
         acc = np.zeros((size, size), np.float32)
-        for _ in range(4):
-            fy, fx = rng.uniform(-6, 6, size=2)
+        for _ in range(components):
+            fy, fx = rng.uniform(-frequency, frequency, size=2)
             acc += np.sin(2 * math.pi * (fy * yy + fx * xx) + rng.uniform(0, 2 * math.pi))
-        img[..., ch] = base[ch] + amplitude * acc / 4
+        img[..., ch] = base[ch] + amplitude * acc / components
     return img
+
+
+def _detail_patches(img: np.ndarray, rng: np.random.Generator, spec: "WorldSpec") -> None:
+    """Rectangles of fine stripes or checkers blended into the background (in place). They carry many bits and no
+    task information: a task-aware codec should learn to spend little on them."""
+    size = img.shape[0]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    for _ in range(spec.detail_patches):
+        h, w = (rng.uniform(0.2, 0.5, size=2) * size).astype(int)
+        y0, x0 = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
+        f = rng.uniform(*spec.detail_frequency)
+        theta = rng.uniform(0, math.pi)
+        u = math.cos(theta) * xx + math.sin(theta) * yy
+        v = -math.sin(theta) * xx + math.cos(theta) * yy
+        if rng.random() < 0.5:  # stripes
+            pattern = np.sin(2 * math.pi * f * u)
+        else:  # checkers
+            pattern = np.sign(np.sin(2 * math.pi * f * u) * np.sin(2 * math.pi * f * v))
+        colour = rng.uniform(-1, 1, size=3) * spec.detail_amplitude
+        patch = pattern[y0:y0 + h, x0:x0 + w, None] * colour
+        img[y0:y0 + h, x0:x0 + w] += patch
 
 
 def render_image(spec: WorldSpec, rng: np.random.Generator) -> tuple[np.ndarray, list[dict[str, Any]], np.ndarray]:
@@ -101,7 +130,9 @@ def render_image(spec: WorldSpec, rng: np.random.Generator) -> tuple[np.ndarray,
     """
     size = spec.image_size
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    img = _texture(rng, size, spec.texture_amplitude)
+    img = _texture(rng, size, spec.texture_amplitude, spec.texture_frequency, spec.texture_components)
+    if spec.detail_patches:
+        _detail_patches(img, rng, spec)
     # clutter: soft-coloured ellipses that are NOT objects (costs bits, useless for the task)
     for _ in range(spec.clutter):
         cy, cx = rng.uniform(0, size, size=2)
@@ -156,6 +187,9 @@ def generate_world(root: str | Path, spec: WorldSpec, counts: dict[str, int], ov
     manifest = {"kind": "shapes_world", "spec": spec.__dict__, "counts": dict(counts), "classes": list(SHAPE_CLASSES[: spec.n_classes])}
     if (root / "world.json").exists():
         old = read_json(root / "world.json")
+        if isinstance(old.get("spec"), dict):  # worlds written before a WorldSpec field existed had its default
+            defaults = json.loads(json.dumps(WorldSpec().__dict__))
+            old["spec"] = {**{k: v for k, v in defaults.items() if k != "seed"}, **old["spec"]}
         if old == json.loads(json.dumps(manifest)):
             return root
         if not overwrite:
@@ -280,16 +314,25 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def random_crop(batch: dict[str, Any], crop: int, generator: torch.Generator) -> dict[str, Any]:
-    """Random crop (same window for the whole batch) of images and dense maps; boxes are clipped and dropped
-    when they vanish. Used for the training crops (256x256 in the paper, Sec. 4.1)."""
-    h, w = batch["image"].shape[-2:]
+def crop_window(h: int, w: int, crop: int, generator: torch.Generator) -> tuple[int, int] | None:
+    """The random (top, left) of a ``crop`` x ``crop`` window in an h x w image, drawn from ``generator``; None (and no
+    draw) when the image is not larger than the crop. The draws are exactly those ``random_crop`` has always made, so a
+    crop plan computed ahead (``epoch_loader`` with workers or ranks) reproduces the single-process crops."""
     if crop >= h and crop >= w:
-        return batch
+        return None
     if crop > h or crop > w:
         raise ValueError(f"crop_size {crop} is larger than the images ({h}x{w})")
     top = int(torch.randint(0, h - crop + 1, (1,), generator=generator))
     left = int(torch.randint(0, w - crop + 1, (1,), generator=generator))
+    return top, left
+
+
+def crop_at(batch: dict[str, Any], crop: int, window: tuple[int, int] | None) -> dict[str, Any]:
+    """Crop images and dense maps of a batch to the window (top, left) (None: unchanged); boxes are clipped and
+    dropped when they vanish."""
+    if window is None:
+        return batch
+    top, left = window
     out = dict(batch)
     for key in ("image", "roi", "semantic"):
         if key in batch:
@@ -298,7 +341,7 @@ def random_crop(batch: dict[str, Any], crop: int, generator: torch.Generator) ->
         return out
     boxes, labels = [], []
     for b, lab in zip(batch["boxes"], batch["labels"]):
-        b = b - torch.tensor([left, top, left, top], dtype=b.dtype)
+        b = b - torch.tensor([left, top, left, top], dtype=b.dtype, device=b.device)
         b = b.clamp(0, crop)
         keep = ((b[:, 2] - b[:, 0]) >= 2) & ((b[:, 3] - b[:, 1]) >= 2)
         boxes.append(b[keep])
@@ -307,9 +350,15 @@ def random_crop(batch: dict[str, Any], crop: int, generator: torch.Generator) ->
     return out
 
 
-def crop_item(item: dict[str, Any], crop: int, generator: torch.Generator) -> dict[str, Any]:
-    """One random ``crop`` x ``crop`` window of one item (datasets whose images differ in size, e.g. COCO's 256x256
-    training crops); a side shorter than ``crop`` is zero-padded at the bottom/right (ROI 0, semantic 255 = ignore)."""
+def random_crop(batch: dict[str, Any], crop: int, generator: torch.Generator) -> dict[str, Any]:
+    """Random crop (same window for the whole batch) of images and dense maps; boxes are clipped and dropped
+    when they vanish. Used for the training crops (256x256 in the paper, Sec. 4.1)."""
+    h, w = batch["image"].shape[-2:]
+    return crop_at(batch, crop, crop_window(h, w, crop, generator))
+
+
+def pad_item(item: dict[str, Any], crop: int) -> dict[str, Any]:
+    """Zero-pad an item whose side is shorter than ``crop`` at the bottom/right (ROI 0, semantic 255 = ignore)."""
     h, w = item["image"].shape[-2:]
     ph, pw = max(0, crop - h), max(0, crop - w)
     out = dict(item)
@@ -319,15 +368,28 @@ def crop_item(item: dict[str, Any], crop: int, generator: torch.Generator) -> di
             out["roi"] = F.pad(item["roi"], (0, pw, 0, ph))
         if "semantic" in item:
             out["semantic"] = F.pad(item["semantic"], (0, pw, 0, ph), value=255)
-    batch = random_crop({**{k: v[None] for k, v in out.items() if k in ("image", "roi", "semantic")},
-                         "boxes": [item.get("boxes", torch.zeros(0, 4))], "labels": [item.get("labels", torch.zeros(0, dtype=torch.int64))]},
-                        crop, generator)
+    return out
+
+
+def crop_item_at(item: dict[str, Any], crop: int, window: tuple[int, int] | None) -> dict[str, Any]:
+    """``crop_item`` with a given window (of the padded item)."""
+    out = pad_item(item, crop)
+    batch = crop_at({**{k: v[None] for k, v in out.items() if k in ("image", "roi", "semantic")},
+                     "boxes": [item.get("boxes", torch.zeros(0, 4))], "labels": [item.get("labels", torch.zeros(0, dtype=torch.int64))]},
+                    crop, window)
     for key in ("image", "roi", "semantic"):
         if key in out:
             out[key] = batch[key][0]
     if "boxes" in item:
         out["boxes"], out["labels"] = batch["boxes"][0], batch["labels"][0]
     return out
+
+
+def crop_item(item: dict[str, Any], crop: int, generator: torch.Generator) -> dict[str, Any]:
+    """One random ``crop`` x ``crop`` window of one item (datasets whose images differ in size, e.g. COCO's 256x256
+    training crops); a side shorter than ``crop`` is zero-padded at the bottom/right (ROI 0, semantic 255 = ignore)."""
+    h, w = item["image"].shape[-2:]
+    return crop_item_at(item, crop, crop_window(max(h, crop), max(w, crop), crop, generator))
 
 
 def to_device(batch: dict[str, Any], device: str | torch.device) -> dict[str, Any]:

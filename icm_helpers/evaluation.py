@@ -33,16 +33,43 @@ class DetectionMetric:
         self.coco = dataset.coco
         self.results: list[dict[str, Any]] = []
         self.image_ids: list[int] = []
+        self.counts: list[int] = []  # detections added per update (to merge shards back in image order)
 
-    def update(self, image_id: int, prediction: list[dict[str, torch.Tensor]], item: dict[str, Any]) -> None:
+    def update(self, image_id: int, prediction: list[dict[str, torch.Tensor]], item: dict[str, Any]) -> dict[str, Any]:
         """``prediction``: the recognizer's output for a batch of one image."""
         prediction = prediction[0]
         self.image_ids.append(int(image_id))
         # boxes are predicted on the returned (possibly resized) image: back to the original annotation's pixels
         boxes = prediction["boxes"].detach().cpu().double().numpy() / float(item.get("scale", 1.0))
+        dets = []
         for (x0, y0, x1, y1), label, score in zip(boxes, prediction["labels"].tolist(), prediction["scores"].tolist()):
-            self.results.append({"image_id": int(image_id), "category_id": int(label), "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                                 "score": float(score)})
+            det = {"image_id": int(image_id), "category_id": int(label), "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                   "score": float(score)}
+            self.results.append(det)
+            dets.append(det["bbox"] + [det["score"], det["category_id"]])
+        self.counts.append(len(dets))
+        return {"detections": dets}  # per image [x, y, w, h, score, category]: what the bootstrap re-evaluates
+
+    def state(self) -> dict[str, Any]:
+        return {"image_ids": self.image_ids, "counts": self.counts, "results": self.results}
+
+    def load_states(self, states: list[dict[str, Any]]) -> None:
+        """Merge the states of the ranks of a sharded evaluation (``distributed.shard`` order) back into image order,
+        so the result list (and hence COCOeval) is exactly the single-process one."""
+        from .distributed import unshard
+
+        per_rank = []
+        for st in states:
+            chunks, k = [], 0
+            for image_id, c in zip(st["image_ids"], st["counts"]):
+                chunks.append((image_id, c, st["results"][k: k + c]))
+                k += c
+            per_rank.append(chunks)
+        self.image_ids, self.counts, self.results = [], [], []
+        for image_id, c, res in unshard(per_rank):
+            self.image_ids.append(image_id)
+            self.counts.append(c)
+            self.results.extend(res)
 
     def compute(self) -> dict[str, float]:
         from pycocotools.cocoeval import COCOeval
@@ -70,7 +97,7 @@ class SegmentationMetric:
         self.ignore_index = ignore_index
         self.confusion = np.zeros((num_classes, num_classes), np.int64)
 
-    def update(self, image_id: int, prediction: torch.Tensor, item: dict[str, Any]) -> None:
+    def update(self, image_id: int, prediction: torch.Tensor, item: dict[str, Any]) -> dict[str, Any]:
         """``prediction``: logits (1,C,h,w). When the label map has another size (Pascal-Context is evaluated on
         its ORIGINAL label maps, as MMSeg does), the logits are resized bilinearly to it before the argmax."""
         if prediction.shape[-2:] != item["semantic"].shape[-2:]:
@@ -79,7 +106,18 @@ class SegmentationMetric:
         pred = prediction.argmax(1)[0].cpu().numpy().ravel()
         gt = item["semantic"].cpu().numpy().ravel()
         keep = gt != self.ignore_index
-        self.confusion += np.bincount(self.num_classes * gt[keep] + pred[keep], minlength=self.num_classes ** 2).reshape(self.num_classes, -1)
+        confusion = np.bincount(self.num_classes * gt[keep] + pred[keep], minlength=self.num_classes ** 2).reshape(self.num_classes, -1)
+        self.confusion += confusion
+        inter = np.diag(confusion)
+        # per image, additive over images: what the bootstrap resamples (icm_helpers.bootstrap)
+        return {"seg_intersection": inter.tolist(), "seg_union": (confusion.sum(0) + confusion.sum(1) - inter).tolist()}
+
+    def state(self) -> np.ndarray:
+        return self.confusion
+
+    def load_states(self, states: list[np.ndarray]) -> None:
+        """Sum the confusion matrices of the ranks of a sharded evaluation (integer counts: exact)."""
+        self.confusion = np.sum(np.stack(states), axis=0).astype(np.int64)
 
     def compute(self) -> dict[str, float]:
         inter = np.diag(self.confusion).astype(float)
@@ -90,6 +128,16 @@ class SegmentationMetric:
                 "per_class_iou": (inter / np.maximum(union, 1)).tolist()}
 
 
+def _to_float(prediction):
+    """Predictions made under autocast back to fp32 (boxes / logits), so metrics see one dtype."""
+    if isinstance(prediction, torch.Tensor):
+        return prediction.float() if prediction.is_floating_point() else prediction
+    if isinstance(prediction, list):
+        return [{k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in p.items()}
+                if isinstance(p, dict) else p for p in prediction]
+    return prediction
+
+
 def make_metric(recognizer, dataset):
     if recognizer.task == "detection":
         return DetectionMetric(dataset)
@@ -98,16 +146,39 @@ def make_metric(recognizer, dataset):
 
 @torch.no_grad()
 def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: float | None = None, roi_decoder: str = "as_is",
-             max_images: int | None = None, log=None, device: str = "cpu") -> dict[str, Any]:
+             max_images: int | None = None, log=None, device: str = "cpu", amp: str | None = None,
+             distributed: bool | None = None, workers: int = 1, shard: tuple[int, int] | None = None) -> dict[str, Any]:
     """Evaluate ``codec`` (None = uncompressed reference) + frozen ``recognizer`` on ``dataset``.
+
+    ``workers`` > 1 (CPU, single process run): the images are split round-robin over that many forked worker processes
+    (one intra-op thread each; CompressAI's autoregressive range coding is serial Python, so processes, not threads,
+    speed it up) and merged back in image order, exactly as a torchrun-sharded evaluation is. ``shard=(r, W)``:
+    evaluate only images r, r + W, ... (used by the workers).
+
+    ``amp="bf16"``: the recognizer and the codec's g_a/g_s under autocast (likelihoods stay fp32); the real
+    bitstream (compress/decompress) is always coded in fp32 with autocast off.
+    ``distributed`` (default: when running under torchrun, see ``icm_helpers.distributed``): every rank evaluates
+    every ``world_size``-th image and the per-image records and metric states are gathered, so every rank returns
+    the single-process result (call it on every rank).
 
     ``roi_qf``: apply the ROI method of Ahonen et al. with the item's ``roi`` mask (needs the mask at the encoder);
     ``roi_decoder``: "as_is" or "rescale" (see ``icm_helpers.roi``; the signalled mask's bits count in both rates).
     Returns {"bpp_estimated", "bpp_bitstream", "metric_name", "metric", "metrics", "per_image", "seconds"}.
     """
+    from . import distributed as dist_lib
+    from .codec import codec_forward
     from .config import check_device
 
     check_device(device)
+    sharded = dist_lib.is_distributed() if distributed is None else bool(distributed)
+    device_type = torch.device(device).type
+    amp_ctx = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if amp == "bf16" else contextlib.nullcontext
+    if amp not in (None, "bf16"):
+        raise ValueError(f"amp must be None or 'bf16', got {amp!r}")
+    if amp:
+        from .training import fp32_detection_heads
+
+        fp32_detection_heads(recognizer)  # boxes, proposals and NMS in fp32; the backbone in bf16
     if roi_qf is not None and codec is None:
         raise ValueError("roi_qf needs a codec")
     if roi_qf is not None:
@@ -116,9 +187,12 @@ def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: floa
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     if codec is not None:
         codec.eval()
+    if workers > 1 and not sharded and shard is None and n > 1:
+        return _evaluate_forked(codec, recognizer, dataset, metric, n, min(workers, n), bitstream=bitstream, roi_qf=roi_qf,
+                                roi_decoder=roi_decoder, max_images=max_images, device=device, amp=amp)
     per_image = []
     t0 = time.time()
-    for i in range(n):
+    for i in (dist_lib.shard(n) if sharded else range(shard[0], n, shard[1]) if shard else range(n)):
         item = to_device(dataset[i], device)
         x = item["image"][None]
         record: dict[str, Any] = {"image_id": item["image_id"]}
@@ -131,26 +205,70 @@ def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: floa
                        if roi_qf else contextlib.nullcontext({"side_bits": 0}))
             with roi_ctx as roi_info:
                 side_bits = roi_info["side_bits"]  # signalled ROI mask (decoder="rescale"), counted in both rates
-                out = codec(xp)
+                with amp_ctx():
+                    out = codec_forward(codec, xp) if amp else codec(xp)
                 record["bpp_estimated"] = (float(bits_from_likelihoods(out["likelihoods"])[0]) + side_bits) / num_pixels
                 if roi_qf:
                     record["bpp_side_info"] = side_bits / num_pixels
                     record["roi_latent_fraction"] = roi_info["inside_fraction"]
                 if bitstream:
-                    enc = compress_image(codec, xp)
+                    with torch.autocast(device_type, enabled=False):  # the range coder's inputs: fp32 always
+                        enc = compress_image(codec, xp)
+                        x_hat = decompress_image(codec, enc)
                     record["bpp_bitstream"] = (enc["num_bytes"] * 8.0 + side_bits) / num_pixels
-                    x_hat = decompress_image(codec, enc)
                 else:
                     x_hat = out["x_hat"].clamp(0, 1)
             x_hat = crop_to(x_hat, pad)
             record["psnr"] = float(-10 * torch.log10(torch.mean((x_hat - x) ** 2).clamp_min(1e-10)))
-        metric.update(item["image_id"], recognizer.predict(x_hat), item)
+        with amp_ctx():
+            prediction = recognizer.predict(x_hat)
+        record.update(metric.update(item["image_id"], _to_float(prediction), item) or {})
         per_image.append(record)
-        if log and (i + 1) % 50 == 0:
+        if log and (i + 1) % 50 == 0 and dist_lib.is_main():
             log(f"  evaluated {i + 1}/{n} images")
+    if sharded and dist_lib.is_distributed():
+        per_image = dist_lib.unshard(dist_lib.all_gather_object(per_image))
+        metric.load_states(dist_lib.all_gather_object(metric.state()))
     metrics = metric.compute()
     summary: dict[str, Any] = {"metric_name": metric.name, "metric": metrics[metric.name], "metrics": metrics,
-                               "num_images": n, "per_image": per_image, "seconds": time.time() - t0}
+                               "num_images": n, "per_image": per_image,
+                               "seconds": max(dist_lib.all_gather_object(time.time() - t0)) if sharded else time.time() - t0}
+    if shard is not None:
+        summary["metric_state"] = metric.state()
+    for key in ("bpp_estimated", "bpp_bitstream", "psnr", "bpp_side_info", "roi_latent_fraction"):
+        vals = [r[key] for r in per_image if key in r]
+        summary[key] = float(np.mean(vals)) if vals else None
+    return summary
+
+
+_FORK_JOB: dict[str, Any] = {}
+
+
+def _forked_shard(rank_world: tuple[int, int]) -> tuple[list[dict[str, Any]], Any]:
+    torch.set_num_threads(1)
+    job = _FORK_JOB
+    out = evaluate(job["codec"], job["recognizer"], job["dataset"], shard=rank_world, **job["kwargs"])
+    return out["per_image"], out["metric_state"]
+
+
+def _evaluate_forked(codec, recognizer, dataset, metric, n: int, workers: int, **kwargs) -> dict[str, Any]:
+    """``evaluate`` over ``workers`` forked processes (the models are shared copy-on-write); results merged in image order."""
+    import multiprocessing as mp
+
+    from .distributed import unshard
+
+    t0 = time.time()
+    _FORK_JOB.update(codec=codec, recognizer=recognizer, dataset=dataset, kwargs=kwargs)
+    try:
+        with mp.get_context("fork").Pool(workers) as pool:
+            parts = pool.map(_forked_shard, [(r, workers) for r in range(workers)])
+    finally:
+        _FORK_JOB.clear()
+    per_image = unshard([p for p, _ in parts])
+    metric.load_states([st for _, st in parts])
+    metrics = metric.compute()
+    summary: dict[str, Any] = {"metric_name": metric.name, "metric": metrics[metric.name], "metrics": metrics, "num_images": n,
+                               "per_image": per_image, "seconds": time.time() - t0, "workers": workers}
     for key in ("bpp_estimated", "bpp_bitstream", "psnr", "bpp_side_info", "roi_latent_fraction"):
         vals = [r[key] for r in per_image if key in r]
         summary[key] = float(np.mean(vals)) if vals else None

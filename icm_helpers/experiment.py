@@ -17,9 +17,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 
 from . import codec as codec_lib
+from . import distributed as dist_lib
+from .adaptive_alpha import check_alpha_mode
 from .aux_branches import build_aux_branch
 from .config import check_device, load_profile, resolve_data_path, resolve_run_dir, safe_name
 from .data import IcmDataset, WorldSpec, generate_world
@@ -31,7 +34,7 @@ from .training import IcmSpec, InMemory, TrainConfig, train_icm, train_recognize
 
 class Experiment:
     def __init__(self, profile: str = "smoke", run_dir: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                 device: str = "cpu", seed: int | None = None, log=print):
+                 device: str = "cpu", seed: int | None = None, log=print, use_assets: bool = True):
         self.cfg = load_profile(profile, overrides)
         self.profile = safe_name(self.cfg["name"], "profile name")
         self.seed = int(self.cfg.get("seed", 0) if seed is None else seed)
@@ -40,6 +43,7 @@ class Experiment:
         self.log = log or (lambda *_: None)
         self._datasets: dict[str, Any] = {}
         self._pretrained: dict[str, Any] = {}
+        self.use_assets = use_assets  # shipped recognizers / start codec (icm_helpers.assets) when their provenance matches
         if self.cfg.get("threads"):
             torch.set_num_threads(int(self.cfg["threads"]))
 
@@ -71,10 +75,16 @@ class Experiment:
             return int(dc["world"]["n_classes"])
         return int(dc["num_classes"][check_task(task)])
 
-    def spec(self, task: str, lambda_: float, aux_position: str | None, alpha: float | None = None) -> IcmSpec:
+    def spec(self, task: str, lambda_: float, aux_position: str | None, alpha: float | None = None,
+             alpha_mode: str | None = None) -> IcmSpec:
+        """``alpha_mode``: None = the task's ``alpha_mode`` in the profile (default "fixed", the paper). The w/o-aux
+        baseline has no auxiliary term, so it is always "fixed" (one baseline serves every mode)."""
         tc = self.task_cfg(task)
+        mode = tc.get("alpha_mode", "fixed") if alpha_mode is None else alpha_mode
+        check_alpha_mode(mode)
         return IcmSpec(task=task, lambda_=float(lambda_), aux_position=aux_position,
-                       alpha=float(tc["alpha"] if alpha is None else alpha), add_mse=bool(tc.get("add_mse", False)), seed=self.seed)
+                       alpha=float(tc["alpha"] if alpha is None else alpha), add_mse=bool(tc.get("add_mse", False)), seed=self.seed,
+                       alpha_mode="fixed" if aux_position is None else mode)
 
     def run_path(self, spec: IcmSpec) -> Path:
         suffix = "" if spec.alpha == self.task_cfg(spec.task)["alpha"] else f"_alpha{spec.alpha:g}"
@@ -165,6 +175,38 @@ class Experiment:
             return {"data_samples": self.dataset("test")}
         return {f"data_samples_{t}": self.dataset("test", t) for t in self.tasks()}
 
+    # ------------------------------------------------------------------ provenance of trained start models
+    def provenance(self, kind: str, task: str | None = None) -> dict[str, Any]:
+        """Everything a trained recognizer (``kind="recognizer"``) or start codec (``kind="codec"``) depends on. A shipped
+        file (icm_helpers.assets) is used only when its recorded provenance equals this."""
+        dc = self.cfg["data"]
+        # what the training sees: the world and its TRAIN split (val/test sizes do not change these models)
+        base = {"data": {"source": dc["source"], "world": dc.get("world"), "train_images": (dc.get("counts") or {}).get("train")},
+                "seed": self.seed}
+        if kind == "recognizer":
+            rc = self.cfg["recognizers"][check_task(task)]
+            return {**base, "task": task, "num_classes": self.num_classes(task), "backend": rc["backend"], "model": rc.get("model", {}),
+                    "train": rc.get("train")}
+        if kind == "codec":
+            return {**base, "codec": self.cfg["codec"]}
+        raise ValueError(f"unknown provenance kind {kind!r}; valid: recognizer, codec")
+
+    def _install_shipped(self, name: str, provenance: dict[str, Any], dst: Path) -> bool:
+        """Copy the profile's shipped ``name`` into the run directory when it was trained for ``provenance``."""
+        if not self.use_assets:
+            return False
+        from .assets import find_shipped, install_shipped
+
+        src, why = find_shipped(self.cfg, name, provenance)
+        if src is None:
+            if self.cfg.get("assets"):
+                self.log(f"not using a shipped {name}: {why}; training it")
+            return False
+        install_shipped(src, dst)
+        self.log(f"using the shipped {name} ({src.relative_to(src.parents[2]) if len(src.parents) > 2 else src}; "
+                 "regenerate: python -m icm_helpers.assets regenerate)")
+        return True
+
     # ------------------------------------------------------------------ recognizers
     def recognizer_path(self, task: str) -> Path:
         return self.models_dir / f"recognizer_{check_task(task)}.pt"
@@ -178,6 +220,8 @@ class Experiment:
                 self._pretrained[task] = build_recognizer(task, rc["backend"], self.num_classes(task), **rc.get("model", {})).freeze().to(self.device)
             return self._pretrained[task]
         path = self.recognizer_path(task)
+        if not path.exists() and not force:
+            self._install_shipped(f"recognizer_{task}", self.provenance("recognizer", task), path)
         if path.exists() and not force:
             return load_recognizer(path, expect_task=task).to(self.device)
         torch.manual_seed(self.seed)
@@ -196,6 +240,8 @@ class Experiment:
     # ------------------------------------------------------------------ codec start point
     def start_codec(self, force: bool = False):
         path = self.models_dir / "codec_start.pt"
+        if not path.exists() and not force:
+            self._install_shipped("codec_start", self.provenance("codec"), path)
         if path.exists() and not force:
             return codec_lib.load_codec(path).to(self.device)
         cc = self.cfg["codec"]
@@ -207,10 +253,11 @@ class Experiment:
             return model.to(self.device)
         torch.manual_seed(self.seed)
         model = codec_lib.build_codec(N=int(cc["N"])).to(self.device)
+        t0 = time.time()
         self.log(f"training the codec start point (Eq. 2, MSE, lambda={cc['lambda_mse']})")
         res = train_start_codec(model, self.dataset("train"), TrainConfig.from_dict(cc["train"]), float(cc["lambda_mse"]),
                                 self.models_dir / "train_state_codec_start.pt", seed=self.seed, log=self.log, device=self.device)
-        codec_lib.save_codec(path, model, extra={"history": res.history})
+        codec_lib.save_codec(path, model, extra={"history": res.history, "seconds": time.time() - t0})
         return model
 
     def evaluate_start(self, task: str, force: bool = False) -> dict[str, Any]:
@@ -224,15 +271,17 @@ class Experiment:
         recorded per epoch, which the branch-position ablation plots (Figs. 8-9)."""
         out = self.run_path(spec)
         final = out / "codec.pt"
-        spec_dict = {k: getattr(spec, k) for k in spec.__dataclass_fields__}
-        if final.exists() and not force:
+        spec_dict = spec.as_dict()  # without alpha_mode when "fixed": the paper's stored runs stay valid
+        # under torchrun every rank must take the same decision: rank 0's view of the files decides
+        if dist_lib.broadcast_object(final.exists() and not force):
             stored = codec_lib.load_state(final)["extra"].get("spec")
             if stored != spec_dict:
                 raise FileExistsError(f"{final} was trained for {stored}, not {spec_dict}; pass force=True to retrain")
             return final
-        if force:
+        if force and dist_lib.is_main():
             for f in ("train_state.pt", "codec.pt"):
                 (out / f).unlink(missing_ok=True)
+        dist_lib.barrier()
         tc = self.task_cfg(spec.task)
         codec = self.start_codec()
         recognizer = self.recognizer(spec.task)
@@ -244,8 +293,10 @@ class Experiment:
         self.log(f"ICM training {spec.task}/{out.name}")
         res = train_icm(spec, codec, recognizer, aux, self.dataset("train", spec.task), TrainConfig.from_dict(tc["train"]), out / "train_state.pt",
                         val_set=self.dataset("val", spec.task) if self.cfg.get("validate_every_epoch") else None, log=self.log, device=self.device)
-        atomic_write_json(out / "history.json", res.history)
-        codec_lib.save_codec(final, codec, extra={"spec": spec_dict, "history": res.history})
+        if dist_lib.is_main():  # one writer (torchrun: rank 0); the others wait until the files are there
+            atomic_write_json(out / "history.json", res.history)
+            codec_lib.save_codec(final, codec, extra={"spec": spec_dict, "history": res.history})
+        dist_lib.barrier()
         return final
 
     def loss_balance(self, task: str, lambdas: Iterable[float]) -> list[dict[str, Any]]:
@@ -304,30 +355,36 @@ class Experiment:
     def _evaluate_cached(self, task: str, name: str, lambda_: float | None, fields: dict[str, Any], force: bool,
                          codec_factory, roi_qf: float | None = None, roi_decoder: str = "as_is") -> dict[str, Any]:
         path = self.result_path(task, name)
-        if path.exists() and not force:
+        if dist_lib.broadcast_object(path.exists() and not force):  # torchrun: rank 0 decides for all
             return read_json(path)
         ec = self.cfg.get("evaluation", {})
         ev = evaluate(codec_factory(), self.recognizer(task), self.dataset("test", task), bitstream=bool(ec.get("bitstream", True)),
-                      roi_qf=roi_qf, roi_decoder=roi_decoder, max_images=ec.get("max_images"), device=self.device)
+                      roi_qf=roi_qf, roi_decoder=roi_decoder, max_images=ec.get("max_images"), device=self.device,
+                      amp=ec.get("amp"), workers=int(ec.get("workers", 1)) if self.device == "cpu" else 1)  # under torchrun: sharded over the ranks, gathered (same record on every rank)
         record = {"profile": self.profile, "task": task, "lambda_": lambda_, **fields, **ev}
-        atomic_write_json(path, record)
+        if dist_lib.is_main():
+            atomic_write_json(path, record)
+        dist_lib.barrier()
         return record
 
     def evaluate_run(self, spec: IcmSpec, force: bool = False) -> dict[str, Any]:
         final = self.train(spec)
         fields = {"method": spec.method, "aux_position": spec.aux_position, "alpha": spec.alpha, "add_mse": spec.add_mse,
                   "codec_path": str(final.relative_to(self.run_dir))}
+        if spec.alpha_mode != "fixed":
+            fields["alpha_mode"] = spec.alpha_mode
         return self._evaluate_cached(spec.task, self.run_path(spec).name, spec.lambda_, fields, force,
                                      codec_factory=lambda: codec_lib.load_codec(final).to(self.device))
 
     def run_grid(self, task: str, aux_positions: Iterable[str | None], lambdas: Iterable[float] | None = None,
-                 alpha: float | None = None) -> list[dict[str, Any]]:
-        """Train (or reuse) and evaluate every (position, lambda) of the grid; returns the result records."""
+                 alpha: float | None = None, alpha_mode: str | None = None) -> list[dict[str, Any]]:
+        """Train (or reuse) and evaluate every (position, lambda) of the grid; returns the result records.
+        ``alpha_mode``: None = the profile's (default "fixed"); see ``icm_helpers.adaptive_alpha``."""
         lambdas = self.task_cfg(task)["lambdas"] if lambdas is None else lambdas
         records = []
         for pos in aux_positions:
             for lam in lambdas:
-                records.append(self.evaluate_run(self.spec(task, lam, pos, alpha)))
+                records.append(self.evaluate_run(self.spec(task, lam, pos, alpha, alpha_mode)))
         return records
 
     def evaluate_roi(self, task: str, lambdas: Iterable[float] | None = None, qf: float | None = None,
@@ -355,6 +412,39 @@ class Experiment:
                                                  codec_factory=lambda: codec_lib.load_codec(final).to(self.device), roi_qf=qf,
                                                  roi_decoder=decoder))
         return records
+
+    def full_records(self, task: str, method: str) -> list[dict[str, Any]]:
+        """Stored records (with per-image lists) of one method of ``task``, sorted by lambda."""
+        recs = [read_json(p) for p in sorted((self.run_dir / "results" / check_task(task)).glob("*.json"))]
+        return sorted((r for r in recs if r.get("method") == method and r.get("lambda_") is not None), key=lambda r: r["lambda_"])
+
+    def bd_rate_table(self, task: str, anchor: str = "baseline", tests: Iterable[str] = ("aux_enc",), method: str = "pchip",
+                      bpp_keys: tuple[str, ...] = ("bpp_bitstream", "bpp_estimated"), samples: int | None = None,
+                      confidence: float | None = None) -> list[dict[str, Any]]:
+        """BD-rate of each ``tests`` method vs ``anchor`` with 95% paired-bootstrap CIs over the test images
+        (icm_helpers.bootstrap; resamples and confidence from the profile's ``evaluation.bootstrap``). Methods with
+        fewer than 2 operating points are skipped. One row per (task, method) with, per bpp kind, the point estimate
+        and the CI."""
+        from .bootstrap import DetectionResampler, SegmentationResampler, bd_rate_ci
+
+        bc = self.cfg.get("evaluation", {}).get("bootstrap", {}) or {}
+        samples = int(samples or bc.get("samples", 1000))
+        confidence = float(confidence or bc.get("confidence", 0.95))
+        coco = self.dataset("test", task).coco if task == "detection" else None
+        curves, ids = {}, {}
+        for name in [anchor, *tests]:
+            recs = self.full_records(task, name)
+            if len(recs) < 2 and name != anchor:
+                continue
+            curves[name] = [({k: np.array([p.get(k, np.nan) for p in r["per_image"]], float) for k in bpp_keys},
+                             DetectionResampler(r, coco) if task == "detection" else SegmentationResampler(r)) for r in recs]
+            ids.update({(name, r["lambda_"]): [p["image_id"] for p in r["per_image"]] for r in recs})
+        if len({tuple(v) for v in ids.values()}) > 1:
+            raise ValueError(f"{task}: the records were evaluated on different test images; re-evaluate them on the same split")
+        present = [t for t in tests if t in curves]
+        res = bd_rate_ci(curves, anchor, present, bpp_keys, samples, confidence, self.seed, method)
+        return [{"task": task, "method": t, "anchor": anchor, "points": len(curves[t]), **{k: res[t][k] for k in bpp_keys}}
+                for t in present]
 
     def records(self, task: str | None = None) -> list[dict[str, Any]]:
         """Every stored evaluation record (optionally of one task), without per-image lists."""

@@ -100,7 +100,18 @@ def save_figure(
         buf = io.BytesIO()
         fig.savefig(buf, format=fmt, bbox_inches="tight", **extra)
         payload[fmt] = buf.getvalue()
+    if not _writer():  # under torchrun only rank 0 writes (the paths are returned on every rank)
+        return {fmt: out_dir / f"{name}.{fmt}" for fmt in ("png", "pdf", "json")}
     return {fmt: atomic_write_bytes(out_dir / f"{name}.{fmt}", payload[fmt]) for fmt in ("png", "pdf", "json")}
+
+
+def _writer() -> bool:
+    """False on the ranks > 0 of a torchrun job (``icm_helpers.distributed``): they render, rank 0 writes."""
+    try:
+        from .distributed import is_main
+    except ImportError:  # torch missing: single process
+        return True
+    return is_main()
 
 
 def _cell_text(value: Any, float_fmt: str) -> str:
@@ -184,5 +195,6 @@ def save_table(
         raise ValueError(f"float_fmt {float_fmt!r} cannot format a float ({exc}); use e.g. '{{:.3f}}'") from exc
     data = {"columns": columns, "rows": rows, "title": title}
     paths = save_figure(_render_table(columns, cells, title), name, data, profile, figures_dir)
-    paths["md"] = atomic_write_text(_target_dir(profile, figures_dir) / f"{name}.md", _markdown(columns, cells, title))
+    md_path = _target_dir(profile, figures_dir) / f"{name}.md"
+    paths["md"] = atomic_write_text(md_path, _markdown(columns, cells, title)) if _writer() else md_path
     return paths

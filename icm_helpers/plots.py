@@ -37,6 +37,9 @@ METHOD_STYLES: dict[str, dict[str, Any]] = {
     "roi_rescale": {"label": "ROI (decoder rescales, mask signalled)", "color": "tab:olive", "marker": "v"},
     "aux_dec": {"label": "aux-dec", "color": "tab:purple", "marker": "D"},
     "aux_task": {"label": "aux-task", "color": "tab:orange", "marker": "P"},
+    # beyond the paper: adaptive auxiliary weight (icm_helpers/adaptive_alpha.py, notebook 08)
+    "aux_enc_gradsim": {"label": "w/ aux, gradient-similarity alpha", "color": "tab:brown", "marker": "X"},
+    "aux_enc_decay": {"label": "w/ aux, decaying alpha", "color": "tab:pink", "marker": "h"},
 }
 #: Axis label of each bpp kind.
 BPP_LABELS = {"bpp_bitstream": "bpp (bitstream)", "bpp_estimated": "bpp (estimated)"}
@@ -324,3 +327,138 @@ def plot_samples(dataset, n: int = 4, class_names: Sequence[str] | None = None) 
         ax.set_axis_off()
     fig.tight_layout()
     return fig, data
+
+
+def plot_roi_fractions(summary: Sequence[Mapping[str, Any]], title: str | None = None) -> tuple[Figure, dict[str, Any]]:
+    """Share of the bits inside the object masks vs lambda (notebook 06), from
+    :func:`icm_helpers.bitmaps.roi_fraction_table`'s ``summary``. Left: one line with 95% CI error bars per
+    group (e.g. "w/o aux", "w/ aux"); models without a lambda (the start codec) are dashed horizontal lines, and
+    the mean mask area (the share bits would have if spread evenly over the pixels) is a dotted grey line.
+    Right (when entries have a paired difference ``delta_inside``): that per-image paired difference (e.g.
+    w/ aux minus w/o aux at the same lambda) with its 95% CI; above zero = more of the bits on the objects.
+
+    Returns:
+        ``(fig, data)`` with ``data["groups"][group] = {"lambda", "mean", "ci_low", "ci_high", "n"}``,
+        ``data["constant"][label]`` (mean, ci), ``data["mask_area"]`` and ``data["paired"][group]`` (same keys
+        as groups, plus ``paired_with``).
+    """
+    if not summary:
+        raise ValueError("plot_roi_fractions needs at least one summary entry")
+    has_pairs = any(s.get("delta_inside") for s in summary)
+    fig, axes = plt.subplots(1, 1 + has_pairs, figsize=(5.5 * (1 + has_pairs), 3.8), layout="constrained", squeeze=False)
+    ax = axes[0, 0]
+    data: dict[str, Any] = {"title": title, "groups": {}, "constant": {}, "mask_area": None, "paired": {}}
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for s in summary:
+        if s.get("lambda_") is None:
+            data["constant"][str(s["label"])] = {k: s["inside"][k] for k in ("mean", "ci_low", "ci_high", "n")}
+        else:
+            groups.setdefault(str(s.get("group", s["label"])), []).append(s)
+    colors = {"w/o aux": "tab:blue", "w/ aux": "tab:red"}
+    for name, entries in groups.items():
+        entries = sorted(entries, key=lambda e: float(e["lambda_"]))
+        lam = [float(e["lambda_"]) for e in entries]
+        mean = np.array([e["inside"]["mean"] for e in entries], dtype=float)
+        lo = np.array([e["inside"]["ci_low"] for e in entries], dtype=float)
+        hi = np.array([e["inside"]["ci_high"] for e in entries], dtype=float)
+        yerr = np.vstack([np.nan_to_num(mean - lo), np.nan_to_num(hi - mean)])
+        ax.errorbar(lam, mean, yerr=yerr, marker="o", capsize=3, label=name, color=colors.get(name))
+        data["groups"][name] = {"lambda": lam, "mean": mean.tolist(), "ci_low": lo.tolist(), "ci_high": hi.tolist(),
+                                "n": [e["inside"]["n"] for e in entries]}
+    for label, c in data["constant"].items():
+        ax.axhline(c["mean"], color="black", ls="--", lw=1, label=label)
+    areas = [float(s["area"]) for s in summary if s.get("area") is not None and math.isfinite(float(s["area"]))]
+    if areas:
+        data["mask_area"] = float(np.mean(areas))
+        ax.axhline(data["mask_area"], color="gray", ls=":", lw=1, label="object area (even spread)")
+    ticks = sorted({lam for g in data["groups"].values() for lam in g["lambda"]})
+    if has_pairs:
+        pax = axes[0, 1]
+        for name, entries in groups.items():
+            entries = sorted((e for e in entries if e.get("delta_inside")), key=lambda e: float(e["lambda_"]))
+            if not entries:
+                continue
+            lam = [float(e["lambda_"]) for e in entries]
+            d = [e["delta_inside"] for e in entries]
+            mean = np.array([x["mean"] for x in d], dtype=float)
+            lo, hi = np.array([x["ci_low"] for x in d], dtype=float), np.array([x["ci_high"] for x in d], dtype=float)
+            pax.errorbar(lam, mean, yerr=np.vstack([np.nan_to_num(mean - lo), np.nan_to_num(hi - mean)]), marker="o", capsize=3,
+                         color=colors.get(name), label=f"{name} − {entries[0].get('paired_with', '').split(' λ=')[0]}")
+            data["paired"][name] = {"lambda": lam, "mean": mean.tolist(), "ci_low": lo.tolist(), "ci_high": hi.tolist(),
+                                    "n": [x["n"] for x in d], "paired_with": [e.get("paired_with") for e in entries]}
+        pax.axhline(0.0, color="black", lw=0.8)
+        pax.set_ylabel("Δ share inside (paired, per image)")
+        pax.set_title("paired difference, 95% CI", fontsize=10)
+        pax.legend(fontsize=8)
+    for a in axes[0]:
+        if ticks:
+            a.set_xscale("log", base=2)
+            a.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            a.minorticks_off()
+            a.set_xlabel("λ")
+        a.grid(True, alpha=0.3)
+    ax.set_ylabel("share of bits inside object masks")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return fig, data
+
+
+def plot_bd_rate_ci(rows: Sequence[Mapping[str, Any]], bpp_keys: Sequence[str] = ("bpp_bitstream", "bpp_estimated"),
+                    title: str | None = None) -> tuple[Figure, dict[str, Any]]:
+    """BD-rate point estimates with their bootstrap CIs (``Experiment.bd_rate_table`` rows): one panel per bpp kind,
+    one horizontal bar per (task, method); a dashed line at 0 (left of it = fewer bits than the anchor)."""
+    import matplotlib.pyplot as plt
+
+    rows = list(rows)
+    labels = [f"{r['task']}: {METHOD_STYLES.get(r['method'], {}).get('label', r['method'])} vs {r['anchor']}" for r in rows]
+    fig, axes = plt.subplots(1, len(bpp_keys), figsize=(5.2 * len(bpp_keys), 0.55 * max(2, len(rows)) + 1.2), squeeze=False,
+                             sharey=True)
+    data: dict[str, Any] = {"labels": labels, "panels": {}}
+    for ax, key in zip(axes[0], bpp_keys):
+        pts = []
+        for y, r in enumerate(rows):
+            e = r.get(key, {})
+            if "bd_rate" not in e:
+                ax.text(0, y, f"n/a: {e.get('error', 'missing')[:40]}", va="center", fontsize=7)
+                pts.append(None)
+                continue
+            color = METHOD_STYLES.get(r["method"], {}).get("color", "k")
+            ax.errorbar(e["bd_rate"], y, xerr=[[e["bd_rate"] - e["ci_low"]], [e["ci_high"] - e["bd_rate"]]], fmt="o", color=color,
+                        capsize=4)
+            ax.annotate(f"{e['bd_rate']:.1f} [{e['ci_low']:.1f}, {e['ci_high']:.1f}]", (e["bd_rate"], y), textcoords="offset points",
+                        xytext=(0, 7), ha="center", fontsize=7)
+            pts.append(e)
+        ax.axvline(0, color="gray", ls="--", lw=1)
+        conf = next((e["confidence"] for e in pts if e), 0.95)
+        ax.set_xlabel(f"BD-rate % ({key})\n{conf:.0%} paired-bootstrap CI over test images")
+        ax.set_yticks(range(len(rows)), labels)
+        ax.set_ylim(-0.7, len(rows) - 0.3)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+        data["panels"][key] = pts
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig, data
+
+
+def annotate_bd_rates(fig: Figure, rows: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Write the BD-rates with their CIs (``Experiment.bd_rate_table`` rows) into the matching panels of a
+    :func:`plot_rd_grid` figure (panel titles "<task> — bpp (<kind>)"). Returns the texts per panel title."""
+    from .bootstrap import format_ci
+
+    kinds = {"bpp (estimated)": "bpp_estimated", "bpp (bitstream)": "bpp_bitstream"}
+    written: dict[str, list[str]] = {}
+    for ax in fig.axes:
+        title = ax.get_title()
+        task, _, kind = title.partition(" — ")
+        key = kinds.get(kind)
+        lines = [f"{METHOD_STYLES.get(r['method'], {}).get('label', r['method'])}: {format_ci(r[key]).split(' (')[0]}"
+                 for r in rows if key and r["task"] == task and key in r]
+        if lines:
+            text = "BD-rate % vs " + rows[0]["anchor"] + " [95% CI]\n" + "\n".join(lines)
+            ax.text(0.99, 0.98, text, transform=ax.transAxes, ha="right", va="top", fontsize=7,
+                    bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})
+            written[title] = lines
+    return written

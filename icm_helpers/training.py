@@ -16,18 +16,21 @@ uninterrupted run, because each epoch's data order and crops come from generator
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import adaptive_alpha
 from .codec import codec_forward, converge_quantiles, load_state, update_entropy_tables
-from .data import collate, crop_item, random_crop, to_device
+from .data import collate, crop_at, crop_item_at, crop_window, to_device
 from .io import atomic_torch_save, remove_stale_temps
 from .losses import check_lambda_alpha, human_rd_loss, icm_loss, rate_bpp
 
@@ -59,22 +62,164 @@ def poly_lr_lambda(total_steps: int, start_frac: float, power: float = 0.9, min_
     return factor
 
 
-def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, crop_size: int | None = None, drop_last: bool = True,
-                 device: str = "cpu") -> Iterable[dict]:
-    """Shuffled batches for one epoch; order and crops depend only on (seed, epoch)."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(len(dataset), generator=g).tolist()
-    n = len(order) // batch_size * batch_size if drop_last else len(order)
-    if n == 0:
-        raise ValueError(f"dataset of {len(dataset)} images is smaller than batch_size {batch_size}")
-    for i in range(0, n, batch_size):
-        items = [dataset[j] for j in order[i: i + batch_size]]
-        if crop_size and len({tuple(it["image"].shape[-2:]) for it in items}) > 1:
-            # images of different sizes (COCO): one random window per image, zero-padded when smaller than the crop
-            yield to_device(collate([crop_item(it, crop_size, g) for it in items]), device)
+def _item_size(dataset, j: int) -> tuple[int, int]:
+    """(h, w) of item ``j`` without decoding it when the dataset can say (``image_size(j)``, ``InMemory``, ``Subset``);
+    otherwise the item is loaded."""
+    if hasattr(dataset, "image_size"):
+        h, w = dataset.image_size(j)
+        return int(h), int(w)
+    if isinstance(dataset, InMemory):
+        return tuple(dataset.items[j]["image"].shape[-2:])
+    if isinstance(dataset, torch.utils.data.Subset):
+        return _item_size(dataset.dataset, dataset.indices[j])
+    return tuple(dataset[j]["image"].shape[-2:])
+
+
+def _batch_windows(shapes: list[tuple[int, int]], crop_size: int | None, g: torch.Generator):
+    """The crop of one global batch, drawn from ``g`` exactly as ``epoch_loader`` always did: ("batch", window) = one
+    window for the whole batch (equal image sizes), ("items", [window per item]) = one window per item (mixed sizes,
+    e.g. COCO; padded to the crop first), ("none", None) = no crop."""
+    if not crop_size:
+        return "none", None
+    if len(set(shapes)) > 1:
+        return "items", [crop_window(max(h, crop_size), max(w, crop_size), crop_size, g) for h, w in shapes]
+    h, w = shapes[0]
+    return "batch", crop_window(h, w, crop_size, g)
+
+
+def _make_batch(items: list[dict], crop_size: int | None, mode: str, windows) -> dict:
+    if mode == "items":
+        return collate([crop_item_at(it, crop_size, win) for it, win in zip(items, windows)])
+    batch = collate(items)
+    return crop_at(batch, crop_size, windows) if mode == "batch" else batch
+
+
+def _identity(batch):
+    return batch
+
+
+class _PlannedBatches(torch.utils.data.Dataset):
+    """Materialises one planned batch (indices + crop windows) of one rank: what a DataLoader worker runs."""
+
+    def __init__(self, dataset, crop_size: int | None):
+        self.dataset, self.crop_size = dataset, crop_size
+
+    def __getitem__(self, entry) -> dict:
+        indices, mode, windows = entry
+        return _make_batch([self.dataset[j] for j in indices], self.crop_size, mode, windows)
+
+
+class _PlanSampler(torch.utils.data.Sampler):
+    """Yields the plan entries of the current epoch (set by ``EpochLoader``) to the DataLoader's workers."""
+
+    def __init__(self):
+        self.entries: list = []
+
+    def __iter__(self):
+        return iter(list(self.entries))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class EpochLoader:
+    """``loader(epoch)``: the batches of one epoch, a deterministic function of (seed, epoch) only.
+
+    The order (``randperm``) and the crop windows are drawn from one generator seeded by (seed, epoch), in the same
+    sequence as always, so the batches are bit-identical whatever ``num_workers`` is and however many ranks share
+    the work: with ``world_size`` ranks each global batch of ``batch_size`` images is split into ``world_size``
+    contiguous slices of ``batch_size // world_size`` and rank ``r`` gets slice ``r`` (same windows as the single
+    process). ``num_workers > 0``: the plan is computed in this process (image sizes from ``image_size(j)`` /
+    in-memory items, else by loading the item), the images are loaded, cropped and collated by DataLoader workers
+    (``persistent_workers`` keeps them across epochs). ``pin_memory``/``channels_last`` apply on CUDA devices /
+    to the image tensor. ``max_batches``: at most this many batches per epoch (the steps per epoch)."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, crop_size: int | None = None, drop_last: bool = True,
+                 device: str = "cpu", num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = True,
+                 rank: int = 0, world_size: int = 1, max_batches: int | None = None, channels_last: bool = False,
+                 prefetch_factor: int = 2):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        if batch_size % world_size:
+            raise ValueError(f"the global batch_size {batch_size} must be divisible by the number of ranks {world_size} "
+                             f"(each rank trains on batch_size // world_size images per step)")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.dataset, self.batch_size, self.seed, self.crop_size = dataset, batch_size, seed, crop_size
+        self.drop_last, self.device, self.rank, self.world_size = drop_last, device, rank, world_size
+        self.max_batches, self.channels_last, self.num_workers = max_batches, channels_last, num_workers
+        self.pin_memory = bool(pin_memory) and str(device).startswith("cuda")
+        self._loader = None
+        if num_workers:
+            self._sampler = _PlanSampler()
+            self._loader = torch.utils.data.DataLoader(
+                _PlannedBatches(dataset, crop_size), batch_size=None, sampler=self._sampler, num_workers=num_workers,
+                collate_fn=_identity, pin_memory=self.pin_memory, persistent_workers=bool(persistent_workers),
+                prefetch_factor=prefetch_factor)
+
+    def _order(self, epoch: int) -> tuple[torch.Generator, list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.dataset), generator=g).tolist()
+        n = len(order) // self.batch_size * self.batch_size if self.drop_last else len(order)
+        if n == 0:
+            raise ValueError(f"dataset of {len(self.dataset)} images is smaller than batch_size {self.batch_size}")
+        return g, order[:n]
+
+    def num_batches(self) -> int:
+        n = len(self.dataset) // self.batch_size if self.drop_last else -(-len(self.dataset) // self.batch_size)
+        return n if self.max_batches is None else min(n, self.max_batches)
+
+    def plan(self, epoch: int) -> list[tuple[list[int], str, Any]]:
+        """This rank's entries (indices, crop mode, windows) of ``epoch``, computed without loading images where
+        the dataset gives their sizes."""
+        g, order = self._order(epoch)
+        entries = []
+        for i in range(0, len(order), self.batch_size):
+            if self.max_batches is not None and len(entries) >= self.max_batches:
+                break
+            idx = order[i: i + self.batch_size]
+            shapes = [_item_size(self.dataset, j) for j in idx] if self.crop_size else []
+            mode, windows = _batch_windows(shapes, self.crop_size, g)
+            b = len(idx) // self.world_size
+            lo, hi = (self.rank * b, (self.rank + 1) * b) if self.world_size > 1 else (0, len(idx))
+            entries.append((idx[lo:hi], mode, windows[lo:hi] if mode == "items" else windows))
+        return entries
+
+    def _stream(self, epoch: int) -> Iterator[dict]:
+        """Single process, no workers: load each batch, then draw its crop (no image is loaded twice)."""
+        g, order = self._order(epoch)
+        for k, i in enumerate(range(0, len(order), self.batch_size)):
+            if self.max_batches is not None and k >= self.max_batches:
+                break
+            items = [self.dataset[j] for j in order[i: i + self.batch_size]]
+            shapes = [tuple(it["image"].shape[-2:]) for it in items] if self.crop_size else []
+            mode, windows = _batch_windows(shapes, self.crop_size, g)
+            yield _make_batch(items, self.crop_size, mode, windows)
+
+    def _finish(self, batch: dict) -> dict:
+        batch = to_device(batch, self.device)
+        if self.channels_last and batch["image"].dim() == 4:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def __call__(self, epoch: int) -> Iterator[dict]:
+        if self._loader is not None:
+            self._sampler.entries = self.plan(epoch)
+            source = iter(self._loader)
+        elif self.world_size > 1:
+            dataset, crop = self.dataset, self.crop_size
+            source = (_make_batch([dataset[j] for j in idx], crop, mode, win) for idx, mode, win in self.plan(epoch))
         else:
-            batch = collate(items)
-            yield to_device(random_crop(batch, crop_size, g) if crop_size else batch, device)
+            source = self._stream(epoch)
+        for batch in source:
+            yield self._finish(batch)
+
+
+def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, crop_size: int | None = None, drop_last: bool = True,
+                 device: str = "cpu", **kw) -> Iterable[dict]:
+    """Shuffled batches for one epoch; order and crops depend only on (seed, epoch) (see ``EpochLoader`` for
+    ``num_workers``, ``rank``/``world_size``, ``pin_memory``, ``channels_last``, ``max_batches``)."""
+    return EpochLoader(dataset, batch_size, seed, crop_size, drop_last, device, **kw)(epoch)
 
 
 class InMemory(torch.utils.data.Dataset):
@@ -98,23 +243,110 @@ class FitResult:
     seconds: float = 0.0
 
 
-def fit(*, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], step_fn: Callable[[dict, int], dict[str, float]],
+class _StepLogs:
+    """Per-step logs accumulated WITHOUT host-device syncs: tensor values stay on their device (summed in float64,
+    so the epoch means equal the float sums the loop always made), the first non-finite step of each key is tracked
+    on the device too; ``check`` (at ``log_every`` and at the end of the epoch) is the only sync. Python floats are
+    checked at once (they cost no sync)."""
+
+    def __init__(self, collective: bool = False):
+        self.collective = collective  # reduce over the ranks of a distributed job (every rank calls check/means)
+        self.sums: dict[str, Any] = {}
+        self.first_bad: dict[str, Any] = {}
+        self.bad_value: dict[str, Any] = {}
+        self.last: dict[str, Any] = {}
+
+    def add(self, logs: dict[str, Any], step: int, epoch: int, checkpoint_path: Path) -> None:
+        bad_now = []
+        for k, v in logs.items():
+            if isinstance(v, torch.Tensor):
+                v = v.detach()
+                acc = v.to(torch.float64 if v.device.type != "mps" else torch.float32)
+                self.sums[k] = acc if k not in self.sums else self.sums[k] + acc
+                bad = ~torch.isfinite(v)
+                if k not in self.first_bad:
+                    self.first_bad[k] = torch.full((), -1, dtype=torch.int64, device=v.device)
+                    self.bad_value[k] = torch.zeros((), dtype=v.dtype, device=v.device)
+                new = bad & (self.first_bad[k] < 0)
+                self.first_bad[k] = torch.where(new, torch.full_like(self.first_bad[k], step), self.first_bad[k])
+                self.bad_value[k] = torch.where(new, v.to(self.bad_value[k].dtype), self.bad_value[k])
+            else:
+                v = float(v)
+                self.sums[k] = self.sums.get(k, 0.0) + v
+                if not math.isfinite(v):
+                    bad_now.append(k)
+            self.last[k] = v
+        if bad_now:  # the loss, and e.g. the quantile loss
+            shown = {k: (float(v) if isinstance(v, float) else v) for k, v in logs.items()}
+            raise NonFiniteLossError(f"non-finite {', '.join(bad_now)} ({shown}) at epoch {epoch}, step {step}; "
+                                     f"nothing was saved for this epoch; last good checkpoint: {checkpoint_path}")
+
+    def check(self, epoch: int, checkpoint_path: Path) -> None:
+        """Raise ``NonFiniteLossError`` naming the first non-finite step (of any rank); one sync (+ one collective)."""
+        if not self.first_bad:
+            return
+        from . import distributed as dist_lib
+
+        keys = sorted(self.first_bad)
+        big = torch.iinfo(torch.int64).max
+        steps = torch.stack([torch.where(self.first_bad[k] < 0, torch.full_like(self.first_bad[k], big), self.first_bad[k]) for k in keys])
+        steps = (dist_lib.all_reduce(steps, "min") if self.collective else steps).tolist()
+        bad = [(s, k) for s, k in zip(steps, keys) if s != big]
+        if bad:
+            step = min(s for s, _ in bad)
+            names = [k for s, k in bad if s == step]
+            values = {k: float(self.bad_value[k]) for k in names if int(self.first_bad[k]) == step}
+            raise NonFiniteLossError(f"non-finite {', '.join(names)} ({values or 'on another rank'}) at epoch {epoch}, step {step}; "
+                                     f"nothing was saved for this epoch; last good checkpoint: {checkpoint_path}")
+
+    def last_floats(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.last.items()}
+
+    def means(self, n: int) -> dict[str, float]:
+        """Epoch means, averaged over ranks when distributed (every rank runs the same number of steps)."""
+        from . import distributed as dist_lib
+
+        keys = list(self.sums)
+        tensors = [k for k in keys if isinstance(self.sums[k], torch.Tensor)]
+        out = {k: self.sums[k] for k in keys if k not in tensors}
+        if tensors:
+            stacked = torch.stack([self.sums[k].to(self.sums[tensors[0]].dtype) for k in tensors])
+            out.update(zip(tensors, (dist_lib.all_reduce(stacked, "mean") if self.collective else stacked).tolist()))
+        if self.collective and len(out) > len(tensors):
+            floats = [k for k in keys if k not in tensors]
+            out.update(zip(floats, dist_lib.all_reduce(torch.tensor([out[k] for k in floats], dtype=torch.float64), "mean").tolist()))
+        return {k: out[k] / max(1, n) for k in keys}
+
+
+def fit(*, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], step_fn: Callable[[dict, int], dict[str, Any]],
         loader_fn: Callable[[int], Iterable[dict]], epochs: int, steps_per_epoch: int, lr_lambda: Callable[[int], float],
         checkpoint_path: str | Path, meta: dict[str, Any], validate_fn: Callable[[int], dict[str, float]] | None = None,
-        log: Callable[[str], None] | None = print, log_every: int = 0, stop_after_epoch: int | None = None) -> FitResult:
+        log: Callable[[str], None] | None = print, log_every: int = 0, stop_after_epoch: int | None = None,
+        distributed: bool = False, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
     """Run ``epochs`` epochs of ``step_fn(batch, global_step)``; checkpoint after each epoch; resume if possible.
 
-    ``step_fn`` does forward, backward and optimizer steps and returns float logs (must contain ``"loss"``).
+    ``step_fn`` does forward, backward and optimizer steps and returns its logs (must contain ``"loss"``): 0-dim
+    tensors (kept on the device: no host-device sync per step; they are read every ``log_every`` steps and at the
+    end of the epoch, where a non-finite value stops the run naming its first step, BEFORE that epoch's checkpoint
+    is written) or floats (checked at once).
     ``meta`` identifies the job: a checkpoint written for other meta is never resumed (error instead).
     ``stop_after_epoch`` ends early after that epoch (used by tests to simulate an interrupted run).
+    ``on_step(step, logs)``: called after every step with its logs as returned (e.g. the benchmark's timer).
+    ``distributed=True`` (under ``torchrun``, see ``icm_helpers.distributed``): every rank runs this loop in step;
+    logs are averaged over ranks and the checkpoint holds every rank's RNG state. Only rank 0 ever writes it.
     """
+    from . import distributed as dist_lib
+
     checkpoint_path = Path(checkpoint_path)
+    main = dist_lib.is_main()
+    world, rank = (dist_lib.world_size(), dist_lib.rank()) if distributed else (1, 0)
     schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda) for k, o in optimizers.items()}
     result = FitResult()
     start_epoch = 0
-    stale = remove_stale_temps(checkpoint_path)  # temp files of a write that was killed (never the final name)
-    if stale and log:
-        log(f"removed {stale} temp file(s) left by an interrupted checkpoint write")
+    if main:
+        stale = remove_stale_temps(checkpoint_path)  # temp files of a write that was killed (never the final name)
+        if stale and log:
+            log(f"removed {stale} temp file(s) left by an interrupted checkpoint write")
     if checkpoint_path.exists():
         try:
             ckpt = load_state(checkpoint_path)
@@ -130,34 +362,39 @@ def fit(*, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Opti
             o.load_state_dict(ckpt["optimizers"][k])
         for k, s in schedulers.items():
             s.load_state_dict(ckpt["schedulers"][k])
-        torch.set_rng_state(ckpt["rng"])
+        ranks_rng = ckpt.get("rng_ranks")
+        torch.set_rng_state(ranks_rng[rank] if ranks_rng and len(ranks_rng) == world else ckpt["rng"])
+        if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
+            cuda_rng = ckpt["cuda_rng"]
+            if len(cuda_rng) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda_rng)
         result.history = list(ckpt["history"])
         start_epoch = result.resumed_from_epoch = int(ckpt["epoch"])
-        if log and start_epoch < epochs:
+        if log and main and start_epoch < epochs:
             log(f"resuming {checkpoint_path.parent.name} from epoch {start_epoch}/{epochs}")
     t0 = time.time()
     for epoch in range(start_epoch, epochs):
         for m in modules.values():
             m.train()
-        sums: dict[str, float] = {}
+        logs_acc = _StepLogs(collective=world > 1)
         n = 0
         for i, batch in enumerate(loader_fn(epoch)):
             if i >= steps_per_epoch:
                 break
             step = epoch * steps_per_epoch + i
             logs = step_fn(batch, step)
-            bad = [k for k, v in logs.items() if not math.isfinite(float(v))]  # the loss, and e.g. the quantile loss
-            if bad:
-                raise NonFiniteLossError(f"non-finite {', '.join(bad)} ({logs}) at epoch {epoch}, step {step}; "
-                                         f"nothing was saved for this epoch; last good checkpoint: {checkpoint_path}")
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            logs_acc.add(logs, step, epoch, checkpoint_path)
+            if on_step is not None:
+                on_step(step, logs)
             n += 1
             for s in schedulers.values():
                 s.step()
-            if log and log_every and (step + 1) % log_every == 0:
-                log(f"  step {step + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
-        record = {"epoch": epoch + 1, **{f"train_{k}": v / max(1, n) for k, v in sums.items()},
+            if log_every and (step + 1) % log_every == 0:
+                logs_acc.check(epoch, checkpoint_path)
+                if log and main:
+                    log(f"  step {step + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in logs_acc.last_floats().items()))
+        logs_acc.check(epoch, checkpoint_path)  # before validation and before this epoch's checkpoint
+        record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in logs_acc.means(n).items()},
                   "lr": next(iter(optimizers.values())).param_groups[0]["lr"]}
         if validate_fn is not None:
             for m in modules.values():
@@ -165,11 +402,17 @@ def fit(*, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Opti
             with torch.random.fork_rng():
                 record.update({f"val_{k}": v for k, v in validate_fn(epoch).items()})
         result.history.append(record)
-        atomic_torch_save({"meta": meta, "epoch": epoch + 1, "history": result.history, "rng": torch.get_rng_state(),
-                           "modules": {k: m.state_dict() for k, m in modules.items()},
-                           "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                           "schedulers": {k: s.state_dict() for k, s in schedulers.items()}}, checkpoint_path)
-        if log:
+        state = {"meta": meta, "epoch": epoch + 1, "history": result.history, "rng": torch.get_rng_state(),
+                 "modules": {k: m.state_dict() for k, m in modules.items()},
+                 "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                 "schedulers": {k: s.state_dict() for k, s in schedulers.items()}}
+        if world > 1:
+            state["rng_ranks"] = dist_lib.all_gather_object(torch.get_rng_state())
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if main:
+            atomic_torch_save(state, checkpoint_path)
+        if log and main:
             log(f"epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
@@ -194,8 +437,25 @@ class TrainConfig:
     quantile_lr: float = 1e-3  # CompressAI's separate optimizer for the entropy bottleneck's quantiles
     log_every: int = 0
     poly_step: str = "iteration"  # "iteration" or "epoch" (Sec. 4.1, segmentation: "polynomial decay in each epoch")
+    # ---- speed knobs (issue 7): they change how fast a job runs, not what it computes (beyond numerical noise for
+    # amp); defaults = the plain fp32 single-process loop. They are NOT part of the job's identity (``job_meta``),
+    # so a run can be resumed with other knobs (e.g. more workers, or on a GPU).
+    amp: str | None = None  # None | "bf16": autocast for the codec's g_a/g_s, the aux branch and the recognizer;
+    #                         the entropy models, likelihoods, rate and CompressAI's quantile loss stay fp32
+    channels_last: bool = False  # NHWC memory format for the codec, aux branch, recognizer and the input batch
+    compile: bool = False  # torch.compile the codec transforms / aux backbone / recognizer backbone (experimental)
+    num_workers: int = 0  # DataLoader workers (same batches for any number: see EpochLoader)
+    pin_memory: bool = False  # pinned host memory for the batches (CUDA only)
+    persistent_workers: bool = True  # keep the workers across epochs (with num_workers > 0)
+    cudnn_benchmark: bool = False  # cudnn autotuning (CUDA only; fixed crop sizes make it pay off)
+
+    SPEED_FIELDS = ("amp", "channels_last", "compile", "num_workers", "pin_memory", "persistent_workers", "cudnn_benchmark")
 
     def __post_init__(self) -> None:
+        if self.amp not in (None, "bf16"):
+            raise ValueError(f"amp must be null or 'bf16', got {self.amp!r} (fp16 would need a gradient scaler; bf16 does not)")
+        if int(self.num_workers) < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.crop_size is not None and self.crop_size % 64:
             raise ValueError(f"crop_size must be a multiple of 64 (cheng2020-attn's latent stride chain), got {self.crop_size}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
@@ -209,6 +469,10 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training settings {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
         return cls(**d)
+
+    def job_meta(self) -> dict[str, Any]:
+        """The settings that identify the job (checkpoint meta): everything but the speed knobs."""
+        return {k: v for k, v in asdict(self).items() if k not in self.SPEED_FIELDS}
 
     def steps(self, n_train: int) -> int:
         return self.steps_per_epoch or max(1, n_train // self.batch_size)
@@ -227,17 +491,121 @@ def _codec_optimizers(codec: nn.Module, extra: list[nn.Parameter], cfg: TrainCon
 
 
 def _codec_step(loss: torch.Tensor, codec: nn.Module, optimizers: dict[str, torch.optim.Optimizer], params: list[nn.Parameter],
-                clip: float) -> float:
-    optimizers["main"].zero_grad(set_to_none=True)
-    loss.backward()
-    if clip:
-        torch.nn.utils.clip_grad_norm_(params, clip)
-    optimizers["main"].step()
-    optimizers["quantiles"].zero_grad(set_to_none=True)
-    q = codec.aux_loss()  # CompressAI's entropy-bottleneck quantile loss (NOT the paper's auxiliary loss)
-    q.backward()
-    optimizers["quantiles"].step()
-    return float(q.detach())
+                clip: float) -> torch.Tensor:
+    """Backward + clipped Adam step, then CompressAI's quantile step. Returns the quantile loss as a 0-dim tensor
+    (no host-device sync). Runs outside autocast (the quantile loss is fp32, as the entropy model's)."""
+    with torch.autocast(loss.device.type, enabled=False):
+        optimizers["main"].zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizers["main"].step()
+        optimizers["quantiles"].zero_grad(set_to_none=True)
+        q = codec.aux_loss()  # CompressAI's entropy-bottleneck quantile loss (NOT the paper's auxiliary loss)
+        q.backward()
+        optimizers["quantiles"].step()
+    return q.detach()
+
+
+def apply_speed_knobs(cfg: TrainConfig, device: str, codec: nn.Module | None = None, aux_branch: nn.Module | None = None,
+                      recognizer: nn.Module | None = None, compile_recognizer: bool = True) -> None:
+    """cudnn autotuning, channels_last and torch.compile as ``cfg`` asks (in place; no-ops with the defaults).
+    ``compile_recognizer=False`` when hooks are put on the recognizer's stages each step (aux-task)."""
+    from .codec import compile_codec
+
+    if str(device).startswith("cuda") and cfg.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+    if cfg.channels_last:
+        for m in (codec, aux_branch, recognizer):
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
+    if cfg.amp:
+        fp32_detection_heads(aux_branch, recognizer)
+    if cfg.compile:
+        if codec is not None and not getattr(codec, "_icm_explicit_forward", False):
+            compile_codec(codec)
+        if aux_branch is not None and hasattr(aux_branch, "backbone"):
+            aux_branch.backbone.compile()
+        backbone = getattr(getattr(recognizer, "model", None), "backbone", None)
+        if compile_recognizer and backbone is not None:
+            backbone.compile()
+
+
+def _fp32(x):
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return x.__class__((k, _fp32(v)) for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return x.__class__(_fp32(v) for v in x)
+    return x
+
+
+def fp32_detection_heads(*modules: nn.Module | None) -> int:
+    """Under autocast, run every Faster R-CNN RPN / RoI head inside ``modules`` in fp32 (autocast off, inputs cast to
+    fp32): box decoding, proposals, NMS, sampling and the box losses keep full precision (in bf16 a box coordinate
+    near 200 px has a 1 px step, and torchvision rejects bf16 targets); the backbones stay in bf16. In place, once
+    per module (an instance-level ``forward``; state dicts unchanged). Returns how many heads were wrapped."""
+    from torchvision.models.detection.roi_heads import RoIHeads
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    n = 0
+    for root in modules:
+        if root is None:
+            continue
+        for m in root.modules():
+            if isinstance(m, (RegionProposalNetwork, RoIHeads)) and not getattr(m, "_icm_fp32", False):
+                m.forward = types.MethodType(_fp32_forward, m)  # a bound method: deepcopy rebinds it to the copy
+                m._icm_fp32 = True
+                n += 1
+    return n
+
+
+def _fp32_forward(self, *args, **kwargs):
+    devices = {a.device.type for a in _tensors(args)} or {"cpu"}
+    with contextlib.ExitStack() as stack:
+        for d in devices:
+            stack.enter_context(torch.autocast(d, enabled=False))
+        return type(self).forward(self, *_fp32(args), **_fp32(kwargs))
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
+    elif hasattr(x, "tensors"):  # torchvision ImageList
+        yield x.tensors
+
+
+def with_autocast(fn: Callable | None, amp: str | None, device: str) -> Callable | None:
+    """``fn`` run under ``torch.autocast`` in ``amp``'s dtype (None: ``fn`` itself). Backward and the optimizer
+    steps in ``_codec_step`` leave autocast; ``codec_forward`` keeps the rate path fp32."""
+    if fn is None or not amp:
+        return fn
+    dtype = {"bf16": torch.bfloat16}[amp]
+    device_type = torch.device(device).type
+
+    def wrapped(*args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def train_loader(train_set, cfg: TrainConfig, seed: int, device: str, steps: int, distributed: bool = False) -> EpochLoader:
+    """The training batches of a job: ``cfg``'s workers / pinning / channels_last; with ``distributed`` this rank's
+    slice of each global batch."""
+    from . import distributed as dist_lib
+
+    return EpochLoader(train_set, cfg.batch_size, seed, cfg.crop_size, device=device, num_workers=int(cfg.num_workers),
+                       pin_memory=cfg.pin_memory, persistent_workers=cfg.persistent_workers,
+                       rank=dist_lib.rank() if distributed else 0, world_size=dist_lib.world_size() if distributed else 1,
+                       max_batches=steps, channels_last=cfg.channels_last)
 
 
 def train_recognizer(recognizer, train_set, cfg: TrainConfig, checkpoint_path: str | Path, seed: int = 0, log=print,
@@ -254,12 +622,12 @@ def train_recognizer(recognizer, train_set, cfg: TrainConfig, checkpoint_path: s
         if cfg.clip_max_norm:
             torch.nn.utils.clip_grad_norm_(recognizer.parameters(), cfg.clip_max_norm)
         opt["main"].step()
-        return {"loss": float(loss.detach())}
+        return {"loss": loss.detach()}
 
     return fit(modules={"recognizer": recognizer}, optimizers=opt, step_fn=step_fn,
-               loader_fn=lambda e: epoch_loader(train_set, cfg.batch_size, seed, e, cfg.crop_size, device=device), epochs=cfg.epochs,
+               loader_fn=train_loader(train_set, cfg, seed, device, steps), epochs=cfg.epochs,
                steps_per_epoch=steps, lr_lambda=cfg.lr_lambda(steps),
-               checkpoint_path=checkpoint_path, meta={"job": "recognizer", "task": recognizer.task, "seed": seed, **asdict(cfg)},
+               checkpoint_path=checkpoint_path, meta={"job": "recognizer", "task": recognizer.task, "seed": seed, **cfg.job_meta()},
                log=log, log_every=cfg.log_every)
 
 
@@ -277,12 +645,12 @@ def train_start_codec(codec: nn.Module, train_set, cfg: TrainConfig, lambda_mse:
         rate = rate_bpp(out["likelihoods"], x.shape[-2] * x.shape[-1])
         loss = human_rd_loss(rate, x, out["x_hat"], lambda_mse)
         q = _codec_step(loss, codec, opts, params, cfg.clip_max_norm)
-        return {"loss": float(loss.detach()), "bpp": float(rate.detach()), "mse": float(F.mse_loss(out["x_hat"].detach(), x)), "quantile_loss": q}
+        return {"loss": loss.detach(), "bpp": rate.detach(), "mse": F.mse_loss(out["x_hat"].detach(), x), "quantile_loss": q}
 
     res = fit(modules={"codec": codec}, optimizers=opts, step_fn=step_fn,
-              loader_fn=lambda e: epoch_loader(train_set, cfg.batch_size, seed, e, cfg.crop_size, device=device), epochs=cfg.epochs,
+              loader_fn=train_loader(train_set, cfg, seed, device, steps), epochs=cfg.epochs,
               steps_per_epoch=steps, lr_lambda=cfg.lr_lambda(steps),
-              checkpoint_path=checkpoint_path, meta={"job": "start_codec", "lambda_mse": lambda_mse, "seed": seed, **asdict(cfg)},
+              checkpoint_path=checkpoint_path, meta={"job": "start_codec", "lambda_mse": lambda_mse, "seed": seed, **cfg.job_meta()},
               log=log, log_every=cfg.log_every)
     converge_quantiles(codec)
     update_entropy_tables(codec)
@@ -299,18 +667,34 @@ class IcmSpec:
     alpha: float = 0.5
     add_mse: bool = False  # Eq. 6 (the paper's segmentation setting)
     seed: int = 0
+    alpha_mode: str = "fixed"  # beyond the paper: "fixed" (Eq. 5) | "gradient_similarity" | "decay" (adaptive_alpha.py)
 
     def __post_init__(self) -> None:
+        from .adaptive_alpha import check_alpha_mode
         from .aux_branches import check_aux_position
         from .recognizers import check_task
 
         check_task(self.task)
         check_lambda_alpha(self.lambda_, self.alpha)
         object.__setattr__(self, "aux_position", check_aux_position(self.aux_position))
+        check_alpha_mode(self.alpha_mode)
+        if self.aux_position is None and self.alpha_mode != "fixed":
+            raise ValueError(f"alpha_mode={self.alpha_mode!r} weights the auxiliary loss, but aux_position=None has none; "
+                             "use alpha_mode='fixed' for the w/o-aux baseline (Experiment.spec does this for you)")
 
     @property
     def method(self) -> str:
-        return "baseline" if self.aux_position is None else f"aux_{self.aux_position}"
+        from .adaptive_alpha import mode_suffix
+
+        return "baseline" if self.aux_position is None else f"aux_{self.aux_position}{mode_suffix(self.alpha_mode)}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields that identify the run (checkpoint meta, stored spec); ``alpha_mode`` only when not "fixed", so
+        the paper's runs keep the identity (and resumable checkpoints) they had before alpha_mode existed."""
+        d = asdict(self)
+        if d["alpha_mode"] == "fixed":
+            del d["alpha_mode"]
+        return d
 
     @property
     def run_name(self) -> str:
@@ -353,8 +737,13 @@ def validation_terms(spec: IcmSpec, codec, recognizer, aux_branch, val_set, batc
 
 
 def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module | None, train_set, cfg: TrainConfig,
-              checkpoint_path: str | Path, val_set=None, log=print, device: str = "cpu") -> FitResult:
-    """Fine-tune ``codec`` (and the auxiliary branch) for ``spec``; the recognizer stays frozen."""
+              checkpoint_path: str | Path, val_set=None, log=print, device: str = "cpu",
+              on_step: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
+    """Fine-tune ``codec`` (and the auxiliary branch) for ``spec``; the recognizer stays frozen.
+
+    ``cfg``'s speed knobs (amp, channels_last, compile, workers) apply here; under ``torchrun`` the codec and the
+    branch train with DistributedDataParallel on this rank's slice of every global batch (``icm_helpers.distributed``).
+    ``on_step(step, logs)``: see ``fit``."""
     if not getattr(recognizer, "frozen", False):
         raise ValueError("the recognizer must be frozen (recognizer.freeze()) before ICM training")
     torch.manual_seed(spec.seed)
@@ -363,22 +752,33 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
     params = [p for g in opts["main"].param_groups for p in g["params"]]
     steps = cfg.steps(len(train_set))
     modules = {"codec": codec} if aux_branch is None else {"codec": codec, "aux_branch": aux_branch}
+    # speed knobs and torchrun (issue 7); from here on codec / aux_branch may be DDP views of the modules above
+    from . import distributed as dist_lib
+
+    distributed = dist_lib.is_distributed()
+    apply_speed_knobs(cfg, device, codec, aux_branch, recognizer, compile_recognizer=spec.aux_position != "task")
+    if distributed:
+        torch.manual_seed(spec.seed + 1_000_003 * dist_lib.rank())  # own noise / sampling stream per rank
+        codec, aux_branch = dist_lib.wrap_trainables(codec, aux_branch, device)
 
     def step_fn(batch, step):
         terms = icm_terms(spec, codec, recognizer, aux_branch, batch["image"])
-        q = _codec_step(terms["loss"], codec, opts, params, cfg.clip_max_norm)
-        return {**{k: float(v.detach()) for k, v in terms.items()}, "quantile_loss": q}
+        # alpha_mode (adaptive_alpha.py): "fixed" returns terms["loss"] and terms unchanged (the paper's step)
+        loss, terms = adaptive_alpha.training_loss(spec, terms, step, cfg.epochs * steps, params)
+        q = _codec_step(loss, codec, opts, params, cfg.clip_max_norm)
+        return {**{k: v.detach() for k, v in terms.items()}, "quantile_loss": q}  # tensors: no per-step sync (fit reads them)
 
     validate = None
     if val_set is not None:
         def validate(epoch):
             return validation_terms(spec, codec, recognizer, aux_branch, val_set, cfg.batch_size, spec.seed, device)
 
-    res = fit(modules=modules, optimizers=opts, step_fn=step_fn,
-              loader_fn=lambda e: epoch_loader(train_set, cfg.batch_size, spec.seed, e, cfg.crop_size, device=device), epochs=cfg.epochs,
+    res = fit(modules=modules, optimizers=opts, step_fn=with_autocast(step_fn, cfg.amp, device),
+              loader_fn=train_loader(train_set, cfg, spec.seed, device, steps, distributed), epochs=cfg.epochs,
               steps_per_epoch=steps, lr_lambda=cfg.lr_lambda(steps),
-              checkpoint_path=checkpoint_path, meta={"job": "icm", **asdict(spec), **asdict(cfg)}, validate_fn=validate,
-              log=log, log_every=cfg.log_every)
+              checkpoint_path=checkpoint_path, meta={"job": "icm", **spec.as_dict(), **cfg.job_meta()},
+              validate_fn=with_autocast(validate, cfg.amp, device), log=log, log_every=cfg.log_every, distributed=distributed,
+              on_step=on_step)
     converge_quantiles(codec)
     update_entropy_tables(codec)
     return res

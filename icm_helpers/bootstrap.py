@@ -1,0 +1,180 @@
+"""Paired bootstrap over test images: 95% confidence intervals for task metrics and BD-rates.
+
+A BD-rate compares two R-D curves measured on the SAME test images. Its sampling uncertainty comes from which images
+were in the test set, so we resample images with replacement (Efron's nonparametric bootstrap) and use the SAME
+resample for every operating point of both methods (paired resampling). For one resample, with multiplicity m_i of
+image i:
+
+* rate of a point = sum_i m_i bpp_i / n (the mean per-image bpp, CompressAI's convention);
+* detection mAP = COCO mAP@[.5:.95] recomputed by pycocotools' own matching (``COCOeval.evaluate``, run once) and an
+  accumulation in which image i counts m_i times (``_coco_ap`` follows ``COCOeval.accumulate``: 101 recall points,
+  max 100 detections, area "all"); with m = 1 it reproduces ``COCOeval.stats[0]`` exactly;
+* segmentation mIoU = mean over classes with a non-empty union of sum_i m_i I_ic / sum_i m_i U_ic (per-image
+  intersections and unions are additive, so this equals the confusion-matrix mIoU of the resampled set).
+
+The CI is the percentile interval of the BD-rates of ``samples`` resamples; resamples where the BD-rate is undefined
+(no overlap of the metric ranges) are counted and reported, never silently dropped from the count.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .bdrate import bd_rate
+
+REC_THRS = np.linspace(0.0, 1.00, 101)
+
+
+class DetectionResampler:
+    """mAP of one evaluation record for any image multiplicities (``weights``: one int per test image)."""
+
+    def __init__(self, record: dict[str, Any], coco_gt):
+        from pycocotools.cocoeval import COCOeval
+
+        per_image = record["per_image"]
+        if any("detections" not in r for r in per_image):
+            raise ValueError(f"record {record.get('method')}/{record.get('lambda_')} has no per-image detections: it was "
+                             "evaluated by an older version; re-evaluate it (force=True) to get bootstrap CIs")
+        self.image_ids = [int(r["image_id"]) for r in per_image]
+        results = [{"image_id": r["image_id"], "bbox": d[:4], "score": d[4], "category_id": int(d[5])}
+                   for r in per_image for d in r["detections"]]
+        self.per_cat: list[tuple[np.ndarray, ...]] = []
+        if not results:
+            return
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
+            ev.params.imgIds = sorted(set(self.image_ids))
+            ev.evaluate()
+        p = ev.params
+        max_det = p.maxDets[-1]
+        n_img, n_area = len(p.imgIds), len(p.areaRng)
+        pos = {img: self.image_ids.index(img) for img in p.imgIds}  # COCOeval's image order -> record order
+        for k in range(len(p.catIds)):
+            scores, dtm, dtig, img_of_det, gt_img = [], [], [], [], []
+            for i, img in enumerate(p.imgIds):
+                e = ev.evalImgs[k * n_area * n_img + i]  # area index 0 = "all"
+                if e is None:
+                    continue
+                scores.append(np.asarray(e["dtScores"][:max_det]))
+                dtm.append(e["dtMatches"][:, :max_det])
+                dtig.append(e["dtIgnore"][:, :max_det])
+                img_of_det.append(np.full(len(scores[-1]), pos[img]))
+                gt_img.append(np.full(int(np.count_nonzero(np.asarray(e["gtIgnore"]) == 0)), pos[img]))
+            if not scores:
+                continue
+            self.per_cat.append((np.concatenate(scores), np.concatenate(dtm, 1), np.concatenate(dtig, 1),
+                                 np.concatenate(img_of_det), np.concatenate(gt_img), np.asarray(p.iouThrs)))
+
+    def __call__(self, weights: np.ndarray) -> float:
+        return _coco_ap(self.per_cat, np.asarray(weights, dtype=np.int64))
+
+
+def _coco_ap(per_cat, weights: np.ndarray) -> float:
+    precisions = []
+    for scores, dtm, dtig, img_of_det, gt_img, iou_thrs in per_cat:
+        npig = int(weights[gt_img].sum())
+        if npig == 0:
+            continue  # COCO: precision -1 for this category, excluded from the mean
+        rep = weights[img_of_det]
+        s, m, ig = np.repeat(scores, rep), np.repeat(dtm, rep, axis=1), np.repeat(dtig, rep, axis=1)
+        order = np.argsort(-s, kind="mergesort")
+        m, ig = m[:, order], ig[:, order]
+        tps = np.logical_and(m, np.logical_not(ig)).cumsum(1).astype(float)
+        fps = np.logical_and(np.logical_not(m), np.logical_not(ig)).cumsum(1).astype(float)
+        for t in range(len(iou_thrs)):
+            tp, fp = tps[t], fps[t]
+            q = np.zeros(len(REC_THRS))
+            if tp.size:
+                rc = tp / npig
+                pr = tp / (fp + tp + np.spacing(1))
+                pr = np.maximum.accumulate(pr[::-1])[::-1]  # precision envelope (COCOeval's right-to-left max)
+                inds = np.searchsorted(rc, REC_THRS, side="left")
+                valid = inds < len(pr)
+                q[valid] = pr[inds[valid]]
+            precisions.append(q.mean())
+    return float(np.mean(precisions)) if precisions else 0.0
+
+
+class SegmentationResampler:
+    """mIoU of one evaluation record for any image multiplicities."""
+
+    def __init__(self, record: dict[str, Any]):
+        per_image = record["per_image"]
+        if any("seg_intersection" not in r for r in per_image):
+            raise ValueError(f"record {record.get('method')}/{record.get('lambda_')} has no per-image intersections: re-evaluate "
+                             "it (force=True) to get bootstrap CIs")
+        self.inter = np.asarray([r["seg_intersection"] for r in per_image], dtype=np.float64)
+        self.union = np.asarray([r["seg_union"] for r in per_image], dtype=np.float64)
+
+    def __call__(self, weights: np.ndarray) -> float:
+        inter, union = weights @ self.inter, weights @ self.union
+        present = union > 0
+        return float((inter[present] / union[present]).mean()) if present.any() else 0.0
+
+
+def resample_weights(n_images: int, samples: int, seed: int = 0) -> np.ndarray:
+    """(samples, n_images) multiplicities: each row is one resample of n_images images with replacement."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n_images, size=(samples, n_images))
+    return np.stack([np.bincount(row, minlength=n_images) for row in idx])
+
+
+def bd_rate_ci(curves: dict[str, list[tuple[dict[str, np.ndarray], Callable[[np.ndarray], float]]]], anchor: str,
+               tests: Sequence[str], bpp_keys: Sequence[str] = ("bpp_bitstream", "bpp_estimated"), samples: int = 1000,
+               confidence: float = 0.95, seed: int = 0, method: str = "pchip") -> dict[str, dict[str, dict[str, Any]]]:
+    """BD-rate (%) of each test method against ``anchor`` with a paired-bootstrap percentile CI, per bpp kind.
+
+    ``curves[name]`` = one ({bpp kind: per-image bpp array}, metric function of image multiplicities) per operating
+    point; every array indexes the same test images in the same order. Returns ``out[test][bpp_key]`` =
+    {"bd_rate" (all images), "ci_low", "ci_high", "samples", "samples_defined", "confidence"}, or {"error": reason}
+    when even the point estimate is undefined."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    names = [anchor, *tests]
+    missing = [n for n in names if not curves.get(n)]
+    if missing:
+        raise ValueError(f"no operating points for {missing}; evaluate them first")
+    sizes = {len(b[k]) for name in names for b, _ in curves[name] for k in bpp_keys}
+    if len(sizes) != 1:
+        raise ValueError(f"the curves were evaluated on different numbers of test images ({sorted(sizes)}): a paired bootstrap "
+                         "needs the same images for every point")
+    n_images = sizes.pop()
+    weights = np.vstack([np.ones((1, n_images), np.int64), resample_weights(n_images, samples, seed)])  # row 0: all images
+    # metric of every point under every resample: the expensive part, computed once and shared by the bpp kinds
+    metrics = {name: [np.array([fn(w) for w in weights]) for _, fn in curves[name]] for name in names}
+    out: dict[str, dict[str, dict[str, Any]]] = {t: {} for t in tests}
+    for key in bpp_keys:
+        rates = {name: [weights @ np.asarray(b[key], float) / n_images for b, _ in curves[name]] for name in names}
+        for test in tests:
+            values, error = [], None
+            for s in range(len(weights)):
+                try:
+                    values.append(bd_rate([r[s] for r in rates[anchor]], [m[s] for m in metrics[anchor]],
+                                          [r[s] for r in rates[test]], [m[s] for m in metrics[test]], method=method))
+                except ValueError as exc:
+                    if s == 0:
+                        error = str(exc).split(";")[0]
+                        break
+                    values.append(np.nan)
+            if error is not None:
+                out[test][key] = {"error": error}
+                continue
+            boot = np.asarray(values[1:], float)
+            ok = boot[np.isfinite(boot)]
+            lo, hi = np.percentile(ok, [50 * (1 - confidence), 50 * (1 + confidence)]) if ok.size else (np.nan, np.nan)
+            out[test][key] = {"bd_rate": float(values[0]), "ci_low": float(lo), "ci_high": float(hi), "samples": samples,
+                              "samples_defined": int(ok.size), "confidence": confidence}
+    return out
+
+
+def format_ci(entry: dict[str, Any], digits: int = 1) -> str:
+    """"-12.3 [-20.1, -4.0]" (or the reason when undefined); a note when some resamples were undefined."""
+    if "error" in entry:
+        return f"n/a ({entry['error'][:60]})"
+    text = f"{entry['bd_rate']:.{digits}f} [{entry['ci_low']:.{digits}f}, {entry['ci_high']:.{digits}f}]"
+    if entry["samples_defined"] < entry["samples"]:
+        text += f" ({entry['samples'] - entry['samples_defined']}/{entry['samples']} resamples undefined)"
+    return text

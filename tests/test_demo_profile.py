@@ -1,0 +1,55 @@
+"""The demo profile (the main job): the paper's grid, a world where the question is meaningful, and the Makefile wiring."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from icm_helpers.config import REPO_ROOT, load_profile
+from icm_helpers.data import WorldSpec, render_image
+from icm_helpers.recognizers import build_recognizer
+
+CFG = load_profile("demo")
+
+
+def test_demo_runs_the_papers_grid():
+    det, seg = CFG["tasks"]["detection"], CFG["tasks"]["segmentation"]
+    assert det["lambdas"] == [0.4, 0.8, 1.6, 3.2] and seg["lambdas"] == [1, 2, 4, 8]  # Sec. 4.1
+    assert det["alpha"] == seg["alpha"] == 0.5  # Eq. 5
+    assert det["add_mse"] is False and seg["add_mse"] is True  # Eq. 5 / Eq. 6
+    assert det["roi_qf"] == 1.4 and seg["roi_qf"] is None  # Ahonen et al. QF; no ROI for segmentation
+    assert CFG["ablation"]["positions"] == [None, "enc", "dec", "task"]  # Sec. 4.2
+    assert det["ablation_lambda"] in det["lambdas"] and seg["ablation_lambda"] in seg["lambdas"]  # enc/none reused
+    assert CFG["evaluation"]["bitstream"] is True
+    assert CFG["evaluation"]["bootstrap"] == {"samples": 1000, "confidence": 0.95}
+    assert CFG["data"]["counts"]["test"] >= 48  # enough test images for a bootstrap over images
+
+
+def test_demo_recognizers_are_deep():
+    """Tens of layers between the decoded image and the task loss: the task gradient reaching the codec is weak."""
+    for task in ("detection", "segmentation"):
+        rec = build_recognizer(task, "suite", CFG["data"]["world"]["n_classes"], **CFG["recognizers"][task]["model"])
+        convs = sum(isinstance(m, torch.nn.Conv2d) for m in rec.modules())
+        backbone = sum(isinstance(m, torch.nn.Conv2d) for m in rec.model.backbone.modules())
+        assert backbone >= 20 and convs >= 30, (task, backbone, convs)
+
+
+def test_demo_world_background_is_costly_and_objects_small():
+    spec = WorldSpec(**CFG["data"]["world"], seed=0)
+    rng = np.random.default_rng(0)
+    fg, grad_bg = [], []
+    for _ in range(16):
+        img, instances, semantic = render_image(spec, rng)
+        fg.append((semantic > 0).mean())
+        g = np.abs(np.diff(img, axis=1)).mean(-1)  # horizontal gradient, (H, W-1)
+        grad_bg.append(g[semantic[:, 1:] == 0].mean())
+    assert 0.03 < np.mean(fg) < 0.3  # objects are a minority of the pixels: background bits are mostly wasted
+    assert np.mean(grad_bg) > 0.05  # textured background: coding it costs bits
+
+
+def test_make_demo_runs_the_demo_profile():
+    text = (REPO_ROOT / "Makefile").read_text()
+    assert re.search(r"^DEMO_PROFILE \?= demo$", text, re.M)
+    assert (REPO_ROOT / "papermill_runs" / "params" / "demo.yaml").is_file()
