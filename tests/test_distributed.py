@@ -56,16 +56,18 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(ddp_run, wo
     diff = torch.cat([(ddp[m][k] - single[m][k]).detach().flatten() for m, k in keys])
     print(f"update norm {float(upd.norm()):.4g}, ddp - single norm {float(diff.norm()):.4g}, max |diff| {float(diff.abs().max()):.3g}")
     assert float(upd.norm()) > 0.1  # the training did move the weights ...
-    # ... and 2 ranks x batch 2 moved them as 1 process x batch 4 did: up to rounding (Adam divides each coordinate by
-    # its own gradient scale, so summation-order rounding of a near-zero gradient moves it by a fraction of one
-    # lr = 1e-3 step; without gradient averaging, or with per-rank BatchNorm statistics, most coordinates differ)
-    assert float(diff.norm()) < 0.01 * float(upd.norm())
-    assert float(diff.abs().max()) < 1e-3
-    assert float((diff.abs() > 1e-4).float().mean()) < 0.01
+    # ... and 2 ranks x batch 2 moved them as 1 process x batch 4 did, up to rounding. Adam divides each coordinate by
+    # its own gradient scale, so summation-order rounding of small gradients moves them by up to a few lr = 1e-3
+    # steps: measured floor (the SAME single process with 1 vs 2 threads): |diff| = 1.7% of |update|, max 2.5e-3,
+    # 0.02% of the coordinates off by > 1e-3. Without gradient averaging, or with per-rank BatchNorm statistics,
+    # most coordinates differ (seen: 73% of g_a's first conv).
+    assert float(diff.norm()) < 0.05 * float(upd.norm())
+    assert float(diff.abs().max()) < 5e-3
+    assert float((diff.abs() > 1e-3).float().mean()) < 0.005
     for a, b in zip(result["history"], res.history):
         assert a.keys() == b.keys()
         for k in a:
-            assert a[k] == pytest.approx(b[k], rel=1e-3), k
+            assert a[k] == pytest.approx(b[k], rel=0.05), k  # the mean over both ranks; same rounding floor as above
 
 
 @pytest.mark.slow
