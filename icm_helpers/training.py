@@ -155,7 +155,10 @@ class EpochLoader:
             self._loader = torch.utils.data.DataLoader(
                 _PlannedBatches(dataset, crop_size), batch_size=None, sampler=self._sampler, num_workers=num_workers,
                 collate_fn=_identity, pin_memory=self.pin_memory, persistent_workers=bool(persistent_workers),
-                prefetch_factor=prefetch_factor)
+                prefetch_factor=prefetch_factor,
+                # the workers' base seed from a generator of its own, not from the global RNG (which drives the
+                # quantisation noise and RoI sampling): the training draws stay the same for any num_workers
+                generator=torch.Generator().manual_seed(seed))
 
     def _order(self, epoch: int) -> tuple[torch.Generator, list[int]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)

@@ -258,8 +258,8 @@ def test_step_logs_are_read_only_at_log_points_and_epoch_end(tmp_path, monkeypat
 
 # ------------------------------------------------------------------------------------------------- the benchmark
 def test_bench_runs_tiny_on_cpu_and_optimized_path_equals_naive_loop(tmp_path):
-    """bench.py at a tiny size on CPU writes its JSON with both modes; with amp off and no workers, the suite's
-    train_icm path computes exactly the naive loop's losses (same seeds, same batches)."""
+    """bench.py at a tiny size on CPU writes its JSON with both modes; with amp off, the suite's train_icm path (with
+    a DataLoader worker) computes exactly the naive loop's losses (same seeds, same batches, same RNG stream)."""
     sys.path.insert(0, str(ROOT / "papermill_runs"))
     try:
         import bench
@@ -267,7 +267,7 @@ def test_bench_runs_tiny_on_cpu_and_optimized_path_equals_naive_loop(tmp_path):
         sys.path.pop(0)
     out = tmp_path / "bench.json"
     args = ["--device", "cpu", "--N", "32", "--batch-size", "2", "--crop", "64", "--steps", "2", "--warmup", "1",
-            "--recognizer", "suite", "--eval-images", "2", "--amp", "none", "--num-workers", "0", "--out", str(out)]
+            "--recognizer", "suite", "--eval-images", "2", "--amp", "none", "--num-workers", "1", "--out", str(out)]
     result = bench.main(args)
     stored = json.loads(out.read_text())
     assert set(stored["train"]) >= {"naive", "optimized", "speedup"}
