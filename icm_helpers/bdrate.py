@@ -182,26 +182,3 @@ def bd_metric(
     log_ra, ma = _as_curve(rate_anchor, metric_anchor, "anchor")
     log_rt, mt = _as_curve(rate_test, metric_test, "test")
     return _average_gap((log_ra, ma), (log_rt, mt), method, x_name="rate")
-
-
-def bd_rate_rows(records: Sequence[dict], task: str, anchor: str, tests: Sequence[str],
-                 bpp_keys: Sequence[str] = ("bpp_bitstream", "bpp_estimated"), method: str = "pchip") -> list[list]:
-    """BD-rate (%) of each ``tests`` method against ``anchor`` for ``task``, from evaluation records.
-
-    Rows: [task, test method, anchor, BD-rate per bpp kind...]. A pair that cannot be computed (missing method,
-    too few points, no overlap of the metric ranges, flat curve) gets the reason instead of a number, so a table
-    never hides a failure behind a made-up value."""
-    def curve(name: str, key: str):
-        pts = sorted((r[key], r["metric"]) for r in records if r.get("task") == task and r.get("method") == name and r.get(key))
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    rows = []
-    for test in tests:
-        row: list = [task, test, anchor]
-        for key in bpp_keys:
-            try:
-                row.append(round(bd_rate(*curve(anchor, key), *curve(test, key), method=method), 2))
-            except ValueError as exc:
-                row.append(f"n/a ({str(exc).split(';')[0][:60]})")
-        rows.append(row)
-    return rows

@@ -229,12 +229,17 @@ def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: floa
     if sharded and dist_lib.is_distributed():
         per_image = dist_lib.unshard(dist_lib.all_gather_object(per_image))
         metric.load_states(dist_lib.all_gather_object(metric.state()))
-    metrics = metric.compute()
-    summary: dict[str, Any] = {"metric_name": metric.name, "metric": metrics[metric.name], "metrics": metrics,
-                               "num_images": n, "per_image": per_image,
-                               "seconds": max(dist_lib.all_gather_object(time.time() - t0)) if sharded else time.time() - t0}
+    summary = _summarize(metric, per_image, n, max(dist_lib.all_gather_object(time.time() - t0)) if sharded else time.time() - t0)
     if shard is not None:
         summary["metric_state"] = metric.state()
+    return summary
+
+
+def _summarize(metric, per_image: list[dict[str, Any]], n: int, seconds: float) -> dict[str, Any]:
+    """The evaluation record: the metric over all images and the mean of each per-image rate / quality value."""
+    metrics = metric.compute()
+    summary: dict[str, Any] = {"metric_name": metric.name, "metric": metrics[metric.name], "metrics": metrics,
+                               "num_images": n, "per_image": per_image, "seconds": seconds}
     for key in ("bpp_estimated", "bpp_bitstream", "psnr", "bpp_side_info", "roi_latent_fraction"):
         vals = [r[key] for r in per_image if key in r]
         summary[key] = float(np.mean(vals)) if vals else None
@@ -264,12 +269,5 @@ def _evaluate_forked(codec, recognizer, dataset, metric, n: int, workers: int, *
             parts = pool.map(_forked_shard, [(r, workers) for r in range(workers)])
     finally:
         _FORK_JOB.clear()
-    per_image = unshard([p for p, _ in parts])
     metric.load_states([st for _, st in parts])
-    metrics = metric.compute()
-    summary: dict[str, Any] = {"metric_name": metric.name, "metric": metrics[metric.name], "metrics": metrics, "num_images": n,
-                               "per_image": per_image, "seconds": time.time() - t0, "workers": workers}
-    for key in ("bpp_estimated", "bpp_bitstream", "psnr", "bpp_side_info", "roi_latent_fraction"):
-        vals = [r[key] for r in per_image if key in r]
-        summary[key] = float(np.mean(vals)) if vals else None
-    return summary
+    return {**_summarize(metric, unshard([p for p, _ in parts]), n, time.time() - t0), "workers": workers}

@@ -203,8 +203,7 @@ class Experiment:
                 self.log(f"not using a shipped {name}: {why}; training it")
             return False
         install_shipped(src, dst)
-        self.log(f"using the shipped {name} ({src.relative_to(src.parents[2]) if len(src.parents) > 2 else src}; "
-                 "regenerate: python -m icm_helpers.assets regenerate)")
+        self.log(f"using the shipped {name} ({src}; regenerate: python -m icm_helpers.assets regenerate)")
         return True
 
     # ------------------------------------------------------------------ recognizers
