@@ -1,3 +1,5 @@
+import os
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -8,7 +10,7 @@ import torch
 from icm_helpers.data import IcmDataset, WorldSpec, generate_world
 from icm_helpers.training import InMemory
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("ICM_TEST_THREADS", "2")))  # the tolerance audit also runs 1
 
 SPEC = WorldSpec(image_size=64, n_classes=3, seed=0)
 COUNTS = {"train": 16, "val": 4, "test": 4}
@@ -46,3 +48,9 @@ def tiny_icm_job(checkpoint, train_set, cfg):
     spec = IcmSpec("detection", 1.6, "enc", 0.5)
     res = train_icm(spec, codec, rec, aux, train_set, cfg, checkpoint, log=None)
     return codec, aux, res, (spec, rec)
+
+
+if os.environ.get("ICM_TOLERANCE_LOG"):  # tolerance audit (tests/tolerance_audit.py); nothing is patched otherwise
+    import tolerance_log
+
+    tolerance_log.install(os.environ["ICM_TOLERANCE_LOG"])

@@ -5,8 +5,11 @@ Usage: ``torchrun --standalone --nproc_per_node=2 tests/ddp_job.py WORLD_DIR OUT
 
 For an EXACT comparison of N ranks x B/N with one process x B, the only randomness inside the step is made a
 function of the data: CompressAI's training noise becomes a fixed function of the latent value, dropout is off
-(``deterministic_patches``) and the aux branch has no BatchNorm (``no_batchnorm``). Everything else (data order, crops, per-image-mean losses, DDP's gradient average)
-is what the real runs use. Every write through ``icm_helpers.io`` is recorded per rank in OUT_DIR/writes_rank<r>.txt.
+(``deterministic_patches``) and the aux branch has no BatchNorm (``no_batchnorm``). Everything else (data order, crops,
+per-image-mean losses, DDP's gradient average) is what the real runs use. The job trains in float64 (``DTYPE``): the
+two computations sum the same per-image gradients in a different order, and in float32 Adam turns that rounding into
+whole learning-rate steps on coordinates whose gradient is near zero; in float64 the rounding is ~1e-16 relative, far
+below Adam's eps, so the two runs agree to ~1e-12 on any CPU (see ``test_distributed``). Every write through ``icm_helpers.io`` is recorded per rank in OUT_DIR/writes_rank<r>.txt.
 """
 from __future__ import annotations
 
@@ -76,8 +79,11 @@ def record_writes(out_dir: Path, rank: int) -> None:
     fig_.atomic_write_bytes = atomic_write_bytes
 
 
-def start_modules():
-    """The codec and aux branch before training (fixed seed)."""
+DTYPE = torch.float64
+
+
+def start_modules(dtype: torch.dtype = DTYPE):
+    """The codec and aux branch before training (fixed seed), in ``dtype``."""
     from icm_helpers.aux_branches import build_aux_branch
     from icm_helpers.codec import build_codec
 
@@ -85,19 +91,22 @@ def start_modules():
     codec = build_codec(N=16)
     aux = build_aux_branch("segmentation", "enc", 16, 3, **AUX_SEG_CFG)
     no_batchnorm(aux)
-    return codec, aux
+    return codec.to(dtype), aux.to(dtype)
 
 
-def train(world: Path, checkpoint: Path, device: str = "cpu"):
-    """Tiny segmentation ICM job (codec N=16, aux-enc): 2 epochs x 2 steps, global batch 4, 64x64 crops of 64x64."""
+def train(world: Path, checkpoint: Path, device: str = "cpu", dtype: torch.dtype = DTYPE):
+    """Tiny segmentation ICM job (codec N=16, aux-enc): 2 epochs x 2 steps, global batch 4, 64x64 crops of 64x64,
+    every tensor (images, recognizer, codec, branch) in ``dtype``."""
     from icm_helpers.data import IcmDataset
     from icm_helpers.recognizers import build_recognizer
     from icm_helpers.training import IcmSpec, InMemory, TrainConfig, train_icm
 
     train_set = InMemory(IcmDataset(world / "train"))
+    for item in train_set.items:
+        item["image"] = item["image"].to(dtype)
     torch.manual_seed(0)
-    rec = build_recognizer("segmentation", "suite", 3, **SEG_CFG).freeze()
-    codec, aux = start_modules()
+    rec = build_recognizer("segmentation", "suite", 3, **SEG_CFG).freeze().to(dtype)
+    codec, aux = start_modules(dtype)
     no_dropout(aux, rec)
     spec = IcmSpec("segmentation", 2.0, "enc", 0.5, add_mse=True)
     cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, crop_size=64, steps_per_epoch=2, poly_start_frac=0.5)
@@ -136,11 +145,19 @@ def main(world: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     record_writes(out, r)
     deterministic_patches()
+    if os.environ.get("ICM_DDP_JOB_FAULT") == "no_gradient_average":  # negative control: each rank keeps its own gradient
+        dist_lib.wrap_trainables = lambda codec, aux_branch, device: (codec, aux_branch)
     codec, aux, res = train(world, out / "train_state.pt")
     # every rank's trained weights must agree (DDP keeps them in sync)
     flat = torch.cat([p.detach().flatten() for p in codec.parameters()])
     sums = dist_lib.all_gather_object((float(flat.sum()), float(flat.abs().sum())))
-    ev = evaluate_both(world, codec)
+    # evaluation runs in float32 on the codec rebuilt from the saved weights, exactly as the single-process side of
+    # test_sharded_evaluation_equals_single_process rebuilds it
+    from icm_helpers.codec import build_codec, load_codec_state
+
+    eval_codec = build_codec(N=16)
+    load_codec_state(eval_codec, {k: v.float() if v.is_floating_point() else v for k, v in codec.state_dict().items()})
+    ev = evaluate_both(world, eval_codec)
     from matplotlib.figure import Figure
 
     from icm_helpers.figures import save_figure

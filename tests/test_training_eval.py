@@ -94,9 +94,16 @@ def test_bpp_estimated_and_bitstream_agree(trained_codec):
     x = torch.from_numpy(img).permute(2, 0, 1)[None]
     with torch.no_grad():
         est = float(bits_from_likelihoods(trained_codec(x)["likelihoods"])[0])
-    real = compress_image(trained_codec, x)["num_bytes"] * 8
+    enc = compress_image(trained_codec, x)
+    real = enc["num_bytes"] * 8
     print(f"estimated {est / 512**2:.4f} bpp, bitstream {real / 512**2:.4f} bpp")
-    assert abs(real - est) / est < 0.05, (real, est)  # measured here: 3.8% (0.0395 vs 0.0410 bpp)
+    # every string (y and z) is coded and counted (exact)
+    assert all(len(s) > 0 for strings in enc["strings"] for s in strings)
+    assert enc["num_bytes"] == sum(len(s) for strings in enc["strings"] for s in strings)
+    # FLOOR: +2.8% .. +3.8% (AVX-512 / AVX2 / no-SIMD kernels, 1 or 2 threads, busy load; the fixed rANS overhead and
+    # coding around the predicted means). FAILURE: a bits/bytes mix-up (-87% or +700%) or a rate over the wrong pixel
+    # count. BOUND: halfway on a log scale between 3.8% and 87%.
+    assert abs(real - est) / est < 0.18, (real, est)
 
 
 def test_roi_scaling_lowers_rate_outside_mask(world):
