@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import DeepLabV3PlusHead, FasterRCNNHeads, StagedBackbone, build_stages, conv_bn_relu
+from .recognizers import IGNORE_INDEX
 
 AUX_POSITIONS = ("enc", "dec", "task", None)
 STAGE_CHANNELS = (128, 256, 256, 512)  # Tables 1 and 2, auxiliary-branch column
@@ -125,7 +126,7 @@ class AuxSegmentationBranch(nn.Module):
         return F.interpolate(self.head(feats["conv5"], feats["conv2"]), size=tuple(image_size), mode="bilinear", align_corners=False)
 
     def loss(self, feature: torch.Tensor | Mapping[str, torch.Tensor], labels: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-        return F.cross_entropy(self.logits(feature, image_size), labels)
+        return F.cross_entropy(self.logits(feature, image_size), labels, ignore_index=IGNORE_INDEX)
 
 
 class FCNAuxHead(nn.Module):
@@ -172,7 +173,7 @@ class AuxTaskSegmentationHead(nn.Module):
     def loss(self, features: Mapping[str, torch.Tensor], labels: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         if not isinstance(features, Mapping):
             raise TypeError("the aux-task head takes the dict of recognizer features (recognizer.capture_features)")
-        return F.cross_entropy(self.logits(features, image_size), labels)
+        return F.cross_entropy(self.logits(features, image_size), labels, ignore_index=IGNORE_INDEX)
 
 
 def build_aux_branch(task: str, position: str | None, codec_N: int, num_classes: int, recognizer: Any = None,

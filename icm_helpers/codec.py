@@ -23,41 +23,40 @@ PAD_MULTIPLE = 64  # Sec. 4.1: "padded them to a multiple of 64"
 ARCH = "cheng2020-attn"
 
 
-def build_codec(N: int = 128, pretrained: bool = False, quality: int | None = None, weights: str | None = None) -> nn.Module:
+def build_codec(N: int = 128, pretrained: bool = False, quality: int | None = None, weights: str | None = None,
+                download: bool = False) -> nn.Module:
     """Cheng2020Attention with ``N`` channels, or the pretrained CompressAI zoo model for ``quality``.
 
-    ``pretrained=True`` downloads CompressAI's MSE-trained weights (qualities 1-6; N=128 for 1-3, N=192 for 4-6)
-    and therefore needs internet; offline it raises with the file to place in the torch hub cache.
-    ``weights``: a local CompressAI checkpoint file (e.g. the zoo's ``cheng2020_attn-mse-6-*.pth.tar``) instead of the
-    download; loaded with ``weights_only=True``, N taken from the file.
+    ``pretrained=True``: CompressAI's MSE-trained weights (qualities 1-6; N=128 for 1-3, N=192 for 4-6), read from
+    the zoo's file in the torch hub cache (``<torch hub dir>/checkpoints/cheng2020_attn-mse-<q>-*.pth.tar``, where
+    CompressAI itself keeps it); missing, it is downloaded only with ``download=True`` (profile ``codec.download``),
+    else the error names the file, its URL and the folder. ``weights``: a local CompressAI checkpoint file instead.
+    Every file is read with ``weights_only=True`` (CompressAI's own zoo loader unpickles with ``weights_only=False``,
+    so it is not used), keys renamed as CompressAI's ``load_pretrained`` does, N taken from the file.
     """
     from compressai.models import Cheng2020Attention
+    from compressai.models.utils import remap_old_keys
+    from compressai.zoo.pretrained import load_pretrained
 
+    if pretrained and not weights:
+        if quality not in (1, 2, 3, 4, 5, 6):
+            raise ValueError(f"pretrained=True needs quality in 1..6 (CompressAI cheng2020-attn zoo), got {quality!r}")
+        from compressai.zoo.image import model_urls
+
+        from .backends import resolve_weights
+
+        weights = resolve_weights(None, model_urls["cheng2020-attn"]["mse"][quality], download=download,
+                                  what=f"CompressAI cheng2020-attn (mse, quality {quality})", setting="codec.download")
     if weights:
         state = load_state(weights)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
-        if not isinstance(state, dict) or "g_a.0.conv1.weight" not in state:
+        if not isinstance(state, dict) or not any(k.endswith("g_a.0.conv1.weight") for k in state):
             raise ValueError(f"{weights} is not a cheng2020-attn checkpoint (no g_a.0.conv1.weight); expected CompressAI's "
                              "zoo file or a state_dict of Cheng2020Attention")
+        # the zoo's files use older names for the entropy bottleneck's parameters: CompressAI's two renaming steps
+        state = remap_old_keys("entropy_bottleneck", load_pretrained(state))
         model = Cheng2020Attention(N=int(state["g_a.0.conv1.weight"].shape[0]))
         load_codec_state(model, state, source=str(weights))
-        return model
-    if pretrained:
-        if quality not in (1, 2, 3, 4, 5, 6):
-            raise ValueError(f"pretrained=True needs quality in 1..6 (CompressAI cheng2020-attn zoo), got {quality!r}")
-        from compressai.zoo import cheng2020_attn
-        from compressai.zoo.image import model_urls
-
-        try:
-            model = cheng2020_attn(quality=quality, metric="mse", pretrained=True, progress=True)
-        except Exception as exc:  # network errors come in many types
-            hub = Path(torch.hub.get_dir()) / "checkpoints"
-            url = model_urls["cheng2020-attn"]["mse"][quality]
-            raise RuntimeError(
-                f"could not load the pretrained cheng2020-attn (quality {quality}). Without internet, place "
-                f"CompressAI's checkpoint file {url.rsplit('/', 1)[-1]} (from {url}) in {hub} and retry, "
-                f"or pass weights=/path/to/that/file. (download failed: {type(exc).__name__}: {exc})"
-            ) from exc
         return model
     if N < 8:
         raise ValueError(f"codec N must be >= 8, got {N}")
@@ -151,10 +150,16 @@ def compile_codec(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """Zero-pad (left/right, top/bottom split as in CompressAI's evaluation) to a multiple of ``multiple``."""
+    """Zero-pad (left/right, top/bottom split as in CompressAI's evaluation) to a multiple of ``multiple``.
+
+    THE padding rule wherever an image meets the codec (training, validation, evaluation, bit maps, ROI, the widget;
+    Sec. 4.1: "padded them to a multiple of 64 so that they could be input into the ICM model"). Returns ``(padded,
+    pad)`` with ``pad = (left, right, top, bottom)`` for ``crop_to``; ``x`` itself when its size is already a multiple."""
     h, w = x.shape[-2:]
     H = (h + multiple - 1) // multiple * multiple
     W = (w + multiple - 1) // multiple * multiple
+    if (H, W) == (h, w):
+        return x, (0, 0, 0, 0)
     left, top = (W - w) // 2, (H - h) // 2
     pad = (left, W - w - left, top, H - h - top)
     return F.pad(x, pad, mode="constant", value=0.0), pad

@@ -183,6 +183,9 @@ def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: floa
         raise ValueError("roi_qf needs a codec")
     if roi_qf is not None:
         check_roi(roi_qf, roi_decoder)
+    if workers > 1 and device_type != "cpu":
+        raise ValueError(f"workers={workers} forks CPU worker processes, and a forked process cannot use {device} (CUDA "
+                         "cannot be re-initialised in a forked subprocess): use workers=1 on a GPU")
     metric = make_metric(recognizer, dataset)
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     if codec is not None:

@@ -64,6 +64,12 @@ class Experiment:
         """``"all"`` -> every task of the profile; else the one named task (validated)."""
         return list(self.cfg["tasks"]) if task == "all" else [check_task(task)]
 
+    def max_images(self) -> int | None:
+        """THE image count of every evaluation-like step (evaluation records, bit-map tables, the widget's image list):
+        the profile's ``evaluation.max_images``, i.e. the first N test images (None = the whole test split)."""
+        n = (self.cfg.get("evaluation") or {}).get("max_images")
+        return None if n is None else int(n)
+
     def task_cfg(self, task: str) -> dict[str, Any]:
         return self.cfg["tasks"][check_task(task)]
 
@@ -246,7 +252,7 @@ class Experiment:
         cc = self.cfg["codec"]
         if cc.get("weights") or cc.get("pretrained"):  # the paper: CompressAI's pretrained cheng2020-attn (Sec. 4.1)
             weights = str(resolve_data_path(cc["weights"])) if cc.get("weights") else None
-            model = codec_lib.build_codec(pretrained=True, quality=cc["quality"], weights=weights)
+            model = codec_lib.build_codec(pretrained=True, quality=cc["quality"], weights=weights, download=bool(cc.get("download", False)))
             source = weights or f"compressai cheng2020-attn mse q{cc['quality']}"
             codec_lib.save_codec(path, model, extra={"source": source})
             return model.to(self.device)
@@ -358,7 +364,7 @@ class Experiment:
             return read_json(path)
         ec = self.cfg.get("evaluation", {})
         ev = evaluate(codec_factory(), self.recognizer(task), self.dataset("test", task), bitstream=bool(ec.get("bitstream", True)),
-                      roi_qf=roi_qf, roi_decoder=roi_decoder, max_images=ec.get("max_images"), device=self.device,
+                      roi_qf=roi_qf, roi_decoder=roi_decoder, max_images=self.max_images(), device=self.device,
                       amp=ec.get("amp"), workers=int(ec.get("workers", 1)) if self.device == "cpu" else 1)  # under torchrun: sharded over the ranks, gathered (same record on every rank)
         record = {"profile": self.profile, "task": task, "lambda_": lambda_, **fields, **ev}
         if dist_lib.is_main():

@@ -35,6 +35,7 @@ TASKS = ("detection", "segmentation")
 BACKENDS = {"detection": ("suite", "torchvision", "detectron2"), "segmentation": ("suite", "deeplabv3plus", "mmseg")}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE_INDEX = 255  # label-map value of padded / unlabelled pixels (MMSeg's convention); never a class
 
 
 def check_task(task: str) -> str:
@@ -196,6 +197,19 @@ class DetectionRecognizer(_FrozenRecognizer):
             _, losses = self.model(images, labels)
         return sum(losses.values())
 
+    @staticmethod
+    def pad_labels(labels: list[dict[str, torch.Tensor]], pad: tuple[int, int, int, int]) -> list[dict[str, torch.Tensor]]:
+        """Labels of the original image in the frame of the image padded by ``codec.pad_to_multiple`` (``pad`` =
+        left, right, top, bottom): boxes shifted by (left, top). For branches that read the padded image's latent."""
+        left, _, top, _ = pad
+        if not (left or top):
+            return labels
+        out = []
+        for lab in labels:
+            shift = torch.tensor([left, top, left, top], dtype=lab["boxes"].dtype, device=lab["boxes"].device)
+            out.append({**lab, "boxes": lab["boxes"] + shift})
+        return out
+
     def supervised_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Ground-truth training loss (used only to train the suite's own detector in notebook 01)."""
         targets = [{"boxes": b, "labels": l} for b, l in zip(batch["boxes"], batch["labels"])]
@@ -221,10 +235,15 @@ class SegmentationRecognizer(_FrozenRecognizer):
         return self.model(images).argmax(1)
 
     def task_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.model(images), labels)
+        return F.cross_entropy(self.model(images), labels, ignore_index=IGNORE_INDEX)
+
+    @staticmethod
+    def pad_labels(labels: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
+        """Label maps in the frame of the image padded by ``codec.pad_to_multiple``: padding is ``IGNORE_INDEX``."""
+        return F.pad(labels, pad, value=IGNORE_INDEX) if any(pad) else labels
 
     def supervised_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        return F.cross_entropy(self.model(batch["image"]), batch["semantic"])
+        return F.cross_entropy(self.model(batch["image"]), batch["semantic"], ignore_index=IGNORE_INDEX)
 
 
 def build_recognizer(task: str, backend: str = "suite", num_classes: int = 3, **config: Any) -> _FrozenRecognizer:

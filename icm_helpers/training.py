@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import adaptive_alpha
-from .codec import codec_forward, converge_quantiles, load_state, update_entropy_tables
+from .codec import codec_forward, converge_quantiles, crop_to, load_state, pad_to_multiple, update_entropy_tables
 from .data import collate, crop_at, crop_item_at, crop_window, to_device
 from .io import atomic_torch_save, remove_stale_temps
 from .losses import check_lambda_alpha, human_rd_loss, icm_loss, rate_bpp
@@ -88,6 +88,11 @@ def _batch_windows(shapes: list[tuple[int, int]], crop_size: int | None, g: torc
 
 
 def _make_batch(items: list[dict], crop_size: int | None, mode: str, windows) -> dict:
+    if mode == "none" and len({tuple(it["image"].shape[-2:]) for it in items}) > 1:
+        sizes = sorted({tuple(it["image"].shape[-2:]) for it in items})
+        raise ValueError(f"a training batch holds images of different sizes {sizes[:3]} and crop_size is null: set the task's "
+                         "train.crop_size (the paper: 256 for COCO) or resize the dataset's images to one size (Pascal-Context: "
+                         "520x520)")
     if mode == "items":
         return collate([crop_item_at(it, crop_size, win) for it, win in zip(items, windows)])
     batch = collate(items)
@@ -704,22 +709,49 @@ class IcmSpec:
         return f"{self.method}_lambda{self.lambda_:g}"
 
 
-def icm_terms(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module | None, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """All loss terms of one batch (Eq. 4-6). Pseudo-labels come from the recognizer on the ORIGINAL x."""
-    labels = recognizer.pseudo_labels(x)
-    out = codec_forward(codec, x)
+def icm_terms(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module | None, x: torch.Tensor,
+              labels: Any = None) -> dict[str, torch.Tensor]:
+    """All loss terms of one batch (Eq. 4-6). Pseudo-labels come from the recognizer on the ORIGINAL x (``labels``:
+    given when they were computed beforehand on the same x).
+
+    Images of any size: the codec codes x padded to a multiple of 64 (``pad_to_multiple``, the evaluation's rule,
+    Sec. 4.1); the recognizer sees x_hat cropped back to x's size; the rate is counted over x's pixels, as in the
+    evaluation. A branch on the codec's latent (aux-enc, aux-dec) sees the padded frame, so its labels are moved
+    there (``recognizer.pad_labels``); aux-task reads the recognizer's features of the cropped x_hat."""
+    labels = recognizer.pseudo_labels(x) if labels is None else labels
+    xp, pad = pad_to_multiple(x)
+    out = codec_forward(codec, xp)
+    x_hat = crop_to(out["x_hat"], pad)
     rate = rate_bpp(out["likelihoods"], x.shape[-2] * x.shape[-1])
     if aux_branch is not None and spec.aux_position == "task":
         # aux-task (Sec. 4.2): the branch reads the recognizer's own backbone features of x_hat, recorded during
         # the task-loss forward (one backbone pass; the aux gradient flows back through the frozen stages)
         with recognizer.capture_features(aux_branch.inputs) as features:
-            task = recognizer.task_loss(out["x_hat"], labels)
+            task = recognizer.task_loss(x_hat, labels)
         aux = aux_branch.loss(features, labels, tuple(x.shape[-2:]))
     else:
-        task = recognizer.task_loss(out["x_hat"], labels)
-        aux = aux_branch.loss(out[spec.aux_position], labels, tuple(x.shape[-2:])) if aux_branch is not None else None
-    mse = F.mse_loss(out["x_hat"], x) if spec.add_mse else None
+        task = recognizer.task_loss(x_hat, labels)
+        aux = (aux_branch.loss(out[spec.aux_position], recognizer.pad_labels(labels, pad), tuple(xp.shape[-2:]))
+               if aux_branch is not None else None)
+    mse = F.mse_loss(x_hat, x) if spec.add_mse else None
     return icm_loss(rate, task, spec.lambda_, aux, spec.alpha, mse)
+
+
+def equal_size_batches(dataset, batch_size: int, seed: int = 0, device: str = "cpu") -> Iterator[dict]:
+    """Every item of ``dataset`` once, in the (seed, epoch 0) order of ``EpochLoader``, in batches of at most
+    ``batch_size`` consecutive items of one image size (evaluation splits such as COCO's at shorter edge 800 mix
+    sizes; equal-size splits give exactly ``EpochLoader``'s batches)."""
+    loader = EpochLoader(dataset, min(batch_size, len(dataset)), seed, drop_last=False, device=device)
+    _, order = loader._order(0)
+    group: list[dict] = []
+    for j in order:
+        item = dataset[j]
+        if group and (len(group) == batch_size or item["image"].shape[-2:] != group[-1]["image"].shape[-2:]):
+            yield loader._finish(collate(group))
+            group = []
+        group.append(item)
+    if group:
+        yield loader._finish(collate(group))
 
 
 @torch.no_grad()
@@ -730,7 +762,7 @@ def validation_terms(spec: IcmSpec, codec, recognizer, aux_branch, val_set, batc
     torch.manual_seed(seed)  # the detector's RPN/RoI sampling inside the task loss is random
     sums: dict[str, float] = {}
     n = 0
-    for batch in epoch_loader(val_set, min(batch_size, len(val_set)), seed, 0, drop_last=False, device=device):
+    for batch in equal_size_batches(val_set, batch_size, seed, device):
         terms = icm_terms(spec, codec, recognizer, aux_branch, batch["image"])
         k = batch["image"].shape[0]
         for name, v in terms.items():

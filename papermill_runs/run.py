@@ -194,6 +194,10 @@ def load_profile_params(profile: str, params_dir: Path) -> dict[str, Any]:
             f"unknown profile {profile!r}: {_rel(path)} does not exist. "
             f"Available profiles (in {_rel(params_dir)}): {listing}"
         )
+    return _read_params_file(path, profile)
+
+
+def _read_params_file(path: Path, profile: str) -> dict[str, Any]:
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_ParamLoader)  # noqa: S506
     except yaml.YAMLError as exc:
@@ -232,11 +236,86 @@ def parse_param_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def build_params(profile: str, params_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The parameters injected into every notebook: params file + profile + ``--param`` overrides."""
-    params = load_profile_params(profile, params_dir)
-    params["profile"] = profile
+def is_profile_file(profile: str) -> bool:
+    """``--profile`` names a YAML file (``my.yaml``, ``path/to/study.yml``) rather than a packaged profile."""
+    return str(profile).endswith((".yaml", ".yml"))
+
+
+@dataclass
+class ProfileChoice:
+    """What ``--profile`` resolved to: the ``name`` (out-dir folder, figures/<name>/, runs/<name>/), the value the
+    notebooks get as their ``profile`` parameter (a name, or the absolute path of a profile file) and the
+    notebook parameter file (``None``: the notebooks' defaults)."""
+
+    name: str
+    notebook_value: str
+    params_file: Optional[Path]
+
+
+def resolve_profile(profile: str, params_dir: Path) -> ProfileChoice:
+    """A packaged profile NAME (params from ``<params_dir>/<name>.yaml``) or a profile FILE: its ``name:`` key names
+    the outputs, and the notebook parameters come from ``<stem>.params.yaml`` beside it when there (else the notebooks'
+    defaults)."""
+    if not is_profile_file(profile):
+        validate_profile_name(profile)
+        return ProfileChoice(profile, profile, Path(params_dir) / f"{profile}.yaml")
+    path = Path(profile).expanduser().resolve()
+    if not path.is_file():
+        raise RunnerError(f"--profile {profile}: no such profile file ({path})")
+    cfg = _load_profile_cfg(str(path), {})
+    name = cfg.get("name")
+    if not isinstance(name, str) or not PROFILE_RE.match(name):
+        raise RunnerError(f"{_rel(path)}: its 'name' ({name!r}) must use letters, digits, '_' and '-' only "
+                          "(it names runs/<name>/, figures/<name>/ and the executed notebooks' folder)")
+    beside = path.with_name(f"{path.stem}.params.yaml")
+    return ProfileChoice(name, str(path), beside if beside.is_file() else None)
+
+
+def _load_profile_cfg(profile: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    from icm_helpers.config import load_profile
+
+    try:
+        return load_profile(profile, overrides)
+    except (ValueError, KeyError) as exc:
+        raise RunnerError(str(exc.args[0]) if exc.args else str(exc)) from None
+    except yaml.YAMLError as exc:
+        raise RunnerError(f"{profile}: not valid YAML: {exc}") from None
+
+
+def parse_set_overrides(items: Sequence[str], profile: str) -> dict[str, Any]:
+    """``--set tasks.detection.lambdas=[0.4]`` -> ``{"tasks.detection.lambdas": [0.4]}`` (values parsed as YAML),
+    checked against ``profile`` now, so a typo stops the run before any notebook starts."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        if "=" not in item:
+            raise RunnerError(f"--set {item!r}: expected key=value with a dotted profile key, e.g. evaluation.max_images=4")
+        key, text = (part.strip() for part in item.split("=", 1))
+        try:
+            out[key] = parse_yaml_value(text)
+        except yaml.YAMLError as exc:
+            raise RunnerError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
+        _check_param_value(out[key], f"--set {item!r}")
+    if out:
+        try:
+            _load_profile_cfg(profile, out)
+        except RunnerError as exc:
+            raise RunnerError(f"--set: {exc}") from None
+    return out
+
+
+def build_params(profile: str, params_dir: Path, overrides: Sequence[str] = (), sets: Sequence[str] = ()) -> dict[str, Any]:
+    """The parameters injected into every notebook: the profile's params file (or none) + ``profile`` + the
+    ``--param`` overrides + ``overrides`` (the ``--set`` dotted profile settings, only when given)."""
+    choice = resolve_profile(profile, params_dir)
+    if not is_profile_file(profile):
+        params = load_profile_params(choice.name, params_dir)
+    else:
+        params = _read_params_file(choice.params_file, choice.name) if choice.params_file is not None else {}
+    params["profile"] = choice.notebook_value
     params.update(parse_param_overrides(overrides))
+    profile_overrides = parse_set_overrides(sets, choice.notebook_value)
+    if profile_overrides:
+        params["overrides"] = profile_overrides
     return params
 
 
@@ -595,6 +674,7 @@ class Options:
     out_dir: Path = DEFAULT_OUT_DIR
     params_dir: Path = DEFAULT_PARAMS_DIR
     params: Sequence[str] = ()
+    sets: Sequence[str] = ()
     only: Optional[Sequence[str]] = None
     start: Optional[str] = None
     force: bool = False
@@ -675,8 +755,8 @@ def _finalise_copy(partial: Path, final: Path) -> bool:
 
 
 def run(opts: Options) -> int:
-    profile = validate_profile_name(opts.profile)
-    params = build_params(profile, Path(opts.params_dir), opts.params)
+    params = build_params(opts.profile, Path(opts.params_dir), opts.params, opts.sets)
+    profile = resolve_profile(opts.profile, Path(opts.params_dir)).name
     p_hash = params_sha256(params)
     notebooks_dir = Path(opts.notebooks_dir).resolve()
     notebooks = discover_notebooks(notebooks_dir)
@@ -834,13 +914,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Execute the NN_*.ipynb notebooks in order with papermill for one parameter profile; "
         "complete, unchanged notebooks are skipped; the first failure stops the run.",
     )
-    parser.add_argument("--profile", required=True, help="params profile: <params-dir>/<profile>.yaml")
+    parser.add_argument("--profile", required=True,
+                        help="a profile name (params: <params-dir>/<name>.yaml) or a profile YAML file (params: <stem>.params.yaml "
+                             "beside it, else the notebooks' defaults)")
     parser.add_argument("--force", action="store_true", help="rerun the selected notebooks even if complete")
     parser.add_argument("--only", nargs="+", metavar="NB", help="only these notebooks (numbers like 03, or names)")
     parser.add_argument("--from", dest="start", metavar="NB", help="start at this notebook (number or name)")
     parser.add_argument(
         "--param", action="append", default=[], nargs="+", metavar="KEY=VALUE",
         help="override/add a parameter; the value is parsed as YAML (repeatable)",
+    )
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[], nargs="+", metavar="KEY=VALUE",
+        help="dotted profile setting for every notebook's Experiment, e.g. evaluation.max_images=4 (value parsed as YAML; "
+             "repeatable)",
     )
     parser.add_argument("--notebooks-dir", type=Path, default=DEFAULT_NOTEBOOKS_DIR, help="default: <repo>/notebooks")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="default: <repo>/papermill_runs")
@@ -862,6 +949,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out_dir=args.out_dir,
         params_dir=args.params_dir,
         params=[item for group in args.param for item in group],
+        sets=[item for group in args.sets for item in group],
         only=args.only,
         start=args.start,
         force=args.force,

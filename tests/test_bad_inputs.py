@@ -549,8 +549,8 @@ def test_row09_backend_weights_offline(offline, rec):
 
 
 def test_row09_pretrained_codec_offline(offline, rec):
-    rec.raises(RuntimeError, ["cheng2020_attn-mse-3-2d07bbdf.pth.tar", "https://compressai.s3.amazonaws.com/models/v1/",
-                              str(offline / "checkpoints"), "weights=/path/to/that/file"],
+    rec.raises(FileNotFoundError, ["cheng2020_attn-mse-3-2d07bbdf.pth.tar", "https://compressai.s3.amazonaws.com/models/v1/",
+                              str(offline / "checkpoints"), "codec.download: true", "weights=/path/to/file"],
                lambda: codec_lib.build_codec(pretrained=True, quality=3),
                input="build_codec(pretrained=True, quality=3) with the network blocked", where="codec.build_codec")
     assert files_under(offline) == []  # no partial download left in the hub cache

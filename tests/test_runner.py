@@ -45,7 +45,7 @@ def _body_cell(name: str) -> str:
         "import json, os, sys\n"
         f"NAME = {name!r}\n"
         "record = dict(name=NAME, profile=profile, seed=seed, device=device, lr=lr,\n"
-        "              exe=sys.executable, cwd=os.getcwd())\n"
+        "              exe=sys.executable, cwd=os.getcwd(), overrides=globals().get('overrides'))\n"
         "with open('log.jsonl', 'a') as fh:\n"
         "    fh.write(json.dumps(record) + '\\n')\n"
         "print('ran', NAME)\n"
@@ -334,3 +334,44 @@ def test_cli_list_as_a_script(project):
     assert listed == ["01_a", "02_b", "10_c"]
     assert "would run (no previous run)" in proc.stdout
     assert not project.out.exists()
+
+
+def test_profile_file_with_params_beside_it_and_set_overrides(project, capsys):
+    """``--profile path/to/mine.yaml``: outputs named by the file's ``name``, notebook parameters from
+    ``mine.params.yaml`` beside it; ``--set`` dotted settings reach every notebook as ``overrides`` (YAML-typed), are
+    part of the parameters' hash (changing them reruns), and a typo stops the run before any notebook starts."""
+    p = project
+    import yaml
+
+    from icm_helpers.config import load_profile
+
+    cfg = load_profile("smoke")
+    cfg["name"] = "mine"
+    mine = p.root / "profiles" / "mine.yaml"
+    mine.parent.mkdir()
+    mine.write_text(yaml.safe_dump(cfg))
+    (p.root / "profiles" / "mine.params.yaml").write_text("seed: 3\ndevice: cpu\n")
+
+    def cli(*args):
+        return runner.main(["--profile", str(mine), "--notebooks-dir", str(p.nbs), "--out-dir", str(p.out), *args])
+
+    assert cli("--only", "01", "--set", "evaluation.max_images=4", "tasks.detection.lambdas=[0.4, 1.6]") == 0
+    (record,) = p.log()
+    assert record["profile"] == str(mine.resolve()) and record["seed"] == 3
+    assert record["overrides"] == {"evaluation.max_images": 4, "tasks.detection.lambdas": [0.4, 1.6]}
+    assert (p.out / "mine" / "01_a.ipynb").is_file() and not (p.out / "t").exists()
+    assert cli("--only", "01", "--set", "evaluation.max_images=5") == 0  # other overrides: it reruns
+    assert "params changed" in capsys.readouterr().out and p.log()[-1]["overrides"] == {"evaluation.max_images": 5}
+    # without a params file beside it: the notebooks' own defaults (here: device '?'), profile = the file
+    (p.root / "profiles" / "mine.params.yaml").unlink()
+    assert cli("--only", "01", "--force") == 0
+    assert p.log()[-1]["device"] == "?" and p.log()[-1]["overrides"] is None
+    # a typo in --set and a file that is not there stop before anything runs (exit code 2)
+    n = len(p.log())
+    assert cli("--only", "01", "--set", "evaluation.max_imagez=4") == 2
+    err = capsys.readouterr().err
+    assert "max_imagez" in err and "did you mean 'max_images'" in err
+    assert cli("--only", "01", "--set", "no_equals_sign") == 2
+    assert runner.main(["--profile", str(p.root / "nope.yaml"), "--notebooks-dir", str(p.nbs), "--out-dir", str(p.out)]) == 2
+    assert "no such profile file" in capsys.readouterr().err
+    assert len(p.log()) == n

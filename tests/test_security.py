@@ -114,7 +114,7 @@ def test_offline_pretrained_codec_names_the_file(monkeypatch, tmp_path):
     saved = (socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo, getattr(socket.socket, "_icm_blocked", False))
     try:
         block_network()
-        with pytest.raises(RuntimeError, match="cheng2020_attn-mse-3"):
+        with pytest.raises(FileNotFoundError, match=r"cheng2020_attn-mse-3(?s:.*)codec\.download"):
             build_codec(pretrained=True, quality=3)
     finally:
         socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = saved[:3]

@@ -220,3 +220,105 @@ def test_evaluate_counts_the_signalled_mask_in_both_rates(trained_codec, world):
     for key in ("bpp_bitstream", "bpp_estimated"):
         assert resc[key] == pytest.approx(plain[key] + resc["bpp_side_info"], rel=1e-9)
     assert 0 < resc["roi_latent_fraction"] <= 1
+
+
+# ------------------------------------------------------------------------------ images of any size meet the codec
+def _mixed_items(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"image": torch.rand(3, h, w, generator=g), "image_id": i, "boxes": torch.tensor([[4.0, 5.0, 30.0, 40.0]]),
+             "labels": torch.tensor([1]), "roi": torch.zeros(h, w, dtype=torch.bool), "semantic": torch.zeros(h, w, dtype=torch.int64)}
+            for i, (h, w) in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("task", ["detection", "segmentation"])
+def test_icm_terms_pad_any_size_for_the_codec_and_crop_back(task, monkeypatch):
+    """70x100 images (Pascal-Context's 520x520, COCO's 800 x W are not multiples of 64 either): the codec codes them
+    padded to 128x128 (Sec. 4.1), the recognizer sees x_hat at 70x100, the rate is over the 70x100 pixels, and the
+    aux-enc branch's labels are moved into the padded frame."""
+    from icm_helpers import training
+
+    torch.manual_seed(0)
+    if task == "detection":
+        rec = build_recognizer(task, "suite", 3, **DET_CFG).freeze()
+        aux = build_aux_branch(task, "enc", 16, 3, **AUX_DET_CFG)
+    else:
+        rec = build_recognizer(task, "suite", 3, width=8, head_channels=16, low_channels=8).freeze()
+        aux = build_aux_branch(task, "enc", 16, 3, width=0.125, aspp_dilations=(1, 2, 3, 4))
+    codec = build_codec(N=16).train()
+    seen = {}
+    real_forward, real_task_loss, real_aux_loss = training.codec_forward, rec.task_loss, aux.loss
+    def codec_forward(m, xp):
+        seen["codec"] = xp.shape
+        seen["out"] = real_forward(m, xp)
+        return seen["out"]
+
+    monkeypatch.setattr(training, "codec_forward", codec_forward)
+    monkeypatch.setattr(rec, "task_loss", lambda x, y: seen.setdefault("recognizer", x.shape) and real_task_loss(x, y))
+    monkeypatch.setattr(aux, "loss", lambda f, y, size: seen.setdefault("aux", (y, size)) and real_aux_loss(f, y, size))
+    x = torch.rand(2, 3, 70, 100)
+    terms = training.icm_terms(IcmSpec(task, 1.0, "enc", 0.5, add_mse=task == "segmentation"), codec, rec, aux, x)
+    assert all(torch.isfinite(v) for v in terms.values())
+    assert tuple(seen["codec"]) == (2, 3, 128, 128) and tuple(seen["recognizer"]) == (2, 3, 70, 100)
+    labels, size = seen["aux"]
+    assert size == (128, 128)
+    if task == "segmentation":  # padding is ignore (255): 14 rows above, 14 columns left
+        assert labels.shape == (2, 128, 128) and (labels[:, :29] == 255).all() and (labels[:, 29:99, 14:114] != 255).all()
+    # the rate counts the bits of the padded image over the ORIGINAL pixels (as the evaluation's bpp)
+    expected = bits_from_likelihoods(seen["out"]["likelihoods"]).mean() / (70 * 100)
+    assert float(terms["rate"]) == pytest.approx(float(expected), rel=1e-5)  # float32 sums in another order: ~1e-7
+
+
+def test_pad_labels_move_boxes_and_maps_into_the_padded_frame():
+    det = build_recognizer("detection", "suite", 3, **DET_CFG)
+    seg = build_recognizer("segmentation", "suite", 3, width=8, head_channels=16, low_channels=8)
+    _, pad = pad_to_multiple(torch.zeros(1, 3, 70, 100))
+    assert pad == (14, 14, 29, 29)
+    moved = det.pad_labels([{"boxes": torch.tensor([[0.0, 0.0, 10.0, 20.0]]), "labels": torch.tensor([2])}], pad)
+    assert torch.equal(moved[0]["boxes"], torch.tensor([[14.0, 29.0, 24.0, 49.0]])) and moved[0]["labels"].tolist() == [2]
+    maps = seg.pad_labels(torch.ones(1, 70, 100, dtype=torch.int64), pad)
+    assert maps.shape == (1, 128, 128) and maps.sum() == 70 * 100 + 255 * (128 * 128 - 70 * 100)
+    assert det.pad_labels(moved, (0, 0, 0, 0)) is moved  # nothing to move for a multiple of 64
+
+
+def test_validation_batches_images_of_different_sizes(tmp_path):
+    """Per-epoch validation on an evaluation split of mixed sizes (COCO at shorter edge 800): batches of one size."""
+    from icm_helpers.training import InMemory, epoch_loader, equal_size_batches, validation_terms
+
+    class Items(torch.utils.data.Dataset):
+        def __init__(self, items):
+            self.items = items
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            return self.items[i]
+
+    val = Items(_mixed_items([(64, 64), (70, 100), (64, 64), (70, 100), (64, 96)]))
+    batches = list(equal_size_batches(val, 8, seed=0))
+    assert sum(b["image"].shape[0] for b in batches) == 5
+    assert sorted(i for b in batches for i in b["image_id"]) == [0, 1, 2, 3, 4]
+    same = InMemory(Items(_mixed_items([(64, 64)] * 5)))
+    assert [b["image_id"] for b in equal_size_batches(same, 2, seed=0)] == \
+        [b["image_id"] for b in epoch_loader(same, 2, 0, 0, drop_last=False)]  # equal sizes: EpochLoader's batches
+    torch.manual_seed(0)
+    rec = build_recognizer("segmentation", "suite", 3, width=8, head_channels=16, low_channels=8).freeze()
+    terms = validation_terms(IcmSpec("segmentation", 1.0, None, add_mse=True), build_codec(N=16).eval(), rec, None, val, 4)
+    assert all(np.isfinite(v) for v in terms.values())
+
+
+def test_training_batch_of_mixed_sizes_without_crop_names_the_fix():
+    from icm_helpers.training import epoch_loader
+
+    class Items(torch.utils.data.Dataset):
+        items = _mixed_items([(64, 64), (70, 100)] * 2)
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return self.items[i]
+
+    with pytest.raises(ValueError, match="crop_size"):
+        list(epoch_loader(Items(), 2, seed=0, epoch=0, crop_size=None))
+

@@ -33,12 +33,14 @@ def hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def resolve_weights(weights: str | None, url: str, *, download: bool = False, what: str = "weights") -> Path:
+def resolve_weights(weights: str | None, url: str, *, download: bool = False, what: str = "weights",
+                    setting: str = "recognizers.<task>.model.download") -> Path:
     """Path of a checkpoint file.
 
     ``weights``: a local file path, or None / "official" for the file at ``url`` (looked up in the torch hub cache,
     ``hub_checkpoint_dir()``). Missing and ``download=False`` -> FileNotFoundError naming the URL, the file name
-    and the folder to place it in. ``download=True`` -> downloaded there with a progress bar."""
+    and the folder to place it in (``setting``: the profile key that allows the download). ``download=True`` ->
+    downloaded there with a progress bar."""
     if weights not in (None, "official"):
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -51,7 +53,7 @@ def resolve_weights(weights: str | None, url: str, *, download: bool = False, wh
     if not download:
         raise FileNotFoundError(
             f"{what}: the official checkpoint {name} is not in {path.parent}. Either download it yourself "
-            f"(wget -P {path.parent} {url}) or pass download=True (profile: recognizers.<task>.model.download: true) "
+            f"(wget -P {path.parent} {url}) or pass download=True (profile: {setting}: true) "
             f"to let the suite fetch it; or give a local file with weights=/path/to/file.")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.hub.download_url_to_file(url, str(path), progress=True)
