@@ -134,12 +134,12 @@ def _markdown(columns: Sequence[str], cells: list[list[str]], title: str | None)
 
 def _render_table(columns: Sequence[str], cells: list[list[str]], title: str | None) -> Figure:
     """A headless matplotlib figure holding the table, sized to its contents."""
-    widths = [3 + max(len(c), *(len(r[j]) for r in cells)) for j, c in enumerate(columns)]
-    fig = Figure(figsize=(max(2.0, 0.085 * sum(widths)), 0.28 * (len(cells) + 1)))
+    widths = [3 + max([len(c), *(len(r[j]) for r in cells)]) for j, c in enumerate(columns)]  # cells may be empty
+    fig = Figure(figsize=(max(2.0, 0.085 * sum(widths)), 0.28 * (max(1, len(cells)) + 1)))
     ax = fig.add_axes((0, 0, 1, 1))
     ax.axis("off")
     table = ax.table(
-        cellText=cells or None,
+        cellText=cells or [["(no rows)"] + [""] * (len(columns) - 1)],
         colLabels=list(columns),
         cellLoc="center",
         colWidths=[w / sum(widths) for w in widths],

@@ -450,7 +450,7 @@ class TrainConfig:
     # so a run can be resumed with other knobs (e.g. more workers, or on a GPU).
     amp: str | None = None  # None | "bf16": autocast for the codec's g_a/g_s, the aux branch and the recognizer;
     #                         the entropy models, likelihoods, rate and CompressAI's quantile loss stay fp32
-    channels_last: bool = False  # NHWC memory format for the codec, aux branch, recognizer and the input batch
+    channels_last: bool = False  # NHWC memory format for the codec, aux branch, recognizer and input batch (CUDA only)
     compile: bool = False  # torch.compile the codec transforms / aux backbone / recognizer backbone (experimental)
     num_workers: int = 0  # DataLoader workers (same batches for any number: see EpochLoader)
     pin_memory: bool = False  # pinned host memory for the batches (CUDA only)
@@ -515,6 +515,15 @@ def _codec_step(loss: torch.Tensor, codec: nn.Module, optimizers: dict[str, torc
     return q.detach()
 
 
+def channels_last_applies(cfg: TrainConfig, device: str) -> bool:
+    """``channels_last`` is used on CUDA only. On the CPU it is ignored: with PyTorch 2.14.1 the oneDNN weight
+    gradient of a 1x1 stride-2 convolution in channels_last corrupts the heap (``corrupted size vs. prev_size`` /
+    segmentation faults after a few steps; cheng2020's strided residual blocks and ResNet downsampling have such
+    convolutions; minimal reproducer: ``Conv2d(3, 16, 1, stride=2)`` on a channels_last input, ``backward()`` in a
+    loop), and NHWC is a tensor-core (GPU) optimisation in the first place."""
+    return bool(cfg.channels_last) and torch.device(device).type == "cuda"
+
+
 def apply_speed_knobs(cfg: TrainConfig, device: str, codec: nn.Module | None = None, aux_branch: nn.Module | None = None,
                       recognizer: nn.Module | None = None, compile_recognizer: bool = True) -> None:
     """cudnn autotuning, channels_last and torch.compile as ``cfg`` asks (in place; no-ops with the defaults).
@@ -523,7 +532,7 @@ def apply_speed_knobs(cfg: TrainConfig, device: str, codec: nn.Module | None = N
 
     if str(device).startswith("cuda") and cfg.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
-    if cfg.channels_last:
+    if channels_last_applies(cfg, device):
         for m in (codec, aux_branch, recognizer):
             if m is not None:
                 m.to(memory_format=torch.channels_last)
@@ -613,7 +622,7 @@ def train_loader(train_set, cfg: TrainConfig, seed: int, device: str, steps: int
     return EpochLoader(train_set, cfg.batch_size, seed, cfg.crop_size, device=device, num_workers=int(cfg.num_workers),
                        pin_memory=cfg.pin_memory, persistent_workers=cfg.persistent_workers,
                        rank=dist_lib.rank() if distributed else 0, world_size=dist_lib.world_size() if distributed else 1,
-                       max_batches=steps, channels_last=cfg.channels_last)
+                       max_batches=steps, channels_last=channels_last_applies(cfg, device))
 
 
 def train_recognizer(recognizer, train_set, cfg: TrainConfig, checkpoint_path: str | Path, seed: int = 0, log=print,

@@ -153,3 +153,11 @@ def test_save_table_validation(tmp_path, columns, rows, kwargs, match):
     with pytest.raises(ValueError, match=match):
         save_table("t", columns, rows, "p", figures_dir=tmp_path, **kwargs)
     assert list(tmp_path.rglob("*")) == []
+
+
+def test_save_table_with_no_rows(tmp_path):
+    """A table can be empty (e.g. no method has 2 operating points yet): written, not a crash."""
+    from icm_helpers.figures import save_table
+
+    paths = save_table("empty", ["task", "BD-rate"], [], "test", title="nothing yet", figures_dir=tmp_path)
+    assert json.loads(paths["json"].read_text())["rows"] == [] and paths["png"].is_file()
