@@ -1,9 +1,10 @@
 # icm-aux: set-up, notebook runs and tests.  Everything runs in the virtualenv .venv, created on
 # first use from $(PYTHON) (CI: .ci/run on a clean clone with only python3 available).
 #
-#   make demo         set up, then run notebooks 01-07 (the paper's grid) with the demo profile (the main job)
+#   make demo         set up, then run notebooks 01-07 with the demo profile (the main job; docs/protocol.md)
+#   make study        set up, then run notebooks 01-07, 09 (dose-response) and 10 (transfer) with the study profile
 #   make extensions   set up, then run the beyond-the-paper notebooks (08 adaptive alpha) on the demo profile
-#   make smoke        set up, then run all notebooks (01-08) with the smoke profile (tiny, CPU)
+#   make smoke        set up, then run all notebooks (01-09) with the smoke profile (tiny, CPU)
 #   make test         set up (+ mmseg from ../shared/wheels when there), unit tests, smoke run, nbval over the executed smoke notebooks
 #   make lab          set up, install the "icm-aux" kernel into .venv, start JupyterLab in notebooks/
 #   make browser-test notebook 06 + its widget in headless JupyterLab/Chromium (needs a smoke run, chromium, chromium-driver)
@@ -19,14 +20,16 @@ RUNNER := papermill_runs/run.py
 RUN_ARGS ?=
 # The main job's profile: demo (the paper's grid in miniature on CPU; icm_helpers/profiles/demo.yaml).
 DEMO_PROFILE ?= demo
-# The paper's grid (the main job) and the notebooks that go beyond the paper (08: adaptive alpha, issue 9).
+# The paper's grid (the main job), the study's notebooks (+ 09: dose-response) and the notebooks that go beyond the
+# paper (08: adaptive alpha).
 MAIN_NOTEBOOKS ?= 01 02 03 04 05 06 07
+STUDY_NOTEBOOKS ?= 01 02 03 04 05 06 07 09 10
 EXTENSION_NOTEBOOKS ?= 08
 SMOKE_OUT := papermill_runs/smoke
 PYTEST := $(VENV_PY) -m pytest -q -p no:cacheprovider
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-mmseg demo extensions smoke test lab clean-smoke browser-test
+.PHONY: help setup setup-mmseg demo study extensions smoke test lab clean-smoke browser-test
 
 help:
 	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
@@ -60,6 +63,9 @@ setup-mmseg: $(MMSEG_STAMP)
 # --- runs
 demo: $(STAMP)
 	$(VENV_PY) $(RUNNER) --profile $(DEMO_PROFILE) --only $(MAIN_NOTEBOOKS) $(RUN_ARGS)
+
+study: $(STAMP)
+	$(VENV_PY) $(RUNNER) --profile study --only $(STUDY_NOTEBOOKS) $(RUN_ARGS)
 
 extensions: $(STAMP)
 	$(VENV_PY) $(RUNNER) --profile $(DEMO_PROFILE) --only $(EXTENSION_NOTEBOOKS) $(RUN_ARGS)

@@ -73,14 +73,24 @@ def install_shipped(src: Path, dst: Path) -> Path:
     return atomic_write_bytes(dst, Path(src).read_bytes())
 
 
-def regenerate(profile: str = "demo", work_dir: str | Path | None = None, log=print) -> dict[str, Any]:
+ASSET_NAMES = ("recognizer_detection", "recognizer_segmentation", "codec_start")
+
+
+def regenerate(profile: str = "demo", work_dir: str | Path | None = None, log=print,
+               only: list[str] | None = None) -> dict[str, Any]:
     """Train the profile's recognizers and start codec from scratch, evaluate them, and write them + the manifest
-    into the profile's asset directory."""
+    into the profile's asset directory. ``only``: retrain just these (e.g. ["codec_start"]); the other shipped files
+    are kept, which requires their recorded provenance to match the profile (else they are retrained too)."""
     from .codec import load_state
     from .experiment import Experiment
 
+    only = list(ASSET_NAMES if only is None else only)
+    unknown = sorted(set(only) - set(ASSET_NAMES))
+    if unknown:
+        raise ValueError(f"unknown assets {unknown}; valid: {', '.join(ASSET_NAMES)}")
     tmp = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix=f"icm_assets_{profile}_"))
-    ex = Experiment(profile, run_dir=tmp, log=log, use_assets=False)
+    # the others may be installed from the shipped files (when their provenance still matches); these are trained
+    ex = Experiment(profile, run_dir=tmp, log=log, use_assets=set(ASSET_NAMES) - set(only))
     root = asset_dir(ex.cfg)
     if root is None:
         raise ValueError(f"profile {profile!r} has no 'assets:' directory to regenerate")
@@ -107,7 +117,8 @@ def regenerate(profile: str = "demo", work_dir: str | Path | None = None, log=pr
     total = sum(e["bytes"] for e in files.values())
     if total > MAX_TOTAL_BYTES:
         raise ValueError(f"shipped assets total {total / 2**20:.1f} MiB > {MAX_TOTAL_BYTES / 2**20:.0f} MiB: shrink the models")
-    manifest = {"profile": profile, "command": f"python -m icm_helpers.assets regenerate --profile {profile}",
+    command = f"python -m icm_helpers.assets regenerate --profile {profile}" + (f" --only {' '.join(only)}" if only != list(ASSET_NAMES) else "")
+    manifest = {"profile": profile, "command": command,
                 "total_bytes": total, "seconds": round(time.time() - t0, 1), "files": files}
     atomic_write_json(root / "manifest.json", manifest)
     log(f"wrote {len(files)} assets ({total / 2**20:.1f} MiB) to {root} in {manifest['seconds']:.0f} s")
@@ -120,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     rg = sub.add_parser("regenerate", help="train + evaluate the profile's shipped models and rewrite them")
     rg.add_argument("--profile", default="demo")
     rg.add_argument("--work-dir", default=None, help="where to train (default: a new temp dir; an existing one resumes)")
+    rg.add_argument("--only", nargs="+", choices=ASSET_NAMES, help="retrain only these; keep the others (if they still match)")
     args = ap.parse_args(argv)
-    regenerate(args.profile, args.work_dir)
+    regenerate(args.profile, args.work_dir, only=args.only)
     return 0
 
 

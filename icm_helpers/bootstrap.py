@@ -13,7 +13,8 @@ image i:
   intersections and unions are additive, so this equals the confusion-matrix mIoU of the resampled set).
 
 The CI is the percentile interval of the BD-rates of ``samples`` resamples; resamples where the BD-rate is undefined
-(no overlap of the metric ranges) are counted and reported, never silently dropped from the count.
+(no overlap of the metric ranges) are counted and reported, never silently dropped from the count. Models trained
+with several seeds: ``bd_rate_ci_seeds`` (per seed, and pooled with a two-stage seed-and-image bootstrap).
 """
 from __future__ import annotations
 
@@ -122,6 +123,49 @@ def resample_weights(n_images: int, samples: int, seed: int = 0) -> np.ndarray:
     return np.stack([np.bincount(row, minlength=n_images) for row in idx])
 
 
+def _check_images(curves: dict[str, list], names: Sequence[str], bpp_keys: Sequence[str]) -> int:
+    missing = [n for n in names if not curves.get(n)]
+    if missing:
+        raise ValueError(f"no operating points for {missing}; evaluate them first")
+    sizes = {len(b[k]) for name in names for b, _ in curves[name] for k in bpp_keys}
+    if len(sizes) != 1:
+        raise ValueError(f"the curves were evaluated on different numbers of test images ({sorted(sizes)}): a paired bootstrap "
+                         "needs the same images for every point")
+    return sizes.pop()
+
+
+def _bd_values(curves, anchor: str, tests: Sequence[str], bpp_keys: Sequence[str], weights: np.ndarray,
+               method: str) -> dict[str, dict[str, Any]]:
+    """BD-rate of every test vs ``anchor`` under every row of image multiplicities ``weights`` (row 0: all images):
+    ``out[test][key]`` = array (NaN where undefined) or the reason string when even row 0 is undefined."""
+    names = [anchor, *tests]
+    n_images = weights.shape[1]
+    # metric of every point under every resample: the expensive part, computed once and shared by the bpp kinds
+    metrics = {name: [np.array([fn(w) for w in weights]) for _, fn in curves[name]] for name in names}
+    out: dict[str, dict[str, Any]] = {t: {} for t in tests}
+    for key in bpp_keys:
+        rates = {name: [weights @ np.asarray(b[key], float) / n_images for b, _ in curves[name]] for name in names}
+        for test in tests:
+            values = np.full(len(weights), np.nan)
+            for s in range(len(weights)):
+                try:
+                    values[s] = bd_rate([r[s] for r in rates[anchor]], [m[s] for m in metrics[anchor]],
+                                        [r[s] for r in rates[test]], [m[s] for m in metrics[test]], method=method)
+                except ValueError as exc:
+                    if s == 0:
+                        values = str(exc).split(";")[0]
+                        break
+            out[test][key] = values
+    return out
+
+
+def _summary(point: float, boot: np.ndarray, samples: int, confidence: float) -> dict[str, Any]:
+    ok = boot[np.isfinite(boot)]
+    lo, hi = np.percentile(ok, [50 * (1 - confidence), 50 * (1 + confidence)]) if ok.size else (np.nan, np.nan)
+    return {"bd_rate": float(point), "ci_low": float(lo), "ci_high": float(hi), "samples": samples,
+            "samples_defined": int(ok.size), "confidence": confidence}
+
+
 def bd_rate_ci(curves: dict[str, list[tuple[dict[str, np.ndarray], Callable[[np.ndarray], float]]]], anchor: str,
                tests: Sequence[str], bpp_keys: Sequence[str] = ("bpp_bitstream", "bpp_estimated"), samples: int = 1000,
                confidence: float = 0.95, seed: int = 0, method: str = "pchip") -> dict[str, dict[str, dict[str, Any]]]:
@@ -131,42 +175,56 @@ def bd_rate_ci(curves: dict[str, list[tuple[dict[str, np.ndarray], Callable[[np.
     point; every array indexes the same test images in the same order. Returns ``out[test][bpp_key]`` =
     {"bd_rate" (all images), "ci_low", "ci_high", "samples", "samples_defined", "confidence"}, or {"error": reason}
     when even the point estimate is undefined."""
+    return bd_rate_ci_seeds({0: curves}, anchor, tests, bpp_keys, samples, confidence, seed, method)["per_seed"][0]
+
+
+def bd_rate_ci_seeds(curves_by_seed: dict[Any, dict[str, list]], anchor: str, tests: Sequence[str],
+                     bpp_keys: Sequence[str] = ("bpp_bitstream", "bpp_estimated"), samples: int = 1000,
+                     confidence: float = 0.95, seed: int = 0, method: str = "pchip") -> dict[str, Any]:
+    """BD-rates of models trained with several training seeds: per seed, and pooled over the seeds.
+
+    ``curves_by_seed[s]``: the ``curves`` of ``bd_rate_ci`` for the models of training seed s, all on the same test
+    images. Per seed: the paired image bootstrap of ``bd_rate_ci`` (the same image resamples for every seed).
+    Pooled: the estimate is the mean of the per-seed BD-rates (what one training run gives on average); its CI comes
+    from a two-stage bootstrap that covers both sources of variation: each replicate draws as many seeds as there are,
+    with replacement, and one image resample, and averages the drawn seeds' BD-rates under that image resample. A
+    replicate with an undefined BD-rate in any drawn seed is counted as undefined. With few seeds the seed stage
+    resamples from a handful of values, so the CI under-covers the seed variance; ``seed_sd`` (the standard deviation
+    of the per-seed estimates) is reported beside it.
+
+    Returns {"per_seed": {s: out as bd_rate_ci}, "pooled": {test: {key: summary + "seed_sd", "seeds"}} (pooled only
+    with 2 or more seeds)}."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    names = [anchor, *tests]
-    missing = [n for n in names if not curves.get(n)]
-    if missing:
-        raise ValueError(f"no operating points for {missing}; evaluate them first")
-    sizes = {len(b[k]) for name in names for b, _ in curves[name] for k in bpp_keys}
+    seeds = list(curves_by_seed)
+    sizes = {_check_images(curves_by_seed[s], [anchor, *tests], bpp_keys) for s in seeds}
     if len(sizes) != 1:
-        raise ValueError(f"the curves were evaluated on different numbers of test images ({sorted(sizes)}): a paired bootstrap "
-                         "needs the same images for every point")
+        raise ValueError(f"the seeds' models were evaluated on different numbers of test images ({sorted(sizes)})")
     n_images = sizes.pop()
     weights = np.vstack([np.ones((1, n_images), np.int64), resample_weights(n_images, samples, seed)])  # row 0: all images
-    # metric of every point under every resample: the expensive part, computed once and shared by the bpp kinds
-    metrics = {name: [np.array([fn(w) for w in weights]) for _, fn in curves[name]] for name in names}
-    out: dict[str, dict[str, dict[str, Any]]] = {t: {} for t in tests}
-    for key in bpp_keys:
-        rates = {name: [weights @ np.asarray(b[key], float) / n_images for b, _ in curves[name]] for name in names}
+    values = {s: _bd_values(curves_by_seed[s], anchor, tests, bpp_keys, weights, method) for s in seeds}
+    out: dict[str, Any] = {"per_seed": {s: {t: {} for t in tests} for s in seeds}, "pooled": {}}
+    for s in seeds:
         for test in tests:
-            values, error = [], None
-            for s in range(len(weights)):
-                try:
-                    values.append(bd_rate([r[s] for r in rates[anchor]], [m[s] for m in metrics[anchor]],
-                                          [r[s] for r in rates[test]], [m[s] for m in metrics[test]], method=method))
-                except ValueError as exc:
-                    if s == 0:
-                        error = str(exc).split(";")[0]
-                        break
-                    values.append(np.nan)
-            if error is not None:
-                out[test][key] = {"error": error}
+            for key in bpp_keys:
+                v = values[s][test][key]
+                out["per_seed"][s][test][key] = {"error": v} if isinstance(v, str) else _summary(v[0], v[1:], samples, confidence)
+    if len(seeds) < 2:
+        return out
+    draws = np.random.default_rng(seed + 1).integers(0, len(seeds), size=(samples, len(seeds)))
+    for test in tests:
+        out["pooled"][test] = {}
+        for key in bpp_keys:
+            per = [values[s][test][key] for s in seeds]
+            errors = [v for v in per if isinstance(v, str)]
+            if errors:
+                out["pooled"][test][key] = {"error": errors[0]}
                 continue
-            boot = np.asarray(values[1:], float)
-            ok = boot[np.isfinite(boot)]
-            lo, hi = np.percentile(ok, [50 * (1 - confidence), 50 * (1 + confidence)]) if ok.size else (np.nan, np.nan)
-            out[test][key] = {"bd_rate": float(values[0]), "ci_low": float(lo), "ci_high": float(hi), "samples": samples,
-                              "samples_defined": int(ok.size), "confidence": confidence}
+            matrix = np.stack(per)  # (seeds, 1 + samples)
+            boot = matrix[draws, 1 + np.arange(samples)[:, None]].mean(axis=1)  # NaN if any drawn seed is undefined
+            point = matrix[:, 0]
+            out["pooled"][test][key] = {**_summary(point.mean(), boot, samples, confidence), "seed_sd": float(point.std(ddof=1)),
+                                        "seeds": len(seeds)}
     return out
 
 

@@ -21,7 +21,18 @@ import torch
 
 from .codec import bits_from_likelihoods, compress_image, crop_to, decompress_image, pad_to_multiple
 from .data import to_device
+from .progress import progress
 from .roi import check_roi, roi_latent_scaling
+
+
+DECODE_MODES = ("all", "first")
+# per-image wall times (seconds; what the VCM reporting template asks): the only values that differ between two runs
+TIMING_KEYS = ("enc_seconds", "dec_seconds")
+
+
+def without_timing(per_image: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-image records without their wall times, for comparing two evaluations."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in per_image]
 
 
 class DetectionMetric:
@@ -147,7 +158,8 @@ def make_metric(recognizer, dataset):
 @torch.no_grad()
 def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: float | None = None, roi_decoder: str = "as_is",
              max_images: int | None = None, log=None, device: str = "cpu", amp: str | None = None,
-             distributed: bool | None = None, workers: int = 1, shard: tuple[int, int] | None = None) -> dict[str, Any]:
+             distributed: bool | None = None, workers: int = 1, shard: tuple[int, int] | None = None,
+             decode: str = "all", desc: str = "") -> dict[str, Any]:
     """Evaluate ``codec`` (None = uncompressed reference) + frozen ``recognizer`` on ``dataset``.
 
     ``workers`` > 1 (CPU, single process run): the images are split round-robin over that many forked worker processes
@@ -160,6 +172,11 @@ def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: floa
     ``distributed`` (default: when running under torchrun, see ``icm_helpers.distributed``): every rank evaluates
     every ``world_size``-th image and the per-image records and metric states are gathered, so every rank returns
     the single-process result (call it on every rank).
+
+    ``decode``: "all" (every bitstream is decoded by CompressAI's decoder and that image is recognised) or "first"
+    (the image the decoder rebuilds is computed on the encoder side, ``codec.compress_image(reconstruct=True)``; the
+    first image each process codes is also decoded and must be equal to it bit for bit, else a RuntimeError). Both
+    give the same records; "first" skips the serial decoder's cost for the other images.
 
     ``roi_qf``: apply the ROI method of Ahonen et al. with the item's ``roi`` mask (needs the mask at the encoder);
     ``roi_decoder``: "as_is" or "rescale" (see ``icm_helpers.roi``; the signalled mask's bits count in both rates).
@@ -183,24 +200,39 @@ def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: floa
         raise ValueError("roi_qf needs a codec")
     if roi_qf is not None:
         check_roi(roi_qf, roi_decoder)
+    if decode not in DECODE_MODES:
+        raise ValueError(f"unknown decode {decode!r}; valid: {', '.join(DECODE_MODES)}")
     if workers > 1 and device_type != "cpu":
         raise ValueError(f"workers={workers} forks CPU worker processes, and a forked process cannot use {device} (CUDA "
                          "cannot be re-initialised in a forked subprocess): use workers=1 on a GPU")
     metric = make_metric(recognizer, dataset)
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
-    if codec is not None:
+    is_anchor = codec is not None and hasattr(codec, "encode") and hasattr(codec, "decode")
+    if roi_qf is not None and is_anchor:
+        raise ValueError(f"the ROI method scales a learned codec's latent; {codec.name} has none")
+    if codec is not None and not is_anchor:
         codec.eval()
     if workers > 1 and not sharded and shard is None and n > 1:
         return _evaluate_forked(codec, recognizer, dataset, metric, n, min(workers, n), bitstream=bitstream, roi_qf=roi_qf,
-                                roi_decoder=roi_decoder, max_images=max_images, device=device, amp=amp)
+                                roi_decoder=roi_decoder, max_images=max_images, device=device, amp=amp, decode=decode, desc=desc)
     per_image = []
     t0 = time.time()
-    for i in (dist_lib.shard(n) if sharded else range(shard[0], n, shard[1]) if shard else range(n)):
+    indices = list(dist_lib.shard(n) if sharded else range(shard[0], n, shard[1]) if shard else range(n))
+    show = dist_lib.is_main() and (shard is None or shard[0] == 0)  # one bar: rank 0 / the first forked worker
+    for i in progress(indices, desc=desc or "evaluate", unit="image") if show else indices:
         item = to_device(dataset[i], device)
         x = item["image"][None]
         record: dict[str, Any] = {"image_id": item["image_id"]}
         if codec is None:
             x_hat = x
+        elif is_anchor:  # a conventional codec (icm_helpers.anchors): its whole file is the bitstream, no estimate
+            t_enc = time.perf_counter()
+            data = codec.encode(x[0])
+            t_dec = time.perf_counter()
+            x_hat = codec.decode(data, x.shape[-2], x.shape[-1])[None].to(x.device)
+            record.update(bpp_bitstream=len(data) * 8.0 / (x.shape[-2] * x.shape[-1]), enc_seconds=t_dec - t_enc,
+                          dec_seconds=time.perf_counter() - t_dec)
+            record["psnr"] = float(-10 * torch.log10(torch.mean((x_hat - x) ** 2).clamp_min(1e-10)))
         else:
             xp, pad = pad_to_multiple(x)
             num_pixels = x.shape[-2] * x.shape[-1]
@@ -216,8 +248,18 @@ def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: floa
                     record["roi_latent_fraction"] = roi_info["inside_fraction"]
                 if bitstream:
                     with torch.autocast(device_type, enabled=False):  # the range coder's inputs: fp32 always
-                        enc = compress_image(codec, xp)
-                        x_hat = decompress_image(codec, enc)
+                        t_enc = time.perf_counter()
+                        enc = compress_image(codec, xp, reconstruct=decode == "first")
+                        record["enc_seconds"] = time.perf_counter() - t_enc
+                        if decode == "all" or not per_image:
+                            t_dec = time.perf_counter()
+                            x_hat = decompress_image(codec, enc)
+                            record["dec_seconds"] = time.perf_counter() - t_dec
+                            if decode == "first" and not torch.equal(x_hat, enc["x_hat"]):
+                                raise RuntimeError("the decoder's image differs from the encoder-side reconstruction: the "
+                                                   "entropy coder is not reproducible here; evaluate with decode='all'")
+                        else:
+                            x_hat = enc["x_hat"]
                     record["bpp_bitstream"] = (enc["num_bytes"] * 8.0 + side_bits) / num_pixels
                 else:
                     x_hat = out["x_hat"].clamp(0, 1)
@@ -243,8 +285,8 @@ def _summarize(metric, per_image: list[dict[str, Any]], n: int, seconds: float) 
     metrics = metric.compute()
     summary: dict[str, Any] = {"metric_name": metric.name, "metric": metrics[metric.name], "metrics": metrics,
                                "num_images": n, "per_image": per_image, "seconds": seconds}
-    for key in ("bpp_estimated", "bpp_bitstream", "psnr", "bpp_side_info", "roi_latent_fraction"):
-        vals = [r[key] for r in per_image if key in r]
+    for key in ("bpp_estimated", "bpp_bitstream", "psnr", "bpp_side_info", "roi_latent_fraction", *TIMING_KEYS):
+        vals = [r[key] for r in per_image if r.get(key) is not None]
         summary[key] = float(np.mean(vals)) if vals else None
     return summary
 

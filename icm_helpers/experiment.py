@@ -27,14 +27,15 @@ from .aux_branches import build_aux_branch
 from .config import check_device, load_profile, resolve_data_path, resolve_run_dir, safe_name
 from .data import IcmDataset, WorldSpec, generate_world
 from .evaluation import evaluate
-from .io import atomic_write_json, read_json
+from .io import atomic_torch_save, atomic_write_json, read_json
+from .provenance import result_provenance
 from .recognizers import build_recognizer, check_task, load_recognizer, save_recognizer
-from .training import IcmSpec, InMemory, TrainConfig, train_icm, train_recognizer, train_start_codec
+from .training import IcmSpec, InMemory, TrainConfig, train_aux_branch, train_icm, train_recognizer, train_start_codec
 
 
 class Experiment:
     def __init__(self, profile: str = "smoke", run_dir: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                 device: str = "cpu", seed: int | None = None, log=print, use_assets: bool = True):
+                 device: str = "cpu", seed: int | None = None, log=print, use_assets: bool | set[str] = True):
         self.cfg = load_profile(profile, overrides)
         self.profile = safe_name(self.cfg["name"], "profile name")
         self.seed = int(self.cfg.get("seed", 0) if seed is None else seed)
@@ -43,9 +44,17 @@ class Experiment:
         self.log = log or (lambda *_: None)
         self._datasets: dict[str, Any] = {}
         self._pretrained: dict[str, Any] = {}
-        self.use_assets = use_assets  # shipped recognizers / start codec (icm_helpers.assets) when their provenance matches
+        # shipped recognizers / start codec (icm_helpers.assets) when their provenance matches: True, False, or the names
+        # that may be installed (e.g. all but the one being regenerated)
+        self.use_assets = use_assets
         if self.cfg.get("threads"):
             torch.set_num_threads(int(self.cfg["threads"]))
+
+    def run_provenance(self, **timing: Any) -> dict[str, Any]:
+        """Where a result of this experiment comes from (``icm_helpers.provenance``): git commit and dirty flag, package
+        versions, device and threads, the profile's name and the hash of its resolved settings, the seed; ``timing``:
+        ``seconds`` / ``started`` / ``ended`` of the result."""
+        return result_provenance(self.cfg, profile_name=self.profile, seed=self.seed, device=self.device, **timing)
 
     @staticmethod
     def _check_device(device: str) -> str:
@@ -82,18 +91,31 @@ class Experiment:
         return int(dc["num_classes"][check_task(task)])
 
     def spec(self, task: str, lambda_: float, aux_position: str | None, alpha: float | None = None,
-             alpha_mode: str | None = None) -> IcmSpec:
+             alpha_mode: str | None = None, aux_init: str | None = None, seed: int | None = None) -> IcmSpec:
         """``alpha_mode``: None = the task's ``alpha_mode`` in the profile (default "fixed", the paper). The w/o-aux
-        baseline has no auxiliary term, so it is always "fixed" (one baseline serves every mode)."""
+        baseline has no auxiliary term, so it is always "fixed" and "cold" (one baseline serves every mode).
+        ``aux_init``: "cold" (default, the paper) or "warm" (``aux_warm_start``). ``seed``: the training seed (default:
+        the profile's seed; ``train_seeds`` lists a profile's seeds; the world never depends on it)."""
         tc = self.task_cfg(task)
         mode = tc.get("alpha_mode", "fixed") if alpha_mode is None else alpha_mode
         check_alpha_mode(mode)
         return IcmSpec(task=task, lambda_=float(lambda_), aux_position=aux_position,
-                       alpha=float(tc["alpha"] if alpha is None else alpha), add_mse=bool(tc.get("add_mse", False)), seed=self.seed,
-                       alpha_mode="fixed" if aux_position is None else mode)
+                       alpha=float(tc["alpha"] if alpha is None else alpha), add_mse=bool(tc.get("add_mse", False)),
+                       seed=self.seed if seed is None else int(seed), alpha_mode="fixed" if aux_position is None else mode,
+                       aux_init="cold" if aux_position is None or aux_init is None else aux_init)
+
+    def train_seeds(self) -> list[int]:
+        """The training seeds of every ICM model (``train_seeds`` in the profile; default: the profile's seed alone).
+        Each seed changes the branch's initialisation, the data order and the quantisation noise, never the world."""
+        return [int(s) for s in self.cfg.get("train_seeds", [self.seed])]
+
+    def aux_inits(self, task: str) -> list[str]:
+        """How the aux-enc arm's branch starts, per the profile (``tasks.<task>.aux_inits``; default ["cold"])."""
+        return list(self.task_cfg(task).get("aux_inits", ["cold"]))
 
     def run_path(self, spec: IcmSpec) -> Path:
         suffix = "" if spec.alpha == self.task_cfg(spec.task)["alpha"] else f"_alpha{spec.alpha:g}"
+        suffix += "" if spec.seed == self.seed else f"_seed{spec.seed}"
         return self.run_dir / "icm" / spec.task / (spec.run_name + suffix)
 
     def result_path(self, task: str, name: str) -> Path:
@@ -199,7 +221,7 @@ class Experiment:
 
     def _install_shipped(self, name: str, provenance: dict[str, Any], dst: Path) -> bool:
         """Copy the profile's shipped ``name`` into the run directory when it was trained for ``provenance``."""
-        if not self.use_assets:
+        if not self.use_assets or (not isinstance(self.use_assets, bool) and name not in self.use_assets):
             return False
         from .assets import find_shipped, install_shipped
 
@@ -261,12 +283,63 @@ class Experiment:
         t0 = time.time()
         self.log(f"training the codec start point (Eq. 2, MSE, lambda={cc['lambda_mse']})")
         res = train_start_codec(model, self.dataset("train"), TrainConfig.from_dict(cc["train"]), float(cc["lambda_mse"]),
-                                self.models_dir / "train_state_codec_start.pt", seed=self.seed, log=self.log, device=self.device)
+                                self.models_dir / "train_state_codec_start.pt", seed=self.seed, log=self.log, device=self.device,
+                                val_set=self.dataset("val") if self.shared_data else None)
         codec_lib.save_codec(path, model, extra={"history": res.history, "seconds": time.time() - t0})
         return model
 
     def evaluate_start(self, task: str, force: bool = False) -> dict[str, Any]:
         return self._evaluate_cached(task, "start", None, {"method": "start"}, force, codec_factory=self.start_codec)
+
+    # ------------------------------------------------------------------ what ICM training shares between runs
+    def warm_aux_branch(self, task: str, position: str, seed: int) -> dict[str, Any]:
+        """State dict of the ``position`` branch pre-trained alone (``train_aux_branch``) on the START codec's features
+        with the training pseudo-labels, for training seed ``seed``: shared by every lambda of that seed (it does not
+        depend on lambda). Trained once, stored under ``aux_warm/``; settings: ``tasks.<task>.aux_warm_start``."""
+        wc = self.task_cfg(task).get("aux_warm_start")
+        if not wc:
+            raise ValueError(f"aux_init='warm' needs tasks.{task}.aux_warm_start (a train block: epochs, lr, ...) in the profile")
+        out = self.run_dir / "aux_warm" / task / f"{position}_seed{seed}"
+        final = out / "branch.pt"
+        if final.exists():
+            stored = codec_lib.load_state(final)
+            if stored.get("config") != wc:
+                raise FileExistsError(f"{final} was pre-trained with {stored.get('config')}, not {wc}; delete it to redo")
+            return stored["state_dict"]
+        codec, recognizer = self.start_codec(), self.recognizer(task)
+        aux = self._build_branch(task, position, seed, codec, recognizer)
+        self.log(f"warm start: pre-training the {position} branch of {task} (seed {seed}) on the start codec's latents")
+        res = train_aux_branch(position, aux, codec, recognizer, self.dataset("train", task), TrainConfig.from_dict(wc),
+                               out / "train_state.pt", val_set=self.dataset("val", task),
+                               seed=seed, log=self.log, device=self.device)
+        if dist_lib.is_main():
+            atomic_write_json(out / "history.json", res.history)
+            atomic_torch_save({"state_dict": aux.state_dict(), "config": wc, "history": res.history}, final)
+        dist_lib.barrier()
+        return aux.state_dict()
+
+    def _build_branch(self, task: str, position: str | None, seed: int, codec, recognizer):
+        """The auxiliary branch of ``position``, initialised from ``seed`` (the same draws for cold and warm starts)."""
+        torch.manual_seed(seed)
+        aux = build_aux_branch(task, position, codec_lib.codec_N(codec), self.num_classes(task), recognizer=recognizer,
+                               **self.task_cfg(task).get("aux", {}))
+        return aux.to(self.device) if aux is not None else None
+
+    def budget_epochs(self, task: str) -> dict[float, int]:
+        """{fraction: epoch} of the profile's ``tasks.<task>.budget_fractions`` (dose-response): the codec is saved at
+        the end of that epoch of every run. A fraction must fall on an epoch boundary."""
+        epochs = TrainConfig.from_dict(self.task_cfg(task)["train"]).epochs
+        out = {}
+        for f in self.task_cfg(task).get("budget_fractions") or []:
+            e = float(f) * epochs
+            if not (0 < f < 1) or abs(e - round(e)) > 1e-9:
+                raise ValueError(f"tasks.{task}.budget_fractions: {f} x {epochs} epochs is not a whole epoch in (0, {epochs}); "
+                                 "use fractions that are multiples of 1/epochs")
+            out[float(f)] = int(round(e))
+        return out
+
+    def snapshot_path(self, spec: IcmSpec, fraction: float) -> Path:
+        return self.run_path(spec) / f"codec_budget{fraction:g}.pt"
 
     # ------------------------------------------------------------------ ICM training
     def train(self, spec: IcmSpec, force: bool = False) -> Path:
@@ -278,29 +351,40 @@ class Experiment:
         final = out / "codec.pt"
         spec_dict = spec.as_dict()  # without alpha_mode when "fixed": the paper's stored runs stay valid
         # under torchrun every rank must take the same decision: rank 0's view of the files decides
+        snapshots = {e: self.snapshot_path(spec, f) for f, e in self.budget_epochs(spec.task).items()}
+        tc = self.task_cfg(spec.task)
+        cfg = TrainConfig.from_dict(tc["train"])
+        meta_extra: dict[str, Any] = {"aux_warm_start": tc["aux_warm_start"]} if spec.aux_init == "warm" else {}
+        job = {"spec": spec_dict, "train": cfg.job_meta(), **meta_extra}  # everything the trained weights depend on
         if dist_lib.broadcast_object(final.exists() and not force):
-            stored = codec_lib.load_state(final)["extra"].get("spec")
-            if stored != spec_dict:
-                raise FileExistsError(f"{final} was trained for {stored}, not {spec_dict}; pass force=True to retrain")
+            extra = codec_lib.load_state(final)["extra"]
+            stored = extra.get("job", {"spec": extra.get("spec"), "train": job["train"], **meta_extra})  # older files: spec only
+            if stored != job:
+                changed = sorted(k for k in {*stored, *job} if stored.get(k) != job.get(k))
+                raise FileExistsError(f"{final} was trained with other {', '.join(changed)} ({ {k: stored.get(k) for k in changed} }) "
+                                      f"than the profile asks now ({ {k: job.get(k) for k in changed} }); pass force=True "
+                                      "(notebooks: rerun with --force) to retrain it, or use another run dir")
+            missing = [p.name for p in snapshots.values() if not p.exists()]
+            if missing:
+                raise FileNotFoundError(f"{out} has no budget snapshots {missing} (the profile's budget_fractions were added after "
+                                        "it was trained); retrain it with force=True")
             return final
         if force and dist_lib.is_main():
-            for f in ("train_state.pt", "codec.pt"):
+            for f in ("train_state.pt", "codec.pt", *(p.name for p in snapshots.values())):
                 (out / f).unlink(missing_ok=True)
         dist_lib.barrier()
-        tc = self.task_cfg(spec.task)
         codec = self.start_codec()
         recognizer = self.recognizer(spec.task)
-        torch.manual_seed(spec.seed)
-        aux = build_aux_branch(spec.task, spec.aux_position, codec_lib.codec_N(codec), self.num_classes(spec.task), recognizer=recognizer,
-                               **tc.get("aux", {}))
-        if aux is not None:
-            aux = aux.to(self.device)
+        aux = self._build_branch(spec.task, spec.aux_position, spec.seed, codec, recognizer)
+        if spec.aux_init == "warm":
+            aux.load_state_dict(self.warm_aux_branch(spec.task, spec.aux_position, spec.seed))
         self.log(f"ICM training {spec.task}/{out.name}")
-        res = train_icm(spec, codec, recognizer, aux, self.dataset("train", spec.task), TrainConfig.from_dict(tc["train"]), out / "train_state.pt",
-                        val_set=self.dataset("val", spec.task) if self.cfg.get("validate_every_epoch") else None, log=self.log, device=self.device)
+        res = train_icm(spec, codec, recognizer, aux, self.dataset("train", spec.task), cfg, out / "train_state.pt",
+                        val_set=self.dataset("val", spec.task) if self.cfg.get("validate_every_epoch") else None, log=self.log, device=self.device,
+                        snapshots=snapshots, meta_extra=meta_extra)
         if dist_lib.is_main():  # one writer (torchrun: rank 0); the others wait until the files are there
             atomic_write_json(out / "history.json", res.history)
-            codec_lib.save_codec(final, codec, extra={"spec": spec_dict, "history": res.history})
+            codec_lib.save_codec(final, codec, extra={"spec": spec_dict, "job": job, "history": res.history})
         dist_lib.barrier()
         return final
 
@@ -323,34 +407,38 @@ class Experiment:
     POSITION_LABELS = {None: "w/o aux", "enc": "aux-enc", "dec": "aux-dec", "task": "aux-task"}
 
     def run_ablation(self, task: str, positions: Iterable[str | None] | None = None, lambda_: float | None = None,
-                     alpha: float | None = None, evaluate_test: bool = True) -> dict[str, Any]:
-        """The branch-position ablation of Sec. 4.2 for one task: train (or reuse) one model per position at the
-        profile's ``ablation_lambda``; return the validation MAIN loss per epoch of each (Figs. 8-9), the final
-        validation terms and, with ``evaluate_test``, the test-set bpp and task metric of each model. Curves start
-        at epoch 0 = the start codec (the same value for every position)."""
+                     alpha: float | None = None, evaluate_test: bool = True, seeds: Iterable[int] | None = None) -> dict[str, Any]:
+        """The branch-position ablation of Sec. 4.2 for one task: train (or reuse) one model per position (and
+        training seed; default: the profile's ``train_seeds``) at the profile's ``ablation_lambda``; return the
+        validation MAIN loss per epoch of each (Figs. 8-9), the final validation terms and, with ``evaluate_test``,
+        the test-set bpp and task metric of each model. Curves start at epoch 0 = the start codec (the same value for
+        every position); with several seeds a curve is named "<position> (seed <s>)"."""
         from .training import validation_terms
 
         positions = list(self.cfg["ablation"]["positions"] if positions is None else positions)
+        seeds = self.train_seeds() if seeds is None else list(seeds)
         lam = float(self.task_cfg(task)["ablation_lambda"] if lambda_ is None else lambda_)
         # epoch 0: the start codec, common to every position (the main loss has no aux term)
         start = self.start_codec().eval()
         epoch0 = validation_terms(self.spec(task, lam, None), start, self.recognizer(task), None, self.dataset("val", task), 8,
                                   self.seed, self.device)["main"]
         curves, rows = {}, []
-        for pos in positions:
-            spec = self.spec(task, lam, pos, alpha)
-            self.train(spec)
-            hist = self.history(spec)
-            if "val_main" not in hist[0]:
-                raise ValueError(f"{self.run_path(spec)} has no validation history: set validate_every_epoch: true in the profile "
-                                 "and retrain (force=True)")
-            label = self.POSITION_LABELS[spec.aux_position]
-            curves[label] = [epoch0] + [h["val_main"] for h in hist]
-            row = {"position": label, "val_main": hist[-1]["val_main"], "val_rate": hist[-1]["val_rate"], "val_task": hist[-1]["val_task"]}
-            if evaluate_test:
-                rec = self.evaluate_run(spec)
-                row.update(bpp_bitstream=rec["bpp_bitstream"], bpp_estimated=rec["bpp_estimated"], metric=rec["metric"])
-            rows.append(row)
+        for seed in seeds:
+            for pos in positions:
+                spec = self.spec(task, lam, pos, alpha, seed=seed)
+                self.train(spec)
+                hist = self.history(spec)
+                if "val_main" not in hist[0]:
+                    raise ValueError(f"{self.run_path(spec)} has no validation history: set validate_every_epoch: true in the "
+                                     "profile and retrain (force=True)")
+                label = self.POSITION_LABELS[spec.aux_position] + ("" if len(seeds) == 1 else f" (seed {seed})")
+                curves[label] = [epoch0] + [h["val_main"] for h in hist]
+                row = {"position": label, "seed": seed, "val_main": hist[-1]["val_main"], "val_rate": hist[-1]["val_rate"],
+                       "val_task": hist[-1]["val_task"]}
+                if evaluate_test:
+                    rec = self.evaluate_run(spec)
+                    row.update(bpp_bitstream=rec["bpp_bitstream"], bpp_estimated=rec["bpp_estimated"], metric=rec["metric"])
+                rows.append(row)
         return {"task": task, "lambda_": lam, "curves": curves, "rows": rows}
 
     def history(self, spec: IcmSpec) -> list[dict[str, Any]]:
@@ -358,38 +446,119 @@ class Experiment:
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate_cached(self, task: str, name: str, lambda_: float | None, fields: dict[str, Any], force: bool,
-                         codec_factory, roi_qf: float | None = None, roi_decoder: str = "as_is") -> dict[str, Any]:
+                         codec_factory, roi_qf: float | None = None, roi_decoder: str = "as_is",
+                         bitstream: bool | None = None) -> dict[str, Any]:
         path = self.result_path(task, name)
         if dist_lib.broadcast_object(path.exists() and not force):  # torchrun: rank 0 decides for all
             return read_json(path)
         ec = self.cfg.get("evaluation", {})
-        ev = evaluate(codec_factory(), self.recognizer(task), self.dataset("test", task), bitstream=bool(ec.get("bitstream", True)),
+        bitstream = bool(ec.get("bitstream", True)) if bitstream is None else bitstream
+        started = time.time()
+        ev = evaluate(codec_factory(), self.recognizer(task), self.dataset("test", task), bitstream=bitstream,
                       roi_qf=roi_qf, roi_decoder=roi_decoder, max_images=self.max_images(), device=self.device,
-                      amp=ec.get("amp"), workers=int(ec.get("workers", 1)) if self.device == "cpu" else 1)  # under torchrun: sharded over the ranks, gathered (same record on every rank)
-        record = {"profile": self.profile, "task": task, "lambda_": lambda_, **fields, **ev}
+                      amp=ec.get("amp"), workers=int(ec.get("workers", 1)) if self.device == "cpu" else 1,
+                      decode=ec.get("decode", "all"), desc=f"evaluate {task}/{name}")  # under torchrun: sharded over the ranks, gathered (same record on every rank)
+        record = {"profile": self.profile, "task": task, "lambda_": lambda_, **fields, **ev,
+                  "provenance": self.run_provenance(started=started, ended=time.time())}
         if dist_lib.is_main():
             atomic_write_json(path, record)
         dist_lib.barrier()
         return record
 
-    def evaluate_run(self, spec: IcmSpec, force: bool = False) -> dict[str, Any]:
+    def evaluate_run(self, spec: IcmSpec, force: bool = False, budget: float | None = None) -> dict[str, Any]:
+        """Evaluate the trained model of ``spec`` (trained first if needed); ``budget``: the snapshot saved after that
+        fraction of its training (``budget_fractions``) instead of the final model."""
         final = self.train(spec)
+        path = final if budget is None else self.snapshot_path(spec, budget)
         fields = {"method": spec.method, "aux_position": spec.aux_position, "alpha": spec.alpha, "add_mse": spec.add_mse,
-                  "codec_path": str(final.relative_to(self.run_dir))}
+                  "seed": spec.seed, "codec_path": str(path.relative_to(self.run_dir))}
         if spec.alpha_mode != "fixed":
             fields["alpha_mode"] = spec.alpha_mode
-        return self._evaluate_cached(spec.task, self.run_path(spec).name, spec.lambda_, fields, force,
-                                     codec_factory=lambda: codec_lib.load_codec(final).to(self.device))
+        if spec.aux_init != "cold":
+            fields["aux_init"] = spec.aux_init
+        name = self.run_path(spec).name
+        if budget is not None:
+            fields["budget"] = float(budget)
+            name += f"_budget{budget:g}"
+        # budget snapshots: real bitstreams only if the profile asks (evaluation.budget_bitstream), else estimated bpp
+        bitstream = None if budget is None else bool(self.cfg.get("evaluation", {}).get("budget_bitstream", True))
+        return self._evaluate_cached(spec.task, name, spec.lambda_, fields, force,
+                                     codec_factory=lambda: codec_lib.load_codec(path).to(self.device), bitstream=bitstream)
 
     def run_grid(self, task: str, aux_positions: Iterable[str | None], lambdas: Iterable[float] | None = None,
-                 alpha: float | None = None, alpha_mode: str | None = None) -> list[dict[str, Any]]:
-        """Train (or reuse) and evaluate every (position, lambda) of the grid; returns the result records.
-        ``alpha_mode``: None = the profile's (default "fixed"); see ``icm_helpers.adaptive_alpha``."""
+                 alpha: float | None = None, alpha_mode: str | None = None, aux_init: str | None = None,
+                 seeds: Iterable[int] | None = None) -> list[dict[str, Any]]:
+        """Train (or reuse) and evaluate every (position, lambda, seed) of the grid; returns the result records.
+        ``alpha_mode``: None = the profile's (default "fixed"); see ``icm_helpers.adaptive_alpha``. ``aux_init``: "cold"
+        (default) or "warm". ``seeds``: None = the profile's ``train_seeds``."""
         lambdas = self.task_cfg(task)["lambdas"] if lambdas is None else lambdas
         records = []
-        for pos in aux_positions:
-            for lam in lambdas:
-                records.append(self.evaluate_run(self.spec(task, lam, pos, alpha, alpha_mode)))
+        for seed in (self.train_seeds() if seeds is None else seeds):
+            for pos in aux_positions:
+                for lam in lambdas:
+                    records.append(self.evaluate_run(self.spec(task, lam, pos, alpha, alpha_mode, aux_init, seed)))
+        return records
+
+    def evaluate_budgets(self, task: str, methods: Iterable[tuple[str | None, str]] = ((None, "cold"), ("enc", "cold")),
+                         lambdas: Iterable[float] | None = None, seeds: Iterable[int] | None = None) -> list[dict[str, Any]]:
+        """Evaluate the budget snapshots (``budget_fractions``) of every (position, aux_init) x lambda x seed."""
+        lambdas = self.task_cfg(task)["lambdas"] if lambdas is None else lambdas
+        records = []
+        for seed in (self.train_seeds() if seeds is None else seeds):
+            for pos, init in methods:
+                for lam in lambdas:
+                    for fraction in self.budget_epochs(task):
+                        records.append(self.evaluate_run(self.spec(task, lam, pos, aux_init=init, seed=seed), budget=fraction))
+        return records
+
+    def anchor_names(self) -> list[str]:
+        """The conventional codecs of the profile (``anchors.codecs``; default JPEG and WebP, plus BPG and VTM where
+        their binaries are installed)."""
+        return list((self.cfg.get("anchors") or {}).get("codecs", ["jpeg", "webp", "bpg", "vtm"]))
+
+    def evaluate_anchors(self, task: str, names: Iterable[str] | None = None,
+                         qualities: dict[str, Iterable[int]] | None = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        """Conventional-codec anchors (``icm_helpers.anchors``) through the one evaluation path: each quality of each
+        codec is a rate point (record ``method`` = the codec's name, ``lambda_`` = its quality or QP, ``anchor`` = its
+        ``describe()``: versions and command lines). Returns the records and {codec: why it was skipped} for codecs that
+        cannot run here (e.g. ``bpgenc`` not on PATH)."""
+        from . import anchors
+
+        qualities = {**((self.cfg.get("anchors") or {}).get("qualities") or {}), **(qualities or {})}
+        records, skipped = [], {}
+        for name in (self.anchor_names() if names is None else names):
+            try:
+                codecs = [anchors.build_anchor(name, int(q)) for q in qualities.get(name, anchors.default_qualities(name))]
+            except anchors.AnchorUnavailable as exc:
+                skipped[name] = str(exc)
+                continue
+            for codec in codecs:
+                fields = {"method": name, "anchor": codec.describe()}
+                records.append(self._evaluate_cached(task, f"{name}_q{codec.quality}", float(codec.quality), fields, False,
+                                                     codec_factory=lambda codec=codec: codec))
+        return records, skipped
+
+    def evaluate_transfer(self, trained_for: str, evaluated_by: str, position: str | None = None, aux_init: str = "cold",
+                          lambdas: Iterable[float] | None = None, seeds: Iterable[int] | None = None) -> list[dict[str, Any]]:
+        """Cross-task transfer: the codecs fine-tuned for ``trained_for`` (w/o aux, or aux at ``position``) evaluated by
+        the ``evaluated_by`` recognizer on the test split. Needs one image set labelled for both tasks (the generated
+        world). The records are stored under ``evaluated_by`` as method ``"<method>_from_<trained_for>"``."""
+        if not self.shared_data:
+            raise ValueError("cross-task transfer needs one image set with both tasks' labels (the generated world); "
+                             f"data source {self.cfg['data']['source']!r} has one dataset per task")
+        check_task(evaluated_by)
+        records = []
+        for seed in (self.train_seeds() if seeds is None else seeds):
+            for lam in (self.task_cfg(trained_for)["lambdas"] if lambdas is None else lambdas):
+                spec = self.spec(trained_for, lam, position, aux_init=aux_init, seed=seed)
+                final = self.train(spec)
+                fields = {"method": f"{spec.method}_from_{trained_for}", "trained_for": trained_for, "aux_position": position,
+                          "seed": spec.seed, "codec_path": str(final.relative_to(self.run_dir))}
+                if spec.aux_init != "cold":
+                    fields["aux_init"] = spec.aux_init
+                name = f"{self.run_path(spec).name}_from_{trained_for}"
+                records.append(self._evaluate_cached(evaluated_by, name, spec.lambda_, fields, False,
+                                                     codec_factory=lambda final=final: codec_lib.load_codec(final).to(self.device)))
         return records
 
     def evaluate_roi(self, task: str, lambdas: Iterable[float] | None = None, qf: float | None = None,
@@ -418,41 +587,67 @@ class Experiment:
                                                  roi_decoder=decoder))
         return records
 
-    def full_records(self, task: str, method: str) -> list[dict[str, Any]]:
-        """Stored records (with per-image lists) of one method of ``task``, sorted by lambda."""
+    def full_records(self, task: str, method: str, seed: int | None = None, budget: float | None = None) -> list[dict[str, Any]]:
+        """Stored records (with per-image lists) of one method of ``task`` for one training ``seed`` (None: the
+        profile's seed) and training ``budget`` fraction (None: the final models), sorted by lambda."""
+        seed = self.seed if seed is None else seed
         recs = [read_json(p) for p in sorted((self.run_dir / "results" / check_task(task)).glob("*.json"))]
-        return sorted((r for r in recs if r.get("method") == method and r.get("lambda_") is not None), key=lambda r: r["lambda_"])
+        keep = [r for r in recs if r.get("method") == method and r.get("lambda_") is not None
+                and r.get("seed", self.seed) == seed and r.get("budget") == budget]
+        return sorted(keep, key=lambda r: r["lambda_"])
 
     def bd_rate_table(self, task: str, anchor: str = "baseline", tests: Iterable[str] = ("aux_enc",), method: str = "pchip",
                       bpp_keys: tuple[str, ...] = ("bpp_bitstream", "bpp_estimated"), samples: int | None = None,
-                      confidence: float | None = None) -> list[dict[str, Any]]:
+                      confidence: float | None = None, seeds: Iterable[int] | None = None,
+                      budget: float | None = None) -> list[dict[str, Any]]:
         """BD-rate of each ``tests`` method vs ``anchor`` with 95% paired-bootstrap CIs over the test images
-        (icm_helpers.bootstrap; resamples and confidence from the profile's ``evaluation.bootstrap``). Methods with
-        fewer than 2 operating points are skipped. One row per (task, method) with, per bpp kind, the point estimate
-        and the CI."""
-        from .bootstrap import DetectionResampler, SegmentationResampler, bd_rate_ci
+        (icm_helpers.bootstrap; resamples and confidence from the profile's ``evaluation.bootstrap``), for the models of
+        each training seed (``seeds``; default: the profile's ``train_seeds``) and, with several seeds, pooled: the mean
+        of the per-seed BD-rates with a seed-and-image bootstrap CI (``bootstrap.bd_rate_ci_seeds``). ``budget``: the
+        budget snapshots of that fraction instead of the final models. Methods with fewer than 2 operating points in
+        some seed are skipped. One row per (method, seed) and a ``seed: "pooled"`` row per method with 2+ seeds."""
+        from .bootstrap import DetectionResampler, SegmentationResampler, bd_rate_ci_seeds
 
         bc = self.cfg.get("evaluation", {}).get("bootstrap", {}) or {}
         samples = int(samples or bc.get("samples", 1000))
         confidence = float(confidence or bc.get("confidence", 0.95))
+        seeds = self.train_seeds() if seeds is None else [int(s) for s in seeds]
         coco = self.dataset("test", task).coco if task == "detection" else None
-        curves, ids = {}, {}
-        for name in [anchor, *tests]:
-            recs = self.full_records(task, name)
-            if len(recs) < 2 and name != anchor:
-                continue
-            curves[name] = [({k: np.array([p.get(k, np.nan) for p in r["per_image"]], float) for k in bpp_keys},
-                             DetectionResampler(r, coco) if task == "detection" else SegmentationResampler(r)) for r in recs]
-            ids.update({(name, r["lambda_"]): [p["image_id"] for p in r["per_image"]] for r in recs})
+        curves_by_seed, ids = {}, {}
+        for seed in seeds:
+            curves = {}
+            for name in [anchor, *tests]:
+                recs = self.full_records(task, name, seed=seed, budget=budget)
+                if len(recs) < 2 and name != anchor:
+                    continue
+                curves[name] = [({k: np.array([p.get(k, np.nan) for p in r["per_image"]], float) for k in bpp_keys},
+                                 DetectionResampler(r, coco) if task == "detection" else SegmentationResampler(r)) for r in recs]
+                ids.update({(name, seed, r["lambda_"]): [p["image_id"] for p in r["per_image"]] for r in recs})
+            curves_by_seed[seed] = curves
         if len({tuple(v) for v in ids.values()}) > 1:
             raise ValueError(f"{task}: the records were evaluated on different test images; re-evaluate them on the same split")
-        present = [t for t in tests if t in curves]
-        res = bd_rate_ci(curves, anchor, present, bpp_keys, samples, confidence, self.seed, method)
-        return [{"task": task, "method": t, "anchor": anchor, "points": len(curves[t]), **{k: res[t][k] for k in bpp_keys}}
-                for t in present]
+        present = [t for t in tests if all(t in c for c in curves_by_seed.values())]
+        res = bd_rate_ci_seeds(curves_by_seed, anchor, present, bpp_keys, samples, confidence, self.seed, method)
+        rows = []
+        for t in present:
+            points = len(curves_by_seed[seeds[0]][t])
+            rows += [{"task": task, "method": t, "anchor": anchor, "seed": s, "points": points, "budget": budget,
+                      **{k: res["per_seed"][s][t][k] for k in bpp_keys}} for s in seeds]
+            if t in res["pooled"]:
+                rows.append({"task": task, "method": t, "anchor": anchor, "seed": "pooled", "points": points, "budget": budget,
+                             **{k: res["pooled"][t][k] for k in bpp_keys}})
+        return rows
 
-    def records(self, task: str | None = None) -> list[dict[str, Any]]:
-        """Every stored evaluation record (optionally of one task), without per-image lists."""
+    def result_paths(self, task: str, budgets: bool = False) -> list[Path]:
+        """The stored evaluation records of ``task`` (JSON files, with their per-image lists); the budget snapshots'
+        only with ``budgets=True``."""
+        paths = sorted((self.run_dir / "results" / check_task(task)).glob("*.json"))
+        return [p for p in paths if budgets or read_json(p).get("budget") is None]
+
+    def records(self, task: str | None = None, budgets: bool = False) -> list[dict[str, Any]]:
+        """Every stored evaluation record (optionally of one task), without per-image lists; the budget snapshots'
+        records (dose-response) only with ``budgets=True``."""
         root = self.run_dir / "results"
         paths = sorted((root / task).glob("*.json")) if task else sorted(root.glob("*/*.json"))
-        return [{k: v for k, v in read_json(p).items() if k != "per_image"} for p in paths]
+        recs = [{k: v for k, v in read_json(p).items() if k != "per_image"} for p in paths]
+        return [r for r in recs if budgets or r.get("budget") is None]

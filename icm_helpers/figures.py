@@ -26,6 +26,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .io import atomic_write_bytes, atomic_write_text, to_jsonable
+from .provenance import result_provenance
 
 __all__ = ["FIGURES_ENV_VAR", "figures_root", "save_figure", "save_table"]
 
@@ -76,10 +77,15 @@ def save_figure(
     fig: Figure,
     name: str,
     data: Any,
-    profile: str,
+    profile: Any,
     figures_dir: str | os.PathLike | None = None,
 ) -> dict[str, Path]:
     """Write ``fig`` as PNG (150 dpi) and PDF plus the plotted ``data`` as JSON, atomically.
+
+    ``profile``: the profile's name, or the ``Experiment`` itself (notebooks pass ``ex``), whose provenance (git
+    commit, package versions, device, threads, profile hash, seed: ``icm_helpers.provenance``) then goes into the
+    JSON under ``"provenance"`` (a non-dict ``data`` is stored as ``{"data": ..., "provenance": ...}``); with a name,
+    the provenance has no profile hash.
 
     Files: ``<figures_dir or figures_root()>/<profile>/<name>.{png,pdf,json}``. Everything is
     rendered and serialised in memory before the first file is written, so a bad ``data`` or a
@@ -94,7 +100,10 @@ def save_figure(
             serialisable.
     """
     _check_name(name, "figure name")
+    provenance = profile.run_provenance() if hasattr(profile, "run_provenance") else result_provenance(profile_name=profile)
+    profile = getattr(profile, "profile", profile)
     out_dir = _target_dir(profile, figures_dir)
+    data = {**data, "provenance": provenance} if isinstance(data, dict) else {"data": data, "provenance": provenance}
     payload = {"json": _json_text(data, name).encode("utf-8")}
     for fmt, extra in (("png", {"dpi": PNG_DPI}), ("pdf", {"metadata": {"CreationDate": None}})):
         buf = io.BytesIO()
@@ -195,6 +204,6 @@ def save_table(
         raise ValueError(f"float_fmt {float_fmt!r} cannot format a float ({exc}); use e.g. '{{:.3f}}'") from exc
     data = {"columns": columns, "rows": rows, "title": title}
     paths = save_figure(_render_table(columns, cells, title), name, data, profile, figures_dir)
-    md_path = _target_dir(profile, figures_dir) / f"{name}.md"
+    md_path = _target_dir(getattr(profile, "profile", profile), figures_dir) / f"{name}.md"
     paths["md"] = atomic_write_text(md_path, _markdown(columns, cells, title)) if _writer() else md_path
     return paths

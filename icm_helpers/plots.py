@@ -22,17 +22,24 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["METHOD_STYLES", "BPP_LABELS", "plot_rd", "plot_rd_grid", "plot_loss_curves", "plot_bit_maps"]
+#: The one look of every figure of the suite (seaborn's theme, applied when this module is imported).
+THEME = {"style": "whitegrid", "context": "paper", "font_scale": 1.1}
+sns.set_theme(**THEME)
+
+__all__ = ["METHOD_STYLES", "BPP_LABELS", "plot_rd", "plot_rd_grid", "plot_loss_curves", "plot_bit_maps", "plot_dose_response",
+           "plot_paired_differences", "plot_bd_matrix"]
 
 #: Legend label and line style of the known methods (others get the next colour / marker).
 METHOD_STYLES: dict[str, dict[str, Any]] = {
     "start": {"label": "start codec", "color": "black", "marker": "*", "markersize": 11},
     "baseline": {"label": "baseline (w/o aux)", "color": "tab:blue", "marker": "o"},
     "aux_enc": {"label": "w/ aux loss", "color": "tab:red", "marker": "s"},
+    "aux_enc_warm": {"label": "w/ aux loss, warm-started branch", "color": "tab:cyan", "marker": "p"},
     "roi": {"label": "ROI (decoder as is)", "color": "tab:green", "marker": "^"},
     "roi_rescale": {"label": "ROI (decoder rescales, mask signalled)", "color": "tab:olive", "marker": "v"},
     "aux_dec": {"label": "aux-dec", "color": "tab:purple", "marker": "D"},
@@ -40,6 +47,11 @@ METHOD_STYLES: dict[str, dict[str, Any]] = {
     # beyond the paper: adaptive auxiliary weight (icm_helpers/adaptive_alpha.py, notebook 08)
     "aux_enc_gradsim": {"label": "w/ aux, gradient-similarity alpha", "color": "tab:brown", "marker": "X"},
     "aux_enc_decay": {"label": "w/ aux, decaying alpha", "color": "tab:pink", "marker": "h"},
+    # conventional anchors (icm_helpers/anchors.py, notebook 04)
+    "jpeg": {"label": "JPEG (Pillow, 4:2:0)", "color": "dimgray", "marker": "x", "linestyle": ":"},
+    "webp": {"label": "WebP (Pillow, 4:2:0)", "color": "darkgray", "marker": "+", "linestyle": ":"},
+    "bpg": {"label": "BPG", "color": "sienna", "marker": "1", "linestyle": ":"},
+    "vtm": {"label": "VTM (intra)", "color": "black", "marker": "2", "linestyle": ":"},
 }
 #: Axis label of each bpp kind.
 BPP_LABELS = {"bpp_bitstream": "bpp (bitstream)", "bpp_estimated": "bpp (estimated)"}
@@ -106,6 +118,14 @@ def _method_style(method: str, fallback: Iterator[tuple[str, str]]) -> dict[str,
     return {"label": method, "color": color, "marker": marker}
 
 
+def _draw(ax: Axes, points: dict[str, list], linestyle: str, style: dict[str, Any]) -> None:
+    (line,) = ax.plot(points["bpp"], points["metric"], linestyle=linestyle, **style)
+    for x, y, lam in zip(points["bpp"], points["metric"], points["lambda_"]):
+        if lam is not None:
+            ax.annotate(f"λ={lam:g}" if _is_number(lam) else f"λ={lam}", (x, y), xytext=(4, -9), textcoords="offset points",
+                        fontsize=6, color=line.get_color())
+
+
 def plot_rd(
     records: Iterable[Mapping[str, Any]],
     task: str,
@@ -117,7 +137,8 @@ def plot_rd(
     """Task metric versus bpp for ``task``: one line with markers per method, sorted by bpp.
 
     Single-point methods (e.g. ``"start"``) are drawn as a marker only; each point is annotated
-    with its ``lambda_`` (when set). ``methods`` selects and orders the curves (default: the known
+    with its ``lambda_`` (when set). Records of several training seeds (``seed``) of one method are drawn as one
+    curve per seed (same colour, ``data`` key ``"<method> (seed <s>)"``). ``methods`` selects and orders the curves (default: the known
     methods of :data:`METHOD_STYLES` first, then the others in order of appearance). Records whose
     ``bpp_key`` or metric is missing / non-finite are left out with a warning.
 
@@ -131,18 +152,22 @@ def plot_rd(
     fallback = zip(itertools.cycle(["tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]),
                    itertools.cycle("DvP<>Xph"))
     for method in _method_order(selected, methods):
-        points = _method_points(selected, method, bpp_key)
-        if not points["bpp"]:
-            continue
+        seeds = sorted({r.get("seed") for r in selected if r["method"] == method}, key=lambda s: (s is None, s))
         style = _method_style(method, fallback)
-        linestyle = "-" if len(points["bpp"]) > 1 else "none"
-        (line,) = ax.plot(points["bpp"], points["metric"], linestyle=linestyle, **style)
-        for x, y, lam in zip(points["bpp"], points["metric"], points["lambda_"]):
-            if lam is not None:
-                ax.annotate(f"λ={lam:g}" if _is_number(lam) else f"λ={lam}", (x, y), xytext=(4, -9), textcoords="offset points",
-                            fontsize=6, color=line.get_color())
-        data[method] = points
+        base_linestyle = style.pop("linestyle", "-")
+        for k, seed in enumerate(seeds):
+            # models of several training seeds: one curve per seed, same colour, another dash per seed
+            name = method if len(seeds) == 1 else f"{method} (seed {seed})"
+            seed_records = [r for r in selected if r["method"] != method or r.get("seed") == seed]
+            points = _method_points(seed_records, method, bpp_key)
+            if not points["bpp"]:
+                continue
+            seed_style = dict(style, label=style["label"] if len(seeds) == 1 else f"{style['label']} (seed {seed})")
+            linestyle = (base_linestyle, "--", "-.", ":")[k % 4] if len(points["bpp"]) > 1 else "none"
+            _draw(ax, points, linestyle, seed_style)
+            data[name] = points
     ax.set_xlabel(BPP_LABELS.get(bpp_key, bpp_key))
+
     ax.set_ylabel(metric_name)
     ax.set_title(title if title is not None else task)
     ax.grid(True, alpha=0.3)
@@ -404,6 +429,15 @@ def plot_roi_fractions(summary: Sequence[Mapping[str, Any]], title: str | None =
     return fig, data
 
 
+def _bd_row_label(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
+    """A BD-rate row's method label, with its training seed ("seed 1", "pooled over seeds") when rows of several
+    seeds are shown."""
+    label = METHOD_STYLES.get(row["method"], {}).get("label", row["method"])
+    if len({r.get("seed") for r in rows}) <= 1 or row.get("seed") is None:
+        return label
+    return f"{label}, pooled over seeds" if row["seed"] == "pooled" else f"{label}, seed {row['seed']}"
+
+
 def plot_bd_rate_ci(rows: Sequence[Mapping[str, Any]], bpp_keys: Sequence[str] = ("bpp_bitstream", "bpp_estimated"),
                     title: str | None = None) -> tuple[Figure, dict[str, Any]]:
     """BD-rate point estimates with their bootstrap CIs (``Experiment.bd_rate_table`` rows): one panel per bpp kind,
@@ -411,7 +445,7 @@ def plot_bd_rate_ci(rows: Sequence[Mapping[str, Any]], bpp_keys: Sequence[str] =
     import matplotlib.pyplot as plt
 
     rows = list(rows)
-    labels = [f"{r['task']}: {METHOD_STYLES.get(r['method'], {}).get('label', r['method'])} vs {r['anchor']}" for r in rows]
+    labels = [f"{r['task']}: {_bd_row_label(r, rows)} vs {r['anchor']}" for r in rows]
     fig, axes = plt.subplots(1, len(bpp_keys), figsize=(5.2 * len(bpp_keys), 0.55 * max(2, len(rows)) + 1.2), squeeze=False,
                              sharey=True)
     data: dict[str, Any] = {"labels": labels, "panels": {}}
@@ -454,11 +488,123 @@ def annotate_bd_rates(fig: Figure, rows: Sequence[Mapping[str, Any]]) -> dict[st
         title = ax.get_title()
         task, _, kind = title.partition(" — ")
         key = kinds.get(kind)
-        lines = [f"{METHOD_STYLES.get(r['method'], {}).get('label', r['method'])}: {format_ci(r[key]).split(' (')[0]}"
-                 for r in rows if key and r["task"] == task and key in r]
+        lines = [f"{_bd_row_label(r, rows)}: {format_ci(r[key]).split(' (')[0]}" for r in rows if key and r["task"] == task and key in r]
         if lines:
             text = "BD-rate % vs " + rows[0]["anchor"] + " [95% CI]\n" + "\n".join(lines)
             ax.text(0.99, 0.98, text, transform=ax.transAxes, ha="right", va="top", fontsize=7,
                     bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})
             written[title] = lines
     return written
+
+
+def plot_dose_response(curves: Mapping[str, Mapping[str, Sequence[tuple[float, Mapping[str, Any]]]]],
+                       bpp_key: str = "bpp_bitstream", title: str | None = None) -> tuple[Figure, dict[str, Any]]:
+    """BD-rate against the training budget: ``curves[task][method]`` = [(budget fraction, BD-rate entry with
+    "bd_rate", "ci_low", "ci_high"), ...]; one panel per task, one line per method with its CI as a band, a dashed
+    line at 0 (below = fewer bits than the anchor at the same accuracy)."""
+    tasks = list(curves)
+    if not tasks:
+        raise ValueError("no dose-response curves to plot")
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.0 * len(tasks), 3.8), squeeze=False, layout="constrained")
+    data: dict[str, Any] = {"bpp_key": bpp_key, "tasks": {}}
+    for ax, task in zip(axes[0], tasks):
+        data["tasks"][task] = {}
+        for method, points in curves[task].items():
+            pts = sorted((float(f), e) for f, e in points if "bd_rate" in e)
+            if not pts:
+                continue
+            x = [f for f, _ in pts]
+            y, lo, hi = ([float(e[k]) for _, e in pts] for k in ("bd_rate", "ci_low", "ci_high"))
+            style = METHOD_STYLES.get(method, {"label": method, "color": "tab:gray", "marker": "o"})
+            ax.plot(x, y, marker=style["marker"], color=style["color"], label=style["label"])
+            ax.fill_between(x, lo, hi, color=style["color"], alpha=0.15)
+            data["tasks"][task][method] = {"budget": x, "bd_rate": y, "ci_low": lo, "ci_high": hi}
+        ax.axhline(0, color="gray", ls="--", lw=1)
+        ax.set_xlabel("fraction of the training budget")
+        ax.set_ylabel(f"BD-rate % vs w/o aux ({BPP_LABELS.get(bpp_key, bpp_key)})")
+        ax.set_title(task)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig, data
+
+
+def paired_differences(test: Sequence[Mapping[str, Any]], anchor: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per-image differences test - anchor of two methods' records at the same lambdas (the same test images): one
+    row per (lambda, image) with d_bpp_bitstream, d_bpp_estimated, d_psnr and, for segmentation, d_iou (the image's
+    mean IoU over the classes present in it, from the per-image intersections / unions)."""
+    by_lambda = {r["lambda_"]: r for r in anchor}
+    rows = []
+    for rec in test:
+        ref = by_lambda.get(rec["lambda_"])
+        if ref is None:
+            continue
+        for a, b in zip(rec["per_image"], ref["per_image"]):
+            if a["image_id"] != b["image_id"]:
+                raise ValueError(f"lambda {rec['lambda_']}: the two records list other test images; evaluate both on one split")
+            row = {"lambda_": rec["lambda_"], "image_id": a["image_id"]}
+            for key in ("bpp_bitstream", "bpp_estimated", "psnr"):
+                if a.get(key) is not None and b.get(key) is not None:
+                    row[f"d_{key}"] = float(a[key]) - float(b[key])
+            if "seg_intersection" in a:
+                row["d_iou"] = _image_iou(a) - _image_iou(b)
+            rows.append(row)
+    return rows
+
+
+def _image_iou(per_image: Mapping[str, Any]) -> float:
+    inter, union = np.asarray(per_image["seg_intersection"], float), np.asarray(per_image["seg_union"], float)
+    present = union > 0
+    return float((inter[present] / union[present]).mean()) if present.any() else float("nan")
+
+
+def plot_paired_differences(rows: Sequence[Mapping[str, Any]], title: str | None = None,
+                            keys: Sequence[str] = ("d_bpp_bitstream", "d_psnr", "d_iou")) -> tuple[Figure, dict[str, Any]]:
+    """Distribution over test images of the paired per-image differences (``paired_differences``), one panel per
+    quantity, one box + points per lambda; a line at 0 (above = the test method has more of it)."""
+    keys = [k for k in keys if any(k in r for r in rows)]
+    if not keys:
+        raise ValueError("no paired differences to plot (no common lambdas or no per-image values)")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False, layout="constrained")
+    data: dict[str, Any] = {"panels": {}}
+    for ax, key in zip(axes[0], keys):
+        sub = [r for r in rows if key in r and math.isfinite(r[key])]
+        x = [f"{r['lambda_']:g}" for r in sub]
+        y = [r[key] for r in sub]
+        sns.boxplot(x=x, y=y, ax=ax, color="lightgray", showfliers=False, width=0.5)
+        sns.stripplot(x=x, y=y, ax=ax, size=2.5, alpha=0.6, color="tab:red")
+        ax.axhline(0, color="gray", ls="--", lw=1)
+        ax.set_xlabel("λ")
+        ax.set_ylabel(key.replace("d_", "Δ ").replace("_", " "))
+        data["panels"][key] = {"lambda_": x, "values": y}
+    if title:
+        fig.suptitle(title)
+    return fig, data
+
+
+def plot_bd_matrix(cells: Mapping[str, Mapping[str, Mapping[str, Any]]], title: str | None = None,
+                   xlabel: str = "evaluated by", ylabel: str = "trained for") -> tuple[Figure, dict[str, Any]]:
+    """A heatmap of BD-rates: ``cells[row][column]`` = a BD-rate entry ("bd_rate", "ci_low", "ci_high" or "error"),
+    annotated "value [low, high]"; colour = the BD-rate (blue = fewer bits than the anchor)."""
+    rows = list(cells)
+    cols = list(dict.fromkeys(c for r in rows for c in cells[r]))
+    values = np.full((len(rows), len(cols)), np.nan)
+    labels = np.full((len(rows), len(cols)), "n/a", dtype=object)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            e = cells[r].get(c, {})
+            if "bd_rate" in e:
+                values[i, j] = e["bd_rate"]
+                labels[i, j] = f"{e['bd_rate']:.1f}\n[{e['ci_low']:.1f}, {e['ci_high']:.1f}]"
+    fig, ax = plt.subplots(figsize=(2.6 * len(cols) + 2.0, 1.2 * len(rows) + 1.2), layout="constrained")
+    lim = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
+    sns.heatmap(values, annot=labels, fmt="", cmap="RdBu_r", center=0, vmin=-lim, vmax=lim, ax=ax,
+                xticklabels=cols, yticklabels=rows, cbar_kws={"label": "BD-rate %"})
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    return fig, {"rows": rows, "columns": cols, "bd_rate": [[None if np.isnan(v) else float(v) for v in row] for row in values],
+                 "cells": {r: dict(cells[r]) for r in rows}}
+

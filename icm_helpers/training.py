@@ -33,6 +33,7 @@ from .codec import codec_forward, converge_quantiles, crop_to, load_state, pad_t
 from .data import collate, crop_at, crop_item_at, crop_window, to_device
 from .io import atomic_torch_save, remove_stale_temps
 from .losses import check_lambda_alpha, human_rd_loss, icm_loss, rate_bpp
+from .progress import progress
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -330,7 +331,8 @@ def fit(*, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Opti
         loader_fn: Callable[[int], Iterable[dict]], epochs: int, steps_per_epoch: int, lr_lambda: Callable[[int], float],
         checkpoint_path: str | Path, meta: dict[str, Any], validate_fn: Callable[[int], dict[str, float]] | None = None,
         log: Callable[[str], None] | None = print, log_every: int = 0, stop_after_epoch: int | None = None,
-        distributed: bool = False, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
+        distributed: bool = False, on_step: Callable[[int, dict[str, Any]], None] | None = None,
+        on_epoch_end: Callable[[int], None] | None = None, desc: str = "") -> FitResult:
     """Run ``epochs`` epochs of ``step_fn(batch, global_step)``; checkpoint after each epoch; resume if possible.
 
     ``step_fn`` does forward, backward and optimizer steps and returns its logs (must contain ``"loss"``): 0-dim
@@ -340,6 +342,9 @@ def fit(*, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Opti
     ``meta`` identifies the job: a checkpoint written for other meta is never resumed (error instead).
     ``stop_after_epoch`` ends early after that epoch (used by tests to simulate an interrupted run).
     ``on_step(step, logs)``: called after every step with its logs as returned (e.g. the benchmark's timer).
+    ``on_epoch_end(epoch)`` (1-based): called after validation and BEFORE the epoch's checkpoint, so a run killed in
+    between redoes the epoch and the hook (e.g. a snapshot of the weights) runs again. ``desc``: the progress bar's
+    label (``icm_helpers.progress``; rank 0 only).
     ``distributed=True`` (under ``torchrun``, see ``icm_helpers.distributed``): every rank runs this loop in step;
     logs are averaged over ranks and the checkpoint holds every rank's RNG state. Only rank 0 ever writes it.
     """
@@ -381,6 +386,8 @@ def fit(*, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Opti
         if log and main and start_epoch < epochs:
             log(f"resuming {checkpoint_path.parent.name} from epoch {start_epoch}/{epochs}")
     t0 = time.time()
+    bar = progress(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=desc or str(meta.get("job", "")),
+                   unit="step") if main else None
     for epoch in range(start_epoch, epochs):
         for m in modules.values():
             m.train()
@@ -395,6 +402,8 @@ def fit(*, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Opti
             if on_step is not None:
                 on_step(step, logs)
             n += 1
+            if bar is not None:
+                bar.update()
             for s in schedulers.values():
                 s.step()
             if log_every and (step + 1) % log_every == 0:
@@ -410,6 +419,8 @@ def fit(*, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Opti
             with torch.random.fork_rng():
                 record.update({f"val_{k}": v for k, v in validate_fn(epoch).items()})
         result.history.append(record)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1)
         state = {"meta": meta, "epoch": epoch + 1, "history": result.history, "rng": torch.get_rng_state(),
                  "modules": {k: m.state_dict() for k, m in modules.items()},
                  "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
@@ -424,6 +435,8 @@ def fit(*, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Opti
             log(f"epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
+    if bar is not None:
+        bar.close()
     for m in modules.values():
         m.eval()
     result.seconds = time.time() - t0
@@ -442,6 +455,9 @@ class TrainConfig:
     poly_power: float = 0.9
     steps_per_epoch: int | None = None  # None: one pass over the training split
     clip_max_norm: float = 1.0
+    # "module": the codec's and the auxiliary branch's gradient norms are clipped separately (``clip_groups``), so the
+    # codec's update follows one rule with and without a branch; "joint": one norm over both (CompressAI's example)
+    clip_scope: str = "module"
     quantile_lr: float = 1e-3  # CompressAI's separate optimizer for the entropy bottleneck's quantiles
     log_every: int = 0
     poly_step: str = "iteration"  # "iteration" or "epoch" (Sec. 4.1, segmentation: "polynomial decay in each epoch")
@@ -468,6 +484,8 @@ class TrainConfig:
             raise ValueError(f"crop_size must be a multiple of 64 (cheng2020-attn's latent stride chain), got {self.crop_size}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError(f"need epochs >= 1, batch_size >= 1 and lr > 0, got {self.epochs}, {self.batch_size}, {self.lr}")
+        if self.clip_scope not in ("module", "joint"):
+            raise ValueError(f"clip_scope must be 'module' or 'joint', got {self.clip_scope!r}")
         if self.poly_step not in ("iteration", "epoch"):
             raise ValueError(f"poly_step must be 'iteration' or 'epoch', got {self.poly_step!r}")
 
@@ -498,15 +516,28 @@ def _codec_optimizers(codec: nn.Module, extra: list[nn.Parameter], cfg: TrainCon
     return {"main": torch.optim.Adam(main, lr=cfg.lr), "quantiles": torch.optim.Adam(quant, lr=cfg.quantile_lr)}
 
 
-def _codec_step(loss: torch.Tensor, codec: nn.Module, optimizers: dict[str, torch.optim.Optimizer], params: list[nn.Parameter],
-                clip: float) -> torch.Tensor:
-    """Backward + clipped Adam step, then CompressAI's quantile step. Returns the quantile loss as a 0-dim tensor
-    (no host-device sync). Runs outside autocast (the quantile loss is fp32, as the entropy model's)."""
+def clip_groups(codec: nn.Module, extra: list[nn.Parameter], scope: str = "module") -> list[list[nn.Parameter]]:
+    """The parameter groups whose gradient norms are clipped on their own. ``scope="module"``: the codec (without
+    CompressAI's quantiles, which have their own optimizer) and, when there is one, the auxiliary branch; the codec's
+    update then follows the same rule with and without an auxiliary branch (a joint norm would rescale the codec's
+    gradient by the branch's size in the aux arm only). ``"joint"``: one group of both."""
+    codec_params = [p for n, p in codec.named_parameters() if not n.endswith(".quantiles") and p.requires_grad]
+    if scope == "joint":
+        return [codec_params + list(extra)]
+    return [codec_params] + ([list(extra)] if extra else [])
+
+
+def _codec_step(loss: torch.Tensor, codec: nn.Module, optimizers: dict[str, torch.optim.Optimizer],
+                groups: list[list[nn.Parameter]], clip: float) -> torch.Tensor:
+    """Backward + Adam step with each group's gradient norm clipped to ``clip`` on its own (``clip_groups``), then
+    CompressAI's quantile step. Returns the quantile loss as a 0-dim tensor (no host-device sync). Runs outside
+    autocast (the quantile loss is fp32, as the entropy model's)."""
     with torch.autocast(loss.device.type, enabled=False):
         optimizers["main"].zero_grad(set_to_none=True)
         loss.backward()
         if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
+            for group in groups:
+                torch.nn.utils.clip_grad_norm_(group, clip)
         optimizers["main"].step()
         optimizers["quantiles"].zero_grad(set_to_none=True)
         q = codec.aux_loss()  # CompressAI's entropy-bottleneck quantile loss (NOT the paper's auxiliary loss)
@@ -649,11 +680,12 @@ def train_recognizer(recognizer, train_set, cfg: TrainConfig, checkpoint_path: s
 
 
 def train_start_codec(codec: nn.Module, train_set, cfg: TrainConfig, lambda_mse: float, checkpoint_path: str | Path, seed: int = 0,
-                      log=print, device: str = "cpu") -> FitResult:
-    """Codec start point: Eq. 2 with MSE (CompressAI's 255^2 convention)."""
+                      log=print, device: str = "cpu", val_set=None) -> FitResult:
+    """Codec start point: Eq. 2 with MSE (CompressAI's 255^2 convention). ``val_set``: the mean Eq. 2 loss on it
+    (codec in eval mode: rounded latents, the quantity that decides convergence) is logged per epoch."""
     torch.manual_seed(seed)
     opts = _codec_optimizers(codec, [], cfg)
-    params = [p for g in opts["main"].param_groups for p in g["params"]]
+    groups = clip_groups(codec, [])
     steps = cfg.steps(len(train_set))
 
     def step_fn(batch, step):
@@ -661,17 +693,35 @@ def train_start_codec(codec: nn.Module, train_set, cfg: TrainConfig, lambda_mse:
         out = codec(x)
         rate = rate_bpp(out["likelihoods"], x.shape[-2] * x.shape[-1])
         loss = human_rd_loss(rate, x, out["x_hat"], lambda_mse)
-        q = _codec_step(loss, codec, opts, params, cfg.clip_max_norm)
+        q = _codec_step(loss, codec, opts, groups, cfg.clip_max_norm)
         return {"loss": loss.detach(), "bpp": rate.detach(), "mse": F.mse_loss(out["x_hat"].detach(), x), "quantile_loss": q}
+
+    validate = None
+    if val_set is not None:
+        @torch.no_grad()
+        def validate(epoch):
+            sums, n = {"loss": 0.0, "bpp": 0.0, "mse": 0.0}, 0
+            for batch in equal_size_batches(val_set, cfg.batch_size, seed, device):
+                x = batch["image"]
+                out = codec(x)
+                rate = rate_bpp(out["likelihoods"], x.shape[-2] * x.shape[-1])
+                for k, v in (("loss", human_rd_loss(rate, x, out["x_hat"], lambda_mse)), ("bpp", rate),
+                             ("mse", F.mse_loss(out["x_hat"], x))):
+                    sums[k] += float(v) * x.shape[0]
+                n += x.shape[0]
+            return {k: v / max(1, n) for k, v in sums.items()}
 
     res = fit(modules={"codec": codec}, optimizers=opts, step_fn=step_fn,
               loader_fn=train_loader(train_set, cfg, seed, device, steps), epochs=cfg.epochs,
               steps_per_epoch=steps, lr_lambda=cfg.lr_lambda(steps),
               checkpoint_path=checkpoint_path, meta={"job": "start_codec", "lambda_mse": lambda_mse, "seed": seed, **cfg.job_meta()},
-              log=log, log_every=cfg.log_every)
+              validate_fn=validate, log=log, log_every=cfg.log_every)
     converge_quantiles(codec)
     update_entropy_tables(codec)
     return res
+
+
+AUX_INITS = ("cold", "warm")
 
 
 @dataclass(frozen=True)
@@ -685,6 +735,9 @@ class IcmSpec:
     add_mse: bool = False  # Eq. 6 (the paper's segmentation setting)
     seed: int = 0
     alpha_mode: str = "fixed"  # beyond the paper: "fixed" (Eq. 5) | "gradient_similarity" | "decay" (adaptive_alpha.py)
+    # how the auxiliary branch starts: "cold" (random, trained jointly from step 0: the paper) | "warm" (pre-trained
+    # alone on the start codec's latents with the same pseudo-labels first: ``train_aux_branch``, profile aux.warm_start)
+    aux_init: str = "cold"
 
     def __post_init__(self) -> None:
         from .adaptive_alpha import check_alpha_mode
@@ -695,6 +748,10 @@ class IcmSpec:
         check_lambda_alpha(self.lambda_, self.alpha)
         object.__setattr__(self, "aux_position", check_aux_position(self.aux_position))
         check_alpha_mode(self.alpha_mode)
+        if self.aux_init not in AUX_INITS:
+            raise ValueError(f"unknown aux_init {self.aux_init!r}; valid: {', '.join(AUX_INITS)}")
+        if self.aux_position is None and self.aux_init != "cold":
+            raise ValueError("aux_init='warm' pre-trains an auxiliary branch, but aux_position=None has none")
         if self.aux_position is None and self.alpha_mode != "fixed":
             raise ValueError(f"alpha_mode={self.alpha_mode!r} weights the auxiliary loss, but aux_position=None has none; "
                              "use alpha_mode='fixed' for the w/o-aux baseline (Experiment.spec does this for you)")
@@ -703,7 +760,9 @@ class IcmSpec:
     def method(self) -> str:
         from .adaptive_alpha import mode_suffix
 
-        return "baseline" if self.aux_position is None else f"aux_{self.aux_position}{mode_suffix(self.alpha_mode)}"
+        if self.aux_position is None:
+            return "baseline"
+        return f"aux_{self.aux_position}{mode_suffix(self.alpha_mode)}{'_warm' if self.aux_init == 'warm' else ''}"
 
     def as_dict(self) -> dict[str, Any]:
         """The fields that identify the run (checkpoint meta, stored spec); ``alpha_mode`` only when not "fixed", so
@@ -711,6 +770,8 @@ class IcmSpec:
         d = asdict(self)
         if d["alpha_mode"] == "fixed":
             del d["alpha_mode"]
+        if d["aux_init"] == "cold":
+            del d["aux_init"]
         return d
 
     @property
@@ -763,6 +824,73 @@ def equal_size_batches(dataset, batch_size: int, seed: int = 0, device: str = "c
         yield loader._finish(collate(group))
 
 
+def aux_features(spec_position: str, codec: nn.Module, recognizer, aux_branch: nn.Module, x: torch.Tensor,
+                 labels: Any) -> tuple[Any, Any, tuple[int, int]]:
+    """What the branch at ``spec_position`` reads for images ``x`` (the codec's y_hat / decoder feature of the padded
+    x, or the recognizer's stage features of x_hat), with ``labels`` in that frame and the frame's size."""
+    xp, pad = pad_to_multiple(x)
+    out = codec_forward(codec, xp)
+    if spec_position == "task":
+        with recognizer.capture_features(aux_branch.inputs) as features:
+            recognizer.predict(crop_to(out["x_hat"], pad))
+        return dict(features), labels, tuple(x.shape[-2:])
+    return out[spec_position], recognizer.pad_labels(labels, pad), tuple(xp.shape[-2:])
+
+
+def train_aux_branch(position: str, aux_branch: nn.Module, codec: nn.Module, recognizer, train_set, cfg: TrainConfig,
+                     checkpoint_path: str | Path, val_set=None,
+                     seed: int = 0, log=print, device: str = "cpu") -> FitResult:
+    """Warm start (design option ``aux.warm_start``): pre-train the auxiliary branch ALONE on the frozen codec's
+    features with the recognizer's pseudo-labels, so that it is already competent when ICM training begins (in the
+    paper it trains jointly for ~590k steps, competent for almost all of them; at a budget 10^4 times smaller a cold
+    branch is still learning when training ends). The codec runs in training mode (y_hat = y + uniform noise, what the
+    branch sees during ICM training) under ``no_grad``: nothing but the branch changes. Same clipping and Adam as
+    ICM training; ``val_set``: the branch's mean loss on it (codec in eval mode) is logged per epoch."""
+    torch.manual_seed(seed)
+    params = list(aux_branch.parameters())
+    opt = {"main": torch.optim.Adam(params, lr=cfg.lr)}
+    steps = cfg.steps(len(train_set))
+    codec_was = codec.training
+
+    def branch_loss(x: torch.Tensor, labels: Any) -> torch.Tensor:
+        with torch.no_grad():
+            feats, labels, size = aux_features(position, codec, recognizer, aux_branch, x, labels)
+        return aux_branch.loss(feats, labels, size)
+
+    def step_fn(batch, step):
+        codec.train()
+        x = batch["image"]
+        loss = branch_loss(x, recognizer.pseudo_labels(x))
+        opt["main"].zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_max_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_max_norm)
+        opt["main"].step()
+        return {"loss": loss.detach()}
+
+    validate = None
+    if val_set is not None:
+        @torch.no_grad()
+        def validate(epoch):
+            codec.eval()
+            torch.manual_seed(seed)
+            total, n = 0.0, 0
+            for batch in equal_size_batches(val_set, cfg.batch_size, seed, device):
+                x = batch["image"]
+                total += float(branch_loss(x, recognizer.pseudo_labels(x))) * x.shape[0]
+                n += x.shape[0]
+            return {"aux": total / max(1, n)}
+
+    try:
+        return fit(modules={"aux_branch": aux_branch}, optimizers=opt, step_fn=step_fn,
+                   loader_fn=train_loader(train_set, cfg, seed, device, steps), epochs=cfg.epochs, steps_per_epoch=steps,
+                   lr_lambda=cfg.lr_lambda(steps), checkpoint_path=checkpoint_path,
+                   meta={"job": "aux_warm_start", "position": position, "seed": seed, **cfg.job_meta()},
+                   validate_fn=validate, log=log, log_every=cfg.log_every)
+    finally:
+        codec.train(codec_was)
+
+
 @torch.no_grad()
 def validation_terms(spec: IcmSpec, codec, recognizer, aux_branch, val_set, batch_size: int = 8, seed: int = 0,
                      device: str = "cpu") -> dict[str, float]:
@@ -782,20 +910,26 @@ def validation_terms(spec: IcmSpec, codec, recognizer, aux_branch, val_set, batc
 
 def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module | None, train_set, cfg: TrainConfig,
               checkpoint_path: str | Path, val_set=None, log=print, device: str = "cpu",
-              on_step: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
+              on_step: Callable[[int, dict[str, Any]], None] | None = None, snapshots: dict[int, Path] | None = None,
+              meta_extra: dict[str, Any] | None = None) -> FitResult:
     """Fine-tune ``codec`` (and the auxiliary branch) for ``spec``; the recognizer stays frozen.
 
     ``cfg``'s speed knobs (amp, channels_last, compile, workers) apply here; under ``torchrun`` the codec and the
     branch train with DistributedDataParallel on this rank's slice of every global batch (``icm_helpers.distributed``).
-    ``on_step(step, logs)``: see ``fit``."""
+    ``on_step(step, logs)``: see ``fit``. ``snapshots``:
+    {epoch: path}: the codec as it is after that epoch (quantiles fitted, tables built, as the final one) is saved
+    there, for the budget study (dose-response). ``meta_extra``: more fields of the job's identity (checkpoint meta),
+    e.g. how a warm-started branch was pre-trained."""
     if not getattr(recognizer, "frozen", False):
         raise ValueError("the recognizer must be frozen (recognizer.freeze()) before ICM training")
     torch.manual_seed(spec.seed)
     extra = list(aux_branch.parameters()) if aux_branch is not None else []
     opts = _codec_optimizers(codec, extra, cfg)
     params = [p for g in opts["main"].param_groups for p in g["params"]]
+    groups = clip_groups(codec, extra, cfg.clip_scope)
     steps = cfg.steps(len(train_set))
     modules = {"codec": codec} if aux_branch is None else {"codec": codec, "aux_branch": aux_branch}
+    plain_codec = codec
     # speed knobs and torchrun (issue 7); from here on codec / aux_branch may be DDP views of the modules above
     from . import distributed as dist_lib
 
@@ -809,7 +943,7 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
         terms = icm_terms(spec, codec, recognizer, aux_branch, batch["image"])
         # alpha_mode (adaptive_alpha.py): "fixed" returns terms["loss"] and terms unchanged (the paper's step)
         loss, terms = adaptive_alpha.training_loss(spec, terms, step, cfg.epochs * steps, params)
-        q = _codec_step(loss, codec, opts, params, cfg.clip_max_norm)
+        q = _codec_step(loss, codec, opts, groups, cfg.clip_max_norm)
         return {**{k: v.detach() for k, v in terms.items()}, "quantile_loss": q}  # tensors: no per-step sync (fit reads them)
 
     validate = None
@@ -817,12 +951,25 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
         def validate(epoch):
             return validation_terms(spec, codec, recognizer, aux_branch, val_set, cfg.batch_size, spec.seed, device)
 
+    def snapshot(epoch: int) -> None:
+        path = (snapshots or {}).get(epoch)
+        if path is None or not dist_lib.is_main():
+            return
+        import copy
+
+        from .codec import save_codec
+
+        frozen = copy.deepcopy(plain_codec).eval()
+        converge_quantiles(frozen)
+        update_entropy_tables(frozen)
+        save_codec(path, frozen, extra={"spec": spec.as_dict(), "epoch": epoch, "of_epochs": cfg.epochs})
+
     res = fit(modules=modules, optimizers=opts, step_fn=with_autocast(step_fn, cfg.amp, device),
               loader_fn=train_loader(train_set, cfg, spec.seed, device, steps, distributed), epochs=cfg.epochs,
               steps_per_epoch=steps, lr_lambda=cfg.lr_lambda(steps),
-              checkpoint_path=checkpoint_path, meta={"job": "icm", **spec.as_dict(), **cfg.job_meta()},
+              checkpoint_path=checkpoint_path, meta={"job": "icm", **spec.as_dict(), **cfg.job_meta(), **(meta_extra or {})},
               validate_fn=with_autocast(validate, cfg.amp, device), log=log, log_every=cfg.log_every, distributed=distributed,
-              on_step=on_step)
+              on_step=on_step, on_epoch_end=snapshot if snapshots else None, desc=f"{spec.task}/{spec.run_name} (seed {spec.seed})")
     converge_quantiles(codec)
     update_entropy_tables(codec)
     return res

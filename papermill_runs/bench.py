@@ -119,14 +119,13 @@ def build(args, device: str):
 
 def train_naive(args, device: str, dataset) -> dict:
     """The straightforward loop: fp32, eager, NCHW, main-process loading, loss.item() every step."""
-    from icm_helpers.training import EpochLoader, TrainConfig, _codec_optimizers, icm_terms
+    from icm_helpers.training import EpochLoader, TrainConfig, _codec_optimizers, clip_groups, icm_terms
 
     codec, rec, aux, spec = build(args, device)
     total = args.warmup + args.steps
     cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, crop_size=args.crop, poly_start_frac=0.99)
     opts = _codec_optimizers(codec, list(aux.parameters()), cfg)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, cfg.lr_lambda(total)) for o in opts.values()]  # = train_icm's schedule
-    params = [p for g in opts["main"].param_groups for p in g["params"]]
     torch.manual_seed(spec.seed)
     loader = EpochLoader(dataset, args.batch_size, spec.seed, args.crop, device=device)
     codec.train()
@@ -142,7 +141,8 @@ def train_naive(args, device: str, dataset) -> dict:
             terms = icm_terms(spec, codec, rec, aux, batch["image"])
             opts["main"].zero_grad()
             terms["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_max_norm)
+            for group in clip_groups(codec, list(aux.parameters()), cfg.clip_scope):  # the codec and the branch each clipped alone
+                torch.nn.utils.clip_grad_norm_(group, cfg.clip_max_norm)
             opts["main"].step()
             opts["quantiles"].zero_grad()
             q = codec.aux_loss()

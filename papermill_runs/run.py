@@ -805,6 +805,8 @@ def run(opts: Options) -> int:
     import papermill as pm  # imported late: --list and the usage errors stay fast
 
     profile_dir.mkdir(parents=True, exist_ok=True)
+    # the kernels inherit this: progress bars as plain lines every 30 s in this log (icm_helpers.progress)
+    os.environ.setdefault("ICM_PROGRESS", "log")
     exit_code = EXIT_OK
     with _profile_lock(profile_dir):
         status = load_status(profile_dir)

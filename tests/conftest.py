@@ -1,5 +1,7 @@
 import os
 
+os.environ.setdefault("ICM_PROGRESS", "off")  # no progress bars in the test logs (icm_helpers.progress)
+
 import matplotlib
 
 matplotlib.use("Agg")

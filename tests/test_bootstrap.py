@@ -186,3 +186,25 @@ def test_experiment_bd_rate_table_from_stored_records(tmp_path):
     e = rows[0]["bpp_bitstream"]
     assert e["ci_low"] <= e["bd_rate"] <= e["ci_high"] and e["bd_rate"] < -10
     assert rows[0]["points"] == 4 and e["samples"] == 200 and e["confidence"] == 0.95
+
+
+def test_bd_rate_over_seeds_pools_the_per_seed_values_and_their_spread():
+    """Seed 0's models need exactly 20% fewer bits than the anchor, seed 1's exactly 10% (no image noise): the per-seed
+    CIs are those points, the pooled estimate is their mean (-15) and the seed-and-image bootstrap CI spans both."""
+    from icm_helpers.bootstrap import bd_rate_ci_seeds
+
+    n = 40
+    base_acc = np.random.default_rng(2).uniform(0.3, 0.9, n)
+    acc = lambda lam: np.clip(base_acc * (0.5 + 0.1 * lam), 0, 1)
+    by_seed = {0: {"anchor": _curve(1.0, acc, n), "aux": _curve(0.8, acc, n)},
+               1: {"anchor": _curve(1.0, acc, n), "aux": _curve(0.9, acc, n)}}
+    out = bd_rate_ci_seeds(by_seed, "anchor", ["aux"], samples=400, seed=0)
+    assert out["per_seed"][0]["aux"]["bpp_bitstream"]["bd_rate"] == pytest.approx(-20, abs=1e-9)
+    assert out["per_seed"][1]["aux"]["bpp_bitstream"]["bd_rate"] == pytest.approx(-10, abs=1e-9)
+    pooled = out["pooled"]["aux"]["bpp_bitstream"]
+    assert pooled["bd_rate"] == pytest.approx(-15, abs=1e-9) and pooled["seeds"] == 2
+    assert pooled["ci_low"] == pytest.approx(-20, abs=1e-9) and pooled["ci_high"] == pytest.approx(-10, abs=1e-9)
+    assert pooled["seed_sd"] == pytest.approx(np.std([-20, -10], ddof=1), abs=1e-9)
+    # one seed: bd_rate_ci is the per-seed result, and there is no pooled row
+    single = bd_rate_ci_seeds({0: by_seed[0]}, "anchor", ["aux"], samples=50)
+    assert single["pooled"] == {} and single["per_seed"][0] == bd_rate_ci(by_seed[0], "anchor", ["aux"], samples=50)

@@ -49,8 +49,10 @@ def test_save_figure_writes_png_pdf_json(tmp_path):
     assert _listing(out) == ["rd_detection.json", "rd_detection.pdf", "rd_detection.png"]  # no temp files
     assert paths["png"].read_bytes().startswith(PNG_MAGIC)
     assert paths["pdf"].read_bytes().startswith(PDF_MAGIC)
-    assert json.loads(paths["json"].read_text()) == {"bpp": [0.1, 0.2, 0.4], "metric": [0.3, 0.4, 0.5], "n": 3,
-                                                     "name": "baseline"}
+    saved = json.loads(paths["json"].read_text())
+    provenance = saved.pop("provenance")
+    assert saved == {"bpp": [0.1, 0.2, 0.4], "metric": [0.3, 0.4, 0.5], "n": 3, "name": "baseline"}
+    assert provenance["profile"]["name"] == "smoke" and provenance["git"]["commit"] and provenance["versions"]["torch"]
 
 
 def test_save_figure_uses_figures_root_by_default(monkeypatch, tmp_path):
@@ -75,7 +77,7 @@ def test_overwrite_replaces_files(tmp_path):
     old_png = first["png"].read_bytes()
     second = save_figure(_figure((0.5, 0.1, 0.9)), "curve", {"v": 2}, "p", figures_dir=tmp_path)
     assert second == first
-    assert json.loads(second["json"].read_text()) == {"v": 2}
+    assert json.loads(second["json"].read_text())["v"] == 2
     assert second["png"].read_bytes() != old_png
     assert _listing(tmp_path / "p") == ["curve.json", "curve.pdf", "curve.png"]
 
@@ -161,3 +163,21 @@ def test_save_table_with_no_rows(tmp_path):
 
     paths = save_table("empty", ["task", "BD-rate"], [], "test", title="nothing yet", figures_dir=tmp_path)
     assert json.loads(paths["json"].read_text())["rows"] == [] and paths["png"].is_file()
+
+
+def test_figure_json_carries_the_experiments_provenance(tmp_path):
+    """Given the Experiment, the figure JSON holds its provenance: the commit, the profile's hash and its seed."""
+    import subprocess
+
+    from icm_helpers.experiment import Experiment
+    from icm_helpers.provenance import profile_sha256
+
+    ex = Experiment("smoke", run_dir=tmp_path / "run", log=None, overrides={"tasks.detection.alpha": 0.25})
+    paths = save_figure(_figure(), "curve", [1, 2], ex, figures_dir=tmp_path)
+    saved = json.loads(paths["json"].read_text())
+    assert saved["data"] == [1, 2] and paths["json"].parent.name == "smoke"
+    prov = saved["provenance"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    assert prov["git"]["commit"] == head and prov["seed"] == 0
+    assert prov["profile"] == {"name": "smoke", "sha256": profile_sha256(ex.cfg)}
+

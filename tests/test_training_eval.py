@@ -322,3 +322,129 @@ def test_training_batch_of_mixed_sizes_without_crop_names_the_fix():
     with pytest.raises(ValueError, match="crop_size"):
         list(epoch_loader(Items(), 2, seed=0, epoch=0, crop_size=None))
 
+
+@pytest.mark.parametrize("roi", [None, "as_is", "rescale"])
+def test_decode_first_gives_the_records_of_decoding_every_image(world, roi):
+    """evaluation.decode="first": the decoder's image is computed on the encoder side (the coder's own dequantised
+    latent) and the first image is decoded for real and compared; every record equals decoding every image."""
+    from icm_helpers.data import IcmDataset
+
+    torch.manual_seed(0)
+    codec = build_codec(N=16).eval()
+    update_entropy_tables(codec)
+    rec = build_recognizer("segmentation", "suite", 3, width=8, head_channels=16, low_channels=8).freeze()
+    test = IcmDataset(world / "test")
+    kw = dict(roi_qf=1.4, roi_decoder=roi) if roi else {}
+    full = evaluate(codec, rec, test, decode="all", **kw)
+    fast = evaluate(codec, rec, test, decode="first", **kw)
+    from icm_helpers.evaluation import without_timing
+
+    assert without_timing(fast["per_image"]) == without_timing(full["per_image"]) and fast["metric"] == full["metric"]
+    assert all("enc_seconds" in r for r in fast["per_image"]) and "dec_seconds" in fast["per_image"][0]
+    enc = compress_image(codec, pad_to_multiple(test[0]["image"][None])[0], reconstruct=True)
+    from icm_helpers.codec import decompress_image
+
+    assert torch.equal(enc["x_hat"], decompress_image(codec, enc))
+    with pytest.raises(ValueError, match="decode"):
+        evaluate(codec, rec, test, decode="some")
+
+
+# ------------------------------------------------------------------------------ clipping, warm start, budgets, seeds
+def test_codec_update_is_clipped_alone_so_a_branch_does_not_rescale_it():
+    """clip_scope="module": the codec's gradient is clipped by its own norm whatever the branch's gradient is."""
+    from icm_helpers.training import _codec_optimizers, _codec_step, clip_groups
+
+    codec = build_codec(N=16)
+    branch = torch.nn.Linear(4, 4)
+    cfg = TrainConfig(lr=1e-3)
+    grads = {}
+    for scope, branch_scale in (("module", 1.0), ("module", 1e4), ("joint", 1e4)):
+        torch.manual_seed(0)
+        opts = _codec_optimizers(codec, list(branch.parameters()), cfg)
+        x = torch.rand(1, 3, 64, 64)
+        loss = codec(x)["x_hat"].square().mean() * 100 + branch_scale * branch(torch.ones(4)).sum()
+        groups = clip_groups(codec, list(branch.parameters()), scope)
+        real_step = opts["main"].step
+        opts["main"].step = lambda: grads.__setitem__((scope, branch_scale), codec.g_a[0].conv1.weight.grad.clone())
+        _codec_step(loss, codec, opts, groups, 1.0)
+        opts["main"].step = real_step
+    assert torch.equal(grads[("module", 1.0)], grads[("module", 1e4)])  # the branch's size does not matter ...
+    assert not torch.allclose(grads[("module", 1e4)], grads[("joint", 1e4)])  # ... it does with one joint norm
+    with pytest.raises(ValueError, match="clip_scope"):
+        TrainConfig(clip_scope="global")
+
+
+def test_aux_branch_warm_start_trains_only_the_branch(tmp_path, train_set, world):
+    from icm_helpers.data import IcmDataset
+    from icm_helpers.training import train_aux_branch
+
+    torch.manual_seed(0)
+    rec = build_recognizer("segmentation", "suite", 3, width=8, head_channels=16, low_channels=8).freeze()
+    codec = build_codec(N=16)
+    aux = build_aux_branch("segmentation", "enc", 16, 3, width=0.125, aspp_dilations=(1, 2, 3, 4))
+    with torch.no_grad():
+        codec(torch.rand(1, 3, 64, 64))  # CompressAI's masked context conv zeroes its masked weights in its first forward
+    before = {k: v.clone() for k, v in codec.state_dict().items()}
+    branch_before = [p.clone() for p in aux.parameters()]
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, crop_size=None, steps_per_epoch=2)
+    res = train_aux_branch("enc", aux, codec, rec, train_set, cfg, tmp_path / "warm.pt", val_set=IcmDataset(world / "val"),
+                           seed=0, log=None)
+    changed = [k for k, v in before.items() if not torch.equal(v, codec.state_dict()[k])]
+    assert changed == [], changed  # the codec is untouched
+    assert any(not torch.equal(a, b) for a, b in zip(branch_before, aux.parameters()))
+    assert [sorted(h) for h in res.history] == [["epoch", "lr", "train_loss", "val_aux"]] * 2
+    assert codec.training  # its mode is restored
+
+
+def test_experiment_warm_start_seeds_and_budget_snapshots(tmp_path):
+    """aux_init="warm": one pre-trained branch per (task, position, seed), shared by the lambdas; seeds get their own
+    runs; budget_fractions save snapshots that evaluate_run(budget=...) evaluates; every identity is in the records."""
+    from icm_helpers.experiment import Experiment
+
+    ex = Experiment("smoke", run_dir=tmp_path, log=None, overrides={
+        "tasks.segmentation.train": {"epochs": 2, "steps_per_epoch": 1, "batch_size": 4, "lr": 3e-4, "crop_size": None},
+        "data.counts": {"train": 16, "val": 4, "test": 4},  # tiny start models: what is tested comes after them
+        "recognizers.segmentation.train.epochs": 1, "codec.train.epochs": 1})
+    ex.cfg["tasks"]["segmentation"]["aux_warm_start"] = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "lr": 1e-3,
+                                                         "crop_size": None}
+    ex.cfg["tasks"]["segmentation"]["budget_fractions"] = [0.5]
+    ex.cfg["train_seeds"] = [0, 1]
+    ex.cfg["evaluation"]["bitstream"] = False
+    ex.prepare_data()
+    calls = []
+    real = ex.warm_aux_branch
+    ex.warm_aux_branch = lambda *a: calls.append(a) or real(*a)
+    recs = ex.run_grid("segmentation", ["enc"], lambdas=[1, 4], aux_init="warm")
+    assert [(r["method"], r["lambda_"], r["seed"]) for r in recs] == [("aux_enc_warm", 1.0, 0), ("aux_enc_warm", 4.0, 0),
+                                                                      ("aux_enc_warm", 1.0, 1), ("aux_enc_warm", 4.0, 1)]
+    assert all(r["aux_init"] == "warm" for r in recs)
+    assert sorted(p.name for p in (tmp_path / "aux_warm" / "segmentation").iterdir()) == ["enc_seed0", "enc_seed1"]
+    assert len(calls) == 4 and all((tmp_path / "aux_warm" / "segmentation" / f"enc_seed{s}" / "branch.pt").is_file() for s in (0, 1))
+    assert (tmp_path / "icm" / "segmentation" / "aux_enc_warm_lambda4_seed1" / "codec_budget0.5.pt").is_file()
+    snap = ex.evaluate_run(ex.spec("segmentation", 4, "enc", aux_init="warm", seed=1), budget=0.5)
+    assert snap["budget"] == 0.5 and snap["seed"] == 1 and snap["codec_path"].endswith("codec_budget0.5.pt")
+    assert [r["lambda_"] for r in ex.full_records("segmentation", "aux_enc_warm", seed=1)] == [1.0, 4.0]
+    assert [r["lambda_"] for r in ex.full_records("segmentation", "aux_enc_warm", seed=1, budget=0.5)] == [4.0]
+    from icm_helpers.codec import load_state
+
+    meta = load_state(tmp_path / "icm" / "segmentation" / "aux_enc_warm_lambda1" / "train_state.pt")["meta"]
+    assert meta["aux_init"] == "warm" and meta["aux_warm_start"]["steps_per_epoch"] == 2 and meta["clip_scope"] == "module"
+    ex.cfg["tasks"]["segmentation"]["budget_fractions"] = [0.3]
+    with pytest.raises(ValueError, match="whole epoch"):
+        ex.budget_epochs("segmentation")
+
+
+def test_a_finished_model_is_not_reused_for_other_training_settings(tmp_path):
+    """A finished ICM model is reused only when everything it was trained with is what the profile asks now (spec and
+    training settings); changing, e.g., the learning rate stops with the difference named, never a silent reuse."""
+    from icm_helpers.experiment import Experiment
+
+    ov = {"data.counts": {"train": 8, "val": 2, "test": 2}, "recognizers.detection.train.epochs": 1, "codec.train.epochs": 1,
+          "tasks.detection.train": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 4, "lr": 3e-4, "crop_size": 64}}
+    ex = Experiment("smoke", run_dir=tmp_path, log=None, overrides=ov)
+    ex.prepare_data()
+    final = ex.train(ex.spec("detection", 0.4, None))
+    assert ex.train(ex.spec("detection", 0.4, None)) == final  # same settings: reused
+    ex2 = Experiment("smoke", run_dir=tmp_path, log=None, overrides={**ov, "tasks.detection.train": {**ov["tasks.detection.train"], "lr": 1e-3}})
+    with pytest.raises(FileExistsError, match=r"trained with other train .*'lr': 0\.0003.*'lr': 0\.001"):
+        ex2.train(ex2.spec("detection", 0.4, None))
