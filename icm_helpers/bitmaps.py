@@ -234,7 +234,8 @@ def roi_fraction_table(models: Sequence[Mapping[str, Any]], dataset, include_hyp
 def profile_models(ex, task: str, lambdas: Iterable[float] | None = None, alpha: float | None = None,
                    aux_position: str = "enc") -> list[dict[str, Any]]:
     """The models of a profile for :func:`roi_fraction_table`: the start codec, then w/o aux and w/ aux
-    (``aux_position``; paired with the w/o-aux model of its lambda) at each lambda (default: the profile's). Codecs load lazily; ``ex.train`` trains a
+    (``aux_position``, its branch started as the profile's primary arm, the first of ``aux_inits``; paired with the
+    w/o-aux model of its lambda) at each lambda (default: the profile's). Codecs load lazily; ``ex.train`` trains a
     missing run (normally notebooks 02/03 did)."""
     from .codec import load_codec
 
@@ -242,7 +243,7 @@ def profile_models(ex, task: str, lambdas: Iterable[float] | None = None, alpha:
     models: list[dict[str, Any]] = [{"label": "start codec", "group": "start codec", "lambda_": None, "codec": ex.start_codec}]
     for lam in lambdas:
         for pos, name in ((None, "w/o aux"), (aux_position, "w/ aux")):
-            spec = ex.spec(task, lam, pos, alpha)
+            spec = ex.spec(task, lam, pos, alpha, aux_init=None if pos is None else ex.aux_inits(task)[0])
             models.append({"label": f"{name} λ={float(lam):g}", "group": name, "lambda_": float(lam), "method": spec.method,
                            "paired_with": f"w/o aux λ={float(lam):g}" if pos is not None else None,
                            "codec": (lambda s=spec: load_codec(ex.train(s)).to(ex.device))})

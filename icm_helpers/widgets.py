@@ -85,15 +85,17 @@ class BitMapExplorer:
         return (self.ex.models_dir / "codec_start.pt").is_file()
 
     def runs(self, task: str, lambda_: float) -> dict[str, RunRef]:
-        """Label -> run for the finished codecs of ``task`` at ``lambda_``: start codec, w/o aux, aux-enc, aux-dec,
-        aux-task and ROI (the w/o-aux codec with the ROI latent scaling, when the profile sets a QF)."""
+        """Label -> run for the finished codecs of ``task`` at ``lambda_``: start codec, w/o aux, aux-enc (cold and
+        warm-started branch), aux-dec, aux-task and ROI (the w/o-aux codec with the ROI latent scaling, when the profile sets a QF)."""
         runs: dict[str, RunRef] = {}
         if self._has_start():
             runs[START_LABEL] = RunRef(START_LABEL, self.ex.models_dir / "codec_start.pt")
         for pos, label in self.ex.POSITION_LABELS.items():
-            path = self.ex.run_path(self.ex.spec(task, lambda_, pos, self.alpha)) / "codec.pt"
-            if path.is_file():
-                runs[label] = RunRef(label, path)
+            for init in ("cold", "warm") if pos == "enc" else ("cold",):
+                path = self.ex.run_path(self.ex.spec(task, lambda_, pos, self.alpha, aux_init=init)) / "codec.pt"
+                name = label if init == "cold" else f"{label} (warm)"
+                if path.is_file():
+                    runs[name] = RunRef(name, path)
         qf = self.ex.task_cfg(task).get("roi_qf")
         if qf and "w/o aux" in runs:
             label = f"ROI (QF {float(qf):g})"

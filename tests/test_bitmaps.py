@@ -239,6 +239,24 @@ def test_explorer_lists_existing_runs_only(experiment):
     assert [v for _, v in exp.image_options("detection")] == [0, 1, 2]
 
 
+def test_warm_started_runs_are_offered_and_are_the_primary_arm(experiment):
+    """A profile whose primary aux arm is warm-started (``aux_inits: [warm, ...]``, the demo) compares that arm in
+    the inside-mask table, and the widget offers the warm run beside the cold one."""
+    from icm_helpers.bitmaps import profile_models
+    from icm_helpers.experiment import Experiment
+    from icm_helpers.widgets import BitMapExplorer
+
+    warm = Experiment("smoke", run_dir=experiment.run_dir, overrides={"threads": 1})
+    warm.cfg["tasks"]["detection"]["aux_inits"] = ["warm"]  # the smoke profile has no such entry: set as the demo's
+    spec = warm.spec("detection", 1.6, "enc", aux_init="warm")
+    save_codec(warm.run_path(spec) / "codec.pt", build_codec(N=16))
+    assert list(BitMapExplorer(warm, ["detection"]).runs("detection", 1.6)) == [
+        "start codec", "w/o aux", "aux-enc", "aux-enc (warm)", "ROI (QF 1.4)"]
+    methods = [m.get("method") for m in profile_models(warm, "detection", [1.6])]
+    assert methods == [None, "baseline", "aux_enc_warm"]
+    assert [m.get("method") for m in profile_models(experiment, "detection", [1.6])] == [None, "baseline", "aux_enc"]
+
+
 def test_widget_view_changes_do_not_rerun_the_codec(experiment):
     from icm_helpers.widgets import BitMapComparer, BitMapExplorer
 
