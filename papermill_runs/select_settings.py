@@ -102,7 +102,8 @@ def stage_costs(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
     from icm_helpers.training import (TrainConfig, _codec_optimizers, _codec_step, aux_features, clip_groups, icm_terms)
 
     ex = experiment(profile)
-    out: dict[str, Any] = {"threads": torch.get_num_threads(), "step": {}, "warm_step": {}, "eval_image": {}, "bitmap_image": {}}
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "step": {}, "warm_step": {}, "eval_image": {}, "bitmap_image": {},
+                           "anchor_image": {}}
     train = ex.dataset("train")
     batch = collate([train[i] for i in range(8)])["image"]
     for task in ex.tasks():
@@ -146,12 +147,55 @@ def stage_costs(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
         for i in range(n):
             compute_bit_maps(codec, test[i]["image"])
         out["bitmap_image"][task] = (time.perf_counter() - t0) / n
+        from icm_helpers.anchors import build_anchor
+
+        t0 = time.perf_counter()
+        evaluate(build_anchor("jpeg", 50), rec, ex.dataset("test"), max_images=n, workers=int(ec.get("workers", 1)))
+        out["anchor_image"][task] = (time.perf_counter() - t0) / n
     return out
 
 
+# ------------------------------------------------------------------------------------------------------------ fixed
+def stage_fixed(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
+    """The profile's work that does not scale with the steps or the test images (kernels, the world, figures, the
+    bootstrap): the wall time of its notebooks with 4 steps per model, 1 warm-start step and 16 test images, minus
+    what the measured costs say those steps and images took."""
+    import os
+    import subprocess
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"fixed_{profile}_"))
+    sets = ["evaluation.max_images=16"]
+    for task in ("detection", "segmentation"):
+        sets += [f"tasks.{task}.train.epochs=4", f"tasks.{task}.train.steps_per_epoch=1",
+                 f"tasks.{task}.aux_warm_start.epochs=1", f"tasks.{task}.aux_warm_start.steps_per_epoch=1"]
+    env = {**os.environ, "ICM_RUNS_DIR": str(tmp / "runs"), "ICM_FIGURES_DIR": str(tmp / "figures")}
+    cmd = [sys.executable, str(ROOT / "papermill_runs" / "run.py"), "--profile", profile, "--out-dir", str(tmp / "out"),
+           "--only", *args.notebooks, "--set", *sets]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.time() - t0
+    if proc.returncode:
+        raise RuntimeError(f"the timing run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
+    ex = experiment(profile, {k: yaml_value(v) for k, v in (x.split("=", 1) for x in sets)})
+    variable = profile_seconds(ex, outcome["stages"]["costs"], 4, 0, 16, 0.0, args.transfer)
+    return {"wall_seconds": wall, "modelled_variable_seconds": variable, "fixed_seconds": max(0.0, wall - variable),
+            "notebooks": args.notebooks, "overrides": sets}
+
+
+def yaml_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
 # ------------------------------------------------------------------------------------------------------------ R2 / R5
-def profile_seconds(ex, costs: dict[str, Any], steps: int, warm_epochs: int, n_test: int, fixed: float) -> float:
-    """Estimated wall seconds of the profile's notebooks for ``steps`` per model and ``n_test`` test images."""
+def profile_seconds(ex, costs: dict[str, Any], steps: int, warm_epochs: int, n_test: int, fixed: float,
+                    transfer: bool = False) -> float:
+    """Estimated wall seconds of the profile's notebooks for ``steps`` per model and ``n_test`` test images
+    (``transfer``: notebook 10 evaluates every final model with the other task's recognizer too)."""
+    from icm_helpers.anchors import available, default_qualities
+
     total = fixed
     for task in ex.tasks():
         tc = ex.task_cfg(task)
@@ -167,6 +211,10 @@ def profile_seconds(ex, costs: dict[str, Any], steps: int, warm_epochs: int, n_t
         total += evaluations * n_test * costs["eval_image"][task]
         total += budgets * lambdas * seeds * (1 + len(inits)) * n_test * costs["eval_image"][task]  # snapshots
         total += (1 + lambdas * 2) * n_test * costs["bitmap_image"][task]  # notebook 06's inside-mask table
+        anchors = sum(len(default_qualities(a)) for a in ex.anchor_names() if available(a))
+        total += anchors * n_test * costs["anchor_image"][task]  # notebook 04's conventional codecs
+        if transfer:
+            total += lambdas * seeds * (1 + len(inits)) * n_test * costs["eval_image"][task]
     return total
 
 
@@ -178,7 +226,7 @@ def stage_r2(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
     table = {}
     chosen = 4 * STEPS_PER_EPOCH
     for epochs in range(4, 41, 4):
-        seconds = profile_seconds(ex, costs, epochs * STEPS_PER_EPOCH, warm, 48, args.fixed_seconds)
+        seconds = profile_seconds(ex, costs, epochs * STEPS_PER_EPOCH, warm, 48, args.fixed_seconds, args.transfer)
         table[epochs * STEPS_PER_EPOCH] = seconds
         if seconds <= budget:
             chosen = epochs * STEPS_PER_EPOCH
@@ -196,7 +244,7 @@ def stage_r5(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
     table, chosen = {}, 48
     for n in range(48, 257, 16):
         table[n] = profile_seconds(ex, st["costs"], st["r2"]["steps"], max(st["r6"][t]["epochs"] for t in ex.tasks()), n,
-                                   args.fixed_seconds)
+                                   args.fixed_seconds, args.transfer)
         if table[n] <= budget:
             chosen = n
     return {"test_images": chosen, "estimated_seconds_by_test_images": table, "budget_seconds": budget,
@@ -205,7 +253,8 @@ def stage_r5(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------------------ R3 / R4
 def _train_baseline(profile: str, overrides: dict[str, Any], task: str, lam: float, name: str) -> tuple[Any, Any]:
-    """A w/o-aux model (seed 0) in its own run dir ``name`` (each candidate setting is its own run)."""
+    """A w/o-aux model (seed 0) in the run dir ``name`` of its learning rate: R4's model at R3's lambda and chosen lr is
+    R3's model (the same job, reused because its settings are identical)."""
     ex = experiment(profile, overrides, log=None, name=name)
     return ex, ex.train(ex.spec(task, lam, None, seed=0))
 
@@ -229,7 +278,7 @@ def stage_r3(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
         for factor in LR_FACTORS:
             lr = PAPER[task]["lr"] * factor
             ov = {**_base_overrides(profile, outcome), f"tasks.{task}.train.lr": lr}
-            ex, final = _train_baseline(profile, ov, task, lam, f"r3_lr{lr:g}")
+            ex, final = _train_baseline(profile, ov, task, lam, f"lr{lr:g}")
             codec = load_codec(final).eval()
             terms = validation_terms(ex.spec(task, lam, None), codec, ex.recognizer(task), None, ex.dataset("val", task), 8, 0)
             rows.append({"lr": lr, "val_main": terms["main"], "val_rate": terms["rate"], "val_task": terms["task"]})
@@ -253,7 +302,7 @@ def stage_r4(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
         rows = []
         for lam in ladder:
             ov = {**_base_overrides(profile, outcome), f"tasks.{task}.train.lr": lr}
-            ex, final = _train_baseline(profile, ov, task, lam, f"r4_lr{lr:g}")
+            ex, final = _train_baseline(profile, ov, task, lam, f"lr{lr:g}")
             ev = evaluate(load_codec(final), ex.recognizer(task), ex.dataset("val", task), bitstream=False,
                           workers=int(ex.cfg["evaluation"].get("workers", 1)))
             rows.append({"lambda": lam, "val_bpp_estimated": ev["bpp_estimated"], "val_metric": ev["metric"], "psnr": ev["psnr"]})
@@ -320,7 +369,7 @@ def settings_overrides(profile: str, outcome: dict[str, Any], upto: str = "r5") 
     return ov
 
 
-STAGES = ("r1", "costs", "r2", "r3", "r4", "r6", "r5")
+STAGES = ("r1", "costs", "fixed", "r2", "r3", "r4", "r6", "r5")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,19 +378,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", default="all", choices=(*STAGES, "all"))
     ap.add_argument("--budget-factor", type=float, required=True, help="time budget as a multiple of the smoke run")
     ap.add_argument("--smoke-seconds", type=float, default=230.0, help="the smoke run of notebooks 01-07 on this machine")
-    ap.add_argument("--fixed-seconds", type=float, required=True, help="measured seconds of the profile's fixed work")
+    ap.add_argument("--notebooks", nargs="+", default=["01", "02", "03", "04", "05", "06", "07"],
+                    help="the notebooks of the profile's run (for the timing of its fixed work)")
     ap.add_argument("--lambdas", type=int, default=3, help="R4's number of lambdas (demo 3, study 4)")
     ap.add_argument("--redo", action="store_true", help="redo the selected stage even if logged")
+    ap.add_argument("--transfer", action="store_true", help="the profile's run includes notebook 10 (transfer)")
     args = ap.parse_args(argv)
     outcome = load_outcome(args.profile)
-    outcome["budget"] = {"factor": args.budget_factor, "smoke_seconds": args.smoke_seconds, "fixed_seconds": args.fixed_seconds}
+    args.fixed_seconds = outcome["stages"].get("fixed", {}).get("fixed_seconds", 0.0)
+    outcome["budget"] = {"factor": args.budget_factor, "smoke_seconds": args.smoke_seconds, "notebooks": args.notebooks}
     for stage in STAGES if args.stage == "all" else (args.stage,):
         if stage in outcome["stages"] and not args.redo:
             print(f"{stage}: logged already")
             continue
         t0 = time.time()
         fn = globals()[f"stage_{stage}"]
-        result = fn(args.profile, outcome, args) if stage in ("r2", "r4", "r5") else fn(args.profile, outcome)
+        result = fn(args.profile, outcome, args) if stage in ("fixed", "r2", "r4", "r5") else fn(args.profile, outcome)
+        if stage == "fixed":
+            args.fixed_seconds = result["fixed_seconds"]
         outcome["stages"][stage] = {**result, "seconds": round(time.time() - t0, 1)}
         save_outcome(args.profile, outcome)
         print(f"{stage}: {json.dumps({k: v for k, v in result.items() if k not in ('ladder', 'windows', 'val_loss')})[:600]}")

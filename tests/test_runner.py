@@ -216,12 +216,19 @@ def test_failure_stops_and_rerun_continues(project, capsys, monkeypatch, tmp_pat
 
 
 # ---------------------------------------------------------------- cheap tests: nothing executes
-@pytest.mark.parametrize("bad", ["../t", "a/b", "", ".", "..", "x y", "/abs", "t.yaml"])
+@pytest.mark.parametrize("bad", ["../t", "a/b", "", ".", "..", "x y", "/abs"])
 def test_bad_profile_name_is_rejected(project, capsys, bad):
     assert runner.main(["--profile", bad, "--out-dir", str(project.out), "--params-dir", str(project.params),
                         "--notebooks-dir", str(project.nbs)]) == 2
     assert "invalid profile name" in capsys.readouterr().err
     assert not project.out.exists()
+
+
+def test_a_yaml_profile_that_is_not_there_is_named(project, capsys):
+    """``--profile x.yaml`` is a profile FILE: a missing one is named (not mistaken for a profile name)."""
+    assert runner.main(["--profile", "t.yaml", "--out-dir", str(project.out), "--params-dir", str(project.params),
+                        "--notebooks-dir", str(project.nbs)]) == 2
+    assert "no such profile file" in capsys.readouterr().err and not project.out.exists()
 
 
 def test_missing_params_file_lists_available_profiles(project, capsys):
