@@ -81,8 +81,8 @@ def stage_r1(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
     history = load_state(path)["extra"].get("history") or []
     val = [h["val_loss"] for h in history if "val_loss" in h]
     if len(val) < 6:
-        raise ValueError(f"{path} has no per-epoch validation loss: regenerate it (python -m icm_helpers.assets regenerate "
-                         f"--profile {profile} --only codec_start)")
+        raise ValueError(f"{path} has no per-epoch validation loss: regenerate it (python -m icm_helpers.assets "
+                         f"regenerate --profile {profile} --only codec_start)")
     last5 = val[-5:]
     change = (max(last5) - min(last5)) / min(last5)
     return {"epochs": len(val), "val_loss": val, "change_over_last_5_epochs": change, "converged": change < 0.01,
@@ -102,8 +102,8 @@ def stage_costs(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
     from icm_helpers.training import (TrainConfig, _codec_optimizers, _codec_step, aux_features, clip_groups, icm_terms)
 
     ex = experiment(profile)
-    out: dict[str, Any] = {"threads": torch.get_num_threads(), "step": {}, "warm_step": {}, "eval_image": {}, "bitmap_image": {},
-                           "anchor_image": {}}
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "step": {}, "warm_step": {}, "eval_image": {},
+                           "bitmap_image": {}, "anchor_image": {}}
     train = ex.dataset("train")
     batch = collate([train[i] for i in range(8)])["image"]
     for task in ex.tasks():
@@ -118,7 +118,8 @@ def stage_costs(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
             times = []
             for _ in range(6):
                 t0 = time.perf_counter()
-                _codec_step(icm_terms(spec, codec, rec, aux, batch)["loss"], codec, opts, clip_groups(codec, extra), 1.0)
+                loss = icm_terms(spec, codec, rec, aux, batch)["loss"]
+                _codec_step(loss, codec, opts, clip_groups(codec, extra), 1.0)
                 times.append(time.perf_counter() - t0)
             out["step"][f"{task}/{arm}"] = statistics.median(times[1:])
         codec = ex.start_codec().train()
@@ -138,7 +139,8 @@ def stage_costs(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
         ec = ex.cfg["evaluation"]
         n = 16
         t0 = time.perf_counter()
-        evaluate(ex.start_codec(), rec, ex.dataset("test"), bitstream=True, max_images=n, workers=int(ec.get("workers", 1)),
+        evaluate(ex.start_codec(), rec, ex.dataset("test"), bitstream=True, max_images=n,
+                 workers=int(ec.get("workers", 1)),
                  decode=ec.get("decode", "all"))
         out["eval_image"][task] = (time.perf_counter() - t0) / n
         codec = ex.start_codec().eval()
@@ -233,7 +235,8 @@ def stage_r2(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
     return {"budget_seconds": budget, "fixed_seconds": args.fixed_seconds, "estimated_seconds_by_steps": table,
             "steps": chosen, "epochs": chosen // STEPS_PER_EPOCH, "steps_per_epoch": STEPS_PER_EPOCH,
             "fits": table[chosen] <= budget,
-            "rule": "largest multiple of 4 epochs of 10 steps within the budget (48 test images, the longest warm start)"}
+            "rule": "largest multiple of 4 epochs of 10 steps within the budget (48 test images, the longest warm "
+                    "start)"}
 
 
 def stage_r5(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
@@ -243,7 +246,8 @@ def stage_r5(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
     budget = args.budget_factor * args.smoke_seconds
     table, chosen = {}, 48
     for n in range(48, 257, 16):
-        table[n] = profile_seconds(ex, st["costs"], st["r2"]["steps"], max(st["r6"][t]["epochs"] for t in ex.tasks()), n,
+        warm = max(st["r6"][t]["epochs"] for t in ex.tasks())
+        table[n] = profile_seconds(ex, st["costs"], st["r2"]["steps"], warm, n,
                                    args.fixed_seconds, args.transfer)
         if table[n] <= budget:
             chosen = n
@@ -280,7 +284,8 @@ def stage_r3(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
             ov = {**_base_overrides(profile, outcome), f"tasks.{task}.train.lr": lr}
             ex, final = _train_baseline(profile, ov, task, lam, f"lr{lr:g}")
             codec = load_codec(final).eval()
-            terms = validation_terms(ex.spec(task, lam, None), codec, ex.recognizer(task), None, ex.dataset("val", task), 8, 0)
+            terms = validation_terms(ex.spec(task, lam, None), codec, ex.recognizer(task), None,
+                                     ex.dataset("val", task), 8, 0)
             rows.append({"lr": lr, "val_main": terms["main"], "val_rate": terms["rate"], "val_task": terms["task"]})
             print(f"R3 {task} lr={lr:g}: validation main loss {terms['main']:.5f}", flush=True)
         best = min(r["val_main"] for r in rows)
@@ -305,8 +310,10 @@ def stage_r4(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
             ex, final = _train_baseline(profile, ov, task, lam, f"lr{lr:g}")
             ev = evaluate(load_codec(final), ex.recognizer(task), ex.dataset("val", task), bitstream=False,
                           workers=int(ex.cfg["evaluation"].get("workers", 1)))
-            rows.append({"lambda": lam, "val_bpp_estimated": ev["bpp_estimated"], "val_metric": ev["metric"], "psnr": ev["psnr"]})
-            print(f"R4 {task} lambda={lam:g}: val bpp {ev['bpp_estimated']:.4f}, {ev['metric_name']} {ev['metric']:.4f}", flush=True)
+            rows.append({"lambda": lam, "val_bpp_estimated": ev["bpp_estimated"], "val_metric": ev["metric"],
+                         "psnr": ev["psnr"]})
+            print(f"R4 {task} lambda={lam:g}: val bpp {ev['bpp_estimated']:.4f}, {ev['metric_name']} "
+                  f"{ev['metric']:.4f}", flush=True)
         windows = []
         for i in range(len(rows) - L + 1):
             w = rows[i: i + L]
@@ -314,12 +321,14 @@ def stage_r4(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
             bpps = [r["val_bpp_estimated"] for r in w]
             span = max(bpps) / min(bpps)
             paper = sum(any(abs(r["lambda"] - p) < 1e-9 for p in PAPER[task]["lambdas"]) for r in w)
-            windows.append({"lambdas": [r["lambda"] for r in w], "monotone": monotone, "bpp_span": span, "paper_lambdas": paper})
+            windows.append({"lambdas": [r["lambda"] for r in w], "monotone": monotone, "bpp_span": span,
+                            "paper_lambdas": paper})
         pool = [w for w in windows if w["monotone"]] or windows
         chosen = max(pool, key=lambda w: (round(w["bpp_span"], 9), w["paper_lambdas"]))
         out[task] = {"lr": lr, "ladder": rows, "windows": windows, "lambdas": chosen["lambdas"],
                      "any_monotone_window": any(w["monotone"] for w in windows),
-                     "rule": f"{L} consecutive ladder values, metric non-decreasing, widest bpp span; ties: more paper lambdas"}
+                     "rule": f"{L} consecutive ladder values, metric non-decreasing, widest bpp span; ties: more "
+                             "paper lambdas"}
     return out
 
 
@@ -343,7 +352,8 @@ def stage_r6(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
             if (val[e - 1] - val[e]) / val[e - 1] < 0.05:
                 epochs = e + 1
                 break
-        print(f"R6 {task}: branch validation loss per epoch {[round(v, 4) for v in val]} -> {epochs} epochs", flush=True)
+        print(f"R6 {task}: branch validation loss per epoch {[round(v, 4) for v in val]} -> {epochs} epochs",
+              flush=True)
         out[task] = {"lr": lr, "val_aux_by_epoch": val, "epochs": epochs,
                      "rule": "first epoch whose validation loss improved by < 5% over the previous one; at most 8"}
     return out
@@ -377,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", required=True)
     ap.add_argument("--stage", default="all", choices=(*STAGES, "all"))
     ap.add_argument("--budget-factor", type=float, required=True, help="time budget as a multiple of the smoke run")
-    ap.add_argument("--smoke-seconds", type=float, default=230.0, help="the smoke run of notebooks 01-07 on this machine")
+    ap.add_argument("--smoke-seconds", type=float, default=230.0,
+                    help="the smoke run of notebooks 01-07 on this machine")
     ap.add_argument("--notebooks", nargs="+", default=["01", "02", "03", "04", "05", "06", "07"],
                     help="the notebooks of the profile's run (for the timing of its fixed work)")
     ap.add_argument("--lambdas", type=int, default=3, help="R4's number of lambdas (demo 3, study 4)")
@@ -398,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
             args.fixed_seconds = result["fixed_seconds"]
         outcome["stages"][stage] = {**result, "seconds": round(time.time() - t0, 1)}
         save_outcome(args.profile, outcome)
-        print(f"{stage}: {json.dumps({k: v for k, v in result.items() if k not in ('ladder', 'windows', 'val_loss')})[:600]}")
+        shown = {k: v for k, v in result.items() if k not in ("ladder", "windows", "val_loss")}
+        print(f"{stage}: {json.dumps(shown)[:600]}")
     outcome["profile_settings"] = settings_overrides(args.profile, outcome)
     save_outcome(args.profile, outcome)
     print(json.dumps(outcome["profile_settings"], indent=1))
