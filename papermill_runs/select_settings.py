@@ -220,23 +220,29 @@ def profile_seconds(ex, costs: dict[str, Any], steps: int, warm_epochs: int, n_t
     return total
 
 
+def choose_steps(seconds_by_steps: dict[int, float], budget: float) -> int:
+    """R2 with its deviation 2 (docs/protocol.md): a multiple of 4 epochs when one fits, else the largest number of
+    epochs that fits, else one epoch (the overrun is then reported, not hidden)."""
+    fitting = [s for s, seconds in seconds_by_steps.items() if seconds <= budget]
+    by_four = [s for s in fitting if (s // STEPS_PER_EPOCH) % 4 == 0]
+    return max(by_four or fitting or [STEPS_PER_EPOCH])
+
+
 def stage_r2(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
     ex = experiment(profile)
     costs = outcome["stages"]["costs"]
     budget = args.budget_factor * args.smoke_seconds
     warm = WARM_MAX_EPOCHS  # R6 comes later: budget the longest warm start
     table = {}
-    chosen = 4 * STEPS_PER_EPOCH
-    for epochs in range(4, 41, 4):
-        seconds = profile_seconds(ex, costs, epochs * STEPS_PER_EPOCH, warm, 48, args.fixed_seconds, args.transfer)
-        table[epochs * STEPS_PER_EPOCH] = seconds
-        if seconds <= budget:
-            chosen = epochs * STEPS_PER_EPOCH
+    for epochs in range(1, 41):
+        table[epochs * STEPS_PER_EPOCH] = profile_seconds(ex, costs, epochs * STEPS_PER_EPOCH, warm, 48,
+                                                          args.fixed_seconds, args.transfer)
+    chosen = choose_steps(table, budget)
     return {"budget_seconds": budget, "fixed_seconds": args.fixed_seconds, "estimated_seconds_by_steps": table,
             "steps": chosen, "epochs": chosen // STEPS_PER_EPOCH, "steps_per_epoch": STEPS_PER_EPOCH,
             "fits": table[chosen] <= budget,
-            "rule": "largest multiple of 4 epochs of 10 steps within the budget (48 test images, the longest warm "
-                    "start)"}
+            "rule": "largest multiple of 4 epochs of 10 steps within the budget, else the largest number of epochs "
+                    "within it, else 1 epoch (48 test images, the longest warm start; protocol deviation 2)"}
 
 
 def stage_r5(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
@@ -295,6 +301,21 @@ def stage_r3(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def choose_window(rows: list[dict[str, float]], L: int, paper_lambdas: list[float]) -> tuple[list[dict], dict]:
+    """R4: of the windows of ``L`` consecutive ladder rows, those whose validation metric does not decrease with
+    lambda; among them (or among all when none is) the widest bpp span; ties: more of the paper's lambdas."""
+    windows = []
+    for i in range(len(rows) - L + 1):
+        w = rows[i: i + L]
+        monotone = all(b["val_metric"] >= a["val_metric"] for a, b in zip(w, w[1:]))
+        bpps = [r["val_bpp_estimated"] for r in w]
+        paper = sum(any(abs(r["lambda"] - p) < 1e-9 for p in paper_lambdas) for r in w)
+        windows.append({"lambdas": [r["lambda"] for r in w], "monotone": monotone, "bpp_span": max(bpps) / min(bpps),
+                        "paper_lambdas": paper})
+    pool = [w for w in windows if w["monotone"]] or windows
+    return windows, max(pool, key=lambda w: (round(w["bpp_span"], 9), w["paper_lambdas"]))
+
+
 def stage_r4(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
     from icm_helpers.codec import load_codec
     from icm_helpers.evaluation import evaluate
@@ -314,17 +335,7 @@ def stage_r4(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
                          "psnr": ev["psnr"]})
             print(f"R4 {task} lambda={lam:g}: val bpp {ev['bpp_estimated']:.4f}, {ev['metric_name']} "
                   f"{ev['metric']:.4f}", flush=True)
-        windows = []
-        for i in range(len(rows) - L + 1):
-            w = rows[i: i + L]
-            monotone = all(b["val_metric"] >= a["val_metric"] for a, b in zip(w, w[1:]))
-            bpps = [r["val_bpp_estimated"] for r in w]
-            span = max(bpps) / min(bpps)
-            paper = sum(any(abs(r["lambda"] - p) < 1e-9 for p in PAPER[task]["lambdas"]) for r in w)
-            windows.append({"lambdas": [r["lambda"] for r in w], "monotone": monotone, "bpp_span": span,
-                            "paper_lambdas": paper})
-        pool = [w for w in windows if w["monotone"]] or windows
-        chosen = max(pool, key=lambda w: (round(w["bpp_span"], 9), w["paper_lambdas"]))
+        windows, chosen = choose_window(rows, L, PAPER[task]["lambdas"])
         out[task] = {"lr": lr, "ladder": rows, "windows": windows, "lambdas": chosen["lambdas"],
                      "any_monotone_window": any(w["monotone"] for w in windows),
                      "rule": f"{L} consecutive ladder values, metric non-decreasing, widest bpp span; ties: more "
@@ -333,6 +344,14 @@ def stage_r4(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------------ R6
+def warm_epochs(val: list[float]) -> int:
+    """R6: the first epoch whose validation loss improved by less than 5% over the previous one; at most 8."""
+    for e in range(1, len(val)):
+        if (val[e - 1] - val[e]) / val[e - 1] < 0.05:
+            return e + 1
+    return WARM_MAX_EPOCHS
+
+
 def stage_r6(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
     from icm_helpers.training import TrainConfig, train_aux_branch
 
@@ -347,11 +366,7 @@ def stage_r6(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
         res = train_aux_branch("enc", aux, codec, rec, ex.dataset("train", task), cfg,
                                ex.run_dir / "r6" / f"{task}_warm.pt", val_set=ex.dataset("val", task), seed=0, log=None)
         val = [h["val_aux"] for h in res.history]
-        epochs = WARM_MAX_EPOCHS
-        for e in range(1, len(val)):
-            if (val[e - 1] - val[e]) / val[e - 1] < 0.05:
-                epochs = e + 1
-                break
+        epochs = warm_epochs(val)
         print(f"R6 {task}: branch validation loss per epoch {[round(v, 4) for v in val]} -> {epochs} epochs",
               flush=True)
         out[task] = {"lr": lr, "val_aux_by_epoch": val, "epochs": epochs,

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from icm_helpers.config import REPO_ROOT, load_profile
@@ -14,13 +15,18 @@ from icm_helpers.recognizers import build_recognizer
 CFG = load_profile("demo")
 
 
-def test_demo_runs_the_papers_grid():
+def test_demo_runs_the_papers_method_on_the_protocols_grid():
     det, seg = CFG["tasks"]["detection"], CFG["tasks"]["segmentation"]
-    assert det["lambdas"] == [0.4, 0.8, 1.6, 3.2] and seg["lambdas"] == [1, 2, 4, 8]  # Sec. 4.1
+    # docs/protocol.md R4: 3 consecutive values of the ladder (the paper's smallest lambda, Sec. 4.1, times 4^k)
+    for tc, smallest in ((det, 0.4), (seg, 1)):
+        ladder = [smallest * 4.0 ** k for k in range(-2, 3)]
+        i = min(range(len(ladder)), key=lambda j: abs(ladder[j] - tc["lambdas"][0]))
+        assert tc["lambdas"] == pytest.approx(ladder[i: i + 3]), tc["lambdas"]
     assert det["alpha"] == seg["alpha"] == 0.5  # Eq. 5
     assert det["add_mse"] is False and seg["add_mse"] is True  # Eq. 5 / Eq. 6
     assert det["roi_qf"] == 1.4 and seg["roi_qf"] is None  # Ahonen et al. QF; no ROI for segmentation
-    assert CFG["ablation"]["positions"] == [None, "enc", "dec", "task"]  # Sec. 4.2
+    assert CFG["ablation"]["positions"] == []  # docs/protocol.md sec. 5: the ablation runs in the study
+    assert load_profile("study")["ablation"]["positions"] == [None, "enc", "dec", "task"]  # Sec. 4.2
     assert det["ablation_lambda"] in det["lambdas"] and seg["ablation_lambda"] in seg["lambdas"]  # enc/none reused
     assert CFG["evaluation"]["bitstream"] is True
     assert CFG["evaluation"]["bootstrap"] == {"samples": 1000, "confidence": 0.95}
