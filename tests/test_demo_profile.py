@@ -24,7 +24,8 @@ def test_demo_runs_the_papers_method_on_the_protocols_grid():
         assert tc["lambdas"] == pytest.approx(ladder[i: i + 3]), tc["lambdas"]
     assert det["alpha"] == seg["alpha"] == 0.5  # Eq. 5
     assert det["add_mse"] is False and seg["add_mse"] is True  # Eq. 5 / Eq. 6
-    assert det["roi_qf"] == 1.4 and seg["roi_qf"] is None  # Ahonen et al. QF; no ROI for segmentation
+    assert det["roi_qf"] is None and seg["roi_qf"] is None  # docs/protocol.md sec. 5: ROI runs in the study
+    assert load_profile("study")["tasks"]["detection"]["roi_qf"] == 1.4  # Ahonen et al.'s QF
     assert CFG["ablation"]["positions"] == []  # docs/protocol.md sec. 5: the ablation runs in the study
     assert load_profile("study")["ablation"]["positions"] == [None, "enc", "dec", "task"]  # Sec. 4.2
     assert det["ablation_lambda"] in det["lambdas"] and seg["ablation_lambda"] in seg["lambdas"]  # enc/none reused
