@@ -382,3 +382,27 @@ def test_profile_file_with_params_beside_it_and_set_overrides(project, capsys):
     assert runner.main(["--profile", str(p.root / "nope.yaml"), "--notebooks-dir", str(p.nbs), "--out-dir", str(p.out)]) == 2
     assert "no such profile file" in capsys.readouterr().err
     assert len(p.log()) == n
+
+
+def test_every_notebook_declares_the_parameters_it_uses():
+    """A name the runner may inject (``--profile``, ``--set`` ...) must have a default in the notebook's parameters
+    cell: papermill injects only what is given, so a notebook without ``overrides = None`` fails on a plain run."""
+    import ast
+    import json
+
+    injectable = {"profile", "task", "run_dir", "device", "seed", "overrides"}
+    from icm_helpers.config import REPO_ROOT
+
+    for path in sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+        params = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(params) == 1, f"{path.name}: one parameters cell"
+        declared = {t.id for node in ast.walk(ast.parse("".join(params[0]["source"])))
+                    if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+        used = set()
+        for cell in cells:
+            if cell is params[0]:
+                continue
+            source = "".join(line for line in cell["source"] if not line.lstrip().startswith(("%", "!")))
+            used |= {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name) and n.id in injectable}
+        assert used <= declared, f"{path.name}: {sorted(used - declared)} used but not in its parameters cell"
