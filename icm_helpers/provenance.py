@@ -44,6 +44,9 @@ def _first_line(text: str) -> str:
     return next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
 
 
+OUTPUT_DIRS = ("figures",)  # written by the suite's own runs: not a change of the code that made a result
+
+
 def git_state(repo: str | os.PathLike | None = None) -> dict[str, Any]:
     """Git commit and dirty flag of the checkout at ``repo`` (default: ``config.REPO_ROOT``). Never raises.
 
@@ -54,7 +57,8 @@ def git_state(repo: str | os.PathLike | None = None) -> dict[str, Any]:
       site-packages, which may lie inside some other repository -, a repository without commits, git refusing it).
     - ``dirty``: True when a TRACKED file differs from HEAD in the work tree or in the index (modified, staged,
       deleted, renamed, type-changed, a submodule moved): ``git status --porcelain --untracked-files=no`` prints
-      anything. Untracked and ignored files (new results, runs/, caches) do not count. None when commit is None.
+      anything. Untracked and ignored files (new results, runs/, caches) do not count, nor does ``figures/``: the
+      suite itself rewrites the committed figures there during a run (``OUTPUT_DIRS``). None when commit is None.
     """
     repo = Path(REPO_ROOT if repo is None else repo).resolve()
     out: dict[str, Any] = {"commit": None, "dirty": None, "reason": None}
@@ -74,7 +78,8 @@ def git_state(repo: str | os.PathLike | None = None) -> dict[str, Any]:
         if head.returncode != 0:
             out["reason"] = "the repository has no commit yet"
             return out
-        status = _git(repo, "status", "--porcelain", "--untracked-files=no")
+        status = _git(repo, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                      *(f":(exclude){d}" for d in OUTPUT_DIRS))
         if status.returncode != 0:
             out["commit"] = head.stdout.strip()
             out["reason"] = f"git status failed ({_first_line(status.stderr)}); dirty state unknown"

@@ -62,6 +62,18 @@ def test_dirty_flag_follows_tracked_files_only(tmp_repo):
     assert after["dirty"] is False
     (tmp_repo / "tracked.txt").unlink()  # a deleted tracked file counts
     assert prov.git_state(tmp_repo)["dirty"] is True
+
+
+@needs_git
+def test_the_suites_own_figures_do_not_make_the_checkout_dirty(tmp_repo):
+    (tmp_repo / "figures" / "demo").mkdir(parents=True)
+    (tmp_repo / "figures" / "demo" / "table.json").write_text("{}\n")
+    git(tmp_repo, "add", "figures")
+    git(tmp_repo, "commit", "-q", "-m", "figures")
+    (tmp_repo / "figures" / "demo" / "table.json").write_text('{"rerun": 1}\n')  # a run rewrote a committed figure
+    assert prov.git_state(tmp_repo)["dirty"] is False
+    (tmp_repo / "tracked.txt").write_text("code change\n")
+    assert prov.git_state(tmp_repo)["dirty"] is True
     assert prov.result_provenance(repo=tmp_repo)["git"]["dirty"] is True  # the parameter reaches git_state
 
 
