@@ -73,12 +73,13 @@ extensions: $(STAMP)
 smoke: $(STAMP)
 	$(VENV_PY) $(RUNNER) --profile smoke $(RUN_ARGS)
 
-# --- tests: unit tests, then the smoke run, then nbval re-executes the executed smoke notebooks
-# (--nbval-lax: only cells marked NBVAL_CHECK_OUTPUT compare outputs; every cell must run).
+# --- tests: ruff (pyproject's [tool.ruff]), unit tests, then the smoke run, then nbval re-executes the executed smoke
+# notebooks (--nbval-lax: only cells marked NBVAL_CHECK_OUTPUT compare outputs; every cell must run).
 # Explicit paths on the command line, so pyproject's testpaths does not apply.
 # ICM_NO_NETWORK=1: outgoing (non-loopback) connections raise inside every process that imports icm_helpers,
 # papermill kernels included (icm_helpers/netguard.py): the tests and the smoke run prove the suite needs no network.
 test: $(STAMP) setup-mmseg
+	$(VENV)/bin/ruff check icm_helpers papermill_runs tests
 	ICM_NO_NETWORK=1 $(PYTEST) -m "not browser" tests
 	ICM_NO_NETWORK=1 $(VENV_PY) $(RUNNER) --profile smoke
 	ICM_NO_NETWORK=1 $(PYTEST) --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg $(SMOKE_OUT)/[0-9]*.ipynb

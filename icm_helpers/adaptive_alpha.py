@@ -47,9 +47,11 @@ SIMILARITY_VARIANTS = ("weighted", "unweighted")
 
 def check_alpha_mode(alpha_mode) -> str:
     if alpha_mode not in ALPHA_MODES:
-        raise ValueError(f"unknown alpha_mode {alpha_mode!r}; valid: {', '.join(repr(m) for m in ALPHA_MODES)} "
-                         "('fixed' = the paper's constant alpha, Eq. 5). Fix: set tasks.<task>.alpha_mode in the profile "
-                         "or pass alpha_mode= to Experiment.spec / run_grid with one of these")
+        raise ValueError(
+            f"unknown alpha_mode {alpha_mode!r}; valid: {', '.join(repr(m) for m in ALPHA_MODES)} "
+            "('fixed' = the paper's constant alpha, Eq. 5). Fix: set tasks.<task>.alpha_mode in the profile "
+            "or pass alpha_mode= to Experiment.spec / run_grid with one of these"
+        )
     return alpha_mode
 
 
@@ -146,10 +148,17 @@ def training_loss(spec, terms: dict[str, torch.Tensor], step: int, total_steps: 
         loss = terms["main"] + w * weighted_aux
         return loss, {**terms, "loss": loss, "aux_weight": torch.tensor(w, device=loss.device)}
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        raise NotImplementedError("alpha_mode='gradient_similarity' is not supported in a distributed (torchrun/DDP) job yet: "
-                                  "its gradients bypass DDP's all-reduce; train it on one process, or use 'fixed' / 'decay'")
+        raise NotImplementedError(
+            "alpha_mode='gradient_similarity' is not supported in a distributed (torchrun/DDP) job yet: "
+            "its gradients bypass DDP's all-reduce; train it on one process, or use 'fixed' / 'decay'"
+        )
     params = list(params)
     res = gradient_similarity_grads(params, terms["main"], weighted_aux)
     effective = (terms["main"].detach() + res.weight * weighted_aux.detach())
-    logs = {**{k: v.detach() for k, v in terms.items()}, "loss": effective, "aux_weight": res.weight, "aux_cos": res.cos}
+    logs = {
+        **{k: v.detach() for k, v in terms.items()},
+        "loss": effective,
+        "aux_weight": res.weight,
+        "aux_cos": res.cos,
+    }
     return surrogate_loss(params, res.grads), logs

@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
+import PIL
 import torch
 import torch.nn.functional as F
+from PIL import Image, features
 
 __all__ = ["ANCHORS", "AnchorUnavailable", "BpgCodec", "ImageCodec", "JpegCodec", "VtmCodec", "WebpCodec",
            "available", "bits_per_pixel", "build_anchor", "code_image", "default_qualities", "from_rgb8",
@@ -92,8 +94,6 @@ def from_rgb8(rgb: np.ndarray) -> torch.Tensor:
 
 
 def _read_image_bytes(data: bytes, fmt: str, height: int, width: int) -> np.ndarray:
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as img:
         if img.format != fmt:
             raise ValueError(f"expected a {fmt} file, got {img.format}")
@@ -223,8 +223,6 @@ class _PillowCodec:
     feature: str  # PIL.features name of the codec library
 
     def __init__(self, quality: int) -> None:
-        from PIL import features
-
         self.quality = _check_int(quality, 1, 100, f"{self.fmt} quality")
         if not features.check(self.feature):
             raise AnchorUnavailable(f"this Pillow was built without {self.fmt} support ({self.feature}); "
@@ -234,8 +232,6 @@ class _PillowCodec:
         raise NotImplementedError
 
     def encode(self, image: torch.Tensor) -> bytes:
-        from PIL import Image
-
         buf = io.BytesIO()
         Image.fromarray(to_rgb8(image), "RGB").save(buf, format=self.fmt, **self.save_options())
         return buf.getvalue()
@@ -244,9 +240,6 @@ class _PillowCodec:
         return from_rgb8(_read_image_bytes(data, self.fmt, height, width))
 
     def describe(self) -> dict[str, Any]:
-        import PIL
-        from PIL import features
-
         options = ", ".join(f"{k}={v!r}" for k, v in self.save_options().items())
         return {"codec": self.name, "quality": self.quality, "quality_kind": "quality 1-100, higher = more bits",
                 "chroma_format": "4:2:0", "library": "Pillow", "library_version": PIL.__version__,
@@ -277,8 +270,6 @@ class JpegCodec(_PillowCodec):
                 "keep_rgb": False}
 
     def _library_details(self) -> dict[str, Any]:
-        from PIL import features
-
         turbo = bool(features.check("libjpeg_turbo"))
         return {"libjpeg_turbo": turbo, "libjpeg_turbo_version": features.version("libjpeg_turbo") if turbo else None}
 
@@ -422,8 +413,6 @@ class BpgCodec(_BinaryCodec):
         return [self.decoder, "-o", "{output}", "{bitstream}"]
 
     def encode(self, image: torch.Tensor) -> bytes:
-        from PIL import Image
-
         rgb = to_rgb8(image)
         with tempfile.TemporaryDirectory(prefix="icm-bpg-") as tmp:
             src, bitstream = Path(tmp, "input.png"), Path(tmp, "coded.bpg")

@@ -32,14 +32,17 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from compressai.layers import ResidualBlock, ResidualBlockUpsample, ResidualBlockWithStride
 from torch import nn
 
 from .layers import DeepLabV3PlusHead, FasterRCNNHeads, StagedBackbone, build_stages, conv_bn_relu
 from .recognizers import IGNORE_INDEX
+from .registry import AUX_BRANCHES, check_task
 
 AUX_POSITIONS = ("enc", "dec", "task", None)
 STAGE_CHANNELS = (128, 256, 256, 512)  # Tables 1 and 2, auxiliary-branch column
 TASK_LAYERS = {"detection": ("conv2",), "segmentation": ("conv2", "conv3")}  # Sec. 4.2 aux-task insertion points
+TASK_KEYS = ("task_layer", "task_head", "task_layers")  # settings of the aux-task position only
 
 
 def check_aux_position(position: str | None) -> str | None:
@@ -57,7 +60,6 @@ def scaled(channels: int, width: float) -> int:
 def aux_stem(position: str, cin: int, c: int) -> nn.Sequential:
     """conv1 of the branch: aux-enc upsamples y_hat (stride 16) to stride 4 (Table 1); aux-dec downsamples the
     stride-2 decoder feature to stride 4 (Table 3)."""
-    from compressai.layers import ResidualBlock, ResidualBlockUpsample, ResidualBlockWithStride
 
     if position == "enc":
         return nn.Sequential(ResidualBlockUpsample(cin, c, 2), ResidualBlock(c, c), ResidualBlockUpsample(c, c, 2))
@@ -90,9 +92,19 @@ class AuxDetectionBranch(nn.Module):
         self.inputs = (task_layer,) if position == "task" else (position,)
         stem = nn.Identity() if position == "task" else aux_stem(position, in_channels, chans[0])
         stage_in = in_channels if position == "task" else chans[0]
-        self.backbone = StagedBackbone(stem, build_stages("resnext", stage_in, chans, (1, 1, 1, 1), (1, 2, 2, 2)), chans)
-        self.heads = FasterRCNNHeads(chans, num_classes, fpn_channels or scaled(256, width), representation or scaled(1024, width),
-                                     anchor_sizes, tuple(rpn_pre_nms), tuple(rpn_post_nms), box_batch_per_image)
+        self.backbone = StagedBackbone(
+            stem, build_stages("resnext", stage_in, chans, (1, 1, 1, 1), (1, 2, 2, 2)), chans
+        )
+        self.heads = FasterRCNNHeads(
+            chans,
+            num_classes,
+            fpn_channels or scaled(256, width),
+            representation or scaled(1024, width),
+            anchor_sizes,
+            tuple(rpn_pre_nms),
+            tuple(rpn_post_nms),
+            box_batch_per_image,
+        )
 
     def loss(self, feature: torch.Tensor | Mapping[str, torch.Tensor], labels: list[dict[str, torch.Tensor]],
              image_size: tuple[int, int]) -> torch.Tensor:
@@ -101,7 +113,9 @@ class AuxDetectionBranch(nn.Module):
         was = self.heads.training
         self.heads.train()  # RPN/RoI heads compute losses only in training mode (the backbone keeps its own mode)
         try:
-            _, losses = self.heads(self.backbone(feature), [tuple(image_size)] * feature.shape[0], tuple(image_size), labels)
+            _, losses = self.heads(
+                self.backbone(feature), [tuple(image_size)] * feature.shape[0], tuple(image_size), labels
+            )
         finally:
             self.heads.train(was)
         return sum(losses.values())
@@ -116,16 +130,23 @@ class AuxSegmentationBranch(nn.Module):
         chans = [scaled(c, width) for c in STAGE_CHANNELS]
         self.position = position
         self.inputs = (position,)
-        self.backbone = StagedBackbone(aux_stem(position, in_channels, chans[0]),
-                                       build_stages("basic", chans[0], chans, (1, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 4)), chans)
+        self.backbone = StagedBackbone(
+            aux_stem(position, in_channels, chans[0]),
+            build_stages("basic", chans[0], chans, (1, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 4)),
+            chans,
+        )
         self.head = DeepLabV3PlusHead(chans[-1], chans[0], num_classes + 1, head_channels or scaled(512, width),
                                       low_channels or scaled(48, width), aspp_dilations)
 
     def logits(self, feature: torch.Tensor | Mapping[str, torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
         feats = self.backbone(_pick(feature, self.inputs[0]))
-        return F.interpolate(self.head(feats["conv5"], feats["conv2"]), size=tuple(image_size), mode="bilinear", align_corners=False)
+        return F.interpolate(
+            self.head(feats["conv5"], feats["conv2"]), size=tuple(image_size), mode="bilinear", align_corners=False
+        )
 
-    def loss(self, feature: torch.Tensor | Mapping[str, torch.Tensor], labels: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    def loss(
+        self, feature: torch.Tensor | Mapping[str, torch.Tensor], labels: torch.Tensor, image_size: tuple[int, int]
+    ) -> torch.Tensor:
         return F.cross_entropy(self.logits(feature, image_size), labels, ignore_index=IGNORE_INDEX)
 
 
@@ -148,9 +169,17 @@ class AuxTaskSegmentationHead(nn.Module):
     ``task_head="deeplabv3plus"`` (default): Table 2's DeepLabV3+ head, ASPP on ``task_layers[1]`` (conv3) and
     the decoder's low-level input from ``task_layers[0]`` (conv2); ``"fcn"``: MMSeg's FCNHead on conv3."""
 
-    def __init__(self, channels: Mapping[str, int], num_classes: int, width: float = 1.0, head_channels: int | None = None,
-                 low_channels: int | None = None, aspp_dilations=(1, 12, 24, 36), task_head: str = "deeplabv3plus",
-                 task_layers: Sequence[str] = TASK_LAYERS["segmentation"]):
+    def __init__(
+        self,
+        channels: Mapping[str, int],
+        num_classes: int,
+        width: float = 1.0,
+        head_channels: int | None = None,
+        low_channels: int | None = None,
+        aspp_dilations=(1, 12, 24, 36),
+        task_head: str = "deeplabv3plus",
+        task_layers: Sequence[str] = TASK_LAYERS["segmentation"],
+    ):
         super().__init__()
         self.position = "task"
         low, deep = tuple(task_layers)
@@ -159,46 +188,70 @@ class AuxTaskSegmentationHead(nn.Module):
         if missing:
             raise ValueError(f"the recognizer has no backbone stage(s) {missing}; it has {list(channels)}")
         if task_head == "deeplabv3plus":
-            self.head = DeepLabV3PlusHead(channels[deep], channels[low], num_classes + 1, head_channels or scaled(512, width),
-                                          low_channels or scaled(48, width), aspp_dilations)
+            self.head = DeepLabV3PlusHead(
+                channels[deep],
+                channels[low],
+                num_classes + 1,
+                head_channels or scaled(512, width),
+                low_channels or scaled(48, width),
+                aspp_dilations,
+            )
         elif task_head == "fcn":
             self.head = FCNAuxHead(channels[deep], num_classes + 1, head_channels or scaled(256, width))
         else:
-            raise ValueError(f"unknown task_head {task_head!r}; valid: 'deeplabv3plus' (Table 2's head), 'fcn' (MMSeg FCNHead)")
+            raise ValueError(
+                f"unknown task_head {task_head!r}; valid: 'deeplabv3plus' (Table 2's head), 'fcn' (MMSeg FCNHead)"
+            )
 
     def logits(self, features: Mapping[str, torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
         low, deep = (_pick(features, n) for n in self.inputs)
         return F.interpolate(self.head(deep, low), size=tuple(image_size), mode="bilinear", align_corners=False)
 
-    def loss(self, features: Mapping[str, torch.Tensor], labels: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    def loss(
+        self, features: Mapping[str, torch.Tensor], labels: torch.Tensor, image_size: tuple[int, int]
+    ) -> torch.Tensor:
         if not isinstance(features, Mapping):
             raise TypeError("the aux-task head takes the dict of recognizer features (recognizer.capture_features)")
         return F.cross_entropy(self.logits(features, image_size), labels, ignore_index=IGNORE_INDEX)
 
 
+@AUX_BRANCHES.register("detection")
+def _detection_branch(
+    position: str, codec_N: int, num_classes: int, recognizer: Any, config: dict[str, Any]
+) -> nn.Module:
+    """Table 1's branch; aux-task: after its conv1, on the recognizer's ``task_layer`` stage."""
+    if position != "task":
+        return AuxDetectionBranch(codec_N, num_classes, position, **config)
+    channels = recognizer.feature_channels()
+    layer = config.get("task_layer", TASK_LAYERS["detection"][0])
+    if layer not in channels:
+        raise ValueError(f"task_layer {layer!r} is not a backbone stage of the recognizer ({list(channels)})")
+    return AuxDetectionBranch(channels[layer], num_classes, "task", **config)
+
+
+@AUX_BRANCHES.register("segmentation")
+def _segmentation_branch(position: str, codec_N: int, num_classes: int, recognizer: Any,
+                         config: dict[str, Any]) -> nn.Module:
+    """Table 2's branch; aux-task: a head only, on the recognizer's ``task_layers`` stages."""
+    if position == "task":
+        return AuxTaskSegmentationHead(recognizer.feature_channels(), num_classes, **config)
+    return AuxSegmentationBranch(
+        codec_N, num_classes, position, **{k: v for k, v in config.items() if k not in TASK_KEYS}
+    )
+
+
 def build_aux_branch(task: str, position: str | None, codec_N: int, num_classes: int, recognizer: Any = None,
                      **config: Any) -> nn.Module | None:
-    """The auxiliary branch for ``task`` at ``position`` (None -> no branch). Input channels: the codec's N
-    (y_hat for aux-enc; the decoder feature before its final layer for aux-dec, also N channels in cheng2020-attn);
-    for aux-task, the widths of the ``recognizer``'s backbone stages (``recognizer.feature_channels()``)."""
+    """The auxiliary branch for ``task`` at ``position`` (None -> no branch; ``registry.AUX_BRANCHES``). Input
+    channels: the codec's N (y_hat for aux-enc; the decoder feature before its final layer for aux-dec, also N
+    channels in cheng2020-attn); for aux-task, the widths of the ``recognizer``'s backbone stages
+    (``recognizer.feature_channels()``)."""
     position = check_aux_position(position)
     if position is None:
         return None
-    if task not in TASK_LAYERS:
-        raise ValueError(f"unknown task {task!r}; valid tasks: detection, segmentation")
-    config = dict(config)
-    task_keys = ("task_layer",) if task == "detection" else ("task_head", "task_layers")
-    task_config = {k: config.pop(k) for k in task_keys if k in config}
-    if position == "task":
-        if recognizer is None or not hasattr(recognizer, "feature_channels"):
-            raise ValueError("aux_position='task' attaches inside the recognizer: pass recognizer= (one with feature_channels())")
-        channels = recognizer.feature_channels()
-        if task == "detection":
-            layer = task_config.get("task_layer", TASK_LAYERS["detection"][0])
-            if layer not in channels:
-                raise ValueError(f"task_layer {layer!r} is not a backbone stage of the recognizer ({list(channels)})")
-            return AuxDetectionBranch(channels[layer], num_classes, "task", **config, **task_config)
-        return AuxTaskSegmentationHead(channels, num_classes, **config, **task_config)
-    if task == "detection":
-        return AuxDetectionBranch(codec_N, num_classes, position, **config)
-    return AuxSegmentationBranch(codec_N, num_classes, position, **config)
+    build = AUX_BRANCHES[check_task(task)]
+    if position == "task" and (recognizer is None or not hasattr(recognizer, "feature_channels")):
+        raise ValueError(
+            "aux_position='task' attaches inside the recognizer: pass recognizer= (one with feature_channels())"
+        )
+    return build(position, codec_N, num_classes, recognizer, dict(config))

@@ -29,8 +29,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import stats
 
-from .codec import crop_to, pad_to_multiple
+from .codec import crop_to, load_codec, pad_to_multiple
+from .roi import roi_latent_scaling
 
 __all__ = ["BitMaps", "compute_bit_maps", "bit_allocation_map", "bit_map_rows", "inside_fraction", "roi_split",
            "summarize", "roi_fraction_table", "ROI_TABLE_COLUMNS", "profile_models"]
@@ -89,9 +91,10 @@ def compute_bit_maps(codec, image: torch.Tensor, roi: torch.Tensor | None = None
     if roi_qf is not None:
         if roi is None:
             raise ValueError("roi_qf needs the item's 'roi' mask")
-        from .roi import roi_latent_scaling
 
-        ctx = roi_latent_scaling(codec, pad_to_multiple(torch.as_tensor(roi, device=device)[None, None].float())[0], roi_qf, roi_decoder)
+        ctx = roi_latent_scaling(
+            codec, pad_to_multiple(torch.as_tensor(roi, device=device)[None, None].float())[0], roi_qf, roi_decoder
+        )
     was = codec.training
     codec.eval()
     try:
@@ -111,8 +114,12 @@ def bit_allocation_map(codec, image: torch.Tensor, include_hyper: bool = False) 
     return compute_bit_maps(codec, image).map(include_hyper)
 
 
-def bit_map_rows(codecs: Mapping[str, Any] | Sequence[Any], items: Iterable[Mapping[str, Any]], include_hyper: bool = False,
-                 diff: tuple[int, int] | None = (-1, -2)) -> list[dict[str, Any]]:
+def bit_map_rows(
+    codecs: Mapping[str, Any] | Sequence[Any],
+    items: Iterable[Mapping[str, Any]],
+    include_hyper: bool = False,
+    diff: tuple[int, int] | None = (-1, -2),
+) -> list[dict[str, Any]]:
     """Rows for :func:`icm_helpers.plots.plot_bit_maps`: per item the input image, one map per codec and
     ``diff`` = map[diff[0]] - map[diff[1]] (default: last minus second-to-last, i.e. w/ aux minus w/o aux when
     the codecs are start, w/o aux, w/ aux; None: no difference panel). Each row also holds the per-model
@@ -148,7 +155,12 @@ def roi_split(bit_map: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     total = float(bit_map.sum())
     inside = float(bit_map[mask].sum()) / total if total > 0 else float("nan")
     area = float(mask.mean())
-    return {"inside": inside, "outside": 1.0 - inside, "area": area, "concentration": inside / area if area > 0 else float("nan")}
+    return {
+        "inside": inside,
+        "outside": 1.0 - inside,
+        "area": area,
+        "concentration": inside / area if area > 0 else float("nan"),
+    }
 
 
 def summarize(values: Iterable[float], ci: float = 0.95) -> dict[str, float]:
@@ -161,7 +173,6 @@ def summarize(values: Iterable[float], ci: float = 0.95) -> dict[str, float]:
     mean = float(v.mean())
     if n == 1:
         return {"n": 1, "mean": mean, "std": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
-    from scipy import stats
 
     std = float(v.std(ddof=1))
     half = float(stats.t.ppf(0.5 + ci / 2, n - 1)) * std / math.sqrt(n)
@@ -174,8 +185,14 @@ ROI_TABLE_COLUMNS = ["model", "lambda", "images", "bits inside (mean)", "95% CI 
                      "Δ 95% CI low", "Δ 95% CI high"]
 
 
-def roi_fraction_table(models: Sequence[Mapping[str, Any]], dataset, include_hyper: bool = False, max_images: int | None = None,
-                       device: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def roi_fraction_table(
+    models: Sequence[Mapping[str, Any]],
+    dataset,
+    include_hyper: bool = False,
+    max_images: int | None = None,
+    device: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Share of each model's bits inside the object masks over a test set.
 
     ``models``: dicts with ``label``, ``lambda_`` (None for the start codec) and ``codec`` (a model, or a
@@ -197,7 +214,9 @@ def roi_fraction_table(models: Sequence[Mapping[str, Any]], dataset, include_hyp
     for i in range(n):
         it = dataset[i]
         if it.get("roi") is None:
-            raise ValueError(f"the items of {type(dataset).__name__} have no 'roi' (instance) masks: no inside/outside split")
+            raise ValueError(
+                f"the items of {type(dataset).__name__} have no 'roi' (instance) masks: no inside/outside split"
+            )
         if not bool(np.asarray(it["roi"]).any()):
             skipped += 1
             continue
@@ -214,17 +233,39 @@ def roi_fraction_table(models: Sequence[Mapping[str, Any]], dataset, include_hyp
             recs.append({"image_id": it.get("image_id"), **roi_split(bm.map(include_hyper), np.asarray(it["roi"])),
                          "bpp": bm.bpp(include_hyper)})
         per_image[m["label"]] = recs
-        s = {"label": m["label"], "group": m.get("group", m["label"]), "lambda_": m.get("lambda_"), "inside": summarize(r["inside"] for r in recs),
-             **{k: summarize(r[k] for r in recs)["mean"] for k in ("area", "concentration", "bpp")},
-             "paired_with": m.get("paired_with"), "delta_inside": None}
+        s = {
+            "label": m["label"],
+            "group": m.get("group", m["label"]),
+            "lambda_": m.get("lambda_"),
+            "inside": summarize(r["inside"] for r in recs),
+            **{k: summarize(r[k] for r in recs)["mean"] for k in ("area", "concentration", "bpp")},
+            "paired_with": m.get("paired_with"),
+            "delta_inside": None,
+        }
         if m.get("paired_with") is not None:
             if m["paired_with"] not in per_image:
                 raise ValueError(f"{m['label']!r} is paired with {m['paired_with']!r}, which is not an earlier model")
             s["delta_inside"] = summarize(r["inside"] - q["inside"] for r, q in zip(recs, per_image[m["paired_with"]]))
         summary.append(s)
         ins, d = s["inside"], s["delta_inside"] or {}
-        rows.append([m["label"], m.get("lambda_"), ins["n"], ins["mean"], ins["ci_low"], ins["ci_high"], ins["std"],
-                     s["area"], s["concentration"], s["bpp"], m.get("paired_with"), d.get("mean"), d.get("ci_low"), d.get("ci_high")])
+        rows.append(
+            [
+                m["label"],
+                m.get("lambda_"),
+                ins["n"],
+                ins["mean"],
+                ins["ci_low"],
+                ins["ci_high"],
+                ins["std"],
+                s["area"],
+                s["concentration"],
+                s["bpp"],
+                m.get("paired_with"),
+                d.get("mean"),
+                d.get("ci_low"),
+                d.get("ci_high"),
+            ]
+        )
         if log:
             log(f"  {m['label']}: {ins['mean']:.3f} of the bits inside the masks ({ins['n']} images)")
     return {"columns": list(ROI_TABLE_COLUMNS), "rows": rows, "summary": summary, "per_image": per_image,
@@ -237,14 +278,22 @@ def profile_models(ex, task: str, lambdas: Iterable[float] | None = None, alpha:
     (``aux_position``, its branch started as the profile's primary arm, the first of ``aux_inits``; paired with the
     w/o-aux model of its lambda) at each lambda (default: the profile's). Codecs load lazily; ``ex.train`` trains a
     missing run (normally notebooks 02/03 did)."""
-    from .codec import load_codec
 
     lambdas = ex.task_cfg(task)["lambdas"] if lambdas is None else lambdas
-    models: list[dict[str, Any]] = [{"label": "start codec", "group": "start codec", "lambda_": None, "codec": ex.start_codec}]
+    models: list[dict[str, Any]] = [
+        {"label": "start codec", "group": "start codec", "lambda_": None, "codec": ex.start_codec}
+    ]
     for lam in lambdas:
         for pos, name in ((None, "w/o aux"), (aux_position, "w/ aux")):
             spec = ex.spec(task, lam, pos, alpha, aux_init=None if pos is None else ex.aux_inits(task)[0])
-            models.append({"label": f"{name} λ={float(lam):g}", "group": name, "lambda_": float(lam), "method": spec.method,
-                           "paired_with": f"w/o aux λ={float(lam):g}" if pos is not None else None,
-                           "codec": (lambda s=spec: load_codec(ex.train(s)).to(ex.device))})
+            models.append(
+                {
+                    "label": f"{name} λ={float(lam):g}",
+                    "group": name,
+                    "lambda_": float(lam),
+                    "method": spec.method,
+                    "paired_with": f"w/o aux λ={float(lam):g}" if pos is not None else None,
+                    "codec": (lambda s=spec: load_codec(ex.train(s)).to(ex.device)),
+                }
+            )
     return models

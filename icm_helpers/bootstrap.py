@@ -23,22 +23,32 @@ import io
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from pycocotools.cocoeval import COCOeval
 
 from .bdrate import bd_rate
+from .registry import RESAMPLERS
 
 REC_THRS = np.linspace(0.0, 1.00, 101)
 
 
+@RESAMPLERS.register("detection")
 class DetectionResampler:
     """mAP of one evaluation record for any image multiplicities (``weights``: one int per test image)."""
 
-    def __init__(self, record: dict[str, Any], coco_gt):
-        from pycocotools.cocoeval import COCOeval
+    needs_dataset = True  # the test split's COCO ground truth
 
+    @classmethod
+    def for_record(cls, record: dict[str, Any], dataset) -> "DetectionResampler":
+        """For ``record``, evaluated on ``dataset`` (its COCO ground truth)."""
+        return cls(record, dataset.coco)
+
+    def __init__(self, record: dict[str, Any], coco_gt):
         per_image = record["per_image"]
         if any("detections" not in r for r in per_image):
-            raise ValueError(f"record {record.get('method')}/{record.get('lambda_')} has no per-image detections: it was "
-                             "evaluated by an older version; re-evaluate it (force=True) to get bootstrap CIs")
+            raise ValueError(
+                f"record {record.get('method')}/{record.get('lambda_')} has no per-image detections: it was "
+                "evaluated by an older version; re-evaluate it (force=True) to get bootstrap CIs"
+            )
         self.image_ids = [int(r["image_id"]) for r in per_image]
         results = [{"image_id": r["image_id"], "bbox": d[:4], "score": d[4], "category_id": int(d[5])}
                    for r in per_image for d in r["detections"]]
@@ -99,14 +109,23 @@ def _coco_ap(per_cat, weights: np.ndarray) -> float:
     return float(np.mean(precisions)) if precisions else 0.0
 
 
+@RESAMPLERS.register("segmentation")
 class SegmentationResampler:
     """mIoU of one evaluation record for any image multiplicities."""
+
+    needs_dataset = False  # the record's per-image intersections and unions suffice
+
+    @classmethod
+    def for_record(cls, record: dict[str, Any], dataset=None) -> "SegmentationResampler":
+        return cls(record)
 
     def __init__(self, record: dict[str, Any]):
         per_image = record["per_image"]
         if any("seg_intersection" not in r for r in per_image):
-            raise ValueError(f"record {record.get('method')}/{record.get('lambda_')} has no per-image intersections: re-evaluate "
-                             "it (force=True) to get bootstrap CIs")
+            raise ValueError(
+                f"record {record.get('method')}/{record.get('lambda_')} has no per-image intersections: re-evaluate "
+                "it (force=True) to get bootstrap CIs"
+            )
         self.inter = np.asarray([r["seg_intersection"] for r in per_image], dtype=np.float64)
         self.union = np.asarray([r["seg_union"] for r in per_image], dtype=np.float64)
 
@@ -129,8 +148,10 @@ def _check_images(curves: dict[str, list], names: Sequence[str], bpp_keys: Seque
         raise ValueError(f"no operating points for {missing}; evaluate them first")
     sizes = {len(b[k]) for name in names for b, _ in curves[name] for k in bpp_keys}
     if len(sizes) != 1:
-        raise ValueError(f"the curves were evaluated on different numbers of test images ({sorted(sizes)}): a paired bootstrap "
-                         "needs the same images for every point")
+        raise ValueError(
+            f"the curves were evaluated on different numbers of test images ({sorted(sizes)}): a paired bootstrap "
+            "needs the same images for every point"
+        )
     return sizes.pop()
 
 
@@ -201,14 +222,18 @@ def bd_rate_ci_seeds(curves_by_seed: dict[Any, dict[str, list]], anchor: str, te
     if len(sizes) != 1:
         raise ValueError(f"the seeds' models were evaluated on different numbers of test images ({sorted(sizes)})")
     n_images = sizes.pop()
-    weights = np.vstack([np.ones((1, n_images), np.int64), resample_weights(n_images, samples, seed)])  # row 0: all images
+    weights = np.vstack(
+        [np.ones((1, n_images), np.int64), resample_weights(n_images, samples, seed)]
+    )  # row 0: all images
     values = {s: _bd_values(curves_by_seed[s], anchor, tests, bpp_keys, weights, method) for s in seeds}
     out: dict[str, Any] = {"per_seed": {s: {t: {} for t in tests} for s in seeds}, "pooled": {}}
     for s in seeds:
         for test in tests:
             for key in bpp_keys:
                 v = values[s][test][key]
-                out["per_seed"][s][test][key] = {"error": v} if isinstance(v, str) else _summary(v[0], v[1:], samples, confidence)
+                out["per_seed"][s][test][key] = (
+                    {"error": v} if isinstance(v, str) else _summary(v[0], v[1:], samples, confidence)
+                )
     if len(seeds) < 2:
         return out
     draws = np.random.default_rng(seed + 1).integers(0, len(seeds), size=(samples, len(seeds)))
@@ -223,8 +248,11 @@ def bd_rate_ci_seeds(curves_by_seed: dict[Any, dict[str, list]], anchor: str, te
             matrix = np.stack(per)  # (seeds, 1 + samples)
             boot = matrix[draws, 1 + np.arange(samples)[:, None]].mean(axis=1)  # NaN if any drawn seed is undefined
             point = matrix[:, 0]
-            out["pooled"][test][key] = {**_summary(point.mean(), boot, samples, confidence), "seed_sd": float(point.std(ddof=1)),
-                                        "seeds": len(seeds)}
+            out["pooled"][test][key] = {
+                **_summary(point.mean(), boot, samples, confidence),
+                "seed_sd": float(point.std(ddof=1)),
+                "seeds": len(seeds),
+            }
     return out
 
 

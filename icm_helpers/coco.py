@@ -43,6 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pycocotools.coco import COCO
+from tqdm.auto import tqdm
 
 from .data import load_rgb
 
@@ -90,8 +92,10 @@ def annotation_path(root: str | Path, split: str) -> Path:
 
 
 def _fix_hint(root: Path, split: str) -> str:
-    return (f"Fix: python -c \"from icm_helpers.coco import download_coco; download_coco('{root}', splits=('{split}',))\" "
-            f"(or download {COCO_FILES[split]['url']} and {COCO_FILES['annotations']['url']} and unzip both into {root}).")
+    return (
+        f"Fix: python -c \"from icm_helpers.coco import download_coco; download_coco('{root}', splits=('{split}',))\" "
+        f"(or download {COCO_FILES[split]['url']} and {COCO_FILES['annotations']['url']} and unzip both into {root})."
+    )
 
 
 # ----------------------------------------------------------------------------------------------- download
@@ -115,8 +119,6 @@ def md5_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 def _progress(total: int | None, initial: int, desc: str):
     try:
-        from tqdm.auto import tqdm
-
         return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
     except ImportError:  # pragma: no cover - tqdm is a dependency of the suite, keep a plain fallback anyway
         class _Plain:
@@ -174,7 +176,9 @@ def _download_file(url: str, dest: Path, size: int | None, chunk: int = 1 << 20)
             resp.close()
     got = part.stat().st_size
     if size is not None and got != size:
-        raise OSError(f"download of {url} stopped at {got} of {size} bytes; call download_coco again to resume from {part}")
+        raise OSError(
+            f"download of {url} stopped at {got} of {size} bytes; call download_coco again to resume from {part}"
+        )
     os.replace(part, dest)
     return dest
 
@@ -204,7 +208,9 @@ def _extract_into(archive: Path, root: Path, provides: Iterable[str]) -> None:
                         dst.parent.mkdir(parents=True, exist_ok=True)
                         os.replace(src, dst)
             else:
-                raise FileExistsError(f"{final} already exists and is not a directory we can merge into; remove it and retry")
+                raise FileExistsError(
+                    f"{final} already exists and is not a directory we can merge into; remove it and retry"
+                )
         missing = [p for p in provides if not (root / p).exists()]
         if missing:
             raise ValueError(f"{archive} did not provide {missing}: wrong archive?")
@@ -227,7 +233,9 @@ def download_coco(root: str | Path, splits: Iterable[str] = ("val2017",), annota
     for key in keys:
         spec = table[key]
         provides = tuple(spec.get("provides", ()))
-        if provides and all((root / p).exists() and (not (root / p).is_dir() or any((root / p).iterdir())) for p in provides):
+        if provides and all(
+            (root / p).exists() and (not (root / p).is_dir() or any((root / p).iterdir())) for p in provides
+        ):
             print(f"{key}: already in place under {root}, skipped")
             continue
         archive = root / spec["filename"]
@@ -270,11 +278,24 @@ def _verify(root: str | Path, split: str, image_ids: Iterable[int] | None = None
     image_dir = root / split
     ann = annotation_path(root, split)
     rep: dict[str, Any] = {
-        "root": str(root), "split": split, "root_exists": root.is_dir(),
-        "image_dir": str(image_dir), "image_dir_exists": image_dir.is_dir(), "num_files_on_disk": 0,
-        "annotation_file": str(ann), "annotation_exists": ann.is_file(), "annotation_parses": False, "annotation_error": None,
-        "num_images_json": 0, "expected_images": COCO_EXPECTED_COUNTS[split], "complete": False, "subset": False,
-        "num_checked": 0, "num_missing": 0, "missing_examples": [], "ok": False,
+        "root": str(root),
+        "split": split,
+        "root_exists": root.is_dir(),
+        "image_dir": str(image_dir),
+        "image_dir_exists": image_dir.is_dir(),
+        "num_files_on_disk": 0,
+        "annotation_file": str(ann),
+        "annotation_exists": ann.is_file(),
+        "annotation_parses": False,
+        "annotation_error": None,
+        "num_images_json": 0,
+        "expected_images": COCO_EXPECTED_COUNTS[split],
+        "complete": False,
+        "subset": False,
+        "num_checked": 0,
+        "num_missing": 0,
+        "missing_examples": [],
+        "ok": False,
     }
     data = None
     on_disk: set[str] = set()
@@ -346,8 +367,6 @@ def check_coco(root: str | Path, split: str = "val2017", image_ids: Iterable[int
 
 
 def _coco_from_dict(data: dict[str, Any]):
-    from pycocotools.coco import COCO
-
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
@@ -423,7 +442,9 @@ class CocoDetection(torch.utils.data.Dataset):
         if wanted is not None:
             unknown = [i for i in wanted if i not in all_ids]
             if unknown:
-                raise ValueError(f"image ids not in {rep['annotation_file']}: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+                raise ValueError(
+                    f"image ids not in {rep['annotation_file']}: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
+                )
             ids = wanted
         else:
             ids = sorted(all_ids)
@@ -439,8 +460,12 @@ class CocoDetection(torch.utils.data.Dataset):
                     self.skipped.append((i, str(path), reason))
             if self.skipped:
                 examples = ", ".join(Path(p).name for _, p, _ in self.skipped[:5])
-                warnings.warn(f"skipped {len(self.skipped)} corrupt/unreadable image(s) of {len(ids)} in {self.image_dir} "
-                              f"(e.g. {examples}); see dataset.skipped", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"skipped {len(self.skipped)} corrupt/unreadable image(s) of {len(ids)} in {self.image_dir} "
+                    f"(e.g. {examples}); see dataset.skipped",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             ids = keep
         if not ids:
             raise ValueError(f"no usable images in {self.image_dir}")
@@ -470,8 +495,10 @@ class CocoDetection(torch.utils.data.Dataset):
         rgb = load_rgb(path)  # ValueError naming the file if it is corrupt or truncated
         h, w = rgb.shape[:2]
         anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
-        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns],
-                             dtype=torch.float64).reshape(-1, 4)
+        boxes = torch.tensor(
+            [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns],
+            dtype=torch.float64,
+        ).reshape(-1, 4)
         labels = torch.tensor([int(a["category_id"]) for a in anns], dtype=torch.int64)
         roi = np.zeros((h, w), bool)
         for a in anns:
@@ -486,8 +513,12 @@ class CocoDetection(torch.utils.data.Dataset):
         if self.mode == "eval":
             nh, nw, scale = resized_size(h, w, self.short_edge, self.max_size)
             if (nh, nw) != (h, w):
-                image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0].clamp_(0, 1)
-                roi_t = F.interpolate(roi_t[None, None].to(torch.uint8), size=(nh, nw), mode="nearest-exact")[0, 0].bool()
+                image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[
+                    0
+                ].clamp_(0, 1)
+                roi_t = F.interpolate(roi_t[None, None].to(torch.uint8), size=(nh, nw), mode="nearest-exact")[
+                    0, 0
+                ].bool()
             boxes = boxes * scale
         return {
             "image": image.contiguous(),

@@ -17,7 +17,14 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+from compressai.models import Cheng2020Attention
+from compressai.models.utils import remap_old_keys
+from compressai.zoo.image import model_urls
+from compressai.zoo.pretrained import load_pretrained
 from torch import nn
+
+from .backends import resolve_weights
+from .io import atomic_torch_save
 
 PAD_MULTIPLE = 64  # Sec. 4.1: "padded them to a multiple of 64"
 ARCH = "cheng2020-attn"
@@ -34,16 +41,11 @@ def build_codec(N: int = 128, pretrained: bool = False, quality: int | None = No
     Every file is read with ``weights_only=True`` (CompressAI's own zoo loader unpickles with ``weights_only=False``,
     so it is not used), keys renamed as CompressAI's ``load_pretrained`` does, N taken from the file.
     """
-    from compressai.models import Cheng2020Attention
-    from compressai.models.utils import remap_old_keys
-    from compressai.zoo.pretrained import load_pretrained
 
     if pretrained and not weights:
         if quality not in (1, 2, 3, 4, 5, 6):
             raise ValueError(f"pretrained=True needs quality in 1..6 (CompressAI cheng2020-attn zoo), got {quality!r}")
-        from compressai.zoo.image import model_urls
 
-        from .backends import resolve_weights
 
         weights = resolve_weights(None, model_urls["cheng2020-attn"]["mse"][quality], download=download,
                                   what=f"CompressAI cheng2020-attn (mse, quality {quality})", setting="codec.download")
@@ -51,8 +53,10 @@ def build_codec(N: int = 128, pretrained: bool = False, quality: int | None = No
         state = load_state(weights)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         if not isinstance(state, dict) or not any(k.endswith("g_a.0.conv1.weight") for k in state):
-            raise ValueError(f"{weights} is not a cheng2020-attn checkpoint (no g_a.0.conv1.weight); expected CompressAI's "
-                             "zoo file or a state_dict of Cheng2020Attention")
+            raise ValueError(
+                f"{weights} is not a cheng2020-attn checkpoint (no g_a.0.conv1.weight); expected CompressAI's "
+                "zoo file or a state_dict of Cheng2020Attention"
+            )
         # the zoo's files use older names for the entropy bottleneck's parameters: CompressAI's two renaming steps
         state = remap_old_keys("entropy_bottleneck", load_pretrained(state))
         model = Cheng2020Attention(N=int(state["g_a.0.conv1.weight"].shape[0]))
@@ -110,7 +114,16 @@ def codec_forward(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
 
 
 def _is_joint_autoregressive(model: nn.Module) -> bool:
-    names = ("g_a", "g_s", "h_a", "h_s", "entropy_bottleneck", "gaussian_conditional", "context_prediction", "entropy_parameters")
+    names = (
+        "g_a",
+        "g_s",
+        "h_a",
+        "h_s",
+        "entropy_bottleneck",
+        "gaussian_conditional",
+        "context_prediction",
+        "entropy_parameters",
+    )
     return all(hasattr(model, n) for n in names) and isinstance(model.g_s, nn.Sequential)
 
 
@@ -154,7 +167,8 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> tuple[torc
 
     THE padding rule wherever an image meets the codec (training, validation, evaluation, bit maps, ROI, the widget;
     Sec. 4.1: "padded them to a multiple of 64 so that they could be input into the ICM model"). Returns ``(padded,
-    pad)`` with ``pad = (left, right, top, bottom)`` for ``crop_to``; ``x`` itself when its size is already a multiple."""
+    pad)`` with ``pad = (left, right, top, bottom)`` for ``crop_to``; ``x`` itself when its size is already a
+    multiple."""
     h, w = x.shape[-2:]
     H = (h + multiple - 1) // multiple * multiple
     W = (w + multiple - 1) // multiple * multiple
@@ -224,7 +238,9 @@ def compress_image(model: nn.Module, x: torch.Tensor, reconstruct: bool = False)
     if not reconstruct:
         enc = model.compress(x)
     elif not _is_joint_autoregressive(model):
-        raise ValueError(f"reconstruct=True needs an autoregressive CompressAI model (cheng2020-attn), got {type(model).__name__}")
+        raise ValueError(
+            f"reconstruct=True needs an autoregressive CompressAI model (cheng2020-attn), got {type(model).__name__}"
+        )
     else:
         y = model.g_a(x)
         z = model.h_a(y)
@@ -251,8 +267,6 @@ def codec_meta(model: nn.Module) -> dict[str, Any]:
 
 
 def save_codec(path: str | Path, model: nn.Module, extra: dict[str, Any] | None = None) -> Path:
-    from .io import atomic_torch_save
-
     return atomic_torch_save({"meta": codec_meta(model), "state_dict": model.state_dict(), "extra": extra or {}}, path)
 
 
@@ -264,8 +278,10 @@ def load_state(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"cannot read checkpoint {path}: truncated or corrupt file? delete it and re-run the step that writes it "
-                         f"({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f"cannot read checkpoint {path}: truncated or corrupt file? delete it and re-run the step that writes it "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def load_codec(path: str | Path) -> nn.Module:
@@ -275,7 +291,11 @@ def load_codec(path: str | Path) -> nn.Module:
     if meta.get("arch") != ARCH:
         if meta.get("kind") == "recognizer":
             hint = f"it holds a {meta.get('task')} recognizer: load it with icm_helpers.recognizers.load_recognizer"
-        elif not meta and isinstance(ckpt, dict) and ("g_a.0.conv1.weight" in ckpt or "g_a.0.conv1.weight" in (ckpt.get("state_dict") or {})):
+        elif (
+            not meta
+            and isinstance(ckpt, dict)
+            and ("g_a.0.conv1.weight" in ckpt or "g_a.0.conv1.weight" in (ckpt.get("state_dict") or {}))
+        ):
             hint = "it is a bare CompressAI state_dict (e.g. a zoo file): load it with build_codec(weights=path)"
         else:
             hint = f"its meta says {meta or 'nothing'}; expected a file written by save_codec"

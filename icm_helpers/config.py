@@ -7,6 +7,7 @@ The method's code is the same for every profile; a profile only sets sizes, step
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import re
 from pathlib import Path
@@ -25,7 +26,11 @@ def available_profiles() -> list[str]:
 
 def load_profile(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load ``profiles/<name>.yaml`` (or a path to a YAML file) and apply dotted-key ``overrides``."""
-    path = Path(name) if str(name).endswith((".yaml", ".yml")) else PROFILES_DIR / f"{safe_name(name, 'profile name')}.yaml"
+    path = (
+        Path(name)
+        if str(name).endswith((".yaml", ".yml"))
+        else PROFILES_DIR / f"{safe_name(name, 'profile name')}.yaml"
+    )
     if not path.is_file():
         raise ValueError(f"unknown profile {name!r}; available: {', '.join(available_profiles())} "
                          f"(or give the path of a profile YAML file)")
@@ -52,10 +57,12 @@ def set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _did_you_mean(word: str, node: dict[str, Any]) -> str:
-    import difflib
-
     close = difflib.get_close_matches(word, [str(k) for k in node], n=3)
-    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else f"; valid here: {', '.join(map(str, node))}"
+    return (
+        f"; did you mean {' or '.join(repr(c) for c in close)}?"
+        if close
+        else f"; valid here: {', '.join(map(str, node))}"
+    )
 
 
 def check_device(device: str) -> str:
@@ -64,7 +71,7 @@ def check_device(device: str) -> str:
     if device == "cpu":
         return device
     if device.startswith("cuda"):
-        import torch
+        import torch  # lazy: the runner imports this module, and its --list stays fast without torch
 
         if not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but no CUDA GPU is visible (torch.cuda.is_available() is False); "
@@ -89,7 +96,8 @@ def resolve_run_dir(profile_name: str, run_dir: str | os.PathLike | None = None)
 
 
 def resolve_data_path(path: str | os.PathLike) -> Path:
-    """A dataset path from a profile: absolute as given; relative under ``$ICM_DATA_DIR`` if set, else ``<repo>/data``."""
+    """A dataset path from a profile: absolute as given; relative under ``$ICM_DATA_DIR`` if set, else
+    ``<repo>/data``."""
     p = Path(path).expanduser()
     if p.is_absolute():
         return p

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 
 from .io import atomic_write_bytes, atomic_write_json, read_json
 
@@ -57,7 +59,9 @@ class WorldSpec:
             raise ValueError("need 1 <= objects_min <= objects_max")
         if self.texture_components < 1 or self.detail_patches < 0 or not self.texture_frequency > 0:
             raise ValueError("need texture_components >= 1, detail_patches >= 0 and texture_frequency > 0")
-        object.__setattr__(self, "detail_frequency", tuple(float(f) for f in self.detail_frequency))  # YAML gives a list
+        object.__setattr__(
+            self, "detail_frequency", tuple(float(f) for f in self.detail_frequency)
+        )  # YAML gives a list
 
 
 def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float, rot: float) -> np.ndarray:
@@ -87,7 +91,9 @@ def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float,
     raise ValueError(f"unknown shape {kind!r}")
 
 
-def _texture(rng: np.random.Generator, size: int, amplitude: float, frequency: float = 6.0, components: int = 4) -> np.ndarray:
+def _texture(
+    rng: np.random.Generator, size: int, amplitude: float, frequency: float = 6.0, components: int = 4
+) -> np.ndarray:
     """Coloured background: a random base colour plus a sum of random gratings up to ``frequency`` cycles/side."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     img = np.empty((size, size, 3), np.float32)
@@ -170,8 +176,6 @@ def _png_bytes(arr: np.ndarray) -> bytes:
 
 
 def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
-    from pycocotools import mask as mask_utils
-
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
@@ -184,7 +188,12 @@ def generate_world(root: str | Path, spec: WorldSpec, counts: dict[str, int], ov
     matching ``spec`` and ``counts``) is reused; a different one raises unless ``overwrite``.
     """
     root = Path(root)
-    manifest = {"kind": "shapes_world", "spec": spec.__dict__, "counts": dict(counts), "classes": list(SHAPE_CLASSES[: spec.n_classes])}
+    manifest = {
+        "kind": "shapes_world",
+        "spec": spec.__dict__,
+        "counts": dict(counts),
+        "classes": list(SHAPE_CLASSES[: spec.n_classes]),
+    }
     if (root / "world.json").exists():
         old = read_json(root / "world.json")
         if isinstance(old.get("spec"), dict):  # worlds written before a WorldSpec field existed had its default
@@ -197,7 +206,9 @@ def generate_world(root: str | Path, spec: WorldSpec, counts: dict[str, int], ov
                 f"{root} holds a generated world with other settings ({old.get('spec')}, {old.get('counts')}); "
                 "use another data dir or pass overwrite=True to regenerate it"
             )
-    categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES[: spec.n_classes])]
+    categories = [
+        {"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES[: spec.n_classes])
+    ]
     for split_idx, split in enumerate(SPLITS):
         n = int(counts.get(split, 0))
         rng = np.random.default_rng([spec.seed, split_idx])
@@ -216,7 +227,9 @@ def generate_world(root: str | Path, spec: WorldSpec, counts: dict[str, int], ov
                     "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
                     "area": float(inst["mask"].sum()), "iscrowd": 0, "segmentation": mask_to_rle(inst["mask"]),
                 })
-        atomic_write_json(root / split / "instances.json", {"images": images, "annotations": anns, "categories": categories})
+        atomic_write_json(
+            root / split / "instances.json", {"images": images, "annotations": anns, "categories": categories}
+        )
     atomic_write_json(root / "world.json", manifest)
     return root
 
@@ -232,7 +245,9 @@ def load_rgb(path: str | Path) -> np.ndarray:
             im.load()
             return np.array(im.convert("RGB"))
     except (OSError, SyntaxError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc} (corrupt or truncated file? re-extract the dataset)") from exc
+        raise ValueError(
+            f"cannot read image {path}: {exc} (corrupt or truncated file? re-extract the dataset)"
+        ) from exc
 
 
 class IcmDataset(torch.utils.data.Dataset):
@@ -252,7 +267,6 @@ class IcmDataset(torch.utils.data.Dataset):
                 f"dataset split not found: {self.root} {state} ({ann_path} is missing). Run notebook 01_data_prep "
                 "(Experiment.prepare_data()) for this profile, or point data_dir at a prepared dataset."
             )
-        from pycocotools.coco import COCO
 
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco = COCO(str(ann_path))
@@ -284,8 +298,10 @@ class IcmDataset(torch.utils.data.Dataset):
         rgb = load_rgb(self.image_dir / info["file_name"])
         h, w = rgb.shape[:2]
         anns = [a for a in self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id)) if not a.get("iscrowd", 0)]
-        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns],
-                             dtype=torch.float32).reshape(-1, 4)
+        boxes = torch.tensor(
+            [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns],
+            dtype=torch.float32,
+        ).reshape(-1, 4)
         labels = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
         roi = np.zeros((h, w), bool)
         for a in anns:
@@ -298,13 +314,20 @@ class IcmDataset(torch.utils.data.Dataset):
             "roi": torch.from_numpy(roi),
         }
         if self.label_dir is not None:
-            item["semantic"] = torch.from_numpy(np.asarray(Image.open(self.label_dir / Path(info["file_name"]).with_suffix(".png").name), dtype=np.int64))
+            item["semantic"] = torch.from_numpy(
+                np.asarray(
+                    Image.open(self.label_dir / Path(info["file_name"]).with_suffix(".png").name), dtype=np.int64
+                )
+            )
         return item
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack equally sized images/maps; keep per-image boxes/labels as lists."""
-    out: dict[str, Any] = {"image": torch.stack([b["image"] for b in batch]), "image_id": [b["image_id"] for b in batch]}
+    out: dict[str, Any] = {
+        "image": torch.stack([b["image"] for b in batch]),
+        "image_id": [b["image_id"] for b in batch],
+    }
     if all("boxes" in b for b in batch):
         out["boxes"], out["labels"] = [b["boxes"] for b in batch], [b["labels"] for b in batch]
     if all("roi" in b for b in batch):
@@ -374,9 +397,15 @@ def pad_item(item: dict[str, Any], crop: int) -> dict[str, Any]:
 def crop_item_at(item: dict[str, Any], crop: int, window: tuple[int, int] | None) -> dict[str, Any]:
     """``crop_item`` with a given window (of the padded item)."""
     out = pad_item(item, crop)
-    batch = crop_at({**{k: v[None] for k, v in out.items() if k in ("image", "roi", "semantic")},
-                     "boxes": [item.get("boxes", torch.zeros(0, 4))], "labels": [item.get("labels", torch.zeros(0, dtype=torch.int64))]},
-                    crop, window)
+    batch = crop_at(
+        {
+            **{k: v[None] for k, v in out.items() if k in ("image", "roi", "semantic")},
+            "boxes": [item.get("boxes", torch.zeros(0, 4))],
+            "labels": [item.get("labels", torch.zeros(0, dtype=torch.int64))],
+        },
+        crop,
+        window,
+    )
     for key in ("image", "roi", "semantic"):
         if key in out:
             out[key] = batch[key][0]
@@ -403,3 +432,16 @@ def to_device(batch: dict[str, Any], device: str | torch.device) -> dict[str, An
         else:
             out[k] = v
     return out
+
+
+class InMemory(torch.utils.data.Dataset):
+    """Cache a (small) dataset's items in memory."""
+    def __init__(self, dataset):
+        self.items = [dataset[i] for i in range(len(dataset))]
+        self.base = dataset
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]

@@ -24,10 +24,11 @@ subprocess, streams its log and raises with the failing rank's error.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import subprocess
 import sys
-import threading
+import tempfile
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -35,6 +36,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 __all__ = ["init_from_env", "is_distributed", "rank", "world_size", "local_rank", "is_main", "barrier",
            "broadcast_object", "all_gather_object", "all_reduce", "device_for_rank", "shard", "DistributedView",
@@ -128,7 +130,9 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return tensor
     if op not in (*_OPS, "mean"):
         raise ValueError(f"unknown reduction {op!r}; valid: sum, mean, min, max")
-    comm_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    comm_device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    )
     t = tensor.detach().to(comm_device).clone()
     dist.all_reduce(t, op=getattr(dist.ReduceOp, _OPS.get(op, "SUM")))
     if op == "mean":
@@ -207,7 +211,6 @@ def wrap_ddp(module: nn.Module, device: str | torch.device = "cpu", ignore: Iter
     ``ignore``: parameter names left out of DDP (updated locally, e.g. CompressAI's quantiles).
     ``find_unused_parameters``: default from ``$ICM_DDP_FIND_UNUSED`` (0); set it when a configuration leaves some
     parameter without gradient in a step (DDP then says so in its error)."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     if find_unused_parameters is None:
         find_unused_parameters = os.environ.get("ICM_DDP_FIND_UNUSED", "0") not in ("0", "", "false")
@@ -222,7 +225,9 @@ def wrap_ddp(module: nn.Module, device: str | torch.device = "cpu", ignore: Iter
     return DistributedView(module, ddp)
 
 
-def wrap_trainables(codec: nn.Module, aux_branch: nn.Module | None, device: str = "cpu", sync_batchnorm: bool | None = None):
+def wrap_trainables(
+    codec: nn.Module, aux_branch: nn.Module | None, device: str = "cpu", sync_batchnorm: bool | None = None
+):
     """(codec, aux_branch) as DDP views when distributed, unchanged otherwise. The codec's quantiles stay out of
     DDP (they get gradients only from CompressAI's data-independent quantile loss, identical on every rank).
     ``sync_batchnorm`` (default: on CUDA): the aux branch's BatchNorm layers (trained in train mode) become
@@ -264,7 +269,6 @@ def launch_torchrun(script: str | Path, args: Sequence[str] = (), nproc_per_node
     ``nnodes``, its ``node_rank`` and the address/port of node 0 (``master_addr``/``master_port``), or
     ``rdzv_endpoint="host:port"`` for c10d rendezvous.
     ``threads_per_proc``: OMP_NUM_THREADS for each process (CPU runs: cores / processes)."""
-    import tempfile
 
     log = log or (lambda *_: None)
     log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="icm_torchrun_"))
@@ -309,8 +313,6 @@ def launch_torchrun(script: str | Path, args: Sequence[str] = (), nproc_per_node
 
 def _failing_rank(log_dir: Path) -> tuple[int | None, str]:
     """The first rank (by error time) whose error file or stderr log holds a traceback, and that message."""
-    import json
-
     candidates = []
     for err in sorted(log_dir.rglob("error.json")):
         try:

@@ -13,17 +13,24 @@ from __future__ import annotations
 
 import contextlib
 import io
+import multiprocessing as mp
 import time
 from typing import Any
 
 import numpy as np
 import torch
+from pycocotools.cocoeval import COCOeval
 
-from .codec import bits_from_likelihoods, compress_image, crop_to, decompress_image, pad_to_multiple
+from . import distributed as dist_lib
+from .codec import bits_from_likelihoods, codec_forward, compress_image, crop_to, decompress_image, pad_to_multiple
+from .config import check_device
 from .data import to_device
+from .distributed import unshard
 from .progress import progress
 from .roi import check_roi, roi_latent_scaling
-
+from .precision import fp32_detection_heads
+from .recognizers import IGNORE_INDEX
+from .registry import METRICS
 
 DECODE_MODES = ("all", "first")
 # per-image wall times (seconds; what the VCM reporting template asks): the only values that differ between two runs
@@ -35,10 +42,15 @@ def without_timing(per_image: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in per_image]
 
 
+@METRICS.register("detection")
 class DetectionMetric:
     """COCO-style mAP of predicted boxes against the split's instances.json."""
 
     name = "mAP"
+
+    @classmethod
+    def for_recognizer(cls, recognizer, dataset) -> "DetectionMetric":
+        return cls(dataset)
 
     def __init__(self, dataset):
         self.coco = dataset.coco
@@ -54,8 +66,12 @@ class DetectionMetric:
         boxes = prediction["boxes"].detach().cpu().double().numpy() / float(item.get("scale", 1.0))
         dets = []
         for (x0, y0, x1, y1), label, score in zip(boxes, prediction["labels"].tolist(), prediction["scores"].tolist()):
-            det = {"image_id": int(image_id), "category_id": int(label), "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                   "score": float(score)}
+            det = {
+                "image_id": int(image_id),
+                "category_id": int(label),
+                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                "score": float(score),
+            }
             self.results.append(det)
             dets.append(det["bbox"] + [det["score"], det["category_id"]])
         self.counts.append(len(dets))
@@ -67,7 +83,6 @@ class DetectionMetric:
     def load_states(self, states: list[dict[str, Any]]) -> None:
         """Merge the states of the ranks of a sharded evaluation (``distributed.shard`` order) back into image order,
         so the result list (and hence COCOeval) is exactly the single-process one."""
-        from .distributed import unshard
 
         per_rank = []
         for st in states:
@@ -83,8 +98,6 @@ class DetectionMetric:
             self.results.extend(res)
 
     def compute(self) -> dict[str, float]:
-        from pycocotools.cocoeval import COCOeval
-
         if not self.results:
             return {"mAP": 0.0, "AP50": 0.0, "num_detections": 0}
         with contextlib.redirect_stdout(io.StringIO()):
@@ -98,10 +111,15 @@ class DetectionMetric:
         return {"mAP": stats[0], "AP50": stats[1], "num_detections": len(self.results)}
 
 
+@METRICS.register("segmentation")
 class SegmentationMetric:
     """mIoU from a confusion matrix accumulated over the split."""
 
     name = "mIoU"
+
+    @classmethod
+    def for_recognizer(cls, recognizer, dataset) -> "SegmentationMetric":
+        return cls(recognizer.num_outputs, getattr(dataset, "ignore_index", IGNORE_INDEX))
 
     def __init__(self, num_classes: int, ignore_index: int = 255):
         self.num_classes = num_classes
@@ -112,12 +130,15 @@ class SegmentationMetric:
         """``prediction``: logits (1,C,h,w). When the label map has another size (Pascal-Context is evaluated on
         its ORIGINAL label maps, as MMSeg does), the logits are resized bilinearly to it before the argmax."""
         if prediction.shape[-2:] != item["semantic"].shape[-2:]:
-            prediction = torch.nn.functional.interpolate(prediction, size=tuple(item["semantic"].shape[-2:]), mode="bilinear",
-                                                         align_corners=False)
+            prediction = torch.nn.functional.interpolate(
+                prediction, size=tuple(item["semantic"].shape[-2:]), mode="bilinear", align_corners=False
+            )
         pred = prediction.argmax(1)[0].cpu().numpy().ravel()
         gt = item["semantic"].cpu().numpy().ravel()
         keep = gt != self.ignore_index
-        confusion = np.bincount(self.num_classes * gt[keep] + pred[keep], minlength=self.num_classes ** 2).reshape(self.num_classes, -1)
+        confusion = np.bincount(self.num_classes * gt[keep] + pred[keep], minlength=self.num_classes**2).reshape(
+            self.num_classes, -1
+        )
         self.confusion += confusion
         inter = np.diag(confusion)
         # per image, additive over images: what the bootstrap resamples (icm_helpers.bootstrap)
@@ -135,8 +156,11 @@ class SegmentationMetric:
         union = self.confusion.sum(0) + self.confusion.sum(1) - inter
         present = union > 0
         iou = inter[present] / union[present]
-        return {"mIoU": float(iou.mean()) if iou.size else 0.0, "pixel_accuracy": float(inter.sum() / max(1, self.confusion.sum())),
-                "per_class_iou": (inter / np.maximum(union, 1)).tolist()}
+        return {
+            "mIoU": float(iou.mean()) if iou.size else 0.0,
+            "pixel_accuracy": float(inter.sum() / max(1, self.confusion.sum())),
+            "per_class_iou": (inter / np.maximum(union, 1)).tolist(),
+        }
 
 
 def _to_float(prediction):
@@ -150,16 +174,29 @@ def _to_float(prediction):
 
 
 def make_metric(recognizer, dataset):
-    if recognizer.task == "detection":
-        return DetectionMetric(dataset)
-    return SegmentationMetric(recognizer.num_outputs, getattr(dataset, "ignore_index", 255))
+    """The metric of ``recognizer``'s task (``registry.METRICS``) for ``dataset``."""
+    return METRICS[recognizer.task].for_recognizer(recognizer, dataset)
 
 
 @torch.no_grad()
-def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: float | None = None, roi_decoder: str = "as_is",
-             max_images: int | None = None, log=None, device: str = "cpu", amp: str | None = None,
-             distributed: bool | None = None, workers: int = 1, shard: tuple[int, int] | None = None,
-             decode: str = "all", desc: str = "") -> dict[str, Any]:
+def evaluate(
+    codec,
+    recognizer,
+    dataset,
+    *,
+    bitstream: bool = True,
+    roi_qf: float | None = None,
+    roi_decoder: str = "as_is",
+    max_images: int | None = None,
+    log=None,
+    device: str = "cpu",
+    amp: str | None = None,
+    distributed: bool | None = None,
+    workers: int = 1,
+    shard: tuple[int, int] | None = None,
+    decode: str = "all",
+    desc: str = "",
+) -> dict[str, Any]:
     """Evaluate ``codec`` (None = uncompressed reference) + frozen ``recognizer`` on ``dataset``.
 
     ``workers`` > 1 (CPU, single process run): the images are split round-robin over that many forked worker processes
@@ -182,9 +219,6 @@ def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: floa
     ``roi_decoder``: "as_is" or "rescale" (see ``icm_helpers.roi``; the signalled mask's bits count in both rates).
     Returns {"bpp_estimated", "bpp_bitstream", "metric_name", "metric", "metrics", "per_image", "seconds"}.
     """
-    from . import distributed as dist_lib
-    from .codec import codec_forward
-    from .config import check_device
 
     check_device(device)
     sharded = dist_lib.is_distributed() if distributed is None else bool(distributed)
@@ -193,8 +227,6 @@ def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: floa
     if amp not in (None, "bf16"):
         raise ValueError(f"amp must be None or 'bf16', got {amp!r}")
     if amp:
-        from .training import fp32_detection_heads
-
         fp32_detection_heads(recognizer)  # boxes, proposals and NMS in fp32; the backbone in bf16
     if roi_qf is not None and codec is None:
         raise ValueError("roi_qf needs a codec")
@@ -203,8 +235,10 @@ def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: floa
     if decode not in DECODE_MODES:
         raise ValueError(f"unknown decode {decode!r}; valid: {', '.join(DECODE_MODES)}")
     if workers > 1 and device_type != "cpu":
-        raise ValueError(f"workers={workers} forks CPU worker processes, and a forked process cannot use {device} (CUDA "
-                         "cannot be re-initialised in a forked subprocess): use workers=1 on a GPU")
+        raise ValueError(
+            f"workers={workers} forks CPU worker processes, and a forked process cannot use {device} (CUDA "
+            "cannot be re-initialised in a forked subprocess): use workers=1 on a GPU"
+        )
     metric = make_metric(recognizer, dataset)
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     is_anchor = codec is not None and hasattr(codec, "encode") and hasattr(codec, "decode")
@@ -213,8 +247,22 @@ def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: floa
     if codec is not None and not is_anchor:
         codec.eval()
     if workers > 1 and not sharded and shard is None and n > 1:
-        return _evaluate_forked(codec, recognizer, dataset, metric, n, min(workers, n), bitstream=bitstream, roi_qf=roi_qf,
-                                roi_decoder=roi_decoder, max_images=max_images, device=device, amp=amp, decode=decode, desc=desc)
+        return _evaluate_forked(
+            codec,
+            recognizer,
+            dataset,
+            metric,
+            n,
+            min(workers, n),
+            bitstream=bitstream,
+            roi_qf=roi_qf,
+            roi_decoder=roi_decoder,
+            max_images=max_images,
+            device=device,
+            amp=amp,
+            decode=decode,
+            desc=desc,
+        )
     per_image = []
     t0 = time.time()
     indices = list(dist_lib.shard(n) if sharded else range(shard[0], n, shard[1]) if shard else range(n))
@@ -236,8 +284,11 @@ def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: floa
         else:
             xp, pad = pad_to_multiple(x)
             num_pixels = x.shape[-2] * x.shape[-1]
-            roi_ctx = (roi_latent_scaling(codec, pad_to_multiple(item["roi"][None, None].float())[0], roi_qf, roi_decoder)
-                       if roi_qf else contextlib.nullcontext({"side_bits": 0}))
+            roi_ctx = (
+                roi_latent_scaling(codec, pad_to_multiple(item["roi"][None, None].float())[0], roi_qf, roi_decoder)
+                if roi_qf
+                else contextlib.nullcontext({"side_bits": 0})
+            )
             with roi_ctx as roi_info:
                 side_bits = roi_info["side_bits"]  # signalled ROI mask (decoder="rescale"), counted in both rates
                 with amp_ctx():
@@ -256,8 +307,10 @@ def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: floa
                             x_hat = decompress_image(codec, enc)
                             record["dec_seconds"] = time.perf_counter() - t_dec
                             if decode == "first" and not torch.equal(x_hat, enc["x_hat"]):
-                                raise RuntimeError("the decoder's image differs from the encoder-side reconstruction: the "
-                                                   "entropy coder is not reproducible here; evaluate with decode='all'")
+                                raise RuntimeError(
+                                    "the decoder's image differs from the encoder-side reconstruction: the "
+                                    "entropy coder is not reproducible here; evaluate with decode='all'"
+                                )
                         else:
                             x_hat = enc["x_hat"]
                     record["bpp_bitstream"] = (enc["num_bytes"] * 8.0 + side_bits) / num_pixels
@@ -274,7 +327,9 @@ def evaluate(codec, recognizer, dataset, *, bitstream: bool = True, roi_qf: floa
     if sharded and dist_lib.is_distributed():
         per_image = dist_lib.unshard(dist_lib.all_gather_object(per_image))
         metric.load_states(dist_lib.all_gather_object(metric.state()))
-    summary = _summarize(metric, per_image, n, max(dist_lib.all_gather_object(time.time() - t0)) if sharded else time.time() - t0)
+    summary = _summarize(
+        metric, per_image, n, max(dist_lib.all_gather_object(time.time() - t0)) if sharded else time.time() - t0
+    )
     if shard is not None:
         summary["metric_state"] = metric.state()
     return summary
@@ -302,10 +357,8 @@ def _forked_shard(rank_world: tuple[int, int]) -> tuple[list[dict[str, Any]], An
 
 
 def _evaluate_forked(codec, recognizer, dataset, metric, n: int, workers: int, **kwargs) -> dict[str, Any]:
-    """``evaluate`` over ``workers`` forked processes (the models are shared copy-on-write); results merged in image order."""
-    import multiprocessing as mp
-
-    from .distributed import unshard
+    """``evaluate`` over ``workers`` forked processes (the models are shared copy-on-write); results merged in image
+    order."""
 
     t0 = time.time()
     _FORK_JOB.update(codec=codec, recognizer=recognizer, dataset=dataset, kwargs=kwargs)

@@ -20,22 +20,44 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from . import anchors
 from . import codec as codec_lib
 from . import distributed as dist_lib
 from .adaptive_alpha import check_alpha_mode
+from .assets import find_shipped, install_shipped
 from .aux_branches import build_aux_branch
+from .bootstrap import bd_rate_ci_seeds
 from .config import check_device, load_profile, resolve_data_path, resolve_run_dir, safe_name
-from .data import IcmDataset, WorldSpec, generate_world
+from .datasources import DATA_SOURCES
 from .evaluation import evaluate
 from .io import atomic_torch_save, atomic_write_json, read_json
+from .methods import short_name
 from .provenance import result_provenance
-from .recognizers import build_recognizer, check_task, load_recognizer, save_recognizer
-from .training import IcmSpec, InMemory, TrainConfig, train_aux_branch, train_icm, train_recognizer, train_start_codec
+from .recognizers import build_recognizer, load_recognizer, save_recognizer
+from .registry import RESAMPLERS, check_task
+from .roi import check_roi
+from .training import (
+    IcmSpec,
+    TrainConfig,
+    train_aux_branch,
+    train_icm,
+    train_recognizer,
+    train_start_codec,
+    validation_terms,
+)
 
 
 class Experiment:
-    def __init__(self, profile: str = "smoke", run_dir: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                 device: str = "cpu", seed: int | None = None, log=print, use_assets: bool | set[str] = True):
+    def __init__(
+        self,
+        profile: str = "smoke",
+        run_dir: str | Path | None = None,
+        overrides: dict[str, Any] | None = None,
+        device: str = "cpu",
+        seed: int | None = None,
+        log=print,
+        use_assets: bool | set[str] = True,
+    ):
         self.cfg = load_profile(profile, overrides)
         self.profile = safe_name(self.cfg["name"], "profile name")
         self.seed = int(self.cfg.get("seed", 0) if seed is None else seed)
@@ -43,8 +65,10 @@ class Experiment:
         self.run_dir = resolve_run_dir(self.profile, run_dir)
         self.log = log or (lambda *_: None)
         self._datasets: dict[str, Any] = {}
+        self.source = DATA_SOURCES[self.cfg["data"]["source"]](self.cfg["data"], self.seed, self.data_dir)
         self._pretrained: dict[str, Any] = {}
-        # shipped recognizers / start codec (icm_helpers.assets) when their provenance matches: True, False, or the names
+        # shipped recognizers / start codec (icm_helpers.assets) when their provenance matches: True, False, or the
+        # names
         # that may be installed (e.g. all but the one being regenerated)
         self.use_assets = use_assets
         if self.cfg.get("threads"):
@@ -83,12 +107,8 @@ class Experiment:
         return self.cfg["tasks"][check_task(task)]
 
     def num_classes(self, task: str | None = None) -> int:
-        """Foreground classes: the world's shape classes; for real data the profile's ``data.num_classes.<task>``
-        (COCO: 90 = the largest category id, torchvision's convention; Pascal-Context: 59)."""
-        dc = self.cfg["data"]
-        if self.shared_data:
-            return int(dc["world"]["n_classes"])
-        return int(dc["num_classes"][check_task(task)])
+        """Foreground classes of ``task`` in the profile's data source."""
+        return self.source.num_classes(task)
 
     def spec(self, task: str, lambda_: float, aux_position: str | None, alpha: float | None = None,
              alpha_mode: str | None = None, aux_init: str | None = None, seed: int | None = None) -> IcmSpec:
@@ -99,10 +119,16 @@ class Experiment:
         tc = self.task_cfg(task)
         mode = tc.get("alpha_mode", "fixed") if alpha_mode is None else alpha_mode
         check_alpha_mode(mode)
-        return IcmSpec(task=task, lambda_=float(lambda_), aux_position=aux_position,
-                       alpha=float(tc["alpha"] if alpha is None else alpha), add_mse=bool(tc.get("add_mse", False)),
-                       seed=self.seed if seed is None else int(seed), alpha_mode="fixed" if aux_position is None else mode,
-                       aux_init="cold" if aux_position is None or aux_init is None else aux_init)
+        return IcmSpec(
+            task=task,
+            lambda_=float(lambda_),
+            aux_position=aux_position,
+            alpha=float(tc["alpha"] if alpha is None else alpha),
+            add_mse=bool(tc.get("add_mse", False)),
+            seed=self.seed if seed is None else int(seed),
+            alpha_mode="fixed" if aux_position is None else mode,
+            aux_init="cold" if aux_position is None or aux_init is None else aux_init,
+        )
 
     def train_seeds(self) -> list[int]:
         """The training seeds of every ICM model (``train_seeds`` in the profile; default: the profile's seed alone).
@@ -125,77 +151,19 @@ class Experiment:
     @property
     def shared_data(self) -> bool:
         """True when both tasks use the same images (the generated world); False for COCO / Pascal-Context."""
-        return self.cfg["data"]["source"] == "shapes_world"
+        return self.source.shared
 
     def prepare_data(self, force: bool = False, download: bool = False) -> dict[str, Any]:
-        """Generated world: generate it (deterministic from the seed; reused when there). Real datasets: verify the
-        layout of every task's dataset and report what is missing; ``download=True`` fetches COCO 2017 (the user
-        asks for network access; Pascal-Context needs a manual step, see ``icm_helpers.pascal_context``)."""
-        dc = self.cfg["data"]
-        if dc["source"] == "shapes_world":
-            spec = WorldSpec(**dc["world"], seed=self.seed)
-            generate_world(self.data_dir, spec, dc["counts"], overwrite=force)
-            return {split: len(self.dataset(split)) for split in ("train", "val", "test")}
-        if dc["source"] == "coco_pascal_context":
-            report = {}
-            for task in self.tasks():
-                if task == "detection":
-                    from .coco import check_coco, download_coco
-
-                    root = resolve_data_path(dc["coco_root"])
-                    if download:
-                        download_coco(root, splits=("train2017", "val2017"), annotations=True)
-                    for split in ("train2017", "val2017"):
-                        check_coco(root, split)
-                else:
-                    from .pascal_context import check_pascal_context
-
-                    root = resolve_data_path(dc["pascal_context_root"])
-                    for split in ("train", "val"):
-                        check_pascal_context(root, split)
-                report[task] = {split: len(self.dataset(split, task)) for split in ("train", "val", "test")}
-            return report
-        raise ValueError(f"unknown data source {dc['source']!r}; valid: shapes_world, coco_pascal_context")
+        """Generate (the world) or verify (real datasets) every split of every task (``datasources``)."""
+        return self.source.prepare(self.tasks(), force=force, download=download)
 
     def dataset(self, split: str, task: str | None = None):
-        """The ``split`` ("train", "val" = per-epoch validation, "test" = evaluation) of ``task``'s dataset. The
-        generated world serves both tasks; COCO 2017 (detection) and Pascal-Context-59 (segmentation) need ``task``.
-        Real datasets: train = train2017 / train, test = val2017 / val (the paper evaluates on these), val = the first
-        ``data.val_images`` images of the evaluation split."""
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"unknown split {split!r}; valid: train, val, test")
-        dc = self.cfg["data"]
+        """The ``split`` ("train", "val" = per-epoch validation, "test" = evaluation) of ``task``'s dataset (the
+        generated world serves both tasks; COCO 2017 and Pascal-Context-59 need ``task``); built once."""
         key = split if self.shared_data else f"{check_task(task) if task else ''}/{split}"
-        if key in self._datasets:
-            return self._datasets[key]
-        if self.shared_data:
-            ds = IcmDataset(self.data_dir / split)
-            ds = InMemory(ds) if split in ("train", "val") else ds
-        elif task is None:
-            raise ValueError(f"data source {dc['source']!r} has one dataset per task: call dataset(split, task)")
-        elif task == "detection":
-            from .coco import CocoDetection
-
-            root = resolve_data_path(dc["coco_root"])
-            if split == "train":
-                ds = CocoDetection(root, "train2017", mode="train", on_corrupt=dc.get("on_corrupt", "raise"))
-            else:
-                ds = CocoDetection(root, "val2017", mode="eval", short_edge=int(dc["eval_short_edge"]), on_corrupt=dc.get("on_corrupt", "raise"))
-                if split == "val":
-                    ds = torch.utils.data.Subset(ds, range(min(int(dc["val_images"]), len(ds))))
-        else:
-            from .pascal_context import PascalContext59
-
-            root = resolve_data_path(dc["pascal_context_root"])
-            size = int(dc["seg_size"])
-            if split == "train":
-                ds = PascalContext59(root, "train", size=size, label_size="input")
-            else:
-                ds = PascalContext59(root, "val", size=size, label_size="original" if split == "test" else "input")
-                if split == "val":
-                    ds = torch.utils.data.Subset(ds, range(min(int(dc["val_images"]), len(ds))))
-        self._datasets[key] = ds
-        return ds
+        if key not in self._datasets:
+            self._datasets[key] = self.source.dataset(split, task)
+        return self._datasets[key]
 
     def sample_datasets(self) -> dict[str, Any]:
         """Figure name -> test split to show in notebook 01 (one for the shared world, one per task otherwise)."""
@@ -205,16 +173,29 @@ class Experiment:
 
     # ------------------------------------------------------------------ provenance of trained start models
     def provenance(self, kind: str, task: str | None = None) -> dict[str, Any]:
-        """Everything a trained recognizer (``kind="recognizer"``) or start codec (``kind="codec"``) depends on. A shipped
+        """Everything a trained recognizer (``kind="recognizer"``) or start codec (``kind="codec"``) depends on. A
+        shipped
         file (icm_helpers.assets) is used only when its recorded provenance equals this."""
         dc = self.cfg["data"]
         # what the training sees: the world and its TRAIN split (val/test sizes do not change these models)
-        base = {"data": {"source": dc["source"], "world": dc.get("world"), "train_images": (dc.get("counts") or {}).get("train")},
-                "seed": self.seed}
+        base = {
+            "data": {
+                "source": dc["source"],
+                "world": dc.get("world"),
+                "train_images": (dc.get("counts") or {}).get("train"),
+            },
+            "seed": self.seed,
+        }
         if kind == "recognizer":
             rc = self.cfg["recognizers"][check_task(task)]
-            return {**base, "task": task, "num_classes": self.num_classes(task), "backend": rc["backend"], "model": rc.get("model", {}),
-                    "train": rc.get("train")}
+            return {
+                **base,
+                "task": task,
+                "num_classes": self.num_classes(task),
+                "backend": rc["backend"],
+                "model": rc.get("model", {}),
+                "train": rc.get("train"),
+            }
         if kind == "codec":
             return {**base, "codec": self.cfg["codec"]}
         raise ValueError(f"unknown provenance kind {kind!r}; valid: recognizer, codec")
@@ -223,7 +204,6 @@ class Experiment:
         """Copy the profile's shipped ``name`` into the run directory when it was trained for ``provenance``."""
         if not self.use_assets or (not isinstance(self.use_assets, bool) and name not in self.use_assets):
             return False
-        from .assets import find_shipped, install_shipped
 
         src, why = find_shipped(self.cfg, name, provenance)
         if src is None:
@@ -231,7 +211,7 @@ class Experiment:
                 self.log(f"not using a shipped {name}: {why}; training it")
             return False
         install_shipped(src, dst)
-        self.log(f"using the shipped {name} ({src}; regenerate: python -m icm_helpers.assets regenerate)")
+        self.log(f"using the shipped {name} ({src}; regenerate: python -m icm_helpers.regenerate)")
         return True
 
     # ------------------------------------------------------------------ recognizers
@@ -244,7 +224,11 @@ class Experiment:
         rc = self.cfg["recognizers"][task]
         if rc.get("train") is None:
             if task not in self._pretrained:
-                self._pretrained[task] = build_recognizer(task, rc["backend"], self.num_classes(task), **rc.get("model", {})).freeze().to(self.device)
+                self._pretrained[task] = (
+                    build_recognizer(task, rc["backend"], self.num_classes(task), **rc.get("model", {}))
+                    .freeze()
+                    .to(self.device)
+                )
             return self._pretrained[task]
         path = self.recognizer_path(task)
         if not path.exists() and not force:
@@ -255,14 +239,23 @@ class Experiment:
         rec = build_recognizer(task, rc["backend"], self.num_classes(task), **rc.get("model", {})).to(self.device)
         t0 = time.time()
         self.log(f"training the {task} recognizer ({rc['backend']})")
-        res = train_recognizer(rec, self.dataset("train", task), TrainConfig.from_dict(rc["train"]), self.models_dir / f"train_state_recognizer_{task}.pt",
-                               seed=self.seed, log=self.log, device=self.device)
+        res = train_recognizer(
+            rec,
+            self.dataset("train", task),
+            TrainConfig.from_dict(rc["train"]),
+            self.models_dir / f"train_state_recognizer_{task}.pt",
+            seed=self.seed,
+            log=self.log,
+            device=self.device,
+        )
         save_recognizer(path, rec.freeze(), extra={"history": res.history, "seconds": time.time() - t0})
         return rec
 
     def evaluate_reference(self, task: str, force: bool = False) -> dict[str, Any]:
         """Task metric of the recognizer on the ORIGINAL (uncompressed) test images: the upper bound."""
-        return self._evaluate_cached(task, "reference", None, {"method": "reference"}, force, codec_factory=lambda: None)
+        return self._evaluate_cached(
+            task, "reference", None, {"method": "reference"}, force, codec_factory=lambda: None
+        )
 
     # ------------------------------------------------------------------ codec start point
     def start_codec(self, force: bool = False):
@@ -274,7 +267,9 @@ class Experiment:
         cc = self.cfg["codec"]
         if cc.get("weights") or cc.get("pretrained"):  # the paper: CompressAI's pretrained cheng2020-attn (Sec. 4.1)
             weights = str(resolve_data_path(cc["weights"])) if cc.get("weights") else None
-            model = codec_lib.build_codec(pretrained=True, quality=cc["quality"], weights=weights, download=bool(cc.get("download", False)))
+            model = codec_lib.build_codec(
+                pretrained=True, quality=cc["quality"], weights=weights, download=bool(cc.get("download", False))
+            )
             source = weights or f"compressai cheng2020-attn mse q{cc['quality']}"
             codec_lib.save_codec(path, model, extra={"source": source})
             return model.to(self.device)
@@ -282,9 +277,17 @@ class Experiment:
         model = codec_lib.build_codec(N=int(cc["N"])).to(self.device)
         t0 = time.time()
         self.log(f"training the codec start point (Eq. 2, MSE, lambda={cc['lambda_mse']})")
-        res = train_start_codec(model, self.dataset("train"), TrainConfig.from_dict(cc["train"]), float(cc["lambda_mse"]),
-                                self.models_dir / "train_state_codec_start.pt", seed=self.seed, log=self.log, device=self.device,
-                                val_set=self.dataset("val") if self.shared_data else None)
+        res = train_start_codec(
+            model,
+            self.dataset("train"),
+            TrainConfig.from_dict(cc["train"]),
+            float(cc["lambda_mse"]),
+            self.models_dir / "train_state_codec_start.pt",
+            seed=self.seed,
+            log=self.log,
+            device=self.device,
+            val_set=self.dataset("val") if self.shared_data else None,
+        )
         codec_lib.save_codec(path, model, extra={"history": res.history, "seconds": time.time() - t0})
         return model
 
@@ -298,13 +301,17 @@ class Experiment:
         depend on lambda). Trained once, stored under ``aux_warm/``; settings: ``tasks.<task>.aux_warm_start``."""
         wc = self.task_cfg(task).get("aux_warm_start")
         if not wc:
-            raise ValueError(f"aux_init='warm' needs tasks.{task}.aux_warm_start (a train block: epochs, lr, ...) in the profile")
+            raise ValueError(
+                f"aux_init='warm' needs tasks.{task}.aux_warm_start (a train block: epochs, lr, ...) in the profile"
+            )
         out = self.run_dir / "aux_warm" / task / f"{position}_seed{seed}"
         final = out / "branch.pt"
         if final.exists():
             stored = codec_lib.load_state(final)
             if stored.get("config") != wc:
-                raise FileExistsError(f"{final} was pre-trained with {stored.get('config')}, not {wc}; delete it to redo")
+                raise FileExistsError(
+                    f"{final} was pre-trained with {stored.get('config')}, not {wc}; delete it to redo"
+                )
             return stored["state_dict"]
         codec, recognizer = self.start_codec(), self.recognizer(task)
         aux = self._build_branch(task, position, seed, codec, recognizer)
@@ -333,8 +340,10 @@ class Experiment:
         for f in self.task_cfg(task).get("budget_fractions") or []:
             e = float(f) * epochs
             if not (0 < f < 1) or abs(e - round(e)) > 1e-9:
-                raise ValueError(f"tasks.{task}.budget_fractions: {f} x {epochs} epochs is not a whole epoch in (0, {epochs}); "
-                                 "use fractions that are multiples of 1/epochs")
+                raise ValueError(
+                    f"tasks.{task}.budget_fractions: {f} x {epochs} epochs is not a whole epoch in (0, {epochs}); "
+                    "use fractions that are multiples of 1/epochs"
+                )
             out[float(f)] = int(round(e))
         return out
 
@@ -358,16 +367,22 @@ class Experiment:
         job = {"spec": spec_dict, "train": cfg.job_meta(), **meta_extra}  # everything the trained weights depend on
         if dist_lib.broadcast_object(final.exists() and not force):
             extra = codec_lib.load_state(final)["extra"]
-            stored = extra.get("job", {"spec": extra.get("spec"), "train": job["train"], **meta_extra})  # older files: spec only
+            stored = extra.get(
+                "job", {"spec": extra.get("spec"), "train": job["train"], **meta_extra}
+            )  # older files: spec only
             if stored != job:
                 changed = sorted(k for k in {*stored, *job} if stored.get(k) != job.get(k))
-                raise FileExistsError(f"{final} was trained with other {', '.join(changed)} ({ {k: stored.get(k) for k in changed} }) "
-                                      f"than the profile asks now ({ {k: job.get(k) for k in changed} }); pass force=True "
-                                      "(notebooks: rerun with --force) to retrain it, or use another run dir")
+                raise FileExistsError(
+                    f"{final} was trained with other {', '.join(changed)} ({ {k: stored.get(k) for k in changed} }) "
+                    f"than the profile asks now ({ {k: job.get(k) for k in changed} }); pass force=True "
+                    "(notebooks: rerun with --force) to retrain it, or use another run dir"
+                )
             missing = [p.name for p in snapshots.values() if not p.exists()]
             if missing:
-                raise FileNotFoundError(f"{out} has no budget snapshots {missing} (the profile's budget_fractions were added after "
-                                        "it was trained); retrain it with force=True")
+                raise FileNotFoundError(
+                    f"{out} has no budget snapshots {missing} (the profile's budget_fractions were added after "
+                    "it was trained); retrain it with force=True"
+                )
             return final
         if force and dist_lib.is_main():
             for f in ("train_state.pt", "codec.pt", *(p.name for p in snapshots.values())):
@@ -379,9 +394,20 @@ class Experiment:
         if spec.aux_init == "warm":
             aux.load_state_dict(self.warm_aux_branch(spec.task, spec.aux_position, spec.seed))
         self.log(f"ICM training {spec.task}/{out.name}")
-        res = train_icm(spec, codec, recognizer, aux, self.dataset("train", spec.task), cfg, out / "train_state.pt",
-                        val_set=self.dataset("val", spec.task) if self.cfg.get("validate_every_epoch") else None, log=self.log, device=self.device,
-                        snapshots=snapshots, meta_extra=meta_extra)
+        res = train_icm(
+            spec,
+            codec,
+            recognizer,
+            aux,
+            self.dataset("train", spec.task),
+            cfg,
+            out / "train_state.pt",
+            val_set=self.dataset("val", spec.task) if self.cfg.get("validate_every_epoch") else None,
+            log=self.log,
+            device=self.device,
+            snapshots=snapshots,
+            meta_extra=meta_extra,
+        )
         if dist_lib.is_main():  # one writer (torchrun: rank 0); the others wait until the files are there
             atomic_write_json(out / "history.json", res.history)
             codec_lib.save_codec(final, codec, extra={"spec": spec_dict, "job": job, "history": res.history})
@@ -391,7 +417,6 @@ class Experiment:
     def loss_balance(self, task: str, lambdas: Iterable[float]) -> list[dict[str, Any]]:
         """Validation terms of the START codec under Eq. 4/6 at each lambda: how much of the main loss the task
         term carries (used by notebook 05 to choose the ablation lambda; the paper's 0.016 vs its 0.4..3.2 sweep)."""
-        from .training import validation_terms
 
         codec, rec = self.start_codec(), self.recognizer(task)
         codec.eval()
@@ -400,28 +425,48 @@ class Experiment:
             spec = self.spec(task, lam, None)
             t = validation_terms(spec, codec, rec, None, self.dataset("val", task), 8, self.seed, self.device)
             weighted = t["main"] - t["rate"]  # lambda * (E (+ MSE))
-            rows.append({"lambda_": float(lam), "rate_bpp": t["rate"], "task_loss": t["task"], "lambda_x_distortion": weighted,
-                         "task_share_of_main": weighted / t["main"]})
+            rows.append(
+                {
+                    "lambda_": float(lam),
+                    "rate_bpp": t["rate"],
+                    "task_loss": t["task"],
+                    "lambda_x_distortion": weighted,
+                    "task_share_of_main": weighted / t["main"],
+                }
+            )
         return rows
 
-    POSITION_LABELS = {None: "w/o aux", "enc": "aux-enc", "dec": "aux-dec", "task": "aux-task"}
 
-    def run_ablation(self, task: str, positions: Iterable[str | None] | None = None, lambda_: float | None = None,
-                     alpha: float | None = None, evaluate_test: bool = True, seeds: Iterable[int] | None = None) -> dict[str, Any]:
+    def run_ablation(
+        self,
+        task: str,
+        positions: Iterable[str | None] | None = None,
+        lambda_: float | None = None,
+        alpha: float | None = None,
+        evaluate_test: bool = True,
+        seeds: Iterable[int] | None = None,
+    ) -> dict[str, Any]:
         """The branch-position ablation of Sec. 4.2 for one task: train (or reuse) one model per position (and
         training seed; default: the profile's ``train_seeds``) at the profile's ``ablation_lambda``; return the
         validation MAIN loss per epoch of each (Figs. 8-9), the final validation terms and, with ``evaluate_test``,
         the test-set bpp and task metric of each model. Curves start at epoch 0 = the start codec (the same value for
         every position); with several seeds a curve is named "<position> (seed <s>)"."""
-        from .training import validation_terms
 
         positions = list(self.cfg["ablation"]["positions"] if positions is None else positions)
         seeds = self.train_seeds() if seeds is None else list(seeds)
         lam = float(self.task_cfg(task)["ablation_lambda"] if lambda_ is None else lambda_)
         # epoch 0: the start codec, common to every position (the main loss has no aux term)
         start = self.start_codec().eval()
-        epoch0 = validation_terms(self.spec(task, lam, None), start, self.recognizer(task), None, self.dataset("val", task), 8,
-                                  self.seed, self.device)["main"]
+        epoch0 = validation_terms(
+            self.spec(task, lam, None),
+            start,
+            self.recognizer(task),
+            None,
+            self.dataset("val", task),
+            8,
+            self.seed,
+            self.device,
+        )["main"]
         curves, rows = {}, []
         for seed in seeds:
             for pos in positions:
@@ -429,15 +474,24 @@ class Experiment:
                 self.train(spec)
                 hist = self.history(spec)
                 if "val_main" not in hist[0]:
-                    raise ValueError(f"{self.run_path(spec)} has no validation history: set validate_every_epoch: true in the "
-                                     "profile and retrain (force=True)")
-                label = self.POSITION_LABELS[spec.aux_position] + ("" if len(seeds) == 1 else f" (seed {seed})")
+                    raise ValueError(
+                        f"{self.run_path(spec)} has no validation history: set validate_every_epoch: true in the "
+                        "profile and retrain (force=True)"
+                    )
+                label = short_name(spec.method) + ("" if len(seeds) == 1 else f" (seed {seed})")
                 curves[label] = [epoch0] + [h["val_main"] for h in hist]
-                row = {"position": label, "seed": seed, "val_main": hist[-1]["val_main"], "val_rate": hist[-1]["val_rate"],
-                       "val_task": hist[-1]["val_task"]}
+                row = {
+                    "position": label,
+                    "seed": seed,
+                    "val_main": hist[-1]["val_main"],
+                    "val_rate": hist[-1]["val_rate"],
+                    "val_task": hist[-1]["val_task"],
+                }
                 if evaluate_test:
                     rec = self.evaluate_run(spec)
-                    row.update(bpp_bitstream=rec["bpp_bitstream"], bpp_estimated=rec["bpp_estimated"], metric=rec["metric"])
+                    row.update(
+                        bpp_bitstream=rec["bpp_bitstream"], bpp_estimated=rec["bpp_estimated"], metric=rec["metric"]
+                    )
                 rows.append(row)
         return {"task": task, "lambda_": lam, "curves": curves, "rows": rows}
 
@@ -454,10 +508,20 @@ class Experiment:
         ec = self.cfg.get("evaluation", {})
         bitstream = bool(ec.get("bitstream", True)) if bitstream is None else bitstream
         started = time.time()
-        ev = evaluate(codec_factory(), self.recognizer(task), self.dataset("test", task), bitstream=bitstream,
-                      roi_qf=roi_qf, roi_decoder=roi_decoder, max_images=self.max_images(), device=self.device,
-                      amp=ec.get("amp"), workers=int(ec.get("workers", 1)) if self.device == "cpu" else 1,
-                      decode=ec.get("decode", "all"), desc=f"evaluate {task}/{name}")  # under torchrun: sharded over the ranks, gathered (same record on every rank)
+        ev = evaluate(
+            codec_factory(),
+            self.recognizer(task),
+            self.dataset("test", task),
+            bitstream=bitstream,
+            roi_qf=roi_qf,
+            roi_decoder=roi_decoder,
+            max_images=self.max_images(),
+            device=self.device,
+            amp=ec.get("amp"),
+            workers=int(ec.get("workers", 1)) if self.device == "cpu" else 1,
+            decode=ec.get("decode", "all"),
+            desc=f"evaluate {task}/{name}",
+        )  # under torchrun: sharded over the ranks, gathered (same record on every rank)
         record = {"profile": self.profile, "task": task, "lambda_": lambda_, **fields, **ev,
                   "provenance": self.run_provenance(started=started, ended=time.time())}
         if dist_lib.is_main():
@@ -470,8 +534,14 @@ class Experiment:
         fraction of its training (``budget_fractions``) instead of the final model."""
         final = self.train(spec)
         path = final if budget is None else self.snapshot_path(spec, budget)
-        fields = {"method": spec.method, "aux_position": spec.aux_position, "alpha": spec.alpha, "add_mse": spec.add_mse,
-                  "seed": spec.seed, "codec_path": str(path.relative_to(self.run_dir))}
+        fields = {
+            "method": spec.method,
+            "aux_position": spec.aux_position,
+            "alpha": spec.alpha,
+            "add_mse": spec.add_mse,
+            "seed": spec.seed,
+            "codec_path": str(path.relative_to(self.run_dir)),
+        }
         if spec.alpha_mode != "fixed":
             fields["alpha_mode"] = spec.alpha_mode
         if spec.aux_init != "cold":
@@ -482,8 +552,15 @@ class Experiment:
             name += f"_budget{budget:g}"
         # budget snapshots: real bitstreams only if the profile asks (evaluation.budget_bitstream), else estimated bpp
         bitstream = None if budget is None else bool(self.cfg.get("evaluation", {}).get("budget_bitstream", True))
-        return self._evaluate_cached(spec.task, name, spec.lambda_, fields, force,
-                                     codec_factory=lambda: codec_lib.load_codec(path).to(self.device), bitstream=bitstream)
+        return self._evaluate_cached(
+            spec.task,
+            name,
+            spec.lambda_,
+            fields,
+            force,
+            codec_factory=lambda: codec_lib.load_codec(path).to(self.device),
+            bitstream=bitstream,
+        )
 
     def run_grid(self, task: str, aux_positions: Iterable[str | None], lambdas: Iterable[float] | None = None,
                  alpha: float | None = None, alpha_mode: str | None = None, aux_init: str | None = None,
@@ -499,8 +576,13 @@ class Experiment:
                     records.append(self.evaluate_run(self.spec(task, lam, pos, alpha, alpha_mode, aux_init, seed)))
         return records
 
-    def evaluate_budgets(self, task: str, methods: Iterable[tuple[str | None, str]] = ((None, "cold"), ("enc", "cold")),
-                         lambdas: Iterable[float] | None = None, seeds: Iterable[int] | None = None) -> list[dict[str, Any]]:
+    def evaluate_budgets(
+        self,
+        task: str,
+        methods: Iterable[tuple[str | None, str]] = ((None, "cold"), ("enc", "cold")),
+        lambdas: Iterable[float] | None = None,
+        seeds: Iterable[int] | None = None,
+    ) -> list[dict[str, Any]]:
         """Evaluate the budget snapshots (``budget_fractions``) of every (position, aux_init) x lambda x seed."""
         lambdas = self.task_cfg(task)["lambdas"] if lambdas is None else lambdas
         records = []
@@ -508,7 +590,9 @@ class Experiment:
             for pos, init in methods:
                 for lam in lambdas:
                     for fraction in self.budget_epochs(task):
-                        records.append(self.evaluate_run(self.spec(task, lam, pos, aux_init=init, seed=seed), budget=fraction))
+                        records.append(
+                            self.evaluate_run(self.spec(task, lam, pos, aux_init=init, seed=seed), budget=fraction)
+                        )
         return records
 
     def anchor_names(self) -> list[str]:
@@ -516,30 +600,47 @@ class Experiment:
         their binaries are installed)."""
         return list((self.cfg.get("anchors") or {}).get("codecs", ["jpeg", "webp", "bpg", "vtm"]))
 
-    def evaluate_anchors(self, task: str, names: Iterable[str] | None = None,
-                         qualities: dict[str, Iterable[int]] | None = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    def evaluate_anchors(
+        self, task: str, names: Iterable[str] | None = None, qualities: dict[str, Iterable[int]] | None = None
+    ) -> tuple[list[dict[str, Any]], dict[str, str]]:
         """Conventional-codec anchors (``icm_helpers.anchors``) through the one evaluation path: each quality of each
         codec is a rate point (record ``method`` = the codec's name, ``lambda_`` = its quality or QP, ``anchor`` = its
         ``describe()``: versions and command lines). Returns the records and {codec: why it was skipped} for codecs that
         cannot run here (e.g. ``bpgenc`` not on PATH)."""
-        from . import anchors
 
         qualities = {**((self.cfg.get("anchors") or {}).get("qualities") or {}), **(qualities or {})}
         records, skipped = [], {}
         for name in (self.anchor_names() if names is None else names):
             try:
-                codecs = [anchors.build_anchor(name, int(q)) for q in qualities.get(name, anchors.default_qualities(name))]
+                codecs = [
+                    anchors.build_anchor(name, int(q)) for q in qualities.get(name, anchors.default_qualities(name))
+                ]
             except anchors.AnchorUnavailable as exc:
                 skipped[name] = str(exc)
                 continue
             for codec in codecs:
                 fields = {"method": name, "anchor": codec.describe()}
-                records.append(self._evaluate_cached(task, f"{name}_q{codec.quality}", float(codec.quality), fields, False,
-                                                     codec_factory=lambda codec=codec: codec))
+                records.append(
+                    self._evaluate_cached(
+                        task,
+                        f"{name}_q{codec.quality}",
+                        float(codec.quality),
+                        fields,
+                        False,
+                        codec_factory=lambda codec=codec: codec,
+                    )
+                )
         return records, skipped
 
-    def evaluate_transfer(self, trained_for: str, evaluated_by: str, position: str | None = None, aux_init: str = "cold",
-                          lambdas: Iterable[float] | None = None, seeds: Iterable[int] | None = None) -> list[dict[str, Any]]:
+    def evaluate_transfer(
+        self,
+        trained_for: str,
+        evaluated_by: str,
+        position: str | None = None,
+        aux_init: str = "cold",
+        lambdas: Iterable[float] | None = None,
+        seeds: Iterable[int] | None = None,
+    ) -> list[dict[str, Any]]:
         """Cross-task transfer: the codecs fine-tuned for ``trained_for`` (w/o aux, or aux at ``position``) evaluated by
         the ``evaluated_by`` recognizer on the test split. Needs one image set labelled for both tasks (the generated
         world). The records are stored under ``evaluated_by`` as method ``"<method>_from_<trained_for>"``."""
@@ -552,13 +653,26 @@ class Experiment:
             for lam in (self.task_cfg(trained_for)["lambdas"] if lambdas is None else lambdas):
                 spec = self.spec(trained_for, lam, position, aux_init=aux_init, seed=seed)
                 final = self.train(spec)
-                fields = {"method": f"{spec.method}_from_{trained_for}", "trained_for": trained_for, "aux_position": position,
-                          "seed": spec.seed, "codec_path": str(final.relative_to(self.run_dir))}
+                fields = {
+                    "method": f"{spec.method}_from_{trained_for}",
+                    "trained_for": trained_for,
+                    "aux_position": position,
+                    "seed": spec.seed,
+                    "codec_path": str(final.relative_to(self.run_dir)),
+                }
                 if spec.aux_init != "cold":
                     fields["aux_init"] = spec.aux_init
                 name = f"{self.run_path(spec).name}_from_{trained_for}"
-                records.append(self._evaluate_cached(evaluated_by, name, spec.lambda_, fields, False,
-                                                     codec_factory=lambda final=final: codec_lib.load_codec(final).to(self.device)))
+                records.append(
+                    self._evaluate_cached(
+                        evaluated_by,
+                        name,
+                        spec.lambda_,
+                        fields,
+                        False,
+                        codec_factory=lambda final=final: codec_lib.load_codec(final).to(self.device),
+                    )
+                )
         return records
 
     def evaluate_roi(self, task: str, lambdas: Iterable[float] | None = None, qf: float | None = None,
@@ -566,8 +680,8 @@ class Experiment:
         """ROI baseline (Ahonen et al.): the w/o-aux models with latents outside the GT mask divided by QF.
 
         ``decoder``: "as_is" (method ``roi``: mask not signalled) or "rescale" (method ``roi_rescale``: the decoder
-        multiplies back by QF, the signalled mask counts in the rate); None = the first of the profile's ``roi_decoders``."""
-        from .roi import check_roi
+        multiplies back by QF, the signalled mask counts in the rate); None = the first of the profile's
+        ``roi_decoders``."""
 
         tc = self.task_cfg(task)
         qf = tc.get("roi_qf") if qf is None else qf
@@ -582,12 +696,23 @@ class Experiment:
             final = self.train(spec)
             fields = {"method": method, "aux_position": None, "qf": qf, "roi_decoder": decoder,
                       "codec_path": str(final.relative_to(self.run_dir))}
-            records.append(self._evaluate_cached(task, f"{method}_qf{qf:g}_lambda{lam:g}", float(lam), fields, False,
-                                                 codec_factory=lambda: codec_lib.load_codec(final).to(self.device), roi_qf=qf,
-                                                 roi_decoder=decoder))
+            records.append(
+                self._evaluate_cached(
+                    task,
+                    f"{method}_qf{qf:g}_lambda{lam:g}",
+                    float(lam),
+                    fields,
+                    False,
+                    codec_factory=lambda: codec_lib.load_codec(final).to(self.device),
+                    roi_qf=qf,
+                    roi_decoder=decoder,
+                )
+            )
         return records
 
-    def full_records(self, task: str, method: str, seed: int | None = None, budget: float | None = None) -> list[dict[str, Any]]:
+    def full_records(
+        self, task: str, method: str, seed: int | None = None, budget: float | None = None
+    ) -> list[dict[str, Any]]:
         """Stored records (with per-image lists) of one method of ``task`` for one training ``seed`` (None: the
         profile's seed) and training ``budget`` fraction (None: the final models), sorted by lambda."""
         seed = self.seed if seed is None else seed
@@ -596,23 +721,30 @@ class Experiment:
                 and r.get("seed", self.seed) == seed and r.get("budget") == budget]
         return sorted(keep, key=lambda r: r["lambda_"])
 
-    def bd_rate_table(self, task: str, anchor: str = "baseline", tests: Iterable[str] = ("aux_enc",), method: str = "pchip",
-                      bpp_keys: tuple[str, ...] = ("bpp_bitstream", "bpp_estimated"), samples: int | None = None,
-                      confidence: float | None = None, seeds: Iterable[int] | None = None,
-                      budget: float | None = None) -> list[dict[str, Any]]:
+    def bd_rate_table(
+        self,
+        task: str,
+        anchor: str = "baseline",
+        tests: Iterable[str] = ("aux_enc",),
+        method: str = "pchip",
+        bpp_keys: tuple[str, ...] = ("bpp_bitstream", "bpp_estimated"),
+        samples: int | None = None,
+        confidence: float | None = None,
+        seeds: Iterable[int] | None = None,
+        budget: float | None = None,
+    ) -> list[dict[str, Any]]:
         """BD-rate of each ``tests`` method vs ``anchor`` with 95% paired-bootstrap CIs over the test images
         (icm_helpers.bootstrap; resamples and confidence from the profile's ``evaluation.bootstrap``), for the models of
         each training seed (``seeds``; default: the profile's ``train_seeds``) and, with several seeds, pooled: the mean
         of the per-seed BD-rates with a seed-and-image bootstrap CI (``bootstrap.bd_rate_ci_seeds``). ``budget``: the
         budget snapshots of that fraction instead of the final models. Methods with fewer than 2 operating points in
         some seed are skipped. One row per (method, seed) and a ``seed: "pooled"`` row per method with 2+ seeds."""
-        from .bootstrap import DetectionResampler, SegmentationResampler, bd_rate_ci_seeds
 
         bc = self.cfg.get("evaluation", {}).get("bootstrap", {}) or {}
         samples = int(samples or bc.get("samples", 1000))
         confidence = float(confidence or bc.get("confidence", 0.95))
         seeds = self.train_seeds() if seeds is None else [int(s) for s in seeds]
-        coco = self.dataset("test", task).coco if task == "detection" else None
+        test = self.dataset("test", task) if RESAMPLERS[task].needs_dataset else None
         curves_by_seed, ids = {}, {}
         for seed in seeds:
             curves = {}
@@ -621,11 +753,13 @@ class Experiment:
                 if len(recs) < 2 and name != anchor:
                     continue
                 curves[name] = [({k: np.array([p.get(k, np.nan) for p in r["per_image"]], float) for k in bpp_keys},
-                                 DetectionResampler(r, coco) if task == "detection" else SegmentationResampler(r)) for r in recs]
+                                 RESAMPLERS[task].for_record(r, test)) for r in recs]
                 ids.update({(name, seed, r["lambda_"]): [p["image_id"] for p in r["per_image"]] for r in recs})
             curves_by_seed[seed] = curves
         if len({tuple(v) for v in ids.values()}) > 1:
-            raise ValueError(f"{task}: the records were evaluated on different test images; re-evaluate them on the same split")
+            raise ValueError(
+                f"{task}: the records were evaluated on different test images; re-evaluate them on the same split"
+            )
         present = [t for t in tests if all(t in c for c in curves_by_seed.values())]
         res = bd_rate_ci_seeds(curves_by_seed, anchor, present, bpp_keys, samples, confidence, self.seed, method)
         rows = []
@@ -634,8 +768,17 @@ class Experiment:
             rows += [{"task": task, "method": t, "anchor": anchor, "seed": s, "points": points, "budget": budget,
                       **{k: res["per_seed"][s][t][k] for k in bpp_keys}} for s in seeds]
             if t in res["pooled"]:
-                rows.append({"task": task, "method": t, "anchor": anchor, "seed": "pooled", "points": points, "budget": budget,
-                             **{k: res["pooled"][t][k] for k in bpp_keys}})
+                rows.append(
+                    {
+                        "task": task,
+                        "method": t,
+                        "anchor": anchor,
+                        "seed": "pooled",
+                        "points": points,
+                        "budget": budget,
+                        **{k: res["pooled"][t][k] for k in bpp_keys},
+                    }
+                )
         return rows
 
     def result_paths(self, task: str, budgets: bool = False) -> list[Path]:

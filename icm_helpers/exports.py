@@ -166,8 +166,8 @@ def write_per_image_csv(record: dict[str, Any] | str | os.PathLike, path: str | 
 def _pyarrow() -> tuple[Any, Any, str | None]:
     """``(pyarrow, pyarrow.parquet, None)``, or ``(None, None, why)`` when pyarrow cannot be used."""
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # optional dependency
+        import pyarrow.parquet as pq  # optional dependency
     except ModuleNotFoundError:
         return None, None, "pyarrow is not installed (pip install pyarrow)"
     except ImportError as exc:  # installed but unusable, e.g. built for another NumPy

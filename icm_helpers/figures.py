@@ -100,7 +100,9 @@ def save_figure(
             serialisable.
     """
     _check_name(name, "figure name")
-    provenance = profile.run_provenance() if hasattr(profile, "run_provenance") else result_provenance(profile_name=profile)
+    provenance = (
+        profile.run_provenance() if hasattr(profile, "run_provenance") else result_provenance(profile_name=profile)
+    )
     profile = getattr(profile, "profile", profile)
     out_dir = _target_dir(profile, figures_dir)
     data = {**data, "provenance": provenance} if isinstance(data, dict) else {"data": data, "provenance": provenance}
@@ -117,7 +119,7 @@ def save_figure(
 def _writer() -> bool:
     """False on the ranks > 0 of a torchrun job (``icm_helpers.distributed``): they render, rank 0 writes."""
     try:
-        from .distributed import is_main
+        from .distributed import is_main  # lazy: figures work without torch (a bare install of the plotting helpers)
     except ImportError:  # torch missing: single process
         return True
     return is_main()

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -73,7 +72,7 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     try:  # torch is optional here
-        import torch
+        import torch  # lazy: the runner imports this module, and its --list stays fast without torch
 
         if isinstance(obj, torch.Tensor):
             return obj.detach().cpu().tolist()
@@ -93,7 +92,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` through an in-memory buffer, then an atomic write."""
-    import torch
+    import torch  # lazy: the runner imports this module, and its --list stays fast without torch
 
     buf = io.BytesIO()
     torch.save(obj, buf)

@@ -17,11 +17,21 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import AnchorGenerator, RegionProposalNetwork, RPNHead
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 
-def conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1, groups: int = 1, relu: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, padding=dilation * (k // 2), dilation=dilation, groups=groups, bias=False),
-                               nn.BatchNorm2d(cout)]
+def conv_bn_relu(
+    cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1, groups: int = 1, relu: bool = True
+) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, k, stride, padding=dilation * (k // 2), dilation=dilation, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
     if relu:
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
@@ -49,7 +59,9 @@ def cardinality(channels: int, target: int = 32) -> int:
 class ResNeXtBottleneck(nn.Module):
     """ResNeXt block: [1x1, W; 3x3, W, C groups; 1x1, Cout] (Table 1's auxiliary-branch stages)."""
 
-    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1, width: int | None = None, groups: int = 32):
+    def __init__(
+        self, cin: int, cout: int, stride: int = 1, dilation: int = 1, width: int | None = None, groups: int = 32
+    ):
         super().__init__()
         width = width or cout
         g = cardinality(width, groups)
@@ -106,16 +118,20 @@ class FasterRCNNHeads(nn.Module):
     detections (boxes xyxy in image pixels, labels, scores) in eval mode.
     """
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int, fpn_channels: int = 256, representation: int = 1024,
-                 anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512), rpn_pre_nms: tuple[int, int] = (2000, 1000),
-                 rpn_post_nms: tuple[int, int] = (2000, 1000), box_batch_per_image: int = 512,
-                 score_thresh: float = 0.05, detections_per_img: int = 100):
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        fpn_channels: int = 256,
+        representation: int = 1024,
+        anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
+        rpn_pre_nms: tuple[int, int] = (2000, 1000),
+        rpn_post_nms: tuple[int, int] = (2000, 1000),
+        box_batch_per_image: int = 512,
+        score_thresh: float = 0.05,
+        detections_per_img: int = 100,
+    ):
         super().__init__()
-        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-        from torchvision.models.detection.roi_heads import RoIHeads
-        from torchvision.models.detection.rpn import AnchorGenerator, RegionProposalNetwork, RPNHead
-        from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
-        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
         self.fpn = FeaturePyramidNetwork(list(in_channels), fpn_channels, extra_blocks=LastLevelMaxPool())
         n_levels = len(in_channels) + 1
@@ -136,8 +152,6 @@ class FasterRCNNHeads(nn.Module):
 
     def forward(self, features: "OrderedDict[str, torch.Tensor]", image_sizes: list[tuple[int, int]],
                 padded_size: tuple[int, int], targets: list[dict[str, torch.Tensor]] | None = None):
-        from torchvision.models.detection.image_list import ImageList
-
         feats = self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features.values())))
         any_feat = next(iter(feats.values()))
         # The RPN only reads the padded image size, dtype and device from ImageList.tensors.
@@ -163,7 +177,11 @@ class DeepLabV3PlusHead(nn.Module):
         super().__init__()
         self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(in_channels, channels, 1))
         self.aspp = nn.ModuleList(
-            [conv_bn_relu(in_channels, channels, 1) if d == 1 else DepthwiseSeparableConv(in_channels, channels, d) for d in dilations])
+            [
+                conv_bn_relu(in_channels, channels, 1) if d == 1 else DepthwiseSeparableConv(in_channels, channels, d)
+                for d in dilations
+            ]
+        )
         self.bottleneck = conv_bn_relu(channels * (len(dilations) + 1), channels, 3)
         self.c1 = conv_bn_relu(low_in_channels, low_channels, 1)
         self.sep_bottleneck = nn.Sequential(DepthwiseSeparableConv(channels + low_channels, channels),

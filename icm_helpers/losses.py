@@ -21,7 +21,10 @@ def _real(x) -> bool:
 
 def check_lambda_alpha(lambda_: float, alpha: float = 0.0) -> None:
     if not (_real(lambda_) and lambda_ > 0):
-        raise ValueError(f"lambda_ must be a positive finite number (paper: detection {{0.4, 0.8, 1.6, 3.2}}, segmentation {{1, 2, 4, 8}}), got {lambda_!r}")
+        raise ValueError(
+            "lambda_ must be a positive finite number (paper: detection {0.4, 0.8, 1.6, 3.2}, segmentation "
+            f"{{1, 2, 4, 8}}), got {lambda_!r}"
+        )
     if not (_real(alpha) and alpha >= 0):
         raise ValueError(f"alpha must be a finite number >= 0 (paper: 0.5), got {alpha!r}")
 

@@ -34,8 +34,10 @@ def _check(address, family=None) -> None:
     if family == getattr(socket, "AF_UNIX", object()) or not isinstance(address, tuple):
         return  # Unix sockets / non-IP addresses
     if not _is_local(address[0]):
-        raise NetworkBlocked(f"network access to {address[0]!r} is blocked ({ENV_VAR}=1): the suite needs no network on "
-                             f"this path. To download weights or data, unset {ENV_VAR} and pass download=True.")
+        raise NetworkBlocked(
+            f"network access to {address[0]!r} is blocked ({ENV_VAR}=1): the suite needs no network on "
+            f"this path. To download weights or data, unset {ENV_VAR} and pass download=True."
+        )
 
 
 def block_network() -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +42,8 @@ Pascal-Context-59 setup (MMSegmentation's recipe; about 1.3 GB download, nothing
        python tools/dataset_converters/pascal_context.py data/VOCdevkit data/VOCdevkit/VOC2010/trainval_merged.json
    (older MMSeg releases: tools/convert_datasets/pascal_context.py, same arguments).
 5. Point the suite at data/VOCdevkit/VOC2010 and check it:
-       python -c "from icm_helpers.pascal_context import check_pascal_context; print(check_pascal_context('data/VOCdevkit/VOC2010', 'val'))"
+       python -c "from icm_helpers.pascal_context import check_pascal_context as check; \
+                  print(check('data/VOCdevkit/VOC2010', 'val'))"
 Expected: train 4998 images, val 5105 images.
 """
 
@@ -96,7 +97,9 @@ def read_label(path: str | Path) -> np.ndarray:
                 raise ValueError(f"label map {path} has mode {im.mode}: expected a single-channel index PNG (L or P)")
             return np.array(im)
     except (OSError, SyntaxError) as exc:
-        raise ValueError(f"cannot read label map {path}: {exc} (corrupt or truncated file? re-run the converter)") from exc
+        raise ValueError(
+            f"cannot read label map {path}: {exc} (corrupt or truncated file? re-run the converter)"
+        ) from exc
 
 
 def _resolve_hint(root: Path) -> str:
@@ -144,8 +147,15 @@ def verify_pascal_context(root: str | Path, split: str = "val", max_examples: in
             with_lab = {p.stem for p in (root / LABEL_DIR).glob("*.png")}
             miss = [i for i in ids if i not in with_lab]
             rep["num_missing_labels"], rep["missing_label_examples"] = len(miss), miss[:max_examples]
-    rep["ok"] = bool(rep["root_exists"] and rep["image_dir_exists"] and rep["label_dir_exists"] and rep["split_file_exists"]
-                     and rep["num_ids"] > 0 and rep["num_missing_images"] == 0 and rep["num_missing_labels"] == 0)
+    rep["ok"] = bool(
+        rep["root_exists"]
+        and rep["image_dir_exists"]
+        and rep["label_dir_exists"]
+        and rep["split_file_exists"]
+        and rep["num_ids"] > 0
+        and rep["num_missing_images"] == 0
+        and rep["num_missing_labels"] == 0
+    )
     return rep
 
 
@@ -170,12 +180,16 @@ def check_pascal_context(root: str | Path, split: str = "val") -> dict[str, Any]
         raise ValueError(f"Pascal-Context split file {rep['split_file']} lists no image ids. {fix} (re-run step 4).")
     if rep["num_missing_images"]:
         raise FileNotFoundError(
-            f"{rep['num_missing_images']} of {rep['num_ids']} ids of {rep['split_file']} have no image in {rep['image_dir']} "
-            f"(e.g. {', '.join(rep['missing_image_examples'])}). {fix} (step 1).")
+            f"{rep['num_missing_images']} of {rep['num_ids']} ids of {rep['split_file']} have no image in "
+            f"{rep['image_dir']} "
+            f"(e.g. {', '.join(rep['missing_image_examples'])}). {fix} (step 1)."
+        )
     if rep["num_missing_labels"]:
         raise FileNotFoundError(
-            f"{rep['num_missing_labels']} of {rep['num_ids']} ids of {rep['split_file']} have no label PNG in {rep['label_dir']} "
-            f"(e.g. {', '.join(rep['missing_label_examples'])}). {fix} (step 4: re-run the converter).")
+            f"{rep['num_missing_labels']} of {rep['num_ids']} ids of {rep['split_file']} have no label PNG in "
+            f"{rep['label_dir']} "
+            f"(e.g. {', '.join(rep['missing_label_examples'])}). {fix} (step 4: re-run the converter)."
+        )
     return rep
 
 
@@ -194,7 +208,9 @@ class PascalContext59(torch.utils.data.Dataset):
     ignore_index = IGNORE_INDEX
     class_names = PASCAL_CONTEXT_59_CLASSES
 
-    def __init__(self, root: str | Path, split: str = "val", size: int | tuple[int, int] = 520, label_size: str = "original"):
+    def __init__(
+        self, root: str | Path, split: str = "val", size: int | tuple[int, int] = 520, label_size: str = "original"
+    ):
         if label_size not in ("original", "input"):
             raise ValueError(f"label_size must be 'original' or 'input', got {label_size!r}")
         self.root = Path(root)
@@ -224,11 +240,15 @@ class PascalContext59(torch.utils.data.Dataset):
                              f"{self.image_path(idx)} is {h}x{w}")
         image = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
         if (h, w) != self.size:
-            image = F.interpolate(image[None], size=self.size, mode="bilinear", align_corners=False, antialias=True)[0].clamp_(0, 1)
+            image = F.interpolate(image[None], size=self.size, mode="bilinear", align_corners=False, antialias=True)[
+                0
+            ].clamp_(0, 1)
         semantic = torch.from_numpy(reduce_zero_label(raw, self.label_path(idx)))
         if self.label_size == "input" and (h, w) != self.size:
             # nearest on the mapped labels (values 0..58 and 255 fit in uint8): no new values can appear
-            semantic = F.interpolate(semantic[None, None].to(torch.uint8), size=self.size, mode="nearest-exact")[0, 0].long()
+            semantic = F.interpolate(semantic[None, None].to(torch.uint8), size=self.size, mode="nearest-exact")[
+                0, 0
+            ].long()
         return {
             "image": image.contiguous(),
             "image_id": int(idx),
@@ -260,7 +280,11 @@ def make_fixture(root: str | Path, n_train: int = 4, n_val: int = 3, seed: int =
             Image.fromarray(img).save(buf, format="JPEG", quality=90)
             atomic_write_bytes(root / IMAGE_DIR / f"{stem}.jpg", buf.getvalue())
             lab = np.zeros((h, w), np.uint8)
-            values = [59] + [int(v) for v in rng.integers(1, 60, size=4)] if k == 1 else [int(v) for v in rng.integers(0, 60, size=5)]
+            values = (
+                [59] + [int(v) for v in rng.integers(1, 60, size=4)]
+                if k == 1
+                else [int(v) for v in rng.integers(0, 60, size=5)]
+            )
             for v in values:  # large rectangles: every value survives a resize to 520x520
                 y0, x0 = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
                 lab[y0: y0 + h // 3, x0: x0 + w // 3] = v

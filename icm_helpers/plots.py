@@ -25,34 +25,30 @@ import numpy as np
 import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
+
+from .bootstrap import format_ci
+from .methods import METHODS
 
 #: The one look of every figure of the suite (seaborn's theme, applied when this module is imported).
 THEME = {"style": "whitegrid", "context": "paper", "font_scale": 1.1}
 sns.set_theme(**THEME)
 
-__all__ = ["METHOD_STYLES", "BPP_LABELS", "plot_rd", "plot_rd_grid", "plot_loss_curves", "plot_bit_maps", "plot_dose_response",
-           "plot_paired_differences", "plot_bd_matrix"]
+__all__ = [
+    "METHOD_STYLES",
+    "BPP_LABELS",
+    "plot_rd",
+    "plot_rd_grid",
+    "plot_loss_curves",
+    "plot_bit_maps",
+    "plot_dose_response",
+    "plot_paired_differences",
+    "plot_bd_matrix",
+]
 
-#: Legend label and line style of the known methods (others get the next colour / marker).
-METHOD_STYLES: dict[str, dict[str, Any]] = {
-    "start": {"label": "start codec", "color": "black", "marker": "*", "markersize": 11},
-    "baseline": {"label": "baseline (w/o aux)", "color": "tab:blue", "marker": "o"},
-    "aux_enc": {"label": "w/ aux loss", "color": "tab:red", "marker": "s"},
-    "aux_enc_warm": {"label": "w/ aux loss, warm-started branch", "color": "tab:cyan", "marker": "p"},
-    "roi": {"label": "ROI (decoder as is)", "color": "tab:green", "marker": "^"},
-    "roi_rescale": {"label": "ROI (decoder rescales, mask signalled)", "color": "tab:olive", "marker": "v"},
-    "aux_dec": {"label": "aux-dec", "color": "tab:purple", "marker": "D"},
-    "aux_task": {"label": "aux-task", "color": "tab:orange", "marker": "P"},
-    # beyond the paper: adaptive auxiliary weight (icm_helpers/adaptive_alpha.py, notebook 08)
-    "aux_enc_gradsim": {"label": "w/ aux, gradient-similarity alpha", "color": "tab:brown", "marker": "X"},
-    "aux_enc_decay": {"label": "w/ aux, decaying alpha", "color": "tab:pink", "marker": "h"},
-    # conventional anchors (icm_helpers/anchors.py, notebook 04)
-    "jpeg": {"label": "JPEG (Pillow, 4:2:0)", "color": "dimgray", "marker": "x", "linestyle": ":"},
-    "webp": {"label": "WebP (Pillow, 4:2:0)", "color": "darkgray", "marker": "+", "linestyle": ":"},
-    "bpg": {"label": "BPG", "color": "sienna", "marker": "1", "linestyle": ":"},
-    "vtm": {"label": "VTM (intra)", "color": "black", "marker": "2", "linestyle": ":"},
-}
+#: Legend label and line style of the known methods, from the one table of methods (``icm_helpers.methods``).
+METHOD_STYLES: dict[str, dict[str, Any]] = {m.id: m.style() for m in METHODS.values() if m.kind != "reference"}
 #: Axis label of each bpp kind.
 BPP_LABELS = {"bpp_bitstream": "bpp (bitstream)", "bpp_estimated": "bpp (estimated)"}
 
@@ -65,7 +61,9 @@ def _task_records(records: Iterable[Mapping[str, Any]], task: str) -> tuple[list
     for i, rec in enumerate(records):
         missing = [k for k in _REQUIRED_KEYS if k not in rec]
         if missing:
-            raise ValueError(f"record {i} ({dict(rec)}) lacks keys {missing}; every record needs {list(_REQUIRED_KEYS)}")
+            raise ValueError(
+                f"record {i} ({dict(rec)}) lacks keys {missing}; every record needs {list(_REQUIRED_KEYS)}"
+            )
     selected = [r for r in records if r["task"] == task]
     if not selected:
         tasks = sorted({str(r["task"]) for r in records})
@@ -80,7 +78,9 @@ def _method_order(selected: list[Mapping[str, Any]], methods: Sequence[str] | No
     present = list(dict.fromkeys(str(r["method"]) for r in selected))
     clash = [m for m in present if m in _RESERVED_KEYS]
     if clash:
-        raise ValueError(f"method names {clash} clash with the keys {list(_RESERVED_KEYS)} of the plot data; rename them")
+        raise ValueError(
+            f"method names {clash} clash with the keys {list(_RESERVED_KEYS)} of the plot data; rename them"
+        )
     if methods is None:
         return [m for m in METHOD_STYLES if m in present] + [m for m in present if m not in METHOD_STYLES]
     absent = [m for m in methods if m not in present]
@@ -122,8 +122,14 @@ def _draw(ax: Axes, points: dict[str, list], linestyle: str, style: dict[str, An
     (line,) = ax.plot(points["bpp"], points["metric"], linestyle=linestyle, **style)
     for x, y, lam in zip(points["bpp"], points["metric"], points["lambda_"]):
         if lam is not None:
-            ax.annotate(f"λ={lam:g}" if _is_number(lam) else f"λ={lam}", (x, y), xytext=(4, -9), textcoords="offset points",
-                        fontsize=6, color=line.get_color())
+            ax.annotate(
+                f"λ={lam:g}" if _is_number(lam) else f"λ={lam}",
+                (x, y),
+                xytext=(4, -9),
+                textcoords="offset points",
+                fontsize=6,
+                color=line.get_color(),
+            )
 
 
 def plot_rd(
@@ -138,7 +144,8 @@ def plot_rd(
 
     Single-point methods (e.g. ``"start"``) are drawn as a marker only; each point is annotated
     with its ``lambda_`` (when set). Records of several training seeds (``seed``) of one method are drawn as one
-    curve per seed (same colour, ``data`` key ``"<method> (seed <s>)"``). ``methods`` selects and orders the curves (default: the known
+    curve per seed (same colour, ``data`` key ``"<method> (seed <s>)"``). ``methods`` selects and orders the curves
+    (default: the known
     methods of :data:`METHOD_STYLES` first, then the others in order of appearance). Records whose
     ``bpp_key`` or metric is missing / non-finite are left out with a warning.
 
@@ -325,8 +332,6 @@ def plot_bit_maps(
 def plot_samples(dataset, n: int = 4, class_names: Sequence[str] | None = None) -> tuple[Figure, dict[str, Any]]:
     """First ``n`` images of a split with their ground truth: boxes + class names on the image (top row) and the
     semantic label map (bottom row, when the split has one)."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
 
     n = min(n, len(dataset))
     items = [dataset[i] for i in range(n)]
@@ -339,14 +344,24 @@ def plot_samples(dataset, n: int = 4, class_names: Sequence[str] | None = None) 
         boxes, labels = (it["boxes"].tolist(), it["labels"].tolist()) if "boxes" in it else ([], [])
         for (x0, y0, x1, y1), lab in zip(boxes, labels):
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="yellow", lw=1))
-            name = (class_names.get(lab, str(lab)) if isinstance(class_names, Mapping) else class_names[lab - 1]) if class_names else str(lab)
+            name = (
+                (class_names.get(lab, str(lab)) if isinstance(class_names, Mapping) else class_names[lab - 1])
+                if class_names
+                else str(lab)
+            )
             ax.text(x0, y0, name, color="yellow", fontsize=6, va="bottom")
         ax.set_title(f"image {it['image_id']}", fontsize=8)
         data["images"].append({"image_id": it["image_id"], "boxes": boxes, "labels": labels})
         if has_sem:
             sem = it["semantic"].numpy()
             vmax = max(9, int(sem[sem != 255].max(initial=0)))
-            axes[1, j].imshow(np.ma.masked_equal(sem, 255), cmap="tab10" if vmax <= 9 else "tab20", vmin=0, vmax=vmax, interpolation="nearest")
+            axes[1, j].imshow(
+                np.ma.masked_equal(sem, 255),
+                cmap="tab10" if vmax <= 9 else "tab20",
+                vmin=0,
+                vmax=vmax,
+                interpolation="nearest",
+            )
             axes[1, j].set_title("semantic labels", fontsize=8)
     for ax in axes.ravel():
         ax.set_axis_off()
@@ -370,7 +385,9 @@ def plot_roi_fractions(summary: Sequence[Mapping[str, Any]], title: str | None =
     if not summary:
         raise ValueError("plot_roi_fractions needs at least one summary entry")
     has_pairs = any(s.get("delta_inside") for s in summary)
-    fig, axes = plt.subplots(1, 1 + has_pairs, figsize=(5.5 * (1 + has_pairs), 3.8), layout="constrained", squeeze=False)
+    fig, axes = plt.subplots(
+        1, 1 + has_pairs, figsize=(5.5 * (1 + has_pairs), 3.8), layout="constrained", squeeze=False
+    )
     ax = axes[0, 0]
     data: dict[str, Any] = {"title": title, "groups": {}, "constant": {}, "mask_area": None, "paired": {}}
     groups: dict[str, list[Mapping[str, Any]]] = {}
@@ -407,8 +424,15 @@ def plot_roi_fractions(summary: Sequence[Mapping[str, Any]], title: str | None =
             d = [e["delta_inside"] for e in entries]
             mean = np.array([x["mean"] for x in d], dtype=float)
             lo, hi = np.array([x["ci_low"] for x in d], dtype=float), np.array([x["ci_high"] for x in d], dtype=float)
-            pax.errorbar(lam, mean, yerr=np.vstack([np.nan_to_num(mean - lo), np.nan_to_num(hi - mean)]), marker="o", capsize=3,
-                         color=colors.get(name), label=f"{name} − {entries[0].get('paired_with', '').split(' λ=')[0]}")
+            pax.errorbar(
+                lam,
+                mean,
+                yerr=np.vstack([np.nan_to_num(mean - lo), np.nan_to_num(hi - mean)]),
+                marker="o",
+                capsize=3,
+                color=colors.get(name),
+                label=f"{name} − {entries[0].get('paired_with', '').split(' λ=')[0]}",
+            )
             data["paired"][name] = {"lambda": lam, "mean": mean.tolist(), "ci_low": lo.tolist(), "ci_high": hi.tolist(),
                                     "n": [x["n"] for x in d], "paired_with": [e.get("paired_with") for e in entries]}
         pax.axhline(0.0, color="black", lw=0.8)
@@ -442,12 +466,12 @@ def plot_bd_rate_ci(rows: Sequence[Mapping[str, Any]], bpp_keys: Sequence[str] =
                     title: str | None = None) -> tuple[Figure, dict[str, Any]]:
     """BD-rate point estimates with their bootstrap CIs (``Experiment.bd_rate_table`` rows): one panel per bpp kind,
     one horizontal bar per (task, method); a dashed line at 0 (left of it = fewer bits than the anchor)."""
-    import matplotlib.pyplot as plt
 
     rows = list(rows)
     labels = [f"{r['task']}: {_bd_row_label(r, rows)} vs {r['anchor']}" for r in rows]
-    fig, axes = plt.subplots(1, len(bpp_keys), figsize=(5.2 * len(bpp_keys), 0.55 * max(2, len(rows)) + 1.2), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(
+        1, len(bpp_keys), figsize=(5.2 * len(bpp_keys), 0.55 * max(2, len(rows)) + 1.2), squeeze=False, sharey=True
+    )
     data: dict[str, Any] = {"labels": labels, "panels": {}}
     for ax, key in zip(axes[0], bpp_keys):
         pts = []
@@ -458,10 +482,22 @@ def plot_bd_rate_ci(rows: Sequence[Mapping[str, Any]], bpp_keys: Sequence[str] =
                 pts.append(None)
                 continue
             color = METHOD_STYLES.get(r["method"], {}).get("color", "k")
-            ax.errorbar(e["bd_rate"], y, xerr=[[e["bd_rate"] - e["ci_low"]], [e["ci_high"] - e["bd_rate"]]], fmt="o", color=color,
-                        capsize=4)
-            ax.annotate(f"{e['bd_rate']:.1f} [{e['ci_low']:.1f}, {e['ci_high']:.1f}]", (e["bd_rate"], y), textcoords="offset points",
-                        xytext=(0, 7), ha="center", fontsize=7)
+            ax.errorbar(
+                e["bd_rate"],
+                y,
+                xerr=[[e["bd_rate"] - e["ci_low"]], [e["ci_high"] - e["bd_rate"]]],
+                fmt="o",
+                color=color,
+                capsize=4,
+            )
+            ax.annotate(
+                f"{e['bd_rate']:.1f} [{e['ci_low']:.1f}, {e['ci_high']:.1f}]",
+                (e["bd_rate"], y),
+                textcoords="offset points",
+                xytext=(0, 7),
+                ha="center",
+                fontsize=7,
+            )
             pts.append(e)
         ax.axvline(0, color="gray", ls="--", lw=1)
         conf = next((e["confidence"] for e in pts if e), 0.95)
@@ -480,7 +516,6 @@ def plot_bd_rate_ci(rows: Sequence[Mapping[str, Any]], bpp_keys: Sequence[str] =
 def annotate_bd_rates(fig: Figure, rows: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
     """Write the BD-rates with their CIs (``Experiment.bd_rate_table`` rows) into the matching panels of a
     :func:`plot_rd_grid` figure (panel titles "<task> — bpp (<kind>)"). Returns the texts per panel title."""
-    from .bootstrap import format_ci
 
     kinds = {"bpp (estimated)": "bpp_estimated", "bpp (bitstream)": "bpp_bitstream"}
     written: dict[str, list[str]] = {}
@@ -488,7 +523,11 @@ def annotate_bd_rates(fig: Figure, rows: Sequence[Mapping[str, Any]]) -> dict[st
         title = ax.get_title()
         task, _, kind = title.partition(" — ")
         key = kinds.get(kind)
-        lines = [f"{_bd_row_label(r, rows)}: {format_ci(r[key]).split(' (')[0]}" for r in rows if key and r["task"] == task and key in r]
+        lines = [
+            f"{_bd_row_label(r, rows)}: {format_ci(r[key]).split(' (')[0]}"
+            for r in rows
+            if key and r["task"] == task and key in r
+        ]
         if lines:
             text = "BD-rate % vs " + rows[0]["anchor"] + " [95% CI]\n" + "\n".join(lines)
             ax.text(0.99, 0.98, text, transform=ax.transAxes, ha="right", va="top", fontsize=7,
@@ -542,7 +581,9 @@ def paired_differences(test: Sequence[Mapping[str, Any]], anchor: Sequence[Mappi
             continue
         for a, b in zip(rec["per_image"], ref["per_image"]):
             if a["image_id"] != b["image_id"]:
-                raise ValueError(f"lambda {rec['lambda_']}: the two records list other test images; evaluate both on one split")
+                raise ValueError(
+                    f"lambda {rec['lambda_']}: the two records list other test images; evaluate both on one split"
+                )
             row = {"lambda_": rec["lambda_"], "image_id": a["image_id"]}
             for key in ("bpp_bitstream", "bpp_estimated", "psnr"):
                 if a.get(key) is not None and b.get(key) is not None:
@@ -559,8 +600,11 @@ def _image_iou(per_image: Mapping[str, Any]) -> float:
     return float((inter[present] / union[present]).mean()) if present.any() else float("nan")
 
 
-def plot_paired_differences(rows: Sequence[Mapping[str, Any]], title: str | None = None,
-                            keys: Sequence[str] = ("d_bpp_bitstream", "d_psnr", "d_iou")) -> tuple[Figure, dict[str, Any]]:
+def plot_paired_differences(
+    rows: Sequence[Mapping[str, Any]],
+    title: str | None = None,
+    keys: Sequence[str] = ("d_bpp_bitstream", "d_psnr", "d_iou"),
+) -> tuple[Figure, dict[str, Any]]:
     """Distribution over test images of the paired per-image differences (``paired_differences``), one panel per
     quantity, one box + points per lambda; a line at 0 (above = the test method has more of it)."""
     keys = [k for k in keys if any(k in r for r in rows)]
@@ -605,6 +649,10 @@ def plot_bd_matrix(cells: Mapping[str, Mapping[str, Mapping[str, Any]]], title: 
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    return fig, {"rows": rows, "columns": cols, "bd_rate": [[None if np.isnan(v) else float(v) for v in row] for row in values],
-                 "cells": {r: dict(cells[r]) for r in rows}}
+    return fig, {
+        "rows": rows,
+        "columns": cols,
+        "bd_rate": [[None if np.isnan(v) else float(v) for v in row] for row in values],
+        "cells": {r: dict(cells[r]) for r in rows},
+    }
 

@@ -15,6 +15,9 @@ import os
 import sys
 from typing import Any, Iterable
 
+from tqdm import tqdm as tqdm_plain
+from tqdm.auto import tqdm as tqdm_auto
+
 MODES = ("auto", "log", "off")
 LOG_INTERVAL_S = 30.0
 
@@ -47,15 +50,23 @@ class _Silent:
 
 def progress(iterable: Iterable | None = None, total: int | None = None, desc: str = "", unit: str = "it",
              initial: int = 0):
-    """A progress bar over ``iterable`` (or a manual one: ``update(n)``, ``close()``), in the form ``ICM_PROGRESS`` asks."""
+    """A progress bar over ``iterable`` (or a manual one: ``update(n)``, ``close()``), in the form ``ICM_PROGRESS``
+    asks."""
     mode = progress_mode()
     if mode == "off":
         return _Silent(iterable)
     if mode == "log":
-        from tqdm import tqdm
+        return tqdm_plain(
+            iterable,
+            total=total,
+            desc=desc,
+            unit=unit,
+            initial=initial,
+            file=sys.stdout,
+            ascii=True,
+            ncols=100,
+            mininterval=LOG_INTERVAL_S,
+            maxinterval=2 * LOG_INTERVAL_S,
+        )
 
-        return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, file=sys.stdout, ascii=True, ncols=100,
-                    mininterval=LOG_INTERVAL_S, maxinterval=2 * LOG_INTERVAL_S)
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, mininterval=1.0)
+    return tqdm_auto(iterable, total=total, desc=desc, unit=unit, initial=initial, mininterval=1.0)

@@ -139,7 +139,7 @@ def cpu_name() -> str:
 
 @functools.lru_cache(maxsize=None)
 def _cuda_name(index: int) -> str:
-    import torch
+    import torch  # lazy: the provenance of a run without torch is still written
 
     return torch.cuda.get_device_name(index)
 
@@ -154,7 +154,7 @@ def device_info(device: Any = "cpu") -> dict[str, Any]:
         info["name"] = cpu_name()
     elif dtype == "cuda":
         try:
-            import torch
+            import torch  # lazy: the provenance of a run without torch is still written
 
             index = info["index"] if info["index"] is not None else torch.cuda.current_device()
             info["index"] = index
@@ -167,7 +167,7 @@ def device_info(device: Any = "cpu") -> dict[str, Any]:
 def torch_threads() -> int | None:
     """``torch.get_num_threads()`` now (intra-op threads), None without torch."""
     try:
-        import torch
+        import torch  # lazy: the provenance of a run without torch is still written
     except ImportError:
         return None
     return int(torch.get_num_threads())
@@ -225,7 +225,7 @@ def result_provenance(profile: dict[str, Any] | None = None, *, profile_name: st
     if seconds is None and t0 is not None and t1 is not None:
         seconds = t1 - t0
     try:
-        import torch
+        import torch  # lazy: the provenance of a run without torch is still written
 
         torch_cuda = torch.version.cuda
     except ImportError:

@@ -29,19 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backends import build_backend
+from .codec import load_state
+from .io import atomic_torch_save
 from .layers import DeepLabV3PlusHead, FasterRCNNHeads, StagedBackbone, batchnorm_eval, build_stages, conv_bn_relu
+from .registry import RECOGNIZERS, check_task
 
-TASKS = ("detection", "segmentation")
+_IDENTITY = ("task", "backend", "num_classes")  # the config keys that are not settings of the model itself
+
 BACKENDS = {"detection": ("suite", "torchvision", "detectron2"), "segmentation": ("suite", "deeplabv3plus", "mmseg")}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255  # label-map value of padded / unlabelled pixels (MMSeg's convention); never a class
-
-
-def check_task(task: str) -> str:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
-    return task
 
 
 @runtime_checkable
@@ -78,7 +77,9 @@ class SuiteDetector(nn.Module):
         super().__init__()
         chans = [width, 2 * width, 4 * width, 8 * width]
         self.normalize = Normalize()
-        self.backbone = StagedBackbone(resnet_stem(width), build_stages("basic", width, chans, depths, (1, 2, 2, 2)), chans)
+        self.backbone = StagedBackbone(
+            resnet_stem(width), build_stages("basic", width, chans, depths, (1, 2, 2, 2)), chans
+        )
         self.heads = FasterRCNNHeads(chans, num_classes, fpn_channels, representation, anchor_sizes, tuple(rpn_pre_nms),
                                      tuple(rpn_post_nms), box_batch_per_image, detections_per_img=detections_per_img)
 
@@ -96,7 +97,9 @@ class SuiteSegmenter(nn.Module):
         super().__init__()
         chans = [width, 2 * width, 4 * width, 8 * width]
         self.normalize = Normalize()
-        self.backbone = StagedBackbone(resnet_stem(width), build_stages("basic", width, chans, depths, (1, 2, 1, 1), (1, 1, 2, 4)), chans)
+        self.backbone = StagedBackbone(
+            resnet_stem(width), build_stages("basic", width, chans, depths, (1, 2, 1, 1), (1, 1, 2, 4)), chans
+        )
         self.head = DeepLabV3PlusHead(chans[-1], chans[0], num_classes, head_channels, low_channels, aspp_dilations)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -153,6 +156,7 @@ class _FrozenRecognizer(nn.Module):
                 h.remove()
 
 
+@RECOGNIZERS.register("detection")
 class DetectionRecognizer(_FrozenRecognizer):
     task = "detection"
     metric_name = "mAP"
@@ -160,6 +164,16 @@ class DetectionRecognizer(_FrozenRecognizer):
     def __init__(self, model: SuiteDetector, config: dict[str, Any], score_threshold: float = 0.5):
         super().__init__(model, config)
         self.score_threshold = float(score_threshold)
+
+    @classmethod
+    def build(
+        cls, model: nn.Module | None, full: dict[str, Any], score_threshold: float = 0.5
+    ) -> "DetectionRecognizer":
+        """``model``: a paper backend's model, or None for the suite's own detector; ``full``: task, backend,
+        num_classes and the model settings (the recognizer's config, saved with it)."""
+        if model is None:
+            model = SuiteDetector(full["num_classes"], **{k: v for k, v in full.items() if k not in _IDENTITY})
+        return cls(model, full, score_threshold)
 
     def predict(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         was = self.model.training
@@ -198,7 +212,9 @@ class DetectionRecognizer(_FrozenRecognizer):
         return sum(losses.values())
 
     @staticmethod
-    def pad_labels(labels: list[dict[str, torch.Tensor]], pad: tuple[int, int, int, int]) -> list[dict[str, torch.Tensor]]:
+    def pad_labels(
+        labels: list[dict[str, torch.Tensor]], pad: tuple[int, int, int, int]
+    ) -> list[dict[str, torch.Tensor]]:
         """Labels of the original image in the frame of the image padded by ``codec.pad_to_multiple`` (``pad`` =
         left, right, top, bottom): boxes shifted by (left, top). For branches that read the padded image's latent."""
         left, _, top, _ = pad
@@ -212,14 +228,24 @@ class DetectionRecognizer(_FrozenRecognizer):
 
     def supervised_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Ground-truth training loss (used only to train the suite's own detector in notebook 01)."""
-        targets = [{"boxes": b, "labels": l} for b, l in zip(batch["boxes"], batch["labels"])]
+        targets = [{"boxes": b, "labels": c} for b, c in zip(batch["boxes"], batch["labels"])]
         _, losses = self.model(batch["image"], targets)
         return sum(losses.values())
 
 
+@RECOGNIZERS.register("segmentation")
 class SegmentationRecognizer(_FrozenRecognizer):
     task = "segmentation"
     metric_name = "mIoU"
+
+    @classmethod
+    def build(
+        cls, model: nn.Module | None, full: dict[str, Any], score_threshold: float | None = None
+    ) -> "SegmentationRecognizer":
+        """``model``: a paper backend's model, or None for the suite's own segmenter (classes + background)."""
+        if model is None:
+            model = SuiteSegmenter(full["num_classes"] + 1, **{k: v for k, v in full.items() if k not in _IDENTITY})
+        return cls(model, full)
 
     @property
     def num_outputs(self) -> int:
@@ -254,21 +280,11 @@ def build_recognizer(task: str, backend: str = "suite", num_classes: int = 3, **
     config = dict(config)
     score_threshold = config.pop("score_threshold", 0.5)
     full = {"task": task, "backend": backend, "num_classes": num_classes, **config}
-    if backend != "suite":  # pretrained models of the paper profile (icm_helpers.backends)
-        from .backends import build_backend
-
-        model = build_backend(task, backend, **config)
-        if task == "detection":
-            return DetectionRecognizer(model, full, score_threshold)
-        return SegmentationRecognizer(model, full)
-    if task == "detection":
-        return DetectionRecognizer(SuiteDetector(num_classes, **config), full, score_threshold)
-    return SegmentationRecognizer(SuiteSegmenter(num_classes + 1, **config), full)
+    model = None if backend == "suite" else build_backend(task, backend, **config)  # the paper profile's models
+    return RECOGNIZERS[task].build(model, full, score_threshold)
 
 
 def save_recognizer(path: str | Path, recognizer: _FrozenRecognizer, extra: dict[str, Any] | None = None) -> Path:
-    from .io import atomic_torch_save
-
     meta = {"kind": "recognizer", **recognizer.config}
     if isinstance(recognizer, DetectionRecognizer):
         meta["score_threshold"] = recognizer.score_threshold
@@ -276,8 +292,6 @@ def save_recognizer(path: str | Path, recognizer: _FrozenRecognizer, extra: dict
 
 
 def load_recognizer(path: str | Path, expect_task: str | None = None, freeze: bool = True) -> _FrozenRecognizer:
-    from .codec import load_state
-
     ckpt = load_state(path)
     meta = dict(ckpt.get("meta", {})) if isinstance(ckpt, dict) else {}
     if meta.pop("kind", None) != "recognizer":

@@ -38,8 +38,10 @@ def check_roi(qf: float, decoder: str = "as_is") -> None:
     if not (isinstance(qf, (int, float)) and not isinstance(qf, bool) and 1.0 <= qf < float("inf")):
         raise ValueError(f"QF must be a finite number >= 1 (paper: 1.4), got {qf!r}")
     if decoder not in ROI_DECODERS:
-        raise ValueError(f"unknown ROI decoder {decoder!r}; valid: 'as_is' (mask not signalled), 'rescale' (mask signalled, "
-                         f"latents outside the ROI multiplied by QF at the decoder)")
+        raise ValueError(
+            f"unknown ROI decoder {decoder!r}; valid: 'as_is' (mask not signalled), 'rescale' (mask signalled, "
+            f"latents outside the ROI multiplied by QF at the decoder)"
+        )
 
 
 def latent_roi_mask(roi: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
@@ -83,7 +85,9 @@ class _LatentScale(nn.Module):
 
 
 @contextlib.contextmanager
-def roi_latent_scaling(codec: nn.Module, roi: torch.Tensor, qf: float = 1.4, decoder: str = "as_is") -> Iterator[dict[str, Any]]:
+def roi_latent_scaling(
+    codec: nn.Module, roi: torch.Tensor, qf: float = 1.4, decoder: str = "as_is"
+) -> Iterator[dict[str, Any]]:
     """Within the block, the codec's analysis transform divides latents outside ``roi`` by ``qf`` (and, with
     ``decoder="rescale"``, its synthesis transform multiplies them back).
 

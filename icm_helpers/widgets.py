@@ -32,10 +32,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .bitmaps import BitMaps, compute_bit_maps, roi_split
+from .codec import load_codec
+from .methods import METHODS, short_name
 
 __all__ = ["RunRef", "BitMapExplorer", "BitMapComparer"]
 
-START_LABEL = "start codec"
+START = "start"  # the start codec's method id
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,6 @@ class BitMapExplorer:
 
     def __init__(self, ex, tasks: list[str] | None = None, alpha: float | None = None, max_images: int | None = 50,
                  codec_loader: Callable[[Path], Any] | None = None):
-        from .codec import load_codec
-
         self.ex = ex
         self.tasks = ex.tasks("all") if tasks is None else list(tasks)
         self.alpha = alpha
@@ -77,29 +77,33 @@ class BitMapExplorer:
         """The profile's lambdas (and the ablation lambda) for which at least one ICM run of ``task`` exists
         (all of them when none exists: then only the start codec is offered)."""
         tc = self.ex.task_cfg(task)
-        lams = sorted({float(v) for v in tc["lambdas"]} | ({float(tc["ablation_lambda"])} if tc.get("ablation_lambda") is not None else set()))
-        trained = [lam for lam in lams if any(label != START_LABEL for label in self.runs(task, lam))]
+        lams = sorted(
+            {float(v) for v in tc["lambdas"]}
+            | ({float(tc["ablation_lambda"])} if tc.get("ablation_lambda") is not None else set())
+        )
+        trained = [lam for lam in lams if any(run != START for run in self.runs(task, lam))]
         return trained or lams
 
     def _has_start(self) -> bool:
         return (self.ex.models_dir / "codec_start.pt").is_file()
 
     def runs(self, task: str, lambda_: float) -> dict[str, RunRef]:
-        """Label -> run for the finished codecs of ``task`` at ``lambda_``: start codec, w/o aux, aux-enc (cold and
-        warm-started branch), aux-dec, aux-task and ROI (the w/o-aux codec with the ROI latent scaling, when the profile sets a QF)."""
+        """Method id -> run for the finished codecs of ``task`` at ``lambda_`` (``icm_helpers.methods``): the start
+        codec, every ICM run of the table (w/o aux, aux-enc cold / warm, aux-dec, aux-task, adaptive alpha) and ROI
+        (the w/o-aux codec with the ROI latent scaling, when the profile sets a QF)."""
         runs: dict[str, RunRef] = {}
         if self._has_start():
-            runs[START_LABEL] = RunRef(START_LABEL, self.ex.models_dir / "codec_start.pt")
-        for pos, label in self.ex.POSITION_LABELS.items():
-            for init in ("cold", "warm") if pos == "enc" else ("cold",):
-                path = self.ex.run_path(self.ex.spec(task, lambda_, pos, self.alpha, aux_init=init)) / "codec.pt"
-                name = label if init == "cold" else f"{label} (warm)"
-                if path.is_file():
-                    runs[name] = RunRef(name, path)
+            runs[START] = RunRef(short_name(START), self.ex.models_dir / "codec_start.pt")
+        for m in METHODS.values():
+            if m.kind != "icm":
+                continue
+            spec = self.ex.spec(task, lambda_, m.aux_position, self.alpha, m.alpha_mode, m.aux_init)
+            path = self.ex.run_path(spec) / "codec.pt"
+            if path.is_file():
+                runs[m.id] = RunRef(m.short, path)
         qf = self.ex.task_cfg(task).get("roi_qf")
-        if qf and "w/o aux" in runs:
-            label = f"ROI (QF {float(qf):g})"
-            runs[label] = RunRef(label, runs["w/o aux"].path, float(qf))
+        if qf and "baseline" in runs:
+            runs["roi"] = RunRef(f"ROI (QF {float(qf):g})", runs["baseline"].path, float(qf))
         return runs
 
     def dataset(self, task: str):
@@ -139,7 +143,9 @@ class BitMapExplorer:
             self.codec_passes += 1
         return self._maps[key]
 
-    def view(self, task: str, lambda_: float, image: int, run_a: str, run_b: str, include_hyper: bool = False) -> dict[str, Any]:
+    def view(
+        self, task: str, lambda_: float, image: int, run_a: str, run_b: str, include_hyper: bool = False
+    ) -> dict[str, Any]:
         """The numbers of one view: image, both maps, B - A, per-run bpp and inside-mask shares, colour limits."""
         runs = self.runs(task, lambda_)
         missing = [r for r in (run_a, run_b) if r not in runs]
@@ -153,14 +159,31 @@ class BitMapExplorer:
         lim = float(np.abs(diff).max()) or 1.0
         roi = item.get("roi")
         panels = []
-        for name, b, m in zip((run_a, run_b), bms, maps):
+        for name, b, m in zip((runs[run_a].label, runs[run_b].label), bms, maps):
             split = roi_split(m, np.asarray(roi)) if roi is not None and np.asarray(roi).any() else None
-            panels.append({"run": name, "bpp": b.bpp(include_hyper), "bpp_total": b.bpp(True), "inside": split["inside"] if split else None,
-                           "mask_area": split["area"] if split else None})
-        return {"task": task, "lambda_": float(lambda_), "image": int(image), "image_id": item.get("image_id"),
-                "include_hyper": bool(include_hyper), "image_array": item["image"].permute(1, 2, 0).cpu().numpy().clip(0, 1),
-                "maps": maps, "diff": diff, "clim": [0.0, vmax if vmax > 0 else 1.0], "diff_clim": [-lim, lim], "panels": panels,
-                "diff_mean_bpp": float(diff.mean())}
+            panels.append(
+                {
+                    "run": name,
+                    "bpp": b.bpp(include_hyper),
+                    "bpp_total": b.bpp(True),
+                    "inside": split["inside"] if split else None,
+                    "mask_area": split["area"] if split else None,
+                }
+            )
+        return {
+            "task": task,
+            "lambda_": float(lambda_),
+            "image": int(image),
+            "image_id": item.get("image_id"),
+            "include_hyper": bool(include_hyper),
+            "image_array": item["image"].permute(1, 2, 0).cpu().numpy().clip(0, 1),
+            "maps": maps,
+            "diff": diff,
+            "clim": [0.0, vmax if vmax > 0 else 1.0],
+            "diff_clim": [-lim, lim],
+            "panels": panels,
+            "diff_mean_bpp": float(diff.mean()),
+        }
 
     # ------------------------------------------------------------------ drawing
     @staticmethod
@@ -172,7 +195,14 @@ class BitMapExplorer:
         img = view["image_array"]
         for ax, m, p in zip(axes[:2], view["maps"], view["panels"]):
             ax.imshow(img, interpolation="nearest")
-            im = ax.imshow(m, cmap="viridis", vmin=view["clim"][0], vmax=view["clim"][1], alpha=float(opacity), interpolation="nearest")
+            im = ax.imshow(
+                m,
+                cmap="viridis",
+                vmin=view["clim"][0],
+                vmax=view["clim"][1],
+                alpha=float(opacity),
+                interpolation="nearest",
+            )
             ax.set_title(f"{p['run']}: {p['bpp']:.4f} bpp", fontsize=10)
         fig.colorbar(im, ax=list(axes[:2]), label="bits/pixel", shrink=0.85)
         axes[2].imshow(img.mean(axis=2), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -205,25 +235,40 @@ def info_html(info: dict[str, Any]) -> str:
     """The numbers under the picture: per-run bpp and share of bits inside the object masks."""
     td = "style='padding:2px 12px;text-align:right'"
     rows = "".join(
-        f"<tr><td style='padding:2px 12px'>{'AB'[i]}: {html.escape(p['run'])}</td><td class='icm-bpp' {td}>{p['bpp']:.4f}</td>"
+        f"<tr><td style='padding:2px 12px'>{'AB'[i]}: {html.escape(p['run'])}</td>"
+        f"<td class='icm-bpp' {td}>{p['bpp']:.4f}</td>"
         f"<td {td}>{p['bpp_total']:.4f}</td><td {td}>{_fmt(p['inside'])}</td><td {td}>{_fmt(p['mask_area'])}</td></tr>"
-        for i, p in enumerate(info["panels"]))
+        for i, p in enumerate(info["panels"])
+    )
     part = "y + z" if info["include_hyper"] else "y"
     th = "style='padding:2px 12px'"
-    return (f"<table class='icm-bitmap-table' style='border-collapse:collapse'><tr><th {th}>run</th><th {th}>bpp ({part}, shown)</th>"
-            f"<th {th}>bpp (y + z)</th><th {th}>share of bits inside objects</th><th {th}>object area</th></tr>{rows}</table>"
-            f"<div>image {info['image_id']}: B − A = {info['diff_mean_bpp']:+.4f} bpp</div>")
+    return (
+        f"<table class='icm-bitmap-table' style='border-collapse:collapse'><tr><th {th}>run</th>"
+        f"<th {th}>bpp ({part}, shown)</th><th {th}>bpp (y + z)</th><th {th}>share of bits inside objects</th>"
+        f"<th {th}>object area</th></tr>{rows}</table>"
+        f"<div>image {info['image_id']}: B − A = {info['diff_mean_bpp']:+.4f} bpp</div>"
+    )
 
 
 class BitMapComparer:
     """The widget (see module doc). ``widget`` is the box to display; ``update(**state)`` changes controls.
 
-    State keys: ``task``, ``lambda_``, ``image`` (index in the test split), ``run_a``, ``run_b`` (labels from
-    :meth:`BitMapExplorer.runs`), ``opacity`` (0..1, the map over the image), ``include_hyper``."""
+    State keys: ``task``, ``lambda_``, ``image`` (index in the test split), ``run_a``, ``run_b`` (method ids from
+    :meth:`BitMapExplorer.runs`, e.g. "baseline", "aux_enc"), ``opacity`` (0..1, the map over the image),
+    ``include_hyper``."""
 
-    def __init__(self, explorer: BitMapExplorer, task: str | None = None, lambda_: float | None = None, image: int = 0,
-                 run_a: str | None = "w/o aux", run_b: str | None = "aux-enc", opacity: float = 0.7, include_hyper: bool = False):
-        import ipywidgets as W
+    def __init__(
+        self,
+        explorer: BitMapExplorer,
+        task: str | None = None,
+        lambda_: float | None = None,
+        image: int = 0,
+        run_a: str | None = "baseline",
+        run_b: str | None = "aux_enc",
+        opacity: float = 0.7,
+        include_hyper: bool = False,
+    ):
+        import ipywidgets as W  # optional dependency: the notebooks extra (pip install -e '.[notebooks]')
 
         self.explorer = explorer
         self.renders = 0
@@ -236,15 +281,25 @@ class BitMapComparer:
         self.image_w = W.Dropdown(description="image", style=style)
         self.run_a_w = W.Dropdown(description="run A", style=style)
         self.run_b_w = W.Dropdown(description="run B", style=style)
-        self.opacity_w = W.FloatSlider(value=float(opacity), min=0.0, max=1.0, step=0.05, description="opacity", style=style)
+        self.opacity_w = W.FloatSlider(
+            value=float(opacity), min=0.0, max=1.0, step=0.05, description="opacity", style=style
+        )
         self.hyper_w = W.Checkbox(value=bool(include_hyper), description="include hyper-latent z", indent=False)
         self.picture = W.Image(format="png")
         self.info = W.HTML()
         self.status = W.HTML()
-        for w, cls in ((self.task_w, "icm-bitmap-task"), (self.lambda_w, "icm-bitmap-lambda"), (self.image_w, "icm-bitmap-image"),
-                       (self.run_a_w, "icm-bitmap-run-a"), (self.run_b_w, "icm-bitmap-run-b"), (self.opacity_w, "icm-bitmap-opacity"),
-                       (self.hyper_w, "icm-bitmap-hyper"), (self.picture, "icm-bitmap-png"), (self.info, "icm-bitmap-info"),
-                       (self.status, "icm-bitmap-status")):
+        for w, cls in (
+            (self.task_w, "icm-bitmap-task"),
+            (self.lambda_w, "icm-bitmap-lambda"),
+            (self.image_w, "icm-bitmap-image"),
+            (self.run_a_w, "icm-bitmap-run-a"),
+            (self.run_b_w, "icm-bitmap-run-b"),
+            (self.opacity_w, "icm-bitmap-opacity"),
+            (self.hyper_w, "icm-bitmap-hyper"),
+            (self.picture, "icm-bitmap-png"),
+            (self.info, "icm-bitmap-info"),
+            (self.status, "icm-bitmap-status"),
+        ):
             w.add_class(cls)
         self.widget = W.VBox([W.HBox([self.task_w, self.lambda_w, self.image_w]), W.HBox([self.run_a_w, self.run_b_w]),
                               W.HBox([self.opacity_w, self.hyper_w]), self.picture, self.info, self.status])
@@ -259,12 +314,13 @@ class BitMapComparer:
         self.redraw()
 
     @classmethod
-    def from_experiment(cls, ex, tasks: list[str] | None = None, alpha: float | None = None, max_images: int | None = 50,
-                        **state) -> "BitMapComparer":
+    def from_experiment(
+        cls, ex, tasks: list[str] | None = None, alpha: float | None = None, max_images: int | None = 50, **state
+    ) -> "BitMapComparer":
         return cls(BitMapExplorer(ex, tasks, alpha=alpha, max_images=max_images), **state)
 
     def _ipython_display_(self):  # pragma: no cover - notebook display
-        from IPython.display import display
+        from IPython.display import display  # optional dependency: the notebooks extra (pip install -e '.[notebooks]')
 
         display(self.widget)
 
@@ -278,8 +334,15 @@ class BitMapComparer:
             self._quiet = quiet
 
     def state(self) -> dict[str, Any]:
-        return {"task": self.task_w.value, "lambda_": self.lambda_w.value, "image": self.image_w.value, "run_a": self.run_a_w.value,
-                "run_b": self.run_b_w.value, "opacity": self.opacity_w.value, "include_hyper": self.hyper_w.value}
+        return {
+            "task": self.task_w.value,
+            "lambda_": self.lambda_w.value,
+            "image": self.image_w.value,
+            "run_a": self.run_a_w.value,
+            "run_b": self.run_b_w.value,
+            "opacity": self.opacity_w.value,
+            "include_hyper": self.hyper_w.value,
+        }
 
     def _sync_task(self, lambda_=None, image=None, run_a=None, run_b=None) -> None:
         ex = self.explorer
@@ -298,15 +361,19 @@ class BitMapComparer:
         self._sync_runs(run_a, run_b)
 
     def _sync_runs(self, run_a=None, run_b=None) -> None:
-        labels = list(self.explorer.runs(self.task_w.value, self.lambda_w.value))
-        if not labels:
-            raise ValueError(f"no finished codec for {self.task_w.value} at lambda={self.lambda_w.value:g} in {self.explorer.ex.run_dir}")
+        runs = self.explorer.runs(self.task_w.value, self.lambda_w.value)
+        if not runs:
+            raise ValueError(
+                f"no finished codec for {self.task_w.value} at lambda={self.lambda_w.value:g} "
+                f"in {self.explorer.ex.run_dir}"
+            )
+        ids = list(runs)
         a = run_a if run_a is not None else self.run_a_w.value
         b = run_b if run_b is not None else self.run_b_w.value
-        self.run_a_w.options = labels
-        self.run_b_w.options = labels
-        self.run_a_w.value = a if a in labels else labels[0]
-        self.run_b_w.value = b if b in labels else labels[-1]
+        self.run_a_w.options = [(r.label, i) for i, r in runs.items()]  # shown: the short name; value: the method id
+        self.run_b_w.options = [(r.label, i) for i, r in runs.items()]
+        self.run_a_w.value = a if a in ids else ids[0]
+        self.run_b_w.value = b if b in ids else ids[-1]
 
     def update(self, **state) -> bytes:
         """Set any of the state keys (task first, then lambda, then the rest), redraw once, return the PNG."""
@@ -320,8 +387,13 @@ class BitMapComparer:
             elif "lambda_" in state:
                 self.lambda_w.value = float(state["lambda_"])
                 self._sync_runs(state.get("run_a"), state.get("run_b"))
-            for key, w in (("image", self.image_w), ("run_a", self.run_a_w), ("run_b", self.run_b_w), ("opacity", self.opacity_w),
-                           ("include_hyper", self.hyper_w)):
+            for key, w in (
+                ("image", self.image_w),
+                ("run_a", self.run_a_w),
+                ("run_b", self.run_b_w),
+                ("opacity", self.opacity_w),
+                ("include_hyper", self.hyper_w),
+            ):
                 if key in state:
                     w.value = state[key]
         self.redraw()

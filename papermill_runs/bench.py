@@ -27,8 +27,6 @@ Prints a table; writes ``--out`` atomically. CPU smoke size: ``--device cpu --N 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import platform
 import sys
 import tempfile
@@ -41,10 +39,10 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-SUITE_DET = dict(width=8, anchor_sizes=(16, 32, 64, 128, 256), fpn_channels=16, representation=32, box_batch_per_image=32,
-                 rpn_post_nms=(50, 50), score_threshold=0.0)
-SUITE_AUX = dict(width=0.125, anchor_sizes=(16, 32, 64, 128, 256), fpn_channels=16, representation=32, box_batch_per_image=32,
-                 rpn_post_nms=(50, 50))
+SUITE_DET = dict(width=8, anchor_sizes=(16, 32, 64, 128, 256), fpn_channels=16, representation=32,
+                 box_batch_per_image=32, rpn_post_nms=(50, 50), score_threshold=0.0)
+SUITE_AUX = dict(width=0.125, anchor_sizes=(16, 32, 64, 128, 256), fpn_channels=16, representation=32,
+                 box_batch_per_image=32, rpn_post_nms=(50, 50))
 
 
 class RandomImages(torch.utils.data.Dataset):
@@ -68,17 +66,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=200, help="timed training steps per mode")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps before (cudnn autotuning, compile, workers)")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="untimed steps before (cudnn autotuning, compile, workers)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--image-size", type=int, default=None, help="size of the random images (default: crop + 64)")
     p.add_argument("--N", type=int, default=192, help="codec channels (paper: 192)")
     p.add_argument("--recognizer", choices=("torchvision", "suite"), default="torchvision")
-    p.add_argument("--aux-width", type=float, default=None, help="aux branch width (default 1.0; suite recognizer 0.125)")
+    p.add_argument("--aux-width", type=float, default=None,
+                   help="aux branch width (default 1.0; suite recognizer 0.125)")
     p.add_argument("--amp", default="auto", help="bf16 | none | auto (bf16 on CUDA, none on CPU)")
-    p.add_argument("--num-workers", type=int, default=None, help="optimized loader workers (default: 4 on CUDA, 0 on CPU)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="optimized loader workers (default: 4 on CUDA, 0 on CPU)")
     p.add_argument("--compile", action="store_true", help="also torch.compile in the optimized mode")
-    p.add_argument("--eval-images", type=int, default=None, help="images per evaluation measurement (default 2 x batch)")
+    p.add_argument("--eval-images", type=int, default=None,
+                   help="images per evaluation measurement (default 2 x batch)")
     p.add_argument("--lambda", dest="lambda_", type=float, default=1.6)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -125,7 +127,8 @@ def train_naive(args, device: str, dataset) -> dict:
     total = args.warmup + args.steps
     cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, crop_size=args.crop, poly_start_frac=0.99)
     opts = _codec_optimizers(codec, list(aux.parameters()), cfg)
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, cfg.lr_lambda(total)) for o in opts.values()]  # = train_icm's schedule
+    # = train_icm's schedule
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, cfg.lr_lambda(total)) for o in opts.values()]
     torch.manual_seed(spec.seed)
     loader = EpochLoader(dataset, args.batch_size, spec.seed, args.crop, device=device)
     codec.train()
@@ -141,7 +144,8 @@ def train_naive(args, device: str, dataset) -> dict:
             terms = icm_terms(spec, codec, rec, aux, batch["image"])
             opts["main"].zero_grad()
             terms["loss"].backward()
-            for group in clip_groups(codec, list(aux.parameters()), cfg.clip_scope):  # the codec and the branch each clipped alone
+            # the codec and the branch each clipped alone
+            for group in clip_groups(codec, list(aux.parameters()), cfg.clip_scope):
                 torch.nn.utils.clip_grad_norm_(group, cfg.clip_max_norm)
             opts["main"].step()
             opts["quantiles"].zero_grad()
@@ -232,7 +236,8 @@ def pseudo_label_share(args, device: str, dataset) -> dict:
     from icm_helpers.training import EpochLoader
 
     _, rec, _, _ = build(args, device)
-    batches = [b["image"] for _, b in zip(range(3), EpochLoader(dataset, args.batch_size, args.seed, args.crop, device=device)(0))]
+    batches = [b["image"] for _, b in
+               zip(range(3), EpochLoader(dataset, args.batch_size, args.seed, args.crop, device=device)(0))]
     rec.pseudo_labels(batches[0])
     _sync(device)
     t0 = time.perf_counter()
@@ -257,7 +262,8 @@ def main(argv=None) -> dict:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     total = args.warmup + args.steps
     dataset = RandomImages(total * args.batch_size, image_size, args.seed)
-    result = {"device": device, "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
+    result = {"device": device,
+              "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "config": {"N": args.N, "batch_size": args.batch_size, "crop": args.crop, "image_size": image_size,
                          "steps": args.steps, "warmup": args.warmup, "recognizer": args.recognizer, "amp": amp,
@@ -291,7 +297,8 @@ def table(r: dict) -> str:
     c = r["config"]
     lines = [f"device: {r['device']} ({r['device_name']}), torch {r['torch']}, {r['threads']} CPU threads",
              f"config: cheng2020-attn N={c['N']}, {c['recognizer']} Faster R-CNN + aux-enc, batch {c['batch_size']}, "
-             f"crop {c['crop']}, {c['steps']} timed steps after {c['warmup']} warm-up, amp={c['amp']}, workers={c['num_workers']}",
+             f"crop {c['crop']}, {c['steps']} timed steps after {c['warmup']} warm-up, amp={c['amp']}, "
+             f"workers={c['num_workers']}",
              "", "| measurement | images/s |", "|---|---|"]
     for mode in ("naive", "optimized"):
         if mode in r["train"]:
@@ -304,7 +311,8 @@ def table(r: dict) -> str:
     share = f", {100 * pl['share_of_naive_step']:.0f}% of a naive step" if "share_of_naive_step" in pl else ""
     lines.append(f"| pseudo-labels: {pl['seconds_per_batch'] * 1000:.0f} ms per batch{share} | |")
     if r["train"].get("loss_rel_diff_max") is not None:
-        lines.append(f"\nloss trajectories (naive vs optimized): max relative difference {r['train']['loss_rel_diff_max']:.2e}, "
+        lines.append(f"\nloss trajectories (naive vs optimized): max relative difference "
+                     f"{r['train']['loss_rel_diff_max']:.2e}, "
                      f"mean {r['train']['loss_rel_diff_mean']:.2e} over {len(r['train']['naive']['losses'])} steps")
     return "\n".join(lines)
 

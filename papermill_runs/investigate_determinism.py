@@ -56,7 +56,8 @@ def child(out: Path, steps: int) -> None:
     codec = load_codec(assets / "codec_start.pt").train()
     tc = cfg_demo["tasks"]["detection"]
     torch.manual_seed(0)
-    aux = build_aux_branch("detection", "enc", codec_N(codec), cfg_demo["data"]["world"]["n_classes"], **tc.get("aux", {}))
+    aux = build_aux_branch("detection", "enc", codec_N(codec), cfg_demo["data"]["world"]["n_classes"],
+                           **tc.get("aux", {}))
     spec = IcmSpec("detection", 1.6, "enc", 0.5)
     cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-4, crop_size=None)
     opts = _codec_optimizers(codec, list(aux.parameters()), cfg)
@@ -70,7 +71,8 @@ def child(out: Path, steps: int) -> None:
     hooks = []
     for m, n in names.items():
         hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=n: module_stack.append(n)))
-        hooks.append(m.register_forward_hook(lambda mod, inp, outp: (module_stack.pop() if module_stack else None) and None))
+        hooks.append(m.register_forward_hook(
+            lambda mod, inp, outp: (module_stack.pop() if module_stack else None) and None))
 
     def digest(t: "torch.Tensor") -> list:
         """sha1 of the bytes, and the float64 sum and max |value| (to size a difference)."""
@@ -93,10 +95,10 @@ def child(out: Path, steps: int) -> None:
             return out
 
     aten = torch.ops.aten
-    UNINITIALISED = {aten.empty.memory_format, aten.empty_like.default, aten.new_empty.default, aten.empty_strided.default}
+    UNINITIALISED = {aten.empty.memory_format, aten.empty_like.default, aten.new_empty.default,
+                     aten.empty_strided.default}
 
     weights = []
-    first = [p.detach().clone() for p in params]
     record = Record()
     torch.manual_seed(1)
     for step in range(steps):
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             wa, wb = (torch.load(tmp / f"{n}.step{k}.pt", weights_only=True) for n in ("native-2t", name))
             weight_rel.append(float((wa - wb).norm() / wa.norm()))
         n_diff = sum([h[0] for h in x[2]] != [h[0] for h in y[2]] for x, y in zip(ref["ops"], run["ops"]))
-        report["comparisons"][name] = {"env": SETTINGS[name], "capability": run["capability"], "threads": run["threads"],
+        report["comparisons"][name] = {"env": SETTINGS[name], "capability": run["capability"],
+                                       "threads": run["threads"],
                                        "first_difference": diff, "ops_with_different_output": n_diff,
                                        "weights_equal_after_step": same_weights,
                                        "weights_rel_diff_after_step": weight_rel}

@@ -33,7 +33,9 @@ for sub in ("data", "models"):
         ex.run_dir.mkdir(parents=True, exist_ok=True)
         os.symlink(demo / sub, ex.run_dir / sub)
 for r in ex.run_grid("detection", [None, "enc"]):
-    print(f"{r['method']:10s} lambda={r['lambda_']:g} mAP={r['metric']:.4f} bpp_bitstream={r['bpp_bitstream']:.4f} psnr={r['psnr']:.2f}")
+    print(f"{r['method']:10s} lambda={r['lambda_']:g} mAP={r['metric']:.4f} "
+          f"bpp_bitstream={r['bpp_bitstream']:.4f} psnr={r['psnr']:.2f}")
 bd = ex.bd_rate_table("detection", "baseline", ["aux_enc"])[0]
-print("BD-rate aux_enc vs baseline:", format_ci(bd["bpp_bitstream"]), "(bitstream) |", format_ci(bd["bpp_estimated"]), "(estimated)")
+print("BD-rate aux_enc vs baseline:", format_ci(bd["bpp_bitstream"]), "(bitstream) |",
+      format_ci(bd["bpp_estimated"]), "(estimated)")
 print(f"{time.time() - t0:.0f} s")

@@ -23,13 +23,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # started as a script: the repository's icm_helpers, not an installed copy
+
+from icm_helpers.anchors import available, build_anchor, default_qualities  # noqa: E402
+from icm_helpers.assets import asset_dir  # noqa: E402
+from icm_helpers.bitmaps import compute_bit_maps  # noqa: E402
+from icm_helpers.codec import load_codec, load_state  # noqa: E402
+from icm_helpers.data import collate  # noqa: E402
+from icm_helpers.evaluation import evaluate  # noqa: E402
+from icm_helpers.experiment import Experiment  # noqa: E402
+from icm_helpers.io import atomic_write_json  # noqa: E402
+from icm_helpers.training import (  # noqa: E402
+    TrainConfig,
+    _codec_optimizers,
+    _codec_step,
+    aux_features,
+    clip_groups,
+    icm_terms,
+    train_aux_branch,
+    validation_terms,
+)
 
 LADDER_POWERS = (-2, -1, 0, 1, 2)  # R4: the paper's smallest lambda x 4^k
 LR_FACTORS = (1, 3, 10)  # R3: the paper's learning rate x these
@@ -49,7 +75,6 @@ def load_outcome(profile: str) -> dict[str, Any]:
 
 
 def save_outcome(profile: str, outcome: dict[str, Any]) -> None:
-    from icm_helpers.io import atomic_write_json
 
     atomic_write_json(outcome_path(profile), outcome)
 
@@ -57,8 +82,6 @@ def save_outcome(profile: str, outcome: dict[str, Any]) -> None:
 def experiment(profile: str, overrides: dict[str, Any] | None = None, log=print, name: str = "main"):
     """The profile's Experiment in ``runs/<profile>_selection/<name>/``; every such run dir shares one generated world
     (``data`` is a link to the first one's)."""
-    from icm_helpers.experiment import Experiment
-
     root = ROOT / "runs" / f"{profile}_selection"
     ex = Experiment(profile, run_dir=root / name, overrides=overrides or {}, log=log)
     shared = root / "main" / "data"
@@ -73,16 +96,13 @@ def experiment(profile: str, overrides: dict[str, Any] | None = None, log=print,
 # ------------------------------------------------------------------------------------------------------------ R1
 def stage_r1(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
     """Convergence of the shipped start codec: its training history holds the per-epoch validation loss (Eq. 2)."""
-    from icm_helpers.assets import asset_dir
-    from icm_helpers.codec import load_state
-
     ex = experiment(profile)
     path = asset_dir(ex.cfg) / "codec_start.pt"
     history = load_state(path)["extra"].get("history") or []
     val = [h["val_loss"] for h in history if "val_loss" in h]
     if len(val) < 6:
-        raise ValueError(f"{path} has no per-epoch validation loss: regenerate it (python -m icm_helpers.assets "
-                         f"regenerate --profile {profile} --only codec_start)")
+        raise ValueError(f"{path} has no per-epoch validation loss: regenerate it (python -m icm_helpers.regenerate "
+                         f"--profile {profile} --only codec_start)")
     last5 = val[-5:]
     change = (max(last5) - min(last5)) / min(last5)
     return {"epochs": len(val), "val_loss": val, "change_over_last_5_epochs": change, "converged": change < 0.01,
@@ -92,15 +112,6 @@ def stage_r1(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------------ costs
 def stage_costs(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
     """Seconds per training step (task x arm), warm-start step, evaluated image and bit-map image (medians)."""
-    import statistics
-
-    import torch
-
-    from icm_helpers.bitmaps import compute_bit_maps
-    from icm_helpers.data import collate
-    from icm_helpers.evaluation import evaluate
-    from icm_helpers.training import (TrainConfig, _codec_optimizers, _codec_step, aux_features, clip_groups, icm_terms)
-
     ex = experiment(profile)
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "step": {}, "warm_step": {}, "eval_image": {},
                            "bitmap_image": {}, "anchor_image": {}}
@@ -149,7 +160,6 @@ def stage_costs(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
         for i in range(n):
             compute_bit_maps(codec, test[i]["image"])
         out["bitmap_image"][task] = (time.perf_counter() - t0) / n
-        from icm_helpers.anchors import build_anchor
 
         t0 = time.perf_counter()
         evaluate(build_anchor("jpeg", 50), rec, ex.dataset("test"), max_images=n, workers=int(ec.get("workers", 1)))
@@ -162,10 +172,6 @@ def stage_fixed(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
     """The profile's work that does not scale with the steps or the test images (kernels, the world, figures, the
     bootstrap): the wall time of its notebooks with 4 steps per model, 1 warm-start step and 16 test images, minus
     what the measured costs say those steps and images took."""
-    import os
-    import subprocess
-    import tempfile
-
     tmp = Path(tempfile.mkdtemp(prefix=f"fixed_{profile}_"))
     sets = ["evaluation.max_images=16"]
     for task in ("detection", "segmentation"):
@@ -186,7 +192,6 @@ def stage_fixed(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
 
 
 def yaml_value(text: str) -> Any:
-    import yaml
 
     return yaml.safe_load(text)
 
@@ -196,8 +201,6 @@ def profile_seconds(ex, costs: dict[str, Any], steps: int, warm_epochs: int, n_t
                     transfer: bool = False) -> float:
     """Estimated wall seconds of the profile's notebooks for ``steps`` per model and ``n_test`` test images
     (``transfer``: notebook 10 evaluates every final model with the other task's recognizer too)."""
-    from icm_helpers.anchors import available, default_qualities
-
     total = fixed
     for task in ex.tasks():
         tc = ex.task_cfg(task)
@@ -279,8 +282,6 @@ def _base_overrides(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_r3(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
-    from icm_helpers.codec import load_codec
-    from icm_helpers.training import validation_terms
 
     out = {}
     for task in ("detection", "segmentation"):
@@ -317,8 +318,6 @@ def choose_window(rows: list[dict[str, float]], L: int, paper_lambdas: list[floa
 
 
 def stage_r4(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
-    from icm_helpers.codec import load_codec
-    from icm_helpers.evaluation import evaluate
 
     L = args.lambdas
     out = {}
@@ -355,7 +354,6 @@ def warm_epochs(val: list[float]) -> int:
 
 
 def stage_r6(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
-    from icm_helpers.training import TrainConfig, train_aux_branch
 
     out = {}
     for task in ("detection", "segmentation"):

@@ -39,7 +39,8 @@ if str(ROOT) not in sys.path:
 def parse_args(argv=None) -> argparse.Namespace:
     import yaml
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="smoke", help="profile name or YAML path (default: smoke)")
     p.add_argument("--task", required=True, choices=("detection", "segmentation"))
     p.add_argument("--lambda", dest="lambda_", type=float, required=True, help="the rate-task trade-off lambda")
@@ -95,8 +96,8 @@ def run(args: argparse.Namespace) -> dict:
                    "backend": info["backend"], "device": info["device"], "seconds_prepare": round(t1 - t0, 2),
                    "seconds_train": round(t2 - t1, 2), "seconds_eval": round(t3 - t2, 2)}
         if record is not None:
-            summary.update({k: record.get(k) for k in ("metric_name", "metric", "bpp_bitstream", "bpp_estimated", "psnr",
-                                                       "num_images")})
+            summary.update({k: record.get(k) for k in ("metric_name", "metric", "bpp_bitstream", "bpp_estimated",
+                                                       "psnr", "num_images")})
         if main:
             print(json.dumps(summary), flush=True)
         return summary

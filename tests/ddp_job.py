@@ -9,11 +9,11 @@ function of the data: CompressAI's training noise becomes a fixed function of th
 per-image-mean losses, DDP's gradient average) is what the real runs use. The job trains in float64 (``DTYPE``): the
 two computations sum the same per-image gradients in a different order, and in float32 Adam turns that rounding into
 whole learning-rate steps on coordinates whose gradient is near zero; in float64 the rounding is ~1e-16 relative, far
-below Adam's eps, so the two runs agree to ~1e-12 on any CPU (see ``test_distributed``). Every write through ``icm_helpers.io`` is recorded per rank in OUT_DIR/writes_rank<r>.txt.
+below Adam's eps, so the two runs agree to ~1e-12 on any CPU (see ``test_distributed``). Every write through
+``icm_helpers.io`` is recorded per rank in OUT_DIR/writes_rank<r>.txt.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -145,7 +145,9 @@ def main(world: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     record_writes(out, r)
     deterministic_patches()
-    if os.environ.get("ICM_DDP_JOB_FAULT") == "no_gradient_average":  # negative control: each rank keeps its own gradient
+    if (
+        os.environ.get("ICM_DDP_JOB_FAULT") == "no_gradient_average"
+    ):  # negative control: each rank keeps its own gradient
         dist_lib.wrap_trainables = lambda codec, aux_branch, device: (codec, aux_branch)
     codec, aux, res = train(world, out / "train_state.pt")
     # every rank's trained weights must agree (DDP keeps them in sync)
@@ -167,8 +169,10 @@ def main(world: Path, out: Path) -> None:
     save_figure(fig, "ddp_probe", {"x": [0, 1]}, "test", figures_dir=out / "figures")
     if dist_lib.is_main():
         atomic_torch_save({"codec": codec.state_dict(), "aux": aux.state_dict()}, out / "weights.pt")
-        atomic_write_json(out / "result.json", {"world_size": info["world_size"], "rank_sums": sums, "history": res.history,
-                                                "eval": ev})
+        atomic_write_json(
+            out / "result.json",
+            {"world_size": info["world_size"], "rank_sums": sums, "history": res.history, "eval": ev},
+        )
     dist_lib.shutdown()
 
 

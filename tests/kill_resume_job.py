@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
 from pathlib import Path
 
@@ -51,7 +50,9 @@ def main(argv=None) -> int:
 
     generate_world(args.world, SPEC, COUNTS)
     train_set = InMemory(IcmDataset(args.world / "train"))
-    cfg = TrainConfig(epochs=args.epochs, batch_size=4, lr=1e-3, crop_size=64, steps_per_epoch=args.steps, poly_start_frac=0.5)
+    cfg = TrainConfig(
+        epochs=args.epochs, batch_size=4, lr=1e-3, crop_size=64, steps_per_epoch=args.steps, poly_start_frac=0.5
+    )
     codec, aux, res, _ = tiny_icm_job(args.out / "state.pt", train_set, cfg)
     digest = state_hash(codec, aux)
     atomic_write_text(args.out / "final.sha256", digest + "\n")

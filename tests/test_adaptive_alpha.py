@@ -77,7 +77,8 @@ def _batch(world, n=2):
 @pytest.mark.parametrize("task", ["detection", "segmentation"])
 def test_gradsim_on_the_codec_uses_encoder_gradients(task, world):
     """aux-enc: the shared parameters are exactly the encoder g_a; the cosine equals the cosine of the main-loss and
-    aux-term gradients on g_a computed separately; decoder / entropy nets get the main gradient, the branch its aux one."""
+    aux-term gradients on g_a computed separately; decoder / entropy nets get the main gradient, the branch its aux
+    one."""
     torch.manual_seed(0)
     if task == "detection":
         rec = build_recognizer("detection", "suite", 3, **DET_CFG).freeze()
@@ -137,7 +138,14 @@ def test_fixed_mode_is_the_paper_unchanged(tmp_path):
 
     spec = IcmSpec("detection", 0.4, "enc", 0.5)
     assert spec.alpha_mode == "fixed" and spec.run_name == "aux_enc_lambda0.4" and spec.method == "aux_enc"
-    assert spec.as_dict() == {"task": "detection", "lambda_": 0.4, "aux_position": "enc", "alpha": 0.5, "add_mse": False, "seed": 0}
+    assert spec.as_dict() == {
+        "task": "detection",
+        "lambda_": 0.4,
+        "aux_position": "enc",
+        "alpha": 0.5,
+        "add_mse": False,
+        "seed": 0,
+    }
     assert spec == IcmSpec("detection", 0.4, "enc", 0.5, alpha_mode="fixed")
     terms = {"loss": torch.tensor(2.0), "main": torch.tensor(1.0), "aux": torch.tensor(4.0)}
     loss, logs = training_loss(spec, terms, 0, 10, [])
@@ -157,9 +165,11 @@ def test_fixed_mode_is_the_paper_unchanged(tmp_path):
 def test_bad_alpha_mode_is_a_clear_error(tmp_path):
     from icm_helpers.experiment import Experiment
 
-    for make in (lambda: IcmSpec("detection", 0.4, "enc", alpha_mode="adaptive"),
-                 lambda: Experiment("smoke", run_dir=tmp_path, log=None).spec("detection", 0.4, "enc", alpha_mode="adaptive"),
-                 lambda: check_alpha_mode("gradsim")):
+    for make in (
+        lambda: IcmSpec("detection", 0.4, "enc", alpha_mode="adaptive"),
+        lambda: Experiment("smoke", run_dir=tmp_path, log=None).spec("detection", 0.4, "enc", alpha_mode="adaptive"),
+        lambda: check_alpha_mode("gradsim"),
+    ):
         with pytest.raises(ValueError) as e:
             make()
         msg = str(e.value)
@@ -189,6 +199,8 @@ def test_train_icm_step_with_each_mode_logs_the_weight(mode, tmp_path, train_set
         assert h[1]["train_loss"] == pytest.approx(h[1]["train_main"])
     else:
         for r in h:
-            assert -1.0 <= r["train_aux_cos"] <= 1.0 and r["train_aux_weight"] == pytest.approx(max(0.0, r["train_aux_cos"]))
+            assert -1.0 <= r["train_aux_cos"] <= 1.0 and r["train_aux_weight"] == pytest.approx(
+                max(0.0, r["train_aux_cos"])
+            )
             w_term = 1.6 * 0.5 * r["train_aux_weight"] * r["train_aux"]
             assert r["train_loss"] == pytest.approx(r["train_main"] + w_term, rel=1e-5)

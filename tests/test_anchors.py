@@ -341,7 +341,9 @@ def test_anchors_go_through_the_one_evaluation_path(tmp_path):
     records, skipped = ex.evaluate_anchors("segmentation", ["jpeg", "bpg"], {"jpeg": [10, 60]})
     assert [(r["method"], r["lambda_"]) for r in records] == [("jpeg", 10.0), ("jpeg", 60.0)]
     assert records[0]["bpp_bitstream"] < records[1]["bpp_bitstream"] and records[0]["psnr"] < records[1]["psnr"]
-    assert records[1]["anchor"]["quality"] == 60 and records[1]["num_images"] == 4 and records[1]["bpp_estimated"] is None
+    assert (
+        records[1]["anchor"]["quality"] == 60 and records[1]["num_images"] == 4 and records[1]["bpp_estimated"] is None
+    )
     assert all("enc_seconds" in p and "dec_seconds" in p for p in records[0]["per_image"])
     if shutil.which("bpgenc") is None:
         assert "bpgenc" in skipped["bpg"]

@@ -130,9 +130,14 @@ def test_torchvision_no_resize_and_stages(tv_r50):
     tv_r50.eval()
     stages = tv_r50.stage_modules()
     assert list(stages) == ["conv2", "conv3", "conv4", "conv5"]
-    assert stages["conv2"] is tv_r50.detector.backbone.body.layer1 and stages["conv5"] is tv_r50.detector.backbone.body.layer4
+    assert (
+        stages["conv2"] is tv_r50.detector.backbone.body.layer1
+        and stages["conv5"] is tv_r50.detector.backbone.body.layer4
+    )
     shapes = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, tuple(o.shape))) for n, m in stages.items()]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, tuple(o.shape))) for n, m in stages.items()
+    ]
     try:
         with torch.no_grad():
             tv_r50(torch.rand(1, 3, 128, 192))
@@ -141,8 +146,11 @@ def test_torchvision_no_resize_and_stages(tv_r50):
             h.remove()
     assert shapes["conv2"] == (1, 256, 32, 48)  # stride 4 of the given size: no internal resize to 800 px
     assert shapes["conv5"] == (1, 2048, 4, 6)
-    assert {n: s[1] for n, s in shapes.items()} == tv_r50.stage_channels() == {"conv2": 256, "conv3": 512, "conv4": 1024,
-                                                                               "conv5": 2048}
+    assert (
+        {n: s[1] for n, s in shapes.items()}
+        == tv_r50.stage_channels()
+        == {"conv2": 256, "conv3": 512, "conv4": 1024, "conv5": 2048}
+    )
 
 
 def test_torchvision_matches_torchvision_forward(tv_r50):
@@ -238,7 +246,9 @@ def test_safe_pkl_loader_reads_numpy_checkpoints(tmp_path, protocol):
         np.testing.assert_array_equal(data["model"][k], v.numpy())
     # a Detectron1 / Caffe2 style file gets detectron2's interpretation
     with open(tmp_path / "c2.pkl", "wb") as f:
-        pickle.dump({"blobs": {"conv1_w": np.ones(3, np.float32), "conv1_w_momentum": np.ones(3)}}, f, protocol=protocol)
+        pickle.dump(
+            {"blobs": {"conv1_w": np.ones(3, np.float32), "conv1_w_momentum": np.ones(3)}}, f, protocol=protocol
+        )
     c2 = d2det._checkpoint_dict_from_pkl(d2det.load_numpy_pickle(tmp_path / "c2.pkl"))
     assert list(c2["model"]) == ["conv1_w"] and c2["matching_heuristics"] is True
 
@@ -335,7 +345,9 @@ def test_detectron2_stages_no_resize(d2_x101):
     assert list(stages) == ["conv2", "conv3", "conv4", "conv5"]
     assert stages["conv2"] is d2_x101.model.backbone.bottom_up.res2
     shapes = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, tuple(o.shape))) for n, m in stages.items()]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, tuple(o.shape))) for n, m in stages.items()
+    ]
     try:
         with torch.no_grad():
             d2_x101(torch.rand(1, 3, 128, 192))
@@ -355,10 +367,14 @@ def test_detectron2_train_loss_and_gradients(d2_x101):
     try:
         t0 = time.perf_counter()
         with EventStorage(0):  # an outer storage is reused
-            _, losses = d2_x101(x, [{"boxes": torch.tensor([[10.0, 20.0, 160.0, 190.0]]), "labels": torch.tensor([90])}])
+            _, losses = d2_x101(
+                x, [{"boxes": torch.tensor([[10.0, 20.0, 160.0, 190.0]]), "labels": torch.tensor([90])}]
+            )
         loss = sum(losses.values())
         loss.backward()
-        print(f"\n[timing] detectron2 X101-FPN train step (forward+backward) 1x3x256x256: {time.perf_counter() - t0:.2f}s")
+        print(
+            f"\n[timing] detectron2 X101-FPN train step (forward+backward) 1x3x256x256: {time.perf_counter() - t0:.2f}s"
+        )
         y = torch.rand(1, 3, 128, 128).requires_grad_(True)
         _, empty = d2_x101(y, EMPTY)  # no outer storage: the wrapper opens one
         sum(empty.values()).backward()
@@ -373,7 +389,10 @@ def test_detectron2_train_loss_and_gradients(d2_x101):
     with pytest.raises(ValueError, match="not COCO category ids"):
         d2_x101.train()
         try:
-            d2_x101(torch.rand(1, 3, 64, 64), [{"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]), "labels": torch.tensor([12])}])
+            d2_x101(
+                torch.rand(1, 3, 64, 64),
+                [{"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]), "labels": torch.tensor([12])}],
+            )
         finally:
             d2_x101.eval()
 

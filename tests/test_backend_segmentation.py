@@ -121,12 +121,16 @@ def test_port_normalisation_is_rgb_0_255():
 
 
 def test_build_backend_dispatch(monkeypatch):
-    calls = {}
-    import icm_helpers.backends.deeplabv3plus as mod
+    """The (task, backend) table routes the profile's settings to the builder, and names the valid pairs."""
+    import icm_helpers.backends as backends
 
-    monkeypatch.setattr(mod, "build_deeplabv3plus", lambda **kw: calls.setdefault("kw", kw))
+    calls = {}
+    assert backends.BUILDERS["segmentation", "deeplabv3plus"] is build_deeplabv3plus
+    monkeypatch.setitem(backends.BUILDERS, ("segmentation", "deeplabv3plus"), lambda **kw: calls.setdefault("kw", kw))
     build_backend("segmentation", "deeplabv3plus", pretrained=False)
     assert calls["kw"] == {"pretrained": False}
+    with pytest.raises(ValueError, match="valid: .*segmentation/deeplabv3plus"):
+        build_backend("segmentation", "no_such_backend")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -41,7 +41,9 @@ def test_partial_overlap_uses_only_the_common_interval(method):
         return scale * 10 ** (-1.5 + 2.0 * np.asarray(metric))
 
     anchor_map, test_map = np.linspace(0.2, 0.5, 4), np.linspace(0.3, 0.6, 5)
-    assert bd_rate(line(anchor_map, 1), anchor_map, line(test_map, 0.8), test_map, method) == pytest.approx(-20.0, abs=1e-9)
+    assert bd_rate(line(anchor_map, 1), anchor_map, line(test_map, 0.8), test_map, method) == pytest.approx(
+        -20.0, abs=1e-9
+    )
 
 
 def test_sign_sanity():
@@ -60,7 +62,10 @@ def test_sign_sanity():
 def test_point_order_does_not_matter(method):
     rng = np.random.default_rng(3)
     test_rate, test_map = [r * 0.87 for r in RATE], [m + 0.01 for m in MAP]
-    ref_rate, ref_metric = bd_rate(RATE, MAP, test_rate, test_map, method), bd_metric(RATE, MAP, test_rate, test_map, method)
+    ref_rate, ref_metric = (
+        bd_rate(RATE, MAP, test_rate, test_map, method),
+        bd_metric(RATE, MAP, test_rate, test_map, method),
+    )
     for _ in range(5):
         pa, pt = rng.permutation(4), rng.permutation(4)
         args = (np.take(RATE, pa), np.take(MAP, pa), np.take(test_rate, pt), np.take(test_map, pt), method)

@@ -123,9 +123,11 @@ def test_summarize_mean_std_and_t_interval():
 
 
 def test_roi_fraction_table_over_a_test_set(codecs, test_set):
-    models = [{"label": "start", "lambda_": None, "codec": codecs[0]},
-              {"label": "w/o aux λ=1", "group": "w/o aux", "lambda_": 1.0, "codec": lambda: codecs[1]},
-              {"label": "w/ aux λ=1", "group": "w/ aux", "lambda_": 1.0, "codec": codecs[2], "paired_with": "w/o aux λ=1"}]
+    models = [
+        {"label": "start", "lambda_": None, "codec": codecs[0]},
+        {"label": "w/o aux λ=1", "group": "w/o aux", "lambda_": 1.0, "codec": lambda: codecs[1]},
+        {"label": "w/ aux λ=1", "group": "w/ aux", "lambda_": 1.0, "codec": codecs[2], "paired_with": "w/o aux λ=1"},
+    ]
     table = roi_fraction_table(models, test_set)
     n = len(test_set)
     assert [r[0] for r in table["rows"]] == ["start", "w/o aux λ=1", "w/ aux λ=1"]
@@ -139,11 +141,16 @@ def test_roi_fraction_table_over_a_test_set(codecs, test_set):
             assert rec["inside"] + rec["outside"] == pytest.approx(1.0)
             assert 0 < rec["area"] < 1
     # the table's inside share is the mean of the per-image shares computed directly from the maps
-    direct = [inside_fraction(compute_bit_maps(codecs[2], test_set[i]["image"]).y, test_set[i]["roi"].numpy()) for i in range(n)]
+    direct = [
+        inside_fraction(compute_bit_maps(codecs[2], test_set[i]["image"]).y, test_set[i]["roi"].numpy())
+        for i in range(n)
+    ]
     aux = table["summary"][2]
     assert aux["inside"]["mean"] == pytest.approx(float(np.mean(direct)))
     assert aux["inside"]["ci_low"] <= aux["inside"]["mean"] <= aux["inside"]["ci_high"]
-    paired = [a["inside"] - b["inside"] for a, b in zip(table["per_image"]["w/ aux λ=1"], table["per_image"]["w/o aux λ=1"])]
+    paired = [
+        a["inside"] - b["inside"] for a, b in zip(table["per_image"]["w/ aux λ=1"], table["per_image"]["w/o aux λ=1"])
+    ]
     assert aux["delta_inside"]["mean"] == pytest.approx(float(np.mean(paired)))
     assert table["summary"][0]["delta_inside"] is None
     # the hyper-latent variant uses y + z maps
@@ -233,9 +240,20 @@ def test_explorer_lists_existing_runs_only(experiment):
 
     exp = BitMapExplorer(experiment, ["detection", "segmentation"], codec_loader=CountingLoader())
     assert exp.lambdas("detection") == [1.6]  # the only lambda with an ICM run
-    assert list(exp.runs("detection", 1.6)) == ["start codec", "w/o aux", "aux-enc", "ROI (QF 1.4)"]
-    assert list(exp.runs("detection", 0.4)) == ["start codec"]
-    assert list(exp.runs("segmentation", 2.0)) == ["start codec"]  # no segmentation runs, no ROI for segmentation
+    assert list(exp.runs("detection", 1.6)) == [
+        "start",
+        "baseline",
+        "aux_enc",
+        "roi",
+    ]  # method ids (icm_helpers.methods)
+    assert [r.label for r in exp.runs("detection", 1.6).values()] == [
+        "start codec",
+        "w/o aux",
+        "aux-enc",
+        "ROI (QF 1.4)",
+    ]
+    assert list(exp.runs("detection", 0.4)) == ["start"]
+    assert list(exp.runs("segmentation", 2.0)) == ["start"]  # no segmentation runs, no ROI for segmentation
     assert [v for _, v in exp.image_options("detection")] == [0, 1, 2]
 
 
@@ -247,11 +265,11 @@ def test_warm_started_runs_are_offered_and_are_the_primary_arm(experiment):
     from icm_helpers.widgets import BitMapExplorer
 
     warm = Experiment("smoke", run_dir=experiment.run_dir, overrides={"threads": 1})
-    warm.cfg["tasks"]["detection"]["aux_inits"] = ["warm"]  # the smoke profile has no such entry: set as the demo's
+    warm.cfg["tasks"]["detection"]["aux_inits"] = ["warm"]  # the smoke profile has no such entry: set as in demo
     spec = warm.spec("detection", 1.6, "enc", aux_init="warm")
     save_codec(warm.run_path(spec) / "codec.pt", build_codec(N=16))
     assert list(BitMapExplorer(warm, ["detection"]).runs("detection", 1.6)) == [
-        "start codec", "w/o aux", "aux-enc", "aux-enc (warm)", "ROI (QF 1.4)"]
+        "start", "baseline", "aux_enc", "aux_enc_warm", "roi"]
     methods = [m.get("method") for m in profile_models(warm, "detection", [1.6])]
     assert methods == [None, "baseline", "aux_enc_warm"]
     assert [m.get("method") for m in profile_models(experiment, "detection", [1.6])] == [None, "baseline", "aux_enc"]
@@ -262,7 +280,7 @@ def test_widget_view_changes_do_not_rerun_the_codec(experiment):
 
     loader = CountingLoader()
     explorer = BitMapExplorer(experiment, ["detection"], codec_loader=loader)
-    w = BitMapComparer(explorer, run_a="w/o aux", run_b="aux-enc")
+    w = BitMapComparer(explorer, run_a="baseline", run_b="aux_enc")
     assert w.last_error is None and w.renders == 1
     assert (loader.loads, loader.forwards, explorer.codec_passes) == (2, 2, 2)
     first_png, first_info = w.picture.value, w.info.value
@@ -282,21 +300,21 @@ def test_widget_view_changes_do_not_rerun_the_codec(experiment):
     assert w.renders == renders + 1 and loader.forwards == 2
 
     # a new run / image runs the codec once per (run, image); going back is served from the cache
-    w.update(run_a="start codec")
+    w.update(run_a="start")
     assert loader.forwards == 3 and loader.loads == 3
-    w.update(run_a="w/o aux")
+    w.update(run_a="baseline")
     assert loader.forwards == 3
     w.image_w.value = 1  # as the browser's dropdown does
     assert loader.forwards == 5 and w.last_info["image"] == 1 and w.picture.value != first_png
     w.update(image=0, opacity=0.7)
     assert loader.forwards == 5 and w.picture.value == first_png  # same view again: identical picture, no codec call
-    w.update(run_b="ROI (QF 1.4)")  # the ROI baseline: the w/o-aux codec (no new load) under the latent scaling
+    w.update(run_b="roi")  # the ROI baseline: the w/o-aux codec (no new load) under the latent scaling
     assert loader.loads == 3 and loader.forwards == 6 and w.last_error is None
     assert w.last_info["panels"][1]["bpp"] < w.last_info["panels"][0]["bpp"]  # ROI spends fewer bits
     assert explorer.codec_passes == loader.forwards
 
     # unknown runs are reported in the widget, not raised from a callback
-    w.run_b_w.options = [*w.run_b_w.options, "nope"]
+    w.run_b_w.options = [*w.run_b_w.options, ("nope", "nope")]
     w.run_b_w.value = "nope"
     assert w.last_error and "nope" in w.status.value
     with pytest.raises(ValueError, match="unknown state"):
@@ -307,7 +325,7 @@ def test_widget_figure_one_scale_for_both_maps_and_centred_diff(experiment):
     from icm_helpers.widgets import BitMapExplorer
 
     explorer = BitMapExplorer(experiment, ["detection"], codec_loader=CountingLoader())
-    view = explorer.view("detection", 1.6, 0, "start codec", "aux-enc", include_hyper=True)
+    view = explorer.view("detection", 1.6, 0, "start", "aux_enc", include_hyper=True)
     fig = explorer.figure(view, opacity=0.5)
     panels = [ax for ax in fig.axes if len(ax.get_images()) == 2]  # image + overlay
     assert len(panels) == 3
@@ -317,7 +335,7 @@ def test_widget_figure_one_scale_for_both_maps_and_centred_diff(experiment):
     assert d[2] == "RdBu_r" and d[0] == pytest.approx(-d[1]) and d[1] == pytest.approx(np.abs(view["diff"]).max())
     np.testing.assert_allclose(view["diff"], view["maps"][1] - view["maps"][0])  # red = more bits in B
     assert all(ax.get_images()[1].get_alpha() == 0.5 for ax in panels)
-    bm = explorer.bit_maps("detection", explorer.runs("detection", 1.6)["start codec"], 0)
+    bm = explorer.bit_maps("detection", explorer.runs("detection", 1.6)["start"], 0)
     assert isinstance(bm, BitMaps) and view["panels"][0]["bpp"] == pytest.approx(bm.bpp(True))
     save_figure(fig, "widget_view", {k: v for k, v in view.items() if k not in ("image_array", "maps", "diff")}, "p",
                 figures_dir=experiment.run_dir / "figs")

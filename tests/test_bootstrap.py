@@ -24,8 +24,16 @@ def _coco(n_images, rng):
         for _ in range(int(rng.integers(1, 4))):
             x, y = rng.uniform(0, 40, 2)
             w, h = rng.uniform(8, 24, 2)
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(rng.integers(1, 4)), "bbox": [x, y, w, h],
-                         "area": w * h, "iscrowd": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": int(rng.integers(1, 4)),
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
     coco = COCO()
     coco.dataset = {"images": images, "annotations": anns, "categories": [{"id": k, "name": str(k)} for k in (1, 2, 3)]}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -50,8 +58,11 @@ def _noisy_predictions(coco, rng):
             boxes.append([x, y, x + 10, y + 10])
             labels.append(int(rng.integers(1, 4)))
             scores.append(rng.uniform(0.0, 0.8))
-        preds[img] = {"boxes": torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4), "labels": torch.tensor(labels, dtype=torch.int64),
-                      "scores": torch.tensor(scores, dtype=torch.float64)}
+        preds[img] = {
+            "boxes": torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "scores": torch.tensor(scores, dtype=torch.float64),
+        }
     return preds
 
 
@@ -130,7 +141,9 @@ def test_bd_rate_ci_known_answers():
     for key in ("bpp_bitstream", "bpp_estimated"):
         # identical method: 0 in every resample (paired); 20% fewer bits per image: exactly -20% in every resample
         assert out["same"][key]["bd_rate"] == pytest.approx(0, abs=1e-9)
-        assert out["same"][key]["ci_low"] == pytest.approx(0, abs=1e-9) and out["same"][key]["ci_high"] == pytest.approx(0, abs=1e-9)
+        assert out["same"][key]["ci_low"] == pytest.approx(0, abs=1e-9) and out["same"][key][
+            "ci_high"
+        ] == pytest.approx(0, abs=1e-9)
         assert out["cheaper"][key]["bd_rate"] == pytest.approx(-20, abs=1e-9)
         assert out["cheaper"][key]["ci_low"] == pytest.approx(-20, abs=1e-9)
         assert out["cheaper"][key]["samples_defined"] == 200

@@ -64,8 +64,12 @@ def _check_prerequisites() -> float:
 
     lam = float(load_profile("smoke")["tasks"][TASK]["ablation_lambda"])
     run = _run_dir()
-    needed = [run / "data" / "test" / "instances.json", run / "models" / "codec_start.pt",
-              run / "icm" / TASK / f"baseline_lambda{lam:g}" / "codec.pt", run / "icm" / TASK / f"aux_enc_lambda{lam:g}" / "codec.pt"]
+    needed = [
+        run / "data" / "test" / "instances.json",
+        run / "models" / "codec_start.pt",
+        run / "icm" / TASK / f"baseline_lambda{lam:g}" / "codec.pt",
+        run / "icm" / TASK / f"aux_enc_lambda{lam:g}" / "codec.pt",
+    ]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         _unavailable(f"no trained smoke run at {run} (missing {', '.join(missing)}): run `make smoke` first")
@@ -92,8 +96,13 @@ def _prepare_notebook(dst_dir: Path, lam: float) -> Path:
 
 def _lab_settings(settings_dir: Path) -> None:
     """Render every cell (no windowing) and no news / update pop-ups."""
-    files = {"@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
-             "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false", "checkForUpdates": False}}
+    files = {
+        "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+        "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
+            "fetchNews": "false",
+            "checkForUpdates": False,
+        },
+    }
     for rel, value in files.items():
         (settings_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         (settings_dir / rel).write_text(json.dumps(value))
@@ -101,17 +110,39 @@ def _lab_settings(settings_dir: Path) -> None:
 
 def _start_lab(root: Path, work: Path, port: int, token: str) -> tuple[subprocess.Popen, Path]:
     env = dict(os.environ)
-    for key in ("JUPYTER_CONFIG_DIR", "JUPYTER_RUNTIME_DIR", "JUPYTERLAB_SETTINGS_DIR", "JUPYTERLAB_WORKSPACES_DIR", "ICM_FIGURES_DIR"):
+    for key in (
+        "JUPYTER_CONFIG_DIR",
+        "JUPYTER_RUNTIME_DIR",
+        "JUPYTERLAB_SETTINGS_DIR",
+        "JUPYTERLAB_WORKSPACES_DIR",
+        "ICM_FIGURES_DIR",
+    ):
         (work / key.lower()).mkdir(parents=True, exist_ok=True)
         env[key] = str(work / key.lower())
     _lab_settings(work / "jupyterlab_settings_dir")
-    env.update(ICM_NO_NETWORK="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+    env.update(
+        ICM_NO_NETWORK="1",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+    )
     log = work / "jupyterlab.log"
-    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-           "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-           "--LabApp.expose_app_in_browser=True", "--ServerApp.terminals_enabled=False", "--LabApp.news_url=None",
-           "--LabApp.extension_manager=readonly"] + (["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}",
+        "--LabApp.expose_app_in_browser=True",
+        "--ServerApp.terminals_enabled=False",
+        "--LabApp.news_url=None",
+        "--LabApp.extension_manager=readonly",
+    ] + (["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else [])
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
     deadline = time.time() + 90
@@ -149,9 +180,20 @@ def _browser(profile_dir: Path):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,1500",
-                "--no-first-run", "--no-default-browser-check", "--disable-extensions", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", f"--user-data-dir={profile_dir}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1500",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-extensions",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile_dir}",
+    ):
         opts.add_argument(arg)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
@@ -171,7 +213,10 @@ def _wait(fn, timeout: float, what: str, driver=None, interval: float = 0.5):
     if driver is not None:
         ARTIFACTS.mkdir(exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "browser_06_failure.png"))
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r}; screenshot tests/artifacts/browser_06_failure.png)")
+    pytest.fail(
+        f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r}; "
+        "screenshot tests/artifacts/browser_06_failure.png)"
+    )
 
 
 JS_KERNEL_STATUS = """
@@ -191,7 +236,8 @@ const nb = window.jupyterapp.shell.currentWidget.content;
 const errors = [];
 nb.widgets.forEach((cell, i) => {
   if (cell.model.type !== 'code') return;
-  for (const o of cell.model.outputs.toJSON()) if (o.output_type === 'error') errors.push(`cell ${i}: ${o.ename}: ${o.evalue}`);
+  for (const o of cell.model.outputs.toJSON())
+    if (o.output_type === 'error') errors.push(`cell ${i}: ${o.ename}: ${o.evalue}`);
 });
 return errors;"""
 
@@ -200,8 +246,10 @@ const done = arguments[arguments.length - 1];
 const k = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
 let out = '';
 const f = k.requestExecute({code: arguments[0], silent: false, store_history: false});
-f.onIOPub = msg => { if (msg.header.msg_type === 'stream') out += msg.content.text;
-                     if (msg.header.msg_type === 'error') out += 'ERR ' + msg.content.ename + ': ' + msg.content.evalue; };
+f.onIOPub = msg => {
+  if (msg.header.msg_type === 'stream') out += msg.content.text;
+  if (msg.header.msg_type === 'error') out += 'ERR ' + msg.content.ename + ': ' + msg.content.evalue;
+};
 f.done.then(() => done(out), e => done('ERR ' + e));"""
 
 JS_PNG_SHA = """
@@ -209,7 +257,8 @@ const done = arguments[arguments.length - 1];
 const img = document.querySelector('img.icm-bitmap-png');
 if (!img || !img.src) { done(null); return; }
 fetch(img.src).then(r => r.arrayBuffer()).then(b => crypto.subtle.digest('SHA-256', b))
-  .then(h => done(Array.from(new Uint8Array(h)).map(x => x.toString(16).padStart(2, '0')).join('') + ':' + img.naturalWidth),
+  .then(h => done(Array.from(new Uint8Array(h)).map(x => x.toString(16).padStart(2, '0')).join('')
+                 + ':' + img.naturalWidth),
         e => done('ERR ' + e));"""
 
 
@@ -237,13 +286,20 @@ def test_notebook06_widget_in_jupyterlab(tmp_path):
         driver = _browser(tmp_path / "chrome-profile")
         driver.set_script_timeout(600)
         driver.get(f"http://127.0.0.1:{port}/lab/tree/{nb.name}?token={token}")
-        _wait(lambda: driver.execute_script(JS_KERNEL_STATUS) == "idle", 300, "the notebook's kernel to be idle", driver)
+        _wait(
+            lambda: driver.execute_script(JS_KERNEL_STATUS) == "idle", 300, "the notebook's kernel to be idle", driver
+        )
         timings["page_and_kernel_s"] = time.time() - t0 - timings["server_start_s"]
 
         t_run = time.time()
         driver.execute_script(JS_RUN_ALL)
-        result = _wait(lambda: (lambda r: r if r != "running" else None)(driver.execute_script("return window.__icmRunAll;")), 900,
-                       "all cells to run", driver, interval=2)
+        result = _wait(
+            lambda: (lambda r: r if r != "running" else None)(driver.execute_script("return window.__icmRunAll;")),
+            900,
+            "all cells to run",
+            driver,
+            interval=2,
+        )
         assert result.startswith("ok"), f"run-all-cells failed: {result}"
         _wait(lambda: driver.execute_script(JS_KERNEL_STATUS) == "idle", 600, "the kernel to finish", driver)
         timings["run_all_cells_s"] = time.time() - t_run
@@ -264,19 +320,32 @@ def test_notebook06_widget_in_jupyterlab(tmp_path):
         select = Select(driver.find_element(By.CSS_SELECTOR, ".icm-bitmap-image select"))
         assert len(select.options) >= 2, "the image dropdown offers fewer than 2 images"
         select.select_by_index(1)
-        _wait(lambda: _bpp_texts(driver) != bpp_before and len(_bpp_texts(driver)) == 2, 60, "the bpp numbers to change", driver)
-        png_after = _wait(lambda: (lambda s: s if s and s != png_before else None)(driver.execute_async_script(JS_PNG_SHA)), 60,
-                          "the picture to change", driver)
+        _wait(
+            lambda: _bpp_texts(driver) != bpp_before and len(_bpp_texts(driver)) == 2,
+            60,
+            "the bpp numbers to change",
+            driver,
+        )
+        png_after = _wait(
+            lambda: (lambda s: s if s and s != png_before else None)(driver.execute_async_script(JS_PNG_SHA)),
+            60,
+            "the picture to change",
+            driver,
+        )
         timings["image_change_to_new_picture_s"] = time.time() - t_click
         bpp_after = _bpp_texts(driver)
         assert png_after != png_before and bpp_after != bpp_before
-        state = driver.execute_async_script(JS_KERNEL_EXEC, "print(comparer.state()['image'], comparer.explorer.codec_passes)")
+        state = driver.execute_async_script(
+            JS_KERNEL_EXEC, "print(comparer.state()['image'], comparer.explorer.codec_passes)"
+        )
         assert state.split() == ["1", "4"], f"kernel state after the image change: {state!r}"
 
         # a view-only change (hyper-latent bits on): numbers change, the codec does not run again
         driver.find_element(By.CSS_SELECTOR, ".icm-bitmap-hyper input").click()
         _wait(lambda: _bpp_texts(driver) != bpp_after, 60, "the bpp numbers with the hyper-latent", driver)
-        passes = driver.execute_async_script(JS_KERNEL_EXEC, "print(comparer.state()['include_hyper'], comparer.explorer.codec_passes)")
+        passes = driver.execute_async_script(
+            JS_KERNEL_EXEC, "print(comparer.state()['include_hyper'], comparer.explorer.codec_passes)"
+        )
         assert passes.split() == ["True", "4"], f"a view change ran a codec: {passes!r}"
 
         ARTIFACTS.mkdir(exist_ok=True)
@@ -293,5 +362,7 @@ def test_notebook06_widget_in_jupyterlab(tmp_path):
         _stop(proc)
     timings["total_s"] = time.time() - t0
     ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / "browser_06_timing.json").write_text(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=2) + "\n")
+    (ARTIFACTS / "browser_06_timing.json").write_text(
+        json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=2) + "\n"
+    )
     print("\nbrowser test timings: " + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()) + f"; screenshot {shot}")

@@ -161,7 +161,9 @@ def test_item_format_and_eval_resize(val_eval, gt_val):
         assert set(item["labels"].tolist()) <= cat_ids
         # boxes = original bbox (non-crowd, annotation order) * scale
         anns = [a for a in gt_val.imgToAnns[item["image_id"]] if not a["iscrowd"]]
-        exp = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns])
+        exp = np.array(
+            [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns]
+        )
         np.testing.assert_allclose(item["boxes"].numpy(), exp * 800 / min(h, w), rtol=1e-5, atol=1e-3)
         assert item["labels"].tolist() == [a["category_id"] for a in anns]
         # padding for the codec: multiples of 64, and crop_to undoes it
@@ -176,7 +178,10 @@ def test_eval_image_is_resized_original(val_eval):
     item = val_eval[3]
     orig = np.asarray(Image.open(COCO_TINY / "val2017" / item["file_name"]).convert("RGB"), np.float32) / 255
     H, W = item["image"].shape[-2:]
-    ref = np.asarray(Image.fromarray((orig * 255).round().astype(np.uint8)).resize((W, H), Image.BILINEAR), np.float32) / 255
+    ref = (
+        np.asarray(Image.fromarray((orig * 255).round().astype(np.uint8)).resize((W, H), Image.BILINEAR), np.float32)
+        / 255
+    )
     diff = np.abs(item["image"].permute(1, 2, 0).numpy() - ref)
     assert diff.mean() < 0.01
 
@@ -285,7 +290,12 @@ def test_grayscale_and_cmyk_converted(tmp_path, val_json):
     g = ds[ds.ids.index(ids[0])]["image"]
     assert g.shape[0] == 3 and torch.equal(g[0], g[1]) and torch.equal(g[1], g[2])
     c = ds[ds.ids.index(ids[1])]["image"]
-    orig = torch.from_numpy(np.array(Image.open(COCO_TINY / "val2017" / infos[ids[1]]["file_name"]).convert("RGB"))).permute(2, 0, 1) / 255
+    orig = (
+        torch.from_numpy(
+            np.array(Image.open(COCO_TINY / "val2017" / infos[ids[1]]["file_name"]).convert("RGB"))
+        ).permute(2, 0, 1)
+        / 255
+    )
     assert c.shape == orig.shape and float((c - orig).abs().mean()) < 0.05
     ev = CocoDetection(root, "val2017", mode="eval")
     assert all(ev[i]["image"].shape[0] == 3 and min(ev[i]["image"].shape[-2:]) == 800 for i in range(2))
@@ -387,8 +397,17 @@ def test_map_through_detection_metric_equals_direct_cocoeval(val_eval):
         b32 = pred["boxes"].numpy().astype(np.float64)
         for (x0, y0, x1, y1), lab, sc in zip(b32, labels, pred["scores"].tolist()):
             o = np.array([x0, y0, x1, y1]) / s
-            direct.append({"image_id": item["image_id"], "category_id": lab, "bbox": [o[0], o[1], o[2] - o[0], o[3] - o[1]], "score": sc})
-            resized_coords.append({"image_id": item["image_id"], "category_id": lab, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": sc})
+            direct.append(
+                {
+                    "image_id": item["image_id"],
+                    "category_id": lab,
+                    "bbox": [o[0], o[1], o[2] - o[0], o[3] - o[1]],
+                    "score": sc,
+                }
+            )
+            resized_coords.append(
+                {"image_id": item["image_id"], "category_id": lab, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": sc}
+            )
     img_ids = [gt.imgs[i]["id"] for i in val_eval.ids]
     suite = metric.compute()
     stats = _direct_cocoeval(gt, direct, img_ids)
@@ -406,7 +425,9 @@ def test_perfect_detections_give_map_one(val_eval):
     for idx in range(0, len(val_eval), 4):
         item = val_eval[idx]
         n = len(item["labels"])
-        metric.update(item["image_id"], [{"boxes": item["boxes"], "labels": item["labels"], "scores": torch.ones(n)}], item)
+        metric.update(
+            item["image_id"], [{"boxes": item["boxes"], "labels": item["labels"], "scores": torch.ones(n)}], item
+        )
     out = metric.compute()
     assert out["mAP"] > 0.999 and out["AP50"] > 0.999
 

@@ -70,15 +70,27 @@ def test_crop_item_pads_small_images_and_keeps_boxes_consistent():
     from icm_helpers.data import collate, crop_item
 
     g = torch.Generator().manual_seed(0)
-    small = {"image": torch.rand(3, 40, 300), "image_id": 1, "boxes": torch.tensor([[10.0, 5.0, 60.0, 35.0]]),
-             "labels": torch.tensor([3]), "roi": torch.ones(40, 300, dtype=torch.bool), "semantic": torch.zeros(40, 300, dtype=torch.int64)}
+    small = {
+        "image": torch.rand(3, 40, 300),
+        "image_id": 1,
+        "boxes": torch.tensor([[10.0, 5.0, 60.0, 35.0]]),
+        "labels": torch.tensor([3]),
+        "roi": torch.ones(40, 300, dtype=torch.bool),
+        "semantic": torch.zeros(40, 300, dtype=torch.int64),
+    }
     out = crop_item(small, 64, g)
     assert out["image"].shape == (3, 64, 64) and out["roi"].shape == (64, 64) and out["semantic"].shape == (64, 64)
     assert (out["semantic"][40:] == 255).all() and not out["roi"][40:].any() and (out["image"][:, 40:] == 0).all()
     b = out["boxes"]
     assert ((b >= 0) & (b <= 64)).all() and len(b) == len(out["labels"])
-    big = {"image": torch.rand(3, 100, 80), "image_id": 2, "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-           "roi": torch.zeros(100, 80, dtype=torch.bool), "semantic": torch.zeros(100, 80, dtype=torch.int64)}
+    big = {
+        "image": torch.rand(3, 100, 80),
+        "image_id": 2,
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "roi": torch.zeros(100, 80, dtype=torch.bool),
+        "semantic": torch.zeros(100, 80, dtype=torch.int64),
+    }
     batch = collate([crop_item(small, 64, g), crop_item(big, 64, g)])
     assert batch["image"].shape == (2, 3, 64, 64)
 
@@ -86,8 +98,16 @@ def test_crop_item_pads_small_images_and_keeps_boxes_consistent():
 def test_epoch_loader_crops_images_of_different_sizes():
     from icm_helpers.training import epoch_loader
 
-    items = [{"image": torch.rand(3, 70 + 10 * i, 90 - 5 * i), "image_id": i, "boxes": torch.zeros(0, 4),
-              "labels": torch.zeros(0, dtype=torch.int64), "roi": torch.zeros(70 + 10 * i, 90 - 5 * i, dtype=torch.bool)} for i in range(4)]
+    items = [
+        {
+            "image": torch.rand(3, 70 + 10 * i, 90 - 5 * i),
+            "image_id": i,
+            "boxes": torch.zeros(0, 4),
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "roi": torch.zeros(70 + 10 * i, 90 - 5 * i, dtype=torch.bool),
+        }
+        for i in range(4)
+    ]
     batches = list(epoch_loader(items, 2, seed=0, epoch=0, crop_size=64))
     assert [b["image"].shape for b in batches] == [(2, 3, 64, 64)] * 2
     again = list(epoch_loader(items, 2, seed=0, epoch=0, crop_size=64))

@@ -1,8 +1,9 @@
-"""The demo profile (the main job): the paper's grid, a world where the question is meaningful, and the Makefile wiring."""
+"""The demo profile (the main job): the paper's grid, a world where the question is meaningful, and the Makefile
+wiring."""
+
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -50,7 +50,9 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(ddp_run, wo
     start_codec, start_aux = ddp_job.start_modules()
     # compare the training updates (the quantiles are refitted after training by converge_quantiles, an early-stopped
     # optimisation that amplifies rounding differences; they only bound the CDF tables)
-    keys = [("codec", k) for k, _ in codec.named_parameters() if not k.endswith(".quantiles")] + [("aux", k) for k, _ in aux.named_parameters()]
+    keys = [("codec", k) for k, _ in codec.named_parameters() if not k.endswith(".quantiles")] + [
+        ("aux", k) for k, _ in aux.named_parameters()
+    ]
     single = {"codec": dict(codec.named_parameters()), "aux": dict(aux.named_parameters())}
     start = {"codec": dict(start_codec.named_parameters()), "aux": dict(start_aux.named_parameters())}
     upd = torch.cat([(single[m][k] - start[m][k]).detach().flatten() for m, k in keys])
@@ -63,8 +65,11 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(ddp_run, wo
     max_gdn = max(d for d, g in zip(per_key, at_bound) if g)
     max_other = max(d for d, g in zip(per_key, at_bound) if not g)
     rel_norm = float(diff.norm()) / float(upd.norm())
-    print(f"update norm {float(upd.norm()):.4g}; ddp - single: {rel_norm:.3g} of the update norm, max |diff| {max_other:.3g} "
-          f"(GDN gamma/beta {max_gdn:.3g})")
+    print(
+        f"update norm {float(upd.norm()):.4g}; ddp - single: {rel_norm:.3g} of the update norm, "
+        f"max |diff| {max_other:.3g} "
+        f"(GDN gamma/beta {max_gdn:.3g})"
+    )
     assert float(upd.norm()) > 0.1  # the training did move the weights ...
     # ... and 2 ranks x batch 2 moved them as 1 process x batch 4 did. Both train in float64 (ddp_job.DTYPE), so they
     # differ only by the summation order of the per-image gradients (~1e-16 relative, far below Adam's eps = 1e-8).
@@ -115,7 +120,11 @@ def test_only_rank_zero_writes(ddp_run):
     assert not (out / "writes_rank1.txt").exists(), (out / "writes_rank1.txt").read_text()
     written = {Path(p).name for p in (out / "writes_rank0.txt").read_text().split()}
     assert {"train_state.pt", "weights.pt", "result.json", "ddp_probe.png", "ddp_probe.json"} <= written
-    assert sorted(p.name for p in (out / "figures" / "test").iterdir()) == ["ddp_probe.json", "ddp_probe.pdf", "ddp_probe.png"]
+    assert sorted(p.name for p in (out / "figures" / "test").iterdir()) == [
+        "ddp_probe.json",
+        "ddp_probe.pdf",
+        "ddp_probe.png",
+    ]
 
 
 @pytest.mark.slow

@@ -111,7 +111,11 @@ def test_save_figure_does_not_close_the_figure(tmp_path):
 
 def test_save_table_writes_json_md_png_pdf(tmp_path):
     columns = ["method", "BD-rate (%)", "BD-mAP", "note"]
-    rows = [["baseline", 0.0, 0.0, None], ["aux_enc", -12.3456, np.float32(0.0123), "a|b"], ["roi", float("nan"), 1, "x"]]
+    rows = [
+        ["baseline", 0.0, 0.0, None],
+        ["aux_enc", -12.3456, np.float32(0.0123), "a|b"],
+        ["roi", float("nan"), 1, "x"],
+    ]
     paths = save_table("bd_table", columns, rows, "paper", title="BD vs start", figures_dir=tmp_path,
                        float_fmt="{:.3f}")
     out = tmp_path / "paper"
@@ -177,7 +181,9 @@ def test_figure_json_carries_the_experiments_provenance(tmp_path):
     saved = json.loads(paths["json"].read_text())
     assert saved["data"] == [1, 2] and paths["json"].parent.name == "smoke"
     prov = saved["provenance"]
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
     assert prov["git"]["commit"] == head and prov["seed"] == 0
     assert prov["profile"] == {"name": "smoke", "sha256": profile_sha256(ex.cfg)}
 

@@ -55,7 +55,9 @@ def _codec_groups(codec, g):
         "decoder_final": any(v for k, v in g.items() if k.startswith(last)),
         # y_hat = y + noise does not depend on the hyperprior/context/entropy-parameter networks (CompressAI's
         # quantization proxy), so no auxiliary gradient reaches them at any position; they learn through R
-        "entropy_nets": any(v for k, v in g.items() if k.startswith(("h_a.", "h_s.", "context_prediction.", "entropy_parameters."))),
+        "entropy_nets": any(
+            v for k, v in g.items() if k.startswith(("h_a.", "h_s.", "context_prediction.", "entropy_parameters."))
+        ),
     }
 
 
@@ -184,8 +186,19 @@ def _stage_table(aux, block):
     """(stage, [conv kernel, width, groups] of its single block, count, stride) rows, printed like Tables 1-2."""
     rows = []
     for name, stage in aux.backbone.stages.items():
-        convs = [m for m in stage[0].modules() if isinstance(m, torch.nn.Conv2d) and m not in (stage[0].skip or torch.nn.Sequential()).modules()]
-        rows.append((name, [(c.kernel_size[0], c.out_channels, c.groups) for c in convs], len(stage), stage[0].conv1[0].stride[0] if block == "basic" else stage[0].conv2[0].stride[0]))
+        convs = [
+            m
+            for m in stage[0].modules()
+            if isinstance(m, torch.nn.Conv2d) and m not in (stage[0].skip or torch.nn.Sequential()).modules()
+        ]
+        rows.append(
+            (
+                name,
+                [(c.kernel_size[0], c.out_channels, c.groups) for c in convs],
+                len(stage),
+                stage[0].conv1[0].stride[0] if block == "basic" else stage[0].conv2[0].stride[0],
+            )
+        )
     return rows
 
 
@@ -193,7 +206,10 @@ def _stem_table(aux):
     from compressai.layers import ResidualBlock, ResidualBlockUpsample, ResidualBlockWithStride
 
     kinds = {ResidualBlockUpsample: "RB up2", ResidualBlockWithStride: "RB down2", ResidualBlock: "RB"}
-    return [(kinds[type(m)], m.conv1.out_channels if hasattr(m, "conv1") else m.subpel_conv[0].out_channels // 4) for m in aux.backbone.stem]
+    return [
+        (kinds[type(m)], m.conv1.out_channels if hasattr(m, "conv1") else m.subpel_conv[0].out_channels // 4)
+        for m in aux.backbone.stem
+    ]
 
 
 def test_aux_branch_structure_follows_tables_1_2_3(capsys):
@@ -204,8 +220,11 @@ def test_aux_branch_structure_follows_tables_1_2_3(capsys):
     det = build_aux_branch("detection", "enc", 192, 90, width=1.0)
     seg = build_aux_branch("segmentation", "enc", 192, 59, width=1.0)
     dec = build_aux_branch("detection", "dec", 192, 90, width=1.0)
-    for name, aux, block in (("Table 1 (detection, aux-enc)", det, "resnext"), ("Table 2 (segmentation, aux-enc)", seg, "basic"),
-                             ("Table 3 (aux-dec)", dec, "resnext")):
+    for name, aux, block in (
+        ("Table 1 (detection, aux-enc)", det, "resnext"),
+        ("Table 2 (segmentation, aux-enc)", seg, "basic"),
+        ("Table 3 (aux-dec)", dec, "resnext"),
+    ):
         print(name, "conv1:", _stem_table(aux))
         for row in _stage_table(aux, block):
             print("   ", row)
@@ -214,12 +233,16 @@ def test_aux_branch_structure_follows_tables_1_2_3(capsys):
     assert _stem_table(dec) == [("RB down2", 128), ("RB", 128), ("RB", 128)]
     assert all(isinstance(m, ResidualBlockUpsample) for m in (det.backbone.stem[0], det.backbone.stem[2]))
     # Table 1: [1x1,w / 3x3,w,C=32 / 1x1,w] x1 with w = 128, 256, 256, 512
-    assert [r[1] for r in _stage_table(det, "resnext")] == [[(1, w, 1), (3, w, 32), (1, w, 1)] for w in (128, 256, 256, 512)]
+    assert [r[1] for r in _stage_table(det, "resnext")] == [
+        [(1, w, 1), (3, w, 32), (1, w, 1)] for w in (128, 256, 256, 512)
+    ]
     assert [r[2] for r in _stage_table(det, "resnext")] == [1, 1, 1, 1]
     # Table 2: [3x3,w / 3x3,w] x1 with w = 128, 256, 256, 512
     assert [r[1] for r in _stage_table(seg, "basic")] == [[(3, w, 1), (3, w, 1)] for w in (128, 256, 256, 512)]
     # heads: Faster R-CNN with FPN 256 and a 1024-d box head; DeepLabV3+ head with 512 channels, 48 low-level
-    assert det.heads.fpn.layer_blocks[0][0].out_channels == 256 and det.heads.roi_heads.box_head.fc6.out_features == 1024
+    assert (
+        det.heads.fpn.layer_blocks[0][0].out_channels == 256 and det.heads.roi_heads.box_head.fc6.out_features == 1024
+    )
     assert seg.head.bottleneck[0].out_channels == 512 and seg.head.c1[0].out_channels == 48
     assert "Table 1" in capsys.readouterr().out
 

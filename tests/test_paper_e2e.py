@@ -69,7 +69,10 @@ def write_official_checkpoints(hub: Path) -> dict[str, str]:
                  .replace("entropy_bottleneck.factors.", "entropy_bottleneck._factors."): v for k, v in codec.items()}
     assert any("_biases." in k for k in old_names)
     torch.save(old_names, ckpts / model_urls["cheng2020-attn"]["mse"][6].rsplit("/", 1)[-1])
-    backends = {"detection": "torchvision", "segmentation": "mmseg" if _installed("mmseg") and _installed("mmcv") else "deeplabv3plus"}
+    backends = {
+        "detection": "torchvision",
+        "segmentation": "mmseg" if _installed("mmseg") and _installed("mmcv") else "deeplabv3plus",
+    }
     if _installed("detectron2"):  # the paper-exact detector: its model-zoo .pkl (a pickled dict of numpy arrays)
         import pickle
 
@@ -78,17 +81,28 @@ def write_official_checkpoints(hub: Path) -> dict[str, str]:
         model = detectron2_det.build_detectron2_detector(pretrained=False).model  # detectron2's build_model, random
         state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         with open(ckpts / detectron2_det.official_checkpoint_url().rsplit("/", 1)[-1], "wb") as fh:
-            pickle.dump({"model": state, "__author__": "Detectron2 Model Zoo", "matching_heuristics": True}, fh, protocol=2)
+            pickle.dump(
+                {"model": state, "__author__": "Detectron2 Model Zoo", "matching_heuristics": True}, fh, protocol=2
+            )
         backends["detection"] = "detectron2"
     return backends
 
 
 def _overrides(voc: Path, backends: dict[str, str]) -> list[str]:
     small = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "num_workers": 2}
-    sets = [f"data.coco_root={COCO_TINY}", f"data.pascal_context_root={voc}", f"data.eval_short_edge={SHORT_EDGE}",
-            f"data.seg_size={SEG_SIZE}", "data.val_images=4", f"evaluation.max_images={MAX_IMAGES}",
-            f"recognizers.detection.backend={backends['detection']}", f"recognizers.segmentation.backend={backends['segmentation']}",
-            "tasks.detection.lambdas=[0.8, 1.6]", "tasks.segmentation.lambdas=[1, 2]", "tasks.detection.train.crop_size=64"]
+    sets = [
+        f"data.coco_root={COCO_TINY}",
+        f"data.pascal_context_root={voc}",
+        f"data.eval_short_edge={SHORT_EDGE}",
+        f"data.seg_size={SEG_SIZE}",
+        "data.val_images=4",
+        f"evaluation.max_images={MAX_IMAGES}",
+        f"recognizers.detection.backend={backends['detection']}",
+        f"recognizers.segmentation.backend={backends['segmentation']}",
+        "tasks.detection.lambdas=[0.8, 1.6]",
+        "tasks.segmentation.lambdas=[1, 2]",
+        "tasks.detection.train.crop_size=64",
+    ]
     for task in ("detection", "segmentation"):
         sets += [f"tasks.{task}.train.{k}={v}" for k, v in small.items()]
     return sets
@@ -131,21 +145,45 @@ def test_every_notebook_runs_on_the_paper_profile(tmp_path):
     # every evaluation record: the paper's methods, two images each (evaluation.max_images reached every notebook)
     records = [json.loads(p.read_text()) for p in sorted((runs / "paper" / "results").glob("*/*.json"))]
     methods = {(r["task"], r["method"]) for r in records}
-    assert {("detection", m) for m in ("reference", "start", "baseline", "aux_enc", "roi", "roi_rescale", "aux_dec", "aux_task",
-                                       "aux_enc_gradsim")} <= methods
-    assert {("segmentation", m) for m in ("reference", "start", "baseline", "aux_enc", "aux_dec", "aux_task")} <= methods
+    assert {
+        ("detection", m)
+        for m in (
+            "reference",
+            "start",
+            "baseline",
+            "aux_enc",
+            "roi",
+            "roi_rescale",
+            "aux_dec",
+            "aux_task",
+            "aux_enc_gradsim",
+        )
+    } <= methods
+    assert {
+        ("segmentation", m) for m in ("reference", "start", "baseline", "aux_enc", "aux_dec", "aux_task")
+    } <= methods
     assert all(r["num_images"] == MAX_IMAGES and len(r["per_image"]) == MAX_IMAGES for r in records)
     coded = [r for r in records if r["method"] != "reference"]
     assert all(np.isfinite(r["bpp_bitstream"]) and r["bpp_bitstream"] > 0 for r in coded)
     # per-epoch validation (Sec. 4.2 curves) ran on the mixed-size COCO images and the padded Pascal ones
     for task in ("detection", "segmentation"):
-        hist = json.loads((runs / "paper" / "icm" / task / f"baseline_lambda{1.6 if task == 'detection' else 2:g}" / "history.json").read_text())
+        hist = json.loads(
+            (
+                runs / "paper" / "icm" / task / f"baseline_lambda{1.6 if task == 'detection' else 2:g}" / "history.json"
+            ).read_text()
+        )
         assert np.isfinite(hist[-1]["val_main"]) and hist[-1]["train_task"] > 0
     fractions = json.loads((figures / "paper" / "bit_fractions_plot_detection.json").read_text())
     assert all(len(v) == MAX_IMAGES for v in fractions["per_image"].values())
     assert (figures / "paper" / "bit_allocation_segmentation.png").is_file()
-    table = json.loads((figures / "paper" / "bd_rate_table.json").read_text())  # BD-rates with the bootstrap on real COCO
-    assert {(r[0], r[1]) for r in table["rows"]} >= {("detection", "aux_enc"), ("detection", "roi"), ("segmentation", "aux_enc")}
+    table = json.loads(
+        (figures / "paper" / "bd_rate_table.json").read_text()
+    )  # BD-rates with the bootstrap on real COCO
+    assert {(r[0], r[1]) for r in table["rows"]} >= {
+        ("detection", "aux_enc"),
+        ("detection", "roi"),
+        ("segmentation", "aux_enc"),
+    }
 
 
 def test_custom_coco_layout_profile(tmp_path, monkeypatch):
@@ -165,13 +203,26 @@ def test_custom_coco_layout_profile(tmp_path, monkeypatch):
     torch.manual_seed(1)
     torch.save(fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91).state_dict(), weights)
     paper = load_profile("paper")
-    mine = {**paper, "name": "mine",
-            "data": {"source": "coco_pascal_context", "coco_root": str(COCO_TINY), "eval_short_edge": SHORT_EDGE, "val_images": 4,
-                     "num_classes": {"detection": 90}},
-            "recognizers": {"detection": {"backend": "torchvision", "model": {"weights": str(weights), "score_threshold": 0.5},
-                                          "train": None}},
-            "tasks": {"detection": paper["tasks"]["detection"]},
-            "evaluation": {**paper["evaluation"], "max_images": 1}}
+    mine = {
+        **paper,
+        "name": "mine",
+        "data": {
+            "source": "coco_pascal_context",
+            "coco_root": str(COCO_TINY),
+            "eval_short_edge": SHORT_EDGE,
+            "val_images": 4,
+            "num_classes": {"detection": 90},
+        },
+        "recognizers": {
+            "detection": {
+                "backend": "torchvision",
+                "model": {"weights": str(weights), "score_threshold": 0.5},
+                "train": None,
+            }
+        },
+        "tasks": {"detection": paper["tasks"]["detection"]},
+        "evaluation": {**paper["evaluation"], "max_images": 1},
+    }
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump(mine))
     ex = Experiment(str(path), run_dir=tmp_path / "run", log=None)

@@ -17,8 +17,12 @@ pytestmark = pytest.mark.skipif(not (COCO_TINY / "annotations" / "instances_val2
 @pytest.fixture(scope="module")
 def paper(tmp_path_factory):
     voc = make_fixture(tmp_path_factory.mktemp("voc") / "VOC2010", n_train=3, n_val=2, seed=0)
-    return Experiment("paper", run_dir=tmp_path_factory.mktemp("run"), log=None,
-                      overrides={"data.coco_root": str(COCO_TINY), "data.pascal_context_root": str(voc), "data.val_images": 5})
+    return Experiment(
+        "paper",
+        run_dir=tmp_path_factory.mktemp("run"),
+        log=None,
+        overrides={"data.coco_root": str(COCO_TINY), "data.pascal_context_root": str(voc), "data.val_images": 5},
+    )
 
 
 def test_prepare_data_verifies_both_datasets(paper):
@@ -56,8 +60,12 @@ def test_coco_training_batches_are_256_crops(paper):
 
 
 def test_missing_dataset_gives_the_fix(tmp_path):
-    ex = Experiment("paper", run_dir=tmp_path / "run", log=None,
-                    overrides={"data.coco_root": str(tmp_path / "nowhere"), "data.pascal_context_root": str(tmp_path / "nothing")})
+    ex = Experiment(
+        "paper",
+        run_dir=tmp_path / "run",
+        log=None,
+        overrides={"data.coco_root": str(tmp_path / "nowhere"), "data.pascal_context_root": str(tmp_path / "nothing")},
+    )
     with pytest.raises(FileNotFoundError, match="nowhere"):
         ex.prepare_data()
 
@@ -78,15 +86,23 @@ def test_pip_only_backends_behind_the_recognizer_protocol(task, backend, cfg):
     rec = build_recognizer(task, backend, 90 if task == "detection" else 59, **cfg).freeze()
     assert set(rec.feature_channels()) == {"conv2", "conv3", "conv4", "conv5"}
     codec = build_codec(N=16).train()
-    aux_cfg = {"width": 0.125, "rpn_post_nms": (50, 50), "box_batch_per_image": 32} if task == "detection" else {"width": 0.125}
-    aux = build_aux_branch(task, "task", 16, rec.num_outputs if task == "segmentation" else 90, recognizer=rec, **aux_cfg)
+    aux_cfg = (
+        {"width": 0.125, "rpn_post_nms": (50, 50), "box_batch_per_image": 32}
+        if task == "detection"
+        else {"width": 0.125}
+    )
+    aux = build_aux_branch(
+        task, "task", 16, rec.num_outputs if task == "segmentation" else 90, recognizer=rec, **aux_cfg
+    )
     x = torch.rand(2, 3, 128, 128)
     terms = icm_terms(IcmSpec(task, 1.0, "task", 0.5, add_mse=task == "segmentation"), codec, rec, aux, x)
     assert all(torch.isfinite(v) for v in terms.values())
     terms["loss"].backward()
     last = f"g_s.{len(codec.g_s) - 1}."
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in codec.named_parameters() if n.startswith(last))
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in codec.named_parameters() if n.startswith("g_a."))
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in codec.named_parameters() if n.startswith("g_a.")
+    )
     assert all(p.grad is None for p in rec.parameters())
 
 

@@ -137,7 +137,9 @@ def test_plot_bit_maps_shares_colour_scale_per_row_and_symmetric_diff(tmp_path):
         assert data["rows"][r]["clim"] == [vmin, vmax] and data["rows"][r]["diff_clim"] == [lo, hi]
         stats = data["rows"][r]["panels"][2]
         assert stats["kind"] == "bits" and stats["title"] == "w/o aux"
-        assert stats["mean"] == pytest.approx(row["maps"][1].mean()) and stats["sum"] == pytest.approx(row["maps"][1].sum())
+        assert stats["mean"] == pytest.approx(row["maps"][1].mean()) and stats["sum"] == pytest.approx(
+            row["maps"][1].sum()
+        )
         assert data["rows"][r]["panels"][4]["mean"] == pytest.approx(row["diff"].mean())
     assert data["rows"][0]["clim"] != data["rows"][1]["clim"]  # scales are per row, not global
     assert [ax.get_title() for ax in image_axes[:5]] == TITLES

@@ -60,8 +60,19 @@ def _tiny_fit(ckpt: Path, epochs: int = 4, steps: int = 2, step_hook=None, **kw)
         value = float(loss.detach())
         return {"loss": step_hook(step, value, model) if step_hook else value}
 
-    res = fit(modules={"m": model}, optimizers={"main": opt}, step_fn=step_fn, loader_fn=loader, epochs=epochs,
-              steps_per_epoch=steps, lr_lambda=lambda s: 1.0, checkpoint_path=ckpt, meta={"job": "tiny"}, log=None, **kw)
+    res = fit(
+        modules={"m": model},
+        optimizers={"main": opt},
+        step_fn=step_fn,
+        loader_fn=loader,
+        epochs=epochs,
+        steps_per_epoch=steps,
+        lr_lambda=lambda s: 1.0,
+        checkpoint_path=ckpt,
+        meta={"job": "tiny"},
+        log=None,
+        **kw,
+    )
     return model, res
 
 
@@ -74,8 +85,12 @@ def _params(model):
 
 
 def _launch(out: Path, world: Path, log):
-    return subprocess.Popen([sys.executable, str(JOB), str(out), "--world", str(world)], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=HERE.parent)
+    return subprocess.Popen(
+        [sys.executable, str(JOB), str(out), "--world", str(world)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=HERE.parent,
+    )
 
 
 def _state_key(p: Path):
@@ -190,9 +205,11 @@ def test_sigkill_at_random_times_then_rerun_gives_bitwise_same_result(tmp_path):
     final = (out / "final.sha256").read_text().strip()
     total = time.time() - t_start
     _check_final_names(out, epochs)
-    summary = (f"survived {len(kills)} SIGKILLs in {attempts} attempts; reference run {t_ref:.1f}s; total {total:.1f}s; "
-               f"killed mid-write (orphan temp left, final name intact) {sum(k['orphan_temp'] for k in kills)} times; "
-               f"checkpoint epochs at kill time {sorted({k['disk_epoch_before'] for k in kills})}")
+    summary = (
+        f"survived {len(kills)} SIGKILLs in {attempts} attempts; reference run {t_ref:.1f}s; total {total:.1f}s; "
+        f"killed mid-write (orphan temp left, final name intact) {sum(k['orphan_temp'] for k in kills)} times; "
+        f"checkpoint epochs at kill time {sorted({k['disk_epoch_before'] for k in kills})}"
+    )
     print("\n" + summary)
     for k in kills:
         print("  ", k)
@@ -235,7 +252,9 @@ def test_disk_full_during_checkpoint_keeps_previous_and_resumes(tmp_path, monkey
     before = _sha(ckpt)
     real_fdopen, real_fsync = os.fdopen, os.fsync
     if where == "write":
-        monkeypatch.setattr(icm_helpers.io.os, "fdopen", lambda fd, mode="r", *a, **k: _DiskFull(real_fdopen(fd, mode, *a, **k)))
+        monkeypatch.setattr(
+            icm_helpers.io.os, "fdopen", lambda fd, mode="r", *a, **k: _DiskFull(real_fdopen(fd, mode, *a, **k))
+        )
     else:  # delayed allocation: the write "succeeds", the fsync reports the full disk
         def fsync(fd):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -262,7 +281,9 @@ def test_disk_full_in_atomic_torch_save_names_the_path(tmp_path, monkeypatch):
     save_codec(path, build_codec(N=16))
     before = _sha(path)
     real_fdopen = os.fdopen
-    monkeypatch.setattr(icm_helpers.io.os, "fdopen", lambda fd, mode="r", *a, **k: _DiskFull(real_fdopen(fd, mode, *a, **k)))
+    monkeypatch.setattr(
+        icm_helpers.io.os, "fdopen", lambda fd, mode="r", *a, **k: _DiskFull(real_fdopen(fd, mode, *a, **k))
+    )
     with pytest.raises(OSError, match=re.escape(f"could not write {path}: No space left on device")) as info:
         atomic_torch_save({"x": torch.zeros(1000)}, path)
     monkeypatch.undo()
@@ -337,10 +358,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, bad):
 
 def test_non_finite_icm_loss_keeps_checkpoint(tmp_path, train_set, monkeypatch):
     """The same through train_icm: the Eq. 5 loss turns NaN at step 3 (second epoch)."""
-    from icm_helpers import training
+    from icm_helpers.training import objective
     from test_training_eval import _job
 
-    real, calls = training.icm_loss, {"n": 0}
+    real, calls = objective.icm_loss, {"n": 0}
 
     def icm_loss(*a, **kw):
         terms = real(*a, **kw)
@@ -350,7 +371,7 @@ def test_non_finite_icm_loss_keeps_checkpoint(tmp_path, train_set, monkeypatch):
             terms = {**terms, "loss": terms["loss"] * float("nan")}
         return terms
 
-    monkeypatch.setattr(training, "icm_loss", icm_loss)
+    monkeypatch.setattr(objective, "icm_loss", icm_loss)
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 3\b"):
         _job(tmp_path, train_set)
     assert _sha(tmp_path / "state.pt") == calls["sha"] and load_state(tmp_path / "state.pt")["epoch"] == 1
@@ -408,7 +429,9 @@ def test_kill_inside_atomic_write_leaves_old_or_nothing(tmp_path, previous):
             deadline = time.time() + 120
             while proc.poll() is None and time.time() < deadline:
                 # bytes written so far (in the temp file; a broken writer would grow the final name itself)
-                sizes = [os.stat(tmp_path / n).st_size for n in _temps(tmp_path) + ["big.bin"] if (tmp_path / n).exists()]
+                sizes = [
+                    os.stat(tmp_path / n).st_size for n in _temps(tmp_path) + ["big.bin"] if (tmp_path / n).exists()
+                ]
                 if sizes and max(sizes) >= frac * SIZE:
                     break
                 time.sleep(0.002)
@@ -480,6 +503,16 @@ def test_fit_stops_on_a_non_finite_side_loss(tmp_path):
         return {"loss": 1.0, "quantile_loss": math.nan if step == 5 else 0.5}
 
     with pytest.raises(NonFiniteLossError, match=r"non-finite quantile_loss .* step 5"):
-        fit(modules={"m": model}, optimizers={"main": opt}, step_fn=step_fn, loader_fn=lambda e: iter([torch.zeros(1)] * 2),
-            epochs=4, steps_per_epoch=2, lr_lambda=lambda s: 1.0, checkpoint_path=ckpt, meta={"job": "tiny"}, log=None)
+        fit(
+            modules={"m": model},
+            optimizers={"main": opt},
+            step_fn=step_fn,
+            loader_fn=lambda e: iter([torch.zeros(1)] * 2),
+            epochs=4,
+            steps_per_epoch=2,
+            lr_lambda=lambda s: 1.0,
+            checkpoint_path=ckpt,
+            meta={"job": "tiny"},
+            log=None,
+        )
     assert _sha(ckpt) == before

@@ -1,11 +1,10 @@
-"""Tests of the batch runner papermill_runs/run.py on tiny throwaway notebooks.
+"""Tests of the batch runner (papermill_runs.runner, started as papermill_runs/run.py) on tiny throwaway notebooks.
 
 Every notebook execution starts a kernel (~1-3 s), so the behaviours are checked along two
 scenarios (11 executions in all) plus cheap tests that execute nothing.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,23 +16,10 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from papermill_runs import runner
+
 REPO = Path(__file__).resolve().parents[1]
 RUNNER_PATH = REPO / "papermill_runs" / "run.py"
-
-
-def _load_runner():
-    spec = importlib.util.spec_from_file_location("icm_aux_papermill_runner", RUNNER_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no papermill_runs/__pycache__
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.dont_write_bytecode = saved
-    return module
-
-
-runner = _load_runner()
 
 PARAMS_CELL = "profile = None\nseed = -1\ndevice = '?'\nlr = None\nfail_in = ''\n"
 FAIL_CELL = "if fail_in == NAME:\n    raise ValueError(f'asked to fail in {NAME}')\n"
@@ -330,9 +316,24 @@ def test_default_kernel_runs_this_interpreter(monkeypatch):
 def test_cli_list_as_a_script(project):
     """The script runs on its own (``python papermill_runs/run.py``) and --list writes nothing."""
     proc = subprocess.run(
-        [sys.executable, str(RUNNER_PATH), "--profile", "t", "--list", "--notebooks-dir", str(project.nbs),
-         "--out-dir", str(project.out), "--params-dir", str(project.params)],
-        capture_output=True, text=True, timeout=120, cwd=project.root, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        [
+            sys.executable,
+            str(RUNNER_PATH),
+            "--profile",
+            "t",
+            "--list",
+            "--notebooks-dir",
+            str(project.nbs),
+            "--out-dir",
+            str(project.out),
+            "--params-dir",
+            str(project.params),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=project.root,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -379,7 +380,10 @@ def test_profile_file_with_params_beside_it_and_set_overrides(project, capsys):
     err = capsys.readouterr().err
     assert "max_imagez" in err and "did you mean 'max_images'" in err
     assert cli("--only", "01", "--set", "no_equals_sign") == 2
-    assert runner.main(["--profile", str(p.root / "nope.yaml"), "--notebooks-dir", str(p.nbs), "--out-dir", str(p.out)]) == 2
+    assert (
+        runner.main(["--profile", str(p.root / "nope.yaml"), "--notebooks-dir", str(p.nbs), "--out-dir", str(p.out)])
+        == 2
+    )
     assert "no such profile file" in capsys.readouterr().err
     assert len(p.log()) == n
 

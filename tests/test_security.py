@@ -46,7 +46,10 @@ def unsafe_torch_loads(paths) -> list[str]:
     for path in paths:
         for call in _calls(path):
             if _name(call.func) == "torch.load":
-                ok = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in call.keywords)
+                ok = any(
+                    k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                    for k in call.keywords
+                )
                 if not ok:
                     bad.append(f"{path.name}:{call.lineno}")
     return bad
@@ -56,7 +59,9 @@ def test_every_torch_load_is_weights_only(tmp_path):
     """AST scan of the library and the runner: torch.load(...) must pass weights_only=True literally."""
     assert unsafe_torch_loads(CODE) == []
     probe = tmp_path / "probe.py"  # the scan itself must catch the bad forms
-    probe.write_text("import torch\ntorch.load('a')\ntorch.load('b', weights_only=False)\ntorch.load('c', weights_only=True)\n")
+    probe.write_text(
+        "import torch\ntorch.load('a')\ntorch.load('b', weights_only=False)\ntorch.load('c', weights_only=True)\n"
+    )
     assert unsafe_torch_loads([probe]) == ["probe.py:2", "probe.py:3"]
 
 
@@ -111,7 +116,12 @@ def test_offline_pretrained_codec_names_the_file(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     import socket
 
-    saved = (socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo, getattr(socket.socket, "_icm_blocked", False))
+    saved = (
+        socket.socket.connect,
+        socket.socket.connect_ex,
+        socket.getaddrinfo,
+        getattr(socket.socket, "_icm_blocked", False),
+    )
     try:
         block_network()
         with pytest.raises(FileNotFoundError, match=r"cheng2020_attn-mse-3(?s:.*)codec\.download"):

@@ -82,9 +82,16 @@ class _Items(torch.utils.data.Dataset):
             h, w = sizes[i % len(sizes)]
             xy = torch.rand(3, 2, generator=g) * torch.tensor([w, h]) * 0.7
             boxes = torch.cat([xy, xy + 4 + torch.rand(3, 2, generator=g) * 30], 1)
-            self.items.append({"image": torch.rand(3, h, w, generator=g), "image_id": i, "boxes": boxes,
-                               "labels": torch.randint(1, 4, (3,), generator=g), "roi": torch.rand(h, w, generator=g) > 0.5,
-                               "semantic": torch.randint(0, 4, (h, w), generator=g)})
+            self.items.append(
+                {
+                    "image": torch.rand(3, h, w, generator=g),
+                    "image_id": i,
+                    "boxes": boxes,
+                    "labels": torch.randint(1, 4, (3,), generator=g),
+                    "roi": torch.rand(h, w, generator=g) > 0.5,
+                    "semantic": torch.randint(0, 4, (h, w), generator=g),
+                }
+            )
         if with_size:
             self.image_size = lambda j: tuple(self.items[j]["image"].shape[-2:])
 
@@ -117,7 +124,9 @@ def _join(parts):
     return out
 
 
-@pytest.mark.parametrize("sizes", [[(96, 80)], [(96, 80), (64, 64), (70, 100), (50, 120)]], ids=["same_size", "mixed_sizes"])
+@pytest.mark.parametrize(
+    "sizes", [[(96, 80)], [(96, 80), (64, 64), (70, 100), (50, 120)]], ids=["same_size", "mixed_sizes"]
+)
 def test_loader_is_the_legacy_loader_for_any_workers_and_ranks(sizes):
     """Order and crops are a function of (seed, epoch) only: identical to the pre-issue-7 epoch_loader, with 0 or 2
     DataLoader workers, and 2 ranks' slices of each global batch put together are the single-process batch."""
@@ -126,7 +135,9 @@ def test_loader_is_the_legacy_loader_for_any_workers_and_ranks(sizes):
         legacy = list(_legacy_epoch_loader(ds, 4, 7, epoch, 64))
         assert len(legacy) == 3
         streamed = list(epoch_loader(ds, 4, 7, epoch, 64))
-        planned = list(EpochLoader(_Items(12, sizes, with_size=False), 4, 7, 64, num_workers=1)(epoch))  # sizes by loading
+        planned = list(
+            EpochLoader(_Items(12, sizes, with_size=False), 4, 7, 64, num_workers=1)(epoch)
+        )  # sizes by loading
         workers = EpochLoader(ds, 4, 7, 64, num_workers=2, persistent_workers=True)
         with_workers = list(workers(epoch))
         with_workers_again = list(workers(epoch))  # persistent workers, next call
@@ -186,7 +197,9 @@ def test_amp_off_forward_is_compressai_forward_bit_for_bit():
             assert torch.equal(a[k], b[k]), k
         assert torch.equal(a["x_hat"], c["x_hat"])
         for k in ("y", "z"):
-            assert torch.equal(a["likelihoods"][k], b["likelihoods"][k]) and torch.equal(a["likelihoods"][k], c["likelihoods"][k])
+            assert torch.equal(a["likelihoods"][k], b["likelihoods"][k]) and torch.equal(
+                a["likelihoods"][k], c["likelihoods"][k]
+            )
 
 
 def test_compiled_codec_forward_matches_eager():
@@ -212,7 +225,7 @@ def test_train_icm_with_amp_and_channels_last(tmp_path, train_set):
                       num_workers=1)
     codec, aux, res, _ = tiny_icm_job(tmp_path / "state.pt", train_set, cfg)
     # channels_last is for CUDA only: on the CPU the modules stay contiguous (PyTorch 2.14.1's oneDNN weight gradient
-    # of 1x1 stride-2 convolutions in channels_last corrupts the heap; training.channels_last_applies)
+    # of 1x1 stride-2 convolutions in channels_last corrupts the heap; precision.channels_last_applies)
     assert all(p.is_contiguous() for p in codec.parameters())
     assert all(math.isfinite(v) for k, v in res.history[0].items() if k.startswith("train_"))
     assert all(p.dtype == torch.float32 for p in codec.parameters())
@@ -230,7 +243,9 @@ def test_step_logs_are_read_only_at_log_points_and_epoch_end(tmp_path, monkeypat
 
     checks = []
     real_check = training._StepLogs.check
-    monkeypatch.setattr(training._StepLogs, "check", lambda self, *a: (checks.append(len(self.last)), real_check(self, *a))[1])
+    monkeypatch.setattr(
+        training._StepLogs, "check", lambda self, *a: (checks.append(len(self.last)), real_check(self, *a))[1]
+    )
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
@@ -242,9 +257,19 @@ def test_step_logs_are_read_only_at_log_points_and_epoch_end(tmp_path, monkeypat
             opt.step()
             return {"loss": loss.detach() * (float("nan") if step == bad_step else 1.0), "other": torch.tensor(1.0)}
 
-        return fit(modules={"m": model}, optimizers={"main": opt}, step_fn=step_fn, loader_fn=lambda e: iter([torch.ones(3, 2)] * 4),
-                   epochs=2, steps_per_epoch=4, lr_lambda=lambda s: 1.0, checkpoint_path=path, meta={"job": "t"}, log=None,
-                   log_every=log_every)
+        return fit(
+            modules={"m": model},
+            optimizers={"main": opt},
+            step_fn=step_fn,
+            loader_fn=lambda e: iter([torch.ones(3, 2)] * 4),
+            epochs=2,
+            steps_per_epoch=4,
+            lr_lambda=lambda s: 1.0,
+            checkpoint_path=path,
+            meta={"job": "t"},
+            log=None,
+            log_every=log_every,
+        )
 
     res = run(None, 0, tmp_path / "a.pt")
     assert len(checks) == 2  # once per epoch, not per step

@@ -42,15 +42,15 @@ def test_poly_schedule_per_epoch_is_constant_within_an_epoch():
 def test_resume_gives_same_result_as_uninterrupted(tmp_path, train_set, monkeypatch):
     full, full_aux, res, (spec, rec) = _job(tmp_path / "a", train_set)
     assert len(res.history) == CFG.epochs
-    from icm_helpers import training
+    from icm_helpers.training import jobs
 
     def run(stop):
         torch.manual_seed(1)
         codec = build_codec(N=16)
         aux = build_aux_branch("detection", "enc", 16, 3, **AUX_DET_CFG)
         if stop:  # the run dies after its first epoch's checkpoint (as if killed there)
-            orig = training.fit
-            monkeypatch.setattr(training, "fit", lambda **kw: orig(**kw, stop_after_epoch=stop))
+            orig = jobs.fit
+            monkeypatch.setattr(jobs, "fit", lambda **kw: orig(**kw, stop_after_epoch=stop))
         out = train_icm(spec, codec, rec, aux, train_set, CFG, tmp_path / "b" / "state.pt", log=None)
         monkeypatch.undo()
         return codec, aux, out
@@ -71,7 +71,16 @@ def test_checkpoint_of_another_job_is_not_resumed(tmp_path, train_set):
     torch.manual_seed(0)
     rec = build_recognizer("detection", "suite", 3, **DET_CFG).freeze()
     with pytest.raises(FileExistsError, match="another job"):
-        train_icm(IcmSpec("detection", 0.4, None), build_codec(N=16), rec, None, train_set, CFG, tmp_path / "state.pt", log=None)
+        train_icm(
+            IcmSpec("detection", 0.4, None),
+            build_codec(N=16),
+            rec,
+            None,
+            train_set,
+            CFG,
+            tmp_path / "state.pt",
+            log=None,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +162,9 @@ def test_evaluate_reports_both_bpps_and_metric(trained_codec, world):
     assert ref["bpp_estimated"] is None and 0 <= ref["metric"] <= 1
 
 
-@pytest.mark.parametrize("shape,density", [((4, 4), 0.5), ((50, 76), 0.2), ((50, 76), 0.0), ((13, 7), 1.0), ((1, 1), 1.0)])
+@pytest.mark.parametrize(
+    "shape,density", [((4, 4), 0.5), ((50, 76), 0.2), ((50, 76), 0.0), ((13, 7), 1.0), ((1, 1), 1.0)]
+)
 def test_latent_mask_code_is_lossless(shape, density):
     from icm_helpers.roi import decode_latent_mask, encode_latent_mask
 
@@ -225,9 +236,17 @@ def test_evaluate_counts_the_signalled_mask_in_both_rates(trained_codec, world):
 # ------------------------------------------------------------------------------ images of any size meet the codec
 def _mixed_items(sizes, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [{"image": torch.rand(3, h, w, generator=g), "image_id": i, "boxes": torch.tensor([[4.0, 5.0, 30.0, 40.0]]),
-             "labels": torch.tensor([1]), "roi": torch.zeros(h, w, dtype=torch.bool), "semantic": torch.zeros(h, w, dtype=torch.int64)}
-            for i, (h, w) in enumerate(sizes)]
+    return [
+        {
+            "image": torch.rand(3, h, w, generator=g),
+            "image_id": i,
+            "boxes": torch.tensor([[4.0, 5.0, 30.0, 40.0]]),
+            "labels": torch.tensor([1]),
+            "roi": torch.zeros(h, w, dtype=torch.bool),
+            "semantic": torch.zeros(h, w, dtype=torch.int64),
+        }
+        for i, (h, w) in enumerate(sizes)
+    ]
 
 
 @pytest.mark.parametrize("task", ["detection", "segmentation"])
@@ -235,7 +254,7 @@ def test_icm_terms_pad_any_size_for_the_codec_and_crop_back(task, monkeypatch):
     """70x100 images (Pascal-Context's 520x520, COCO's 800 x W are not multiples of 64 either): the codec codes them
     padded to 128x128 (Sec. 4.1), the recognizer sees x_hat at 70x100, the rate is over the 70x100 pixels, and the
     aux-enc branch's labels are moved into the padded frame."""
-    from icm_helpers import training
+    from icm_helpers.training import objective
 
     torch.manual_seed(0)
     if task == "detection":
@@ -246,23 +265,25 @@ def test_icm_terms_pad_any_size_for_the_codec_and_crop_back(task, monkeypatch):
         aux = build_aux_branch(task, "enc", 16, 3, width=0.125, aspp_dilations=(1, 2, 3, 4))
     codec = build_codec(N=16).train()
     seen = {}
-    real_forward, real_task_loss, real_aux_loss = training.codec_forward, rec.task_loss, aux.loss
+    real_forward, real_task_loss, real_aux_loss = objective.codec_forward, rec.task_loss, aux.loss
     def codec_forward(m, xp):
         seen["codec"] = xp.shape
         seen["out"] = real_forward(m, xp)
         return seen["out"]
 
-    monkeypatch.setattr(training, "codec_forward", codec_forward)
+    monkeypatch.setattr(objective, "codec_forward", codec_forward)
     monkeypatch.setattr(rec, "task_loss", lambda x, y: seen.setdefault("recognizer", x.shape) and real_task_loss(x, y))
     monkeypatch.setattr(aux, "loss", lambda f, y, size: seen.setdefault("aux", (y, size)) and real_aux_loss(f, y, size))
     x = torch.rand(2, 3, 70, 100)
-    terms = training.icm_terms(IcmSpec(task, 1.0, "enc", 0.5, add_mse=task == "segmentation"), codec, rec, aux, x)
+    terms = objective.icm_terms(IcmSpec(task, 1.0, "enc", 0.5, add_mse=task == "segmentation"), codec, rec, aux, x)
     assert all(torch.isfinite(v) for v in terms.values())
     assert tuple(seen["codec"]) == (2, 3, 128, 128) and tuple(seen["recognizer"]) == (2, 3, 70, 100)
     labels, size = seen["aux"]
     assert size == (128, 128)
     if task == "segmentation":  # padding is ignore (255): 14 rows above, 14 columns left
-        assert labels.shape == (2, 128, 128) and (labels[:, :29] == 255).all() and (labels[:, 29:99, 14:114] != 255).all()
+        assert (
+            labels.shape == (2, 128, 128) and (labels[:, :29] == 255).all() and (labels[:, 29:99, 14:114] != 255).all()
+        )
     # the rate counts the bits of the padded image over the ORIGINAL pixels (as the evaluation's bpp)
     expected = bits_from_likelihoods(seen["out"]["likelihoods"]).mean() / (70 * 100)
     assert float(terms["rate"]) == pytest.approx(float(expected), rel=1e-5)  # float32 sums in another order: ~1e-7
@@ -274,7 +295,9 @@ def test_pad_labels_move_boxes_and_maps_into_the_padded_frame():
     _, pad = pad_to_multiple(torch.zeros(1, 3, 70, 100))
     assert pad == (14, 14, 29, 29)
     moved = det.pad_labels([{"boxes": torch.tensor([[0.0, 0.0, 10.0, 20.0]]), "labels": torch.tensor([2])}], pad)
-    assert torch.equal(moved[0]["boxes"], torch.tensor([[14.0, 29.0, 24.0, 49.0]])) and moved[0]["labels"].tolist() == [2]
+    assert torch.equal(moved[0]["boxes"], torch.tensor([[14.0, 29.0, 24.0, 49.0]])) and moved[0]["labels"].tolist() == [
+        2
+    ]
     maps = seg.pad_labels(torch.ones(1, 70, 100, dtype=torch.int64), pad)
     assert maps.shape == (1, 128, 128) and maps.sum() == 70 * 100 + 255 * (128 * 128 - 70 * 100)
     assert det.pad_labels(moved, (0, 0, 0, 0)) is moved  # nothing to move for a multiple of 64
@@ -303,7 +326,9 @@ def test_validation_batches_images_of_different_sizes(tmp_path):
         [b["image_id"] for b in epoch_loader(same, 2, 0, 0, drop_last=False)]  # equal sizes: EpochLoader's batches
     torch.manual_seed(0)
     rec = build_recognizer("segmentation", "suite", 3, width=8, head_channels=16, low_channels=8).freeze()
-    terms = validation_terms(IcmSpec("segmentation", 1.0, None, add_mse=True), build_codec(N=16).eval(), rec, None, val, 4)
+    terms = validation_terms(
+        IcmSpec("segmentation", 1.0, None, add_mse=True), build_codec(N=16).eval(), rec, None, val, 4
+    )
     assert all(np.isfinite(v) for v in terms.values())
 
 
@@ -383,12 +408,24 @@ def test_aux_branch_warm_start_trains_only_the_branch(tmp_path, train_set, world
     codec = build_codec(N=16)
     aux = build_aux_branch("segmentation", "enc", 16, 3, width=0.125, aspp_dilations=(1, 2, 3, 4))
     with torch.no_grad():
-        codec(torch.rand(1, 3, 64, 64))  # CompressAI's masked context conv zeroes its masked weights in its first forward
+        codec(
+            torch.rand(1, 3, 64, 64)
+        )  # CompressAI's masked context conv zeroes its masked weights in its first forward
     before = {k: v.clone() for k, v in codec.state_dict().items()}
     branch_before = [p.clone() for p in aux.parameters()]
     cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, crop_size=None, steps_per_epoch=2)
-    res = train_aux_branch("enc", aux, codec, rec, train_set, cfg, tmp_path / "warm.pt", val_set=IcmDataset(world / "val"),
-                           seed=0, log=None)
+    res = train_aux_branch(
+        "enc",
+        aux,
+        codec,
+        rec,
+        train_set,
+        cfg,
+        tmp_path / "warm.pt",
+        val_set=IcmDataset(world / "val"),
+        seed=0,
+        log=None,
+    )
     changed = [k for k, v in before.items() if not torch.equal(v, codec.state_dict()[k])]
     assert changed == [], changed  # the codec is untouched
     assert any(not torch.equal(a, b) for a, b in zip(branch_before, aux.parameters()))
@@ -415,11 +452,17 @@ def test_experiment_warm_start_seeds_and_budget_snapshots(tmp_path):
     real = ex.warm_aux_branch
     ex.warm_aux_branch = lambda *a: calls.append(a) or real(*a)
     recs = ex.run_grid("segmentation", ["enc"], lambdas=[1, 4], aux_init="warm")
-    assert [(r["method"], r["lambda_"], r["seed"]) for r in recs] == [("aux_enc_warm", 1.0, 0), ("aux_enc_warm", 4.0, 0),
-                                                                      ("aux_enc_warm", 1.0, 1), ("aux_enc_warm", 4.0, 1)]
+    assert [(r["method"], r["lambda_"], r["seed"]) for r in recs] == [
+        ("aux_enc_warm", 1.0, 0),
+        ("aux_enc_warm", 4.0, 0),
+        ("aux_enc_warm", 1.0, 1),
+        ("aux_enc_warm", 4.0, 1),
+    ]
     assert all(r["aux_init"] == "warm" for r in recs)
     assert sorted(p.name for p in (tmp_path / "aux_warm" / "segmentation").iterdir()) == ["enc_seed0", "enc_seed1"]
-    assert len(calls) == 4 and all((tmp_path / "aux_warm" / "segmentation" / f"enc_seed{s}" / "branch.pt").is_file() for s in (0, 1))
+    assert len(calls) == 4 and all(
+        (tmp_path / "aux_warm" / "segmentation" / f"enc_seed{s}" / "branch.pt").is_file() for s in (0, 1)
+    )
     assert (tmp_path / "icm" / "segmentation" / "aux_enc_warm_lambda4_seed1" / "codec_budget0.5.pt").is_file()
     snap = ex.evaluate_run(ex.spec("segmentation", 4, "enc", aux_init="warm", seed=1), budget=0.5)
     assert snap["budget"] == 0.5 and snap["seed"] == 1 and snap["codec_path"].endswith("codec_budget0.5.pt")
@@ -428,7 +471,9 @@ def test_experiment_warm_start_seeds_and_budget_snapshots(tmp_path):
     from icm_helpers.codec import load_state
 
     meta = load_state(tmp_path / "icm" / "segmentation" / "aux_enc_warm_lambda1" / "train_state.pt")["meta"]
-    assert meta["aux_init"] == "warm" and meta["aux_warm_start"]["steps_per_epoch"] == 2 and meta["clip_scope"] == "module"
+    assert (
+        meta["aux_init"] == "warm" and meta["aux_warm_start"]["steps_per_epoch"] == 2 and meta["clip_scope"] == "module"
+    )
     ex.cfg["tasks"]["segmentation"]["budget_fractions"] = [0.3]
     with pytest.raises(ValueError, match="whole epoch"):
         ex.budget_epochs("segmentation")
@@ -439,12 +484,21 @@ def test_a_finished_model_is_not_reused_for_other_training_settings(tmp_path):
     training settings); changing, e.g., the learning rate stops with the difference named, never a silent reuse."""
     from icm_helpers.experiment import Experiment
 
-    ov = {"data.counts": {"train": 8, "val": 2, "test": 2}, "recognizers.detection.train.epochs": 1, "codec.train.epochs": 1,
-          "tasks.detection.train": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 4, "lr": 3e-4, "crop_size": 64}}
+    ov = {
+        "data.counts": {"train": 8, "val": 2, "test": 2},
+        "recognizers.detection.train.epochs": 1,
+        "codec.train.epochs": 1,
+        "tasks.detection.train": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 4, "lr": 3e-4, "crop_size": 64},
+    }
     ex = Experiment("smoke", run_dir=tmp_path, log=None, overrides=ov)
     ex.prepare_data()
     final = ex.train(ex.spec("detection", 0.4, None))
     assert ex.train(ex.spec("detection", 0.4, None)) == final  # same settings: reused
-    ex2 = Experiment("smoke", run_dir=tmp_path, log=None, overrides={**ov, "tasks.detection.train": {**ov["tasks.detection.train"], "lr": 1e-3}})
+    ex2 = Experiment(
+        "smoke",
+        run_dir=tmp_path,
+        log=None,
+        overrides={**ov, "tasks.detection.train": {**ov["tasks.detection.train"], "lr": 1e-3}},
+    )
     with pytest.raises(FileExistsError, match=r"trained with other train .*'lr': 0\.0003.*'lr': 0\.001"):
         ex2.train(ex2.spec("detection", 0.4, None))

@@ -42,8 +42,13 @@ def run_config(name: str, log: Path, pytest_args: list[str]) -> dict:
     _, env_extra = CONFIGS[name]
     env = {**os.environ, **env_extra, "ICM_TOLERANCE_LOG": str(log), "ICM_NO_NETWORK": "1"}
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not browser", *pytest_args],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not browser", *pytest_args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
     return {"config": name, "rc": proc.returncode, "seconds": round(time.time() - t0, 1), "summary": tail}
 
@@ -76,6 +81,37 @@ def source_line(site: str) -> str:
         return ""
 
 
+def markdown(out: dict, names: list[str]) -> str:
+    """The audit as a table: per comparison site its tolerance, the largest share of it used in any configuration
+    (the floor; 1.0 = at the bound), and the head room (bound / floor)."""
+    configs = ", ".join(f"`{n}` ({CONFIGS[n][0]})" for n in names)
+    lines = [
+        "# Tolerance audit of the unit tests",
+        "",
+        f"Written by `tests/tolerance_audit.py{' --load' if out['load'] else ''}`. Configurations: {configs}"
+        + ("; beside a 2-core busy load (two busy-looping processes)." if out["load"] else "."),
+        "",
+        "| configuration | result | seconds |", "|---|---|---|",
+        *(f"| {r['config']} | {r['summary']} | {r['seconds']} |" for r in out["runs"]),
+        "",
+        "Every `pytest.approx` / `allclose` / `assert_close` is logged (`tests/tolerance_log.py`). *floor* = the largest",
+        "share of its tolerance a comparison used in any configuration (0 = exact); *head room* = 1 / floor. Bare `<`",
+        "asserts on float differences are not logged: each carries its floor, bound and failure in a comment",
+        "(`tests/test_distributed.py`, `tests/test_training_eval.py::test_bpp_estimated_and_bitstream_agree`).",
+        "Comparisons meant to fail (`!= approx`) are marked *negative*.",
+        "",
+        "| site | tolerance | floor (share used) | head room | source |", "|---|---|---|---|---|",
+    ]
+    rows = sorted(out["sites"].items(), key=lambda kv: -kv[1]["max_used"])
+    for site, v in rows:
+        used = v["max_used"]
+        room = "negative" if v["negative"] and not v["used"] else ("exact" if used == 0 else f"{1 / used:.3g}x")
+        source = v["source"].replace("|", "\\|")[:100]
+        tol = "n/a" if v["tol"] is None else f"{v['tol']:.3g}"
+        lines.append(f"| `{site}` | {tol} | {used:.3g} | {room} | `{source}` |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", default=",".join(CONFIGS))
@@ -102,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
            "sites": {k: {**v, "max_used": max(v["used"].values(), default=0.0), "source": source_line(k)}
                      for k, v in sorted(sites.items())}}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.out}: {len(sites)} comparison sites")
+    md = Path(args.out).with_name("tolerances.md")
+    md.write_text(markdown(out, names))
+    print(f"wrote {args.out} and {md}: {len(sites)} comparison sites")
     worst = sorted(out["sites"].items(), key=lambda kv: -kv[1]["max_used"])[:15]
     for k, v in worst:
         print(f"{v['max_used']:9.3g}  {k}  {v['source'][:90]}")

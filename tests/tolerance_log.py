@@ -41,7 +41,9 @@ def install(log_path: str) -> None:
 
     def used_of(actual, expected, rtol: float, atol: float) -> tuple[float, float]:
         a = np.asarray(actual.detach().cpu().double() if isinstance(actual, torch.Tensor) else actual, dtype=float)
-        b = np.asarray(expected.detach().cpu().double() if isinstance(expected, torch.Tensor) else expected, dtype=float)
+        b = np.asarray(
+            expected.detach().cpu().double() if isinstance(expected, torch.Tensor) else expected, dtype=float
+        )
         a, b = np.broadcast_arrays(a, b)
         if a.size == 0:
             return 0.0, atol
@@ -57,7 +59,11 @@ def install(log_path: str) -> None:
     def approx_eq(self, actual):
         ok = real_eq(self, actual)
         try:
-            if approx_mod._as_numpy_array(actual) is None and isinstance(actual, (int, float)) and not isinstance(actual, bool):
+            if (
+                approx_mod._as_numpy_array(actual) is None
+                and isinstance(actual, (int, float))
+                and not isinstance(actual, bool)
+            ):
                 tol = float(self.tolerance)
                 d = abs(float(self.expected) - float(actual))
                 record(0.0 if d == 0 else (d / tol if tol else float("inf")), tol, ok)

@@ -23,60 +23,31 @@ cache; it downloads only when the caller passes ``download=True`` (the user aske
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from .deeplabv3plus import build_deeplabv3plus
+from .detectron2_det import build_detectron2_detector
+from .mmseg_seg import build_mmseg_segmenter
+from .torchvision_det import build_torchvision_detector
+from .weights import hub_checkpoint_dir, missing_backend_error, resolve_weights
 
-def hub_checkpoint_dir() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def resolve_weights(weights: str | None, url: str, *, download: bool = False, what: str = "weights",
-                    setting: str = "recognizers.<task>.model.download") -> Path:
-    """Path of a checkpoint file.
-
-    ``weights``: a local file path, or None / "official" for the file at ``url`` (looked up in the torch hub cache,
-    ``hub_checkpoint_dir()``). Missing and ``download=False`` -> FileNotFoundError naming the URL, the file name
-    and the folder to place it in (``setting``: the profile key that allows the download). ``download=True`` ->
-    downloaded there with a progress bar."""
-    if weights not in (None, "official"):
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"{what}: checkpoint file not found: {path}")
-        return path
-    name = url.rsplit("/", 1)[-1]
-    path = hub_checkpoint_dir() / name
-    if path.is_file():
-        return path
-    if not download:
-        raise FileNotFoundError(
-            f"{what}: the official checkpoint {name} is not in {path.parent}. Either download it yourself "
-            f"(wget -P {path.parent} {url}) or pass download=True (profile: {setting}: true) "
-            f"to let the suite fetch it; or give a local file with weights=/path/to/file.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.hub.download_url_to_file(url, str(path), progress=True)
-    return path
+__all__ = ["BUILDERS", "build_backend", "hub_checkpoint_dir", "missing_backend_error", "resolve_weights"]
 
 
-def missing_backend_error(package: str, install: str, backend: str) -> ImportError:
-    return ImportError(f"recognition backend {backend!r} needs the package {package!r}, which is not installed. "
-                       f"Install it with: {install}")
+#: (task, backend) -> the builder of the model behind the suite's recognizer contract (module docstring).
+BUILDERS: dict[tuple[str, str], Callable[..., torch.nn.Module]] = {
+    ("detection", "torchvision"): build_torchvision_detector,
+    ("detection", "detectron2"): build_detectron2_detector,
+    ("segmentation", "deeplabv3plus"): build_deeplabv3plus,
+    ("segmentation", "mmseg"): build_mmseg_segmenter,
+}
 
 
 def build_backend(task: str, backend: str, **config: Any) -> torch.nn.Module:
     """The model of ``backend`` for ``task`` (see the module docstring for the contract)."""
-    if task == "detection" and backend == "torchvision":
-        from .torchvision_det import build_torchvision_detector
-        return build_torchvision_detector(**config)
-    if task == "detection" and backend == "detectron2":
-        from .detectron2_det import build_detectron2_detector
-        return build_detectron2_detector(**config)
-    if task == "segmentation" and backend == "deeplabv3plus":
-        from .deeplabv3plus import build_deeplabv3plus
-        return build_deeplabv3plus(**config)
-    if task == "segmentation" and backend == "mmseg":
-        from .mmseg_seg import build_mmseg_segmenter
-        return build_mmseg_segmenter(**config)
-    raise ValueError(f"no backend {backend!r} for task {task!r}")
+    if (task, backend) not in BUILDERS:
+        valid = ", ".join(f"{t}/{b}" for t, b in BUILDERS)
+        raise ValueError(f"no backend {backend!r} for task {task!r}; valid: {valid}")
+    return BUILDERS[task, backend](**config)

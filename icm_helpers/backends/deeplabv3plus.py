@@ -37,11 +37,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import resolve_weights
+from .weights import resolve_weights
 
 #: Official MMSegmentation checkpoint of deeplabv3plus_r101-d8_4xb4-80k_pascal-context-59-480x480 (mIoU 53.2),
 #: as listed in the installed mmseg's ``.mim/configs/deeplabv3plus/metafile.yaml``.
@@ -65,7 +66,6 @@ def _numpy_safe_globals() -> list[Any]:
     """The numpy globals that MMSeg / mmengine checkpoint ``meta`` dicts need (numpy scalars such as the seed,
     numpy arrays such as palettes), each registered under the numpy-1.x (``numpy.core``) and numpy-2.x
     (``numpy._core``) module path, so files written with either numpy load under either."""
-    import numpy as np
 
     core = getattr(np, "_core", None)
     if core is None or not hasattr(core, "multiarray"):

@@ -28,7 +28,9 @@ name-matching heuristics and ndarray -> tensor conversion still apply.
 """
 from __future__ import annotations
 
+import _codecs
 import collections
+import importlib
 import pickle
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import missing_backend_error, resolve_weights
+from .weights import missing_backend_error, resolve_weights
 
 DEFAULT_CONFIG = "COCO-Detection/faster_rcnn_X_101_32x8d_FPN_3x.yaml"
 INSTALL_HINT = ("pip install 'git+https://github.com/facebookresearch/detectron2.git'  "
@@ -63,8 +65,6 @@ def import_detectron2():
 # ----------------------------------------------------------------------------------------------- safe .pkl loading
 def _numpy_attr(*candidates: str):
     """First attribute found among 'module:name' candidates (numpy 1 vs numpy 2 module layout)."""
-    import importlib
-
     for cand in candidates:
         module, name = cand.split(":")
         try:
@@ -78,7 +78,6 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     reconstruct = _numpy_attr("numpy._core.multiarray:_reconstruct", "numpy.core.multiarray:_reconstruct")
     scalar = _numpy_attr("numpy._core.multiarray:scalar", "numpy.core.multiarray:scalar")
     frombuffer = _numpy_attr("numpy._core.numeric:_frombuffer", "numpy.core.numeric:_frombuffer")
-    import _codecs
 
     allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
                ("collections", "OrderedDict"): collections.OrderedDict, ("_codecs", "encode"): _codecs.encode}
@@ -102,7 +101,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             return _NumpyOnlyUnpickler._allowed[(module, name)]
         except KeyError:
             raise pickle.UnpicklingError(
-                f"refusing to load global {module}.{name}: only numpy arrays are allowed in a checkpoint .pkl") from None
+                f"refusing to load global {module}.{name}: only numpy arrays are allowed in a checkpoint .pkl"
+            ) from None
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("refusing persistent ids in a checkpoint .pkl")
@@ -138,7 +138,9 @@ def _checkpoint_dict_from_pkl(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _safe_checkpointer_class():
-    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.checkpoint import (
+        DetectionCheckpointer,  # optional dependency: imported only when this backend is used
+    )
 
     class SafeDetectionCheckpointer(DetectionCheckpointer):
         """DetectionCheckpointer whose file reading never unpickles arbitrary objects."""
@@ -169,7 +171,9 @@ def category_ids_to_contiguous(labels: torch.Tensor) -> torch.Tensor:
     """COCO category ids -> detectron2's contiguous indices 0..79 (ValueError for ids that are not COCO classes)."""
     labels = torch.as_tensor(labels).long()
     lut = torch.full((max(COCO_CATEGORY_IDS) + 1,), -1, dtype=torch.long, device=labels.device)
-    lut[torch.tensor(COCO_CATEGORY_IDS, device=labels.device)] = torch.arange(len(COCO_CATEGORY_IDS), device=labels.device)
+    lut[torch.tensor(COCO_CATEGORY_IDS, device=labels.device)] = torch.arange(
+        len(COCO_CATEGORY_IDS), device=labels.device
+    )
     bad = (labels < 0) | (labels >= len(lut))
     out = lut[labels.clamp(0, len(lut) - 1)]
     bad |= out < 0
@@ -210,7 +214,10 @@ class Detectron2Detector(nn.Module):
         return image.flip(0) if self.input_format == "BGR" else image
 
     def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None):
-        from detectron2.structures import Boxes, Instances
+        from detectron2.structures import (  # optional dependency: imported only when this backend is used
+            Boxes,
+            Instances,
+        )
 
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
@@ -221,8 +228,13 @@ class Detectron2Detector(nn.Module):
             detections = []
             for out in outputs:
                 inst = out["instances"]
-                detections.append({"boxes": inst.pred_boxes.tensor, "labels": contiguous_to_category_ids(inst.pred_classes),
-                                   "scores": inst.scores})
+                detections.append(
+                    {
+                        "boxes": inst.pred_boxes.tensor,
+                        "labels": contiguous_to_category_ids(inst.pred_classes),
+                        "scores": inst.scores,
+                    }
+                )
             return detections, {}
         if targets is None:
             raise ValueError("the detectron2 detector needs targets in training mode (it returns losses)")
@@ -237,7 +249,10 @@ class Detectron2Detector(nn.Module):
             inst.gt_boxes = Boxes(boxes)
             inst.gt_classes = category_ids_to_contiguous(labels)
             item["instances"] = inst
-        from detectron2.utils.events import EventStorage, get_event_storage
+        from detectron2.utils.events import (  # optional dependency: imported only when this backend is used
+            EventStorage,
+            get_event_storage,
+        )
 
         try:  # reuse a caller's EventStorage (inside a detectron2 training loop), else open one for this call
             get_event_storage()
@@ -254,7 +269,7 @@ class Detectron2Detector(nn.Module):
 
 def official_checkpoint_url(config: str = DEFAULT_CONFIG) -> str:
     import_detectron2()
-    from detectron2 import model_zoo
+    from detectron2 import model_zoo  # optional dependency: imported only when this backend is used
 
     return model_zoo.get_checkpoint_url(config)
 
@@ -268,9 +283,9 @@ def build_detectron2_detector(config: str = DEFAULT_CONFIG, weights: str | None 
     downloaded only with ``download=True``), or a local ``.pkl`` / ``.pth`` file; loaded safely (module docstring).
     ``pretrained=False``: detectron2's random initialisation, no file is read."""
     import_detectron2()
-    from detectron2 import model_zoo
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
+    from detectron2 import model_zoo  # optional dependency: imported only when this backend is used
+    from detectron2.config import get_cfg  # optional dependency: imported only when this backend is used
+    from detectron2.modeling import build_model  # optional dependency: imported only when this backend is used
 
     official = weights in (None, "official")
     if not pretrained and not official:
@@ -293,7 +308,9 @@ def build_detectron2_detector(config: str = DEFAULT_CONFIG, weights: str | None 
         checkpointer = _safe_checkpointer_class()(model)
         checkpointer.load(str(path))
         incompatible = checkpointer.last_incompatible
-        missing = [k for k in (incompatible.missing_keys if incompatible else []) if k not in ("pixel_mean", "pixel_std")]
+        missing = [
+            k for k in (incompatible.missing_keys if incompatible else []) if k not in ("pixel_mean", "pixel_std")
+        ]
         if missing:
             raise ValueError(f"{path} does not fit {config}: {len(missing)} parameters missing or mis-shaped, "
                              f"e.g. {missing[:5]}")

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import missing_backend_error, resolve_weights
-from .deeplabv3plus import MMSegContract, OFFICIAL_URL, extract_state_dict, load_checkpoint_file, load_state_dict_strict
+from .weights import missing_backend_error, resolve_weights
+from .deeplabv3plus import OFFICIAL_URL, MMSegContract, extract_state_dict, load_checkpoint_file, load_state_dict_strict
 
 CONFIG_NAME = "deeplabv3plus/deeplabv3plus_r101-d8_4xb4-80k_pascal-context-59-480x480.py"
 INSTALL = ('pip install ../shared/wheels/mmcv-2.1.0-cp311-cp311-linux_x86_64.whl mmengine==0.10.7 '
@@ -39,13 +39,13 @@ INSTALL = ('pip install ../shared/wheels/mmcv-2.1.0-cp311-cp311-linux_x86_64.whl
 def _import_mmseg() -> dict[str, Any]:
     """The mmseg/mmengine entry points, or the suite's ImportError naming the pip command."""
     try:
-        import mmseg
-        from mmengine.config import Config
-        from mmengine.logging import MMLogger
-        from mmengine.model import revert_sync_batchnorm
-        from mmengine.registry import init_default_scope
+        import mmseg  # optional dependency: imported only when this backend is used
         import mmseg.models  # noqa: F401  (registers the models; imports the compiled mmcv.ops)
-        from mmseg.registry import MODELS
+        from mmengine.config import Config  # optional dependency: imported only when this backend is used
+        from mmengine.logging import MMLogger  # optional dependency: imported only when this backend is used
+        from mmengine.model import revert_sync_batchnorm  # optional dependency: imported only when this backend is used
+        from mmengine.registry import init_default_scope  # optional dependency: imported only when this backend is used
+        from mmseg.registry import MODELS  # optional dependency: imported only when this backend is used
     except Exception as e:  # ImportError, or an mmcv build without ops / for another torch (OSError, ...)
         raise missing_backend_error("mmsegmentation", INSTALL, "mmseg") from e
     return dict(mmseg=mmseg, Config=Config, MMLogger=MMLogger, revert_sync_batchnorm=revert_sync_batchnorm,

@@ -29,8 +29,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchvision.models.detection import FasterRCNN, FasterRCNN_ResNet50_FPN_V2_Weights, fasterrcnn_resnet50_fpn_v2
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops.misc import FrozenBatchNorm2d
 
-from . import resolve_weights
+from .weights import resolve_weights
 
 ARCHS = ("resnet50_fpn_v2", "resnext101_32x8d_fpn")
 STAGES = {"conv2": "layer1", "conv3": "layer2", "conv4": "layer3", "conv5": "layer4"}
@@ -41,7 +45,6 @@ def official_weights_url(arch: str = "resnet50_fpn_v2") -> str:
     """URL of torchvision's official COCO checkpoint of ``arch`` (only ``resnet50_fpn_v2`` has one)."""
     if arch != "resnet50_fpn_v2":
         raise ValueError(f"torchvision ships no COCO detection weights for {arch!r}")
-    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_V2_Weights
 
     return FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1.url
 
@@ -73,8 +76,6 @@ class TorchvisionDetector(nn.Module):
         return (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
 
     def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None):
-        from torchvision.models.detection.image_list import ImageList
-
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         if self.training:
@@ -132,12 +133,7 @@ def _load_checkpoint(detector: nn.Module, path: Path, arch: str) -> None:
 def _build_architecture(arch: str, num_classes: int, score_thresh: float, detections_per_img: int) -> nn.Module:
     kwargs = dict(num_classes=num_classes, box_score_thresh=score_thresh, box_detections_per_img=detections_per_img)
     if arch == "resnet50_fpn_v2":
-        from torchvision.models.detection import fasterrcnn_resnet50_fpn_v2
-
         return fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, **kwargs)
-    from torchvision.models.detection import FasterRCNN
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-    from torchvision.ops.misc import FrozenBatchNorm2d
 
     backbone = resnet_fpn_backbone(backbone_name="resnext101_32x8d", weights=None, norm_layer=FrozenBatchNorm2d,
                                    trainable_layers=5)

@@ -1,0 +1,64 @@
+"""The notebooks of a run: ``NN_*.ipynb`` in numeric order, ``--only`` / ``--from``, and the hash of their source."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import nbformat
+
+from .common import RunnerError, rel, sha256_text
+
+NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
+
+
+def discover_notebooks(notebooks_dir: Path) -> list[Path]:
+    """``<dir>/[0-9][0-9]_*.ipynb`` sorted by their number (then name)."""
+    notebooks_dir = Path(notebooks_dir)
+    if not notebooks_dir.is_dir():
+        raise RunnerError(f"notebooks dir {rel(notebooks_dir)} does not exist")
+    found = [p for p in notebooks_dir.glob(NOTEBOOK_GLOB) if p.is_file()]
+    return sorted(found, key=lambda p: (int(p.name[:2]), p.name))
+
+
+def _matches(token: str, nb: Path) -> bool:
+    token = token.strip()
+    if token.endswith(".ipynb"):
+        token = token[: -len(".ipynb")]
+    if token.isdigit():
+        return int(token) == int(nb.name[:2])
+    return token == nb.stem
+
+
+def select_notebooks(
+    notebooks: list[Path], only: Optional[Sequence[str]] = None, start: Optional[str] = None
+) -> list[Path]:
+    """Apply ``--only`` (numbers like ``03`` or full names) and ``--from`` (same forms) to the list."""
+    names = ", ".join(p.stem for p in notebooks) or "none"
+    selected = list(notebooks)
+    if only:
+        wanted = []
+        for token in only:
+            hits = [p for p in notebooks if _matches(token, p)]
+            if not hits:
+                raise RunnerError(f"--only {token}: no such notebook (available: {names})")
+            wanted.extend(h for h in hits if h not in wanted)
+        selected = [p for p in selected if p in wanted]
+    if start:
+        hits = [p for p in notebooks if _matches(start, p)]
+        if hits:
+            first = notebooks.index(hits[0])
+            selected = [p for p in selected if notebooks.index(p) >= first]
+        elif start.strip().isdigit():
+            selected = [p for p in selected if int(p.name[:2]) >= int(start)]
+        else:
+            raise RunnerError(f"--from {start}: no such notebook (available: {names})")
+    return selected
+
+
+def source_sha256(notebook: Path) -> str:
+    """Hash of the notebook's cells' (type, source) only: outputs, execution counts and metadata
+    do not count, so opening/saving or executing a notebook in Jupyter does not make it 'changed'."""
+    nb = nbformat.read(str(notebook), as_version=4)
+    payload = [[cell.get("cell_type", ""), cell.get("source", "")] for cell in nb.cells]
+    return sha256_text(json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
