@@ -80,7 +80,7 @@ smoke: $(STAMP)
 # papermill kernels included (icm_helpers/netguard.py): the tests and the smoke run prove the suite needs no network.
 test: $(STAMP) setup-mmseg
 	$(VENV)/bin/ruff check icm_helpers papermill_runs tests
-	ICM_NO_NETWORK=1 $(PYTEST) -m "not browser" tests
+	ICM_NO_NETWORK=1 $(PYTEST) -m "not browser" --durations=10 tests
 	ICM_NO_NETWORK=1 $(VENV_PY) $(RUNNER) --profile smoke
 	ICM_NO_NETWORK=1 $(PYTEST) --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg $(SMOKE_OUT)/[0-9]*.ipynb
 

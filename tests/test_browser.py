@@ -5,8 +5,9 @@ notebook 06 whose parameters are injected with papermill (``--prepare-only``: de
 a few images for the table and the widget, so it is fast), opens it in Chromium (Selenium with the system
 chromedriver; no browser is downloaded), runs all cells, changes the widget's image, checks that the picture
 (the PNG bytes behind the <img>) and the bpp numbers changed and that a view-only change (the hyper-latent
-checkbox) did not run a codec in the kernel, and saves a screenshot to ``tests/artifacts/browser_06.png``
-(git-ignored) plus the timings to ``tests/artifacts/browser_06_timing.json``.
+checkbox) did not run a codec in the kernel, that a progress bar (``icm_helpers.progress``, a cell appended to the
+copy) renders as tqdm's widget, and saves screenshots to ``tests/artifacts/browser_06.png`` and
+``browser_progress.png`` (git-ignored) plus the timings to ``tests/artifacts/browser_06_timing.json``.
 
 It needs a trained smoke run (``make smoke``; ``$ICM_BROWSER_RUN_DIR`` to use another run directory of the
 smoke profile). It skips, saying why, when Chromium, chromedriver, Selenium, JupyterLab or the run is missing;
@@ -91,7 +92,24 @@ def _prepare_notebook(dst_dir: Path, lam: float) -> Path:
               "n_images": 1, "roi_max_images": 4, "widget_images": 4, "include_hyper": False, "device": "cpu"}
     papermill.execute_notebook(str(NOTEBOOK), str(out), parameters=params, prepare_only=True, kernel_name="python3",
                                progress_bar=False, log_output=False)
+    nb = json.loads(out.read_text())
+    nb["cells"].append({"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+                        "source": PROGRESS_CELL.splitlines(keepends=True)})
+    out.write_text(json.dumps(nb))
     return out
+
+
+# appended to the copy: in JupyterLab (ICM_PROGRESS unset) a progress bar is tqdm's widget
+PROGRESS_CELL = """from icm_helpers.progress import progress
+for _ in progress(range(3), desc="progress check", unit="image"):
+    pass"""
+
+JS_PROGRESS = """
+const nb = window.jupyterapp.shell.currentWidget.content;
+const cell = nb.widgets[nb.widgets.length - 1];
+const widget = cell.model.outputs.toJSON().some(o => o.data && o.data['application/vnd.jupyter.widget-view+json']);
+cell.node.scrollIntoView({block: 'center'});
+return [widget, !!cell.node.querySelector('.widget-hprogress, progress'), cell.node.innerText];"""
 
 
 def _lab_settings(settings_dir: Path) -> None:
@@ -120,6 +138,7 @@ def _start_lab(root: Path, work: Path, port: int, token: str) -> tuple[subproces
         (work / key.lower()).mkdir(parents=True, exist_ok=True)
         env[key] = str(work / key.lower())
     _lab_settings(work / "jupyterlab_settings_dir")
+    env.pop("ICM_PROGRESS", None)  # as a user's JupyterLab: tqdm.auto picks the widget bar
     env.update(
         ICM_NO_NETWORK="1",
         OMP_NUM_THREADS="1",
@@ -354,6 +373,13 @@ def test_notebook06_widget_in_jupyterlab(tmp_path):
         shot = ARTIFACTS / "browser_06.png"
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
+        widget, bar, text = _wait(lambda: (lambda r: r if r[0] and r[1] and "3/3" in r[2] else None)(
+            driver.execute_script(JS_PROGRESS)), 60, "the progress cell's widget bar", driver)
+        text = text.replace("\u2007", " ")  # tqdm's widget pads with figure spaces
+        assert "progress check: 100%" in text and "3/3" in text, text
+        time.sleep(0.5)
+        driver.save_screenshot(str(ARTIFACTS / "browser_progress.png"))
+
         figures = sorted(p.name for p in (tmp_path / "jupyter" / "icm_figures_dir" / "smoke").glob("*.png"))
         assert f"bit_allocation_{TASK}.png" in figures and f"bit_fractions_{TASK}.png" in figures, figures
     finally:
