@@ -445,3 +445,9 @@ class InMemory(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return self.items[i]
+
+    def __getattr__(self, name: str):
+        """Everything else (e.g. ``coco``, the ground truth an evaluation metric reads) comes from the split."""
+        if name in ("items", "base"):  # not set yet (unpickling): no recursion into the split
+            raise AttributeError(name)
+        return getattr(self.base, name)

@@ -329,7 +329,6 @@ def stage_r4(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
             ov = {**_base_overrides(profile, outcome), f"tasks.{task}.train.lr": lr}
             ex, final = _train_baseline(profile, ov, task, lam, f"lr{lr:g}")
             val = ex.dataset("val", task)
-            val = getattr(val, "base", val)  # the split itself, not its in-memory training cache: the metric needs it
             ev = evaluate(load_codec(final), ex.recognizer(task), val, bitstream=False,
                           workers=int(ex.cfg["evaluation"].get("workers", 1)))
             rows.append({"lambda": lam, "val_bpp_estimated": ev["bpp_estimated"], "val_metric": ev["metric"],

@@ -502,3 +502,17 @@ def test_a_finished_model_is_not_reused_for_other_training_settings(tmp_path):
     )
     with pytest.raises(FileExistsError, match=r"trained with other train .*'lr': 0\.0003.*'lr': 0\.001"):
         ex2.train(ex2.spec("detection", 0.4, None))
+
+
+def test_in_memory_split_is_evaluable_like_its_split(world):
+    """The cached validation split exposes the split's ground truth, so evaluation metrics accept it as it is."""
+    import pickle
+
+    from icm_helpers.data import IcmDataset, InMemory
+    from icm_helpers.evaluation import make_metric
+
+    split = IcmDataset(world / "test")
+    cached = InMemory(split)
+    assert cached.coco is split.coco and len(cached) == len(split)
+    assert make_metric(type("R", (), {"task": "detection"})(), cached).coco is split.coco
+    assert pickle.loads(pickle.dumps(cached)).items[0]["image"].shape == cached.items[0]["image"].shape

@@ -17,11 +17,11 @@ from ..data import InMemory, collate, crop_at, crop_item_at, crop_window, to_dev
 def _item_size(dataset, j: int) -> tuple[int, int]:
     """(h, w) of item ``j`` without decoding it when the dataset can say (``image_size(j)``, ``InMemory``, ``Subset``);
     otherwise the item is loaded."""
+    if isinstance(dataset, InMemory):  # the cached tensor itself (the split's attributes are forwarded too)
+        return tuple(dataset.items[j]["image"].shape[-2:])
     if hasattr(dataset, "image_size"):
         h, w = dataset.image_size(j)
         return int(h), int(w)
-    if isinstance(dataset, InMemory):
-        return tuple(dataset.items[j]["image"].shape[-2:])
     if isinstance(dataset, torch.utils.data.Subset):
         return _item_size(dataset.dataset, dataset.indices[j])
     return tuple(dataset[j]["image"].shape[-2:])
