@@ -90,6 +90,15 @@ def train_loader(
     )
 
 
+def _fit_job(cfg: TrainConfig, train_set, seed: int, device: str, steps: int, distributed: bool = False,
+             **fit_args: Any) -> FitResult:
+    """``fit`` with what every job takes from its ``TrainConfig``: the seeded epoch loader, the epochs, the steps per
+    epoch, the lr schedule and the logging interval."""
+    return fit(loader_fn=train_loader(train_set, cfg, seed, device, steps, distributed), epochs=cfg.epochs,
+               steps_per_epoch=steps, lr_lambda=cfg.lr_lambda(steps), log_every=cfg.log_every,
+               distributed=distributed, **fit_args)
+
+
 def train_recognizer(recognizer, train_set, cfg: TrainConfig, checkpoint_path: str | Path, seed: int = 0, log=print,
                      device: str = "cpu") -> FitResult:
     """Train a suite recognizer on ground truth (its ``supervised_loss``)."""
@@ -106,18 +115,14 @@ def train_recognizer(recognizer, train_set, cfg: TrainConfig, checkpoint_path: s
         opt["main"].step()
         return {"loss": loss.detach()}
 
-    return fit(
+    return _fit_job(
+        cfg, train_set, seed, device, steps,
         modules={"recognizer": recognizer},
         optimizers=opt,
         step_fn=step_fn,
-        loader_fn=train_loader(train_set, cfg, seed, device, steps),
-        epochs=cfg.epochs,
-        steps_per_epoch=steps,
-        lr_lambda=cfg.lr_lambda(steps),
         checkpoint_path=checkpoint_path,
         meta={"job": "recognizer", "task": recognizer.task, "seed": seed, **cfg.job_meta()},
         log=log,
-        log_every=cfg.log_every,
     )
 
 
@@ -167,19 +172,15 @@ def train_start_codec(
                 n += x.shape[0]
             return {k: v / max(1, n) for k, v in sums.items()}
 
-    res = fit(
+    res = _fit_job(
+        cfg, train_set, seed, device, steps,
         modules={"codec": codec},
         optimizers=opts,
         step_fn=step_fn,
-        loader_fn=train_loader(train_set, cfg, seed, device, steps),
-        epochs=cfg.epochs,
-        steps_per_epoch=steps,
-        lr_lambda=cfg.lr_lambda(steps),
         checkpoint_path=checkpoint_path,
         meta={"job": "start_codec", "lambda_mse": lambda_mse, "seed": seed, **cfg.job_meta()},
         validate_fn=validate,
         log=log,
-        log_every=cfg.log_every,
     )
     converge_quantiles(codec)
     update_entropy_tables(codec)
@@ -231,19 +232,15 @@ def train_aux_branch(position: str, aux_branch: nn.Module, codec: nn.Module, rec
             return {"aux": total / max(1, n)}
 
     try:
-        return fit(
+        return _fit_job(
+            cfg, train_set, seed, device, steps,
             modules={"aux_branch": aux_branch},
             optimizers=opt,
             step_fn=step_fn,
-            loader_fn=train_loader(train_set, cfg, seed, device, steps),
-            epochs=cfg.epochs,
-            steps_per_epoch=steps,
-            lr_lambda=cfg.lr_lambda(steps),
             checkpoint_path=checkpoint_path,
             meta={"job": "aux_warm_start", "position": position, "seed": seed, **cfg.job_meta()},
             validate_fn=validate,
             log=log,
-            log_every=cfg.log_every,
         )
     finally:
         codec.train(codec_was)
@@ -302,19 +299,15 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
         update_entropy_tables(frozen)
         save_codec(path, frozen, extra={"spec": spec.as_dict(), "epoch": epoch, "of_epochs": cfg.epochs})
 
-    res = fit(
+    res = _fit_job(
+        cfg, train_set, spec.seed, device, steps,
         modules=modules,
         optimizers=opts,
         step_fn=with_autocast(step_fn, cfg.amp, device),
-        loader_fn=train_loader(train_set, cfg, spec.seed, device, steps, distributed),
-        epochs=cfg.epochs,
-        steps_per_epoch=steps,
-        lr_lambda=cfg.lr_lambda(steps),
         checkpoint_path=checkpoint_path,
         meta={"job": "icm", **spec.as_dict(), **cfg.job_meta(), **(meta_extra or {})},
         validate_fn=with_autocast(validate, cfg.amp, device),
         log=log,
-        log_every=cfg.log_every,
         distributed=distributed,
         on_step=on_step,
         on_epoch_end=snapshot if snapshots else None,
