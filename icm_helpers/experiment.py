@@ -13,6 +13,7 @@ interrupted trainings resume from their last complete epoch.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -676,12 +677,13 @@ class Experiment:
         return records
 
     def evaluate_roi(self, task: str, lambdas: Iterable[float] | None = None, qf: float | None = None,
-                     decoder: str | None = None) -> list[dict[str, Any]]:
+                     decoder: str | None = None, seeds: Iterable[int] | None = None) -> list[dict[str, Any]]:
         """ROI baseline (Ahonen et al.): the w/o-aux models with latents outside the GT mask divided by QF.
 
         ``decoder``: "as_is" (method ``roi``: mask not signalled) or "rescale" (method ``roi_rescale``: the decoder
         multiplies back by QF, the signalled mask counts in the rate); None = the first of the profile's
-        ``roi_decoders``."""
+        ``roi_decoders``. ``seeds``: the training seeds of the w/o-aux models (None: the profile's ``train_seeds``);
+        each record carries its seed, so BD-rates vs w/o aux pair ROI and w/o aux of the same seed."""
 
         tc = self.task_cfg(task)
         qf = tc.get("roi_qf") if qf is None else qf
@@ -691,15 +693,16 @@ class Experiment:
         check_roi(qf, decoder)
         method = "roi" if decoder == "as_is" else f"roi_{decoder}"
         records = []
-        for lam in (tc["lambdas"] if lambdas is None else lambdas):
-            spec = self.spec(task, lam, None)
+        for seed, lam in itertools.product(self.train_seeds() if seeds is None else seeds,
+                                           tc["lambdas"] if lambdas is None else lambdas):
+            spec = self.spec(task, lam, None, seed=seed)
             final = self.train(spec)
-            fields = {"method": method, "aux_position": None, "qf": qf, "roi_decoder": decoder,
+            fields = {"method": method, "aux_position": None, "qf": qf, "roi_decoder": decoder, "seed": seed,
                       "codec_path": str(final.relative_to(self.run_dir))}
             records.append(
                 self._evaluate_cached(
                     task,
-                    f"{method}_qf{qf:g}_lambda{lam:g}",
+                    f"{method}_qf{qf:g}_lambda{lam:g}" + ("" if seed == self.seed else f"_seed{seed}"),
                     float(lam),
                     fields,
                     False,
@@ -714,11 +717,12 @@ class Experiment:
         self, task: str, method: str, seed: int | None = None, budget: float | None = None
     ) -> list[dict[str, Any]]:
         """Stored records (with per-image lists) of one method of ``task`` for one training ``seed`` (None: the
-        profile's seed) and training ``budget`` fraction (None: the final models), sorted by lambda."""
+        profile's seed) and training ``budget`` fraction (None: the final models), sorted by lambda. Records without
+        a ``seed`` (the conventional anchors: nothing was trained) belong to every seed."""
         seed = self.seed if seed is None else seed
         recs = [read_json(p) for p in sorted((self.run_dir / "results" / check_task(task)).glob("*.json"))]
         keep = [r for r in recs if r.get("method") == method and r.get("lambda_") is not None
-                and r.get("seed", self.seed) == seed and r.get("budget") == budget]
+                and r.get("seed", self.seed if "codec_path" in r else seed) == seed and r.get("budget") == budget]
         return sorted(keep, key=lambda r: r["lambda_"])
 
     def bd_rate_table(
@@ -760,13 +764,24 @@ class Experiment:
             raise ValueError(
                 f"{task}: the records were evaluated on different test images; re-evaluate them on the same split"
             )
-        present = [t for t in tests if all(t in c for c in curves_by_seed.values())]
-        res = bd_rate_ci_seeds(curves_by_seed, anchor, present, bpp_keys, samples, confidence, self.seed, method)
+        # a method trained with only some of the seeds: its rows for those seeds (pooled over them when 2 or more)
+        # (one bootstrap per group of methods with the same seeds: the anchor's resampled metrics are computed once)
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for t in tests:
+            have = tuple(s for s in seeds if t in curves_by_seed[s] and anchor in curves_by_seed[s])
+            if have:
+                groups.setdefault(have, []).append(t)
+        results = {}
+        for have, group in groups.items():
+            res = bd_rate_ci_seeds({s: curves_by_seed[s] for s in have}, anchor, group, bpp_keys, samples, confidence,
+                                   self.seed, method)
+            results.update({t: (have, res) for t in group})
         rows = []
-        for t in present:
-            points = len(curves_by_seed[seeds[0]][t])
+        for t in [t for t in tests if t in results]:
+            have, res = results[t]
+            points = len(curves_by_seed[have[0]][t])
             rows += [{"task": task, "method": t, "anchor": anchor, "seed": s, "points": points, "budget": budget,
-                      **{k: res["per_seed"][s][t][k] for k in bpp_keys}} for s in seeds]
+                      **{k: res["per_seed"][s][t][k] for k in bpp_keys}} for s in have]
             if t in res["pooled"]:
                 rows.append(
                     {

@@ -201,6 +201,45 @@ def test_experiment_bd_rate_table_from_stored_records(tmp_path):
     assert rows[0]["points"] == 4 and e["samples"] == 200 and e["confidence"] == 0.95
 
 
+def test_bd_rate_table_over_two_seeds_shares_the_untrained_anchors(tmp_path):
+    """With two training seeds: a conventional anchor (no ``seed``: nothing trained) is the anchor of every seed; a
+    method trained with one seed only (ROI) gets that seed's row and no pooled one, instead of vanishing; a stored
+    model record without ``seed`` (written before records carried it) belongs to the profile's seed only."""
+    from icm_helpers.experiment import Experiment
+    from icm_helpers.io import atomic_write_json
+
+    ex = Experiment("smoke", run_dir=tmp_path, log=None)
+    ex.cfg["train_seeds"] = [0, 1]
+    n, C = 30, 3
+    gt_frac = np.random.default_rng(5).uniform(0.2, 0.8, (n, C))
+
+    def write(name, method, lam, scale, **fields):
+        quality = 0.4 + 0.07 * lam
+        per_image = []
+        for i in range(n):
+            union = 1000 * gt_frac[i]
+            per_image.append({"image_id": i + 1, "bpp_bitstream": scale * 0.05 * lam ** 0.5 * (1 + 0.2 * np.cos(i)),
+                              "bpp_estimated": scale * 0.05 * lam ** 0.5 * (1 + 0.2 * np.cos(i)),
+                              "seg_intersection": (union * quality * (0.9 + 0.1 * np.sin(i) ** 2)).tolist(),
+                              "seg_union": union.tolist()})  # the same metric at each lambda for every method
+        record = {"task": "segmentation", "method": method, "lambda_": float(lam), "per_image": per_image, **fields}
+        atomic_write_json(ex.result_path("segmentation", name), record)
+
+    for lam in (1, 2, 4, 8):
+        write(f"jpeg_q{lam}", "jpeg", lam, 2.0)  # an anchor: no seed, no codec_path
+        for seed, scale in ((0, 0.8), (1, 0.9)):
+            trained = {"seed": seed, "codec_path": f"icm/x_seed{seed}/codec.pt"}
+            write(f"baseline_lambda{lam}_seed{seed}", "baseline", lam, scale, **trained)
+        write(f"roi_lambda{lam}", "roi", lam, 0.7, codec_path="icm/x/codec.pt")  # no seed field: the profile's seed 0
+    rows = ex.bd_rate_table("segmentation", "jpeg", ["baseline", "roi"], samples=100, bpp_keys=("bpp_bitstream",))
+    assert [(r["method"], r["seed"]) for r in rows] == [("baseline", 0), ("baseline", 1), ("baseline", "pooled"),
+                                                        ("roi", 0)]
+    bd = {(r["method"], r["seed"]): r["bpp_bitstream"]["bd_rate"] for r in rows}
+    # same metric, rates scaled: BD-rate = scale / 2 - 1 exactly (seed 0: -60%, seed 1: -55%, pooled: their mean)
+    assert bd[("baseline", 0)] == pytest.approx(-60, abs=1e-6) and bd[("baseline", 1)] == pytest.approx(-55, abs=1e-6)
+    assert bd[("baseline", "pooled")] == pytest.approx(-57.5, abs=1e-6)
+
+
 def test_bd_rate_over_seeds_pools_the_per_seed_values_and_their_spread():
     """Seed 0's models need exactly 20% fewer bits than the anchor, seed 1's exactly 10% (no image noise): the per-seed
     CIs are those points, the pooled estimate is their mean (-15) and the seed-and-image bootstrap CI spans both."""
