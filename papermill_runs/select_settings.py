@@ -212,7 +212,9 @@ def profile_seconds(ex, costs: dict[str, Any], steps: int, warm_epochs: int, n_t
         total += models * steps * step
         if "warm" in inits:
             total += seeds * warm_epochs * STEPS_PER_EPOCH * costs["warm_step"][task]
-        evaluations = 2 + models + (lambdas * (1 + (tc.get("roi_qf") is not None)))  # start, reference; ROI (detection)
+        # start, reference, every final model, lambdas more (as budgeted for the demo); ROI on every seed's w/o-aux
+        # models (detection)
+        evaluations = 2 + models + lambdas + lambdas * seeds * (tc.get("roi_qf") is not None)
         total += evaluations * n_test * costs["eval_image"][task]
         total += budgets * lambdas * seeds * (1 + len(inits)) * n_test * costs["eval_image"][task]  # snapshots
         total += (1 + lambdas * 2) * n_test * costs["bitmap_image"][task]  # notebook 06's inside-mask table
