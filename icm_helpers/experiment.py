@@ -333,19 +333,24 @@ class Experiment:
                                **self.task_cfg(task).get("aux", {}))
         return aux.to(self.device) if aux is not None else None
 
-    def budget_epochs(self, task: str) -> dict[float, int]:
-        """{fraction: epoch} of the profile's ``tasks.<task>.budget_fractions`` (dose-response): the codec is saved at
-        the end of that epoch of every run. A fraction must fall on an epoch boundary."""
-        epochs = TrainConfig.from_dict(self.task_cfg(task)["train"]).epochs
+    def budget_steps(self, task: str) -> dict[float, int]:
+        """{fraction: step} of the profile's ``tasks.<task>.budget_fractions`` (dose-response): the codec is saved
+        after that many training steps of every run (fraction x epochs x steps per epoch). A fraction must fall on a
+        whole step."""
+        cfg = TrainConfig.from_dict(self.task_cfg(task)["train"])
+        fractions = self.task_cfg(task).get("budget_fractions") or []
+        if not fractions:
+            return {}
+        total = cfg.epochs * (cfg.steps_per_epoch or cfg.steps(len(self.dataset("train", task))))
         out = {}
-        for f in self.task_cfg(task).get("budget_fractions") or []:
-            e = float(f) * epochs
-            if not (0 < f < 1) or abs(e - round(e)) > 1e-9:
+        for f in fractions:
+            s = float(f) * total
+            if not (0 < f < 1) or abs(s - round(s)) > 1e-9:
                 raise ValueError(
-                    f"tasks.{task}.budget_fractions: {f} x {epochs} epochs is not a whole epoch in (0, {epochs}); "
-                    "use fractions that are multiples of 1/epochs"
+                    f"tasks.{task}.budget_fractions: {f} x {total} steps is not a whole step in (0, {total}); "
+                    f"use fractions that are multiples of 1/{total}"
                 )
-            out[float(f)] = int(round(e))
+            out[float(f)] = int(round(s))
         return out
 
     def snapshot_path(self, spec: IcmSpec, fraction: float) -> Path:
@@ -361,7 +366,7 @@ class Experiment:
         final = out / "codec.pt"
         spec_dict = spec.as_dict()  # without alpha_mode when "fixed": the paper's stored runs stay valid
         # under torchrun every rank must take the same decision: rank 0's view of the files decides
-        snapshots = {e: self.snapshot_path(spec, f) for f, e in self.budget_epochs(spec.task).items()}
+        snapshots = {n: self.snapshot_path(spec, f) for f, n in self.budget_steps(spec.task).items()}
         tc = self.task_cfg(spec.task)
         cfg = TrainConfig.from_dict(tc["train"])
         meta_extra: dict[str, Any] = {"aux_warm_start": tc["aux_warm_start"]} if spec.aux_init == "warm" else {}
@@ -590,7 +595,7 @@ class Experiment:
         for seed in (self.train_seeds() if seeds is None else seeds):
             for pos, init in methods:
                 for lam in lambdas:
-                    for fraction in self.budget_epochs(task):
+                    for fraction in self.budget_steps(task):
                         records.append(
                             self.evaluate_run(self.spec(task, lam, pos, aux_init=init, seed=seed), budget=fraction)
                         )

@@ -42,6 +42,7 @@ from icm_helpers.anchors import available, build_anchor, default_qualities  # no
 from icm_helpers.assets import asset_dir  # noqa: E402
 from icm_helpers.bitmaps import compute_bit_maps  # noqa: E402
 from icm_helpers.codec import load_codec, load_state  # noqa: E402
+from icm_helpers.config import load_profile  # noqa: E402
 from icm_helpers.data import collate  # noqa: E402
 from icm_helpers.evaluation import evaluate  # noqa: E402
 from icm_helpers.experiment import Experiment  # noqa: E402
@@ -274,12 +275,23 @@ def _train_baseline(profile: str, overrides: dict[str, Any], task: str, lam: flo
     return ex, ex.train(ex.spec(task, lam, None, seed=0))
 
 
+def budget_fractions(steps: int) -> list[float]:
+    """Protocol deviation 5: the dose-response snapshots after the whole steps nearest 1/4 and 1/2 of ``steps``
+    (halves rounded up, at least 1 step, distinct, fewer than ``steps``), as fractions of ``steps``."""
+    quarter = max(1, int(steps / 4 + 0.5))
+    half = max(quarter + 1, int(steps / 2 + 0.5))
+    return [round(k / steps, 12) for k in (quarter, half) if k < steps]
+
+
 def _base_overrides(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
     r2 = outcome["stages"]["r2"]
+    cfg = load_profile(profile)
     out = {}
     for task in ("detection", "segmentation"):
         out[f"tasks.{task}.train.epochs"] = r2["epochs"]
         out[f"tasks.{task}.train.steps_per_epoch"] = r2["steps_per_epoch"]
+        if cfg["tasks"][task].get("budget_fractions"):  # a profile with a dose-response (the study)
+            out[f"tasks.{task}.budget_fractions"] = budget_fractions(r2["steps"])
     return out
 
 

@@ -61,3 +61,12 @@ def test_profile_holds_what_its_logged_selection_decided(profile):
             node = node[part]
         assert node == pytest.approx(want), key
     assert cfg["data"]["counts"]["test"] >= cfg["evaluation"]["max_images"]
+
+
+@pytest.mark.parametrize("steps, fractions", [(10, [0.3, 0.5]), (20, [0.25, 0.5]), (40, [0.25, 0.5]),
+                                              (30, [8 / 30, 0.5]), (3, [1 / 3, 2 / 3]), (2, [0.5]), (1, [])])
+def test_budget_fractions_are_the_whole_steps_nearest_a_quarter_and_a_half(steps, fractions):
+    """Deviation 5: snapshots after whole steps; 10 steps -> after 3 and 5 (2.5 rounds up), never step 0 or the end."""
+    got = sel.budget_fractions(steps)
+    assert got == pytest.approx(fractions, abs=1e-12)
+    assert all(abs(f * steps - round(f * steps)) < 1e-9 for f in got)

@@ -5,7 +5,14 @@ import torch
 
 from icm_helpers.aux_branches import build_aux_branch
 from icm_helpers.bitmaps import bit_allocation_map
-from icm_helpers.codec import bits_from_likelihoods, build_codec, compress_image, pad_to_multiple, update_entropy_tables
+from icm_helpers.codec import (
+    bits_from_likelihoods,
+    build_codec,
+    compress_image,
+    load_state,
+    pad_to_multiple,
+    update_entropy_tables,
+)
 from icm_helpers.evaluation import evaluate
 from icm_helpers.recognizers import build_recognizer
 from icm_helpers.roi import roi_latent_scaling
@@ -64,6 +71,35 @@ def test_resume_gives_same_result_as_uninterrupted(tmp_path, train_set, monkeypa
     for a, b in zip(full_aux.state_dict().values(), aux.state_dict().values()):
         assert torch.equal(a, b)
     assert [h["train_loss"] for h in res.history] == [h["train_loss"] for h in resumed.history]
+
+
+def test_a_budget_snapshot_mid_epoch_holds_the_weights_after_its_step_and_leaves_the_run_unchanged(tmp_path,
+                                                                                                    train_set):
+    """Dose-response snapshots are taken after a number of STEPS (here 3 of 3 epochs x 2 steps: inside epoch 2): the
+    file holds the codec's weights right after step 3, the job's own on_step still sees every step, and the run goes
+    on exactly as without the snapshot (bit-identical final weights: saving it draws no random numbers)."""
+    full, _, _, (spec, rec) = _job(tmp_path / "plain", train_set)
+    torch.manual_seed(1)
+    codec = build_codec(N=16)
+    aux = build_aux_branch("detection", "enc", 16, 3, **AUX_DET_CFG)
+    seen, after_step3 = [], {}
+
+    def on_step(step, logs):
+        seen.append(step)
+        if step == 2:  # 0-based: after it, 3 steps are done
+            after_step3.update({k: v.detach().clone() for k, v in codec.named_parameters()})
+
+    snap = tmp_path / "snap" / "codec_budget0.5.pt"
+    train_icm(spec, codec, rec, aux, train_set, CFG, tmp_path / "snap" / "state.pt", log=None, on_step=on_step,
+              snapshots={3: snap})
+    assert seen == list(range(CFG.epochs * CFG.steps_per_epoch))
+    for (k, a), b in zip(full.state_dict().items(), codec.state_dict().values()):
+        assert torch.equal(a, b), f"codec parameter {k} differs from the run without a snapshot"
+    stored = load_state(snap)
+    assert stored["extra"]["step"] == 3 and stored["extra"]["of_steps"] == 6
+    weights = {k: v for k, v in after_step3.items() if "quantiles" not in k}  # quantiles: fitted in the snapshot
+    assert weights and all(torch.equal(stored["state_dict"][k], v) for k, v in weights.items())
+    assert not torch.equal(stored["state_dict"]["g_a.0.conv1.weight"], codec.state_dict()["g_a.0.conv1.weight"])
 
 
 def test_checkpoint_of_another_job_is_not_resumed(tmp_path, train_set):
@@ -475,8 +511,8 @@ def test_experiment_warm_start_seeds_and_budget_snapshots(tmp_path):
         meta["aux_init"] == "warm" and meta["aux_warm_start"]["steps_per_epoch"] == 2 and meta["clip_scope"] == "module"
     )
     ex.cfg["tasks"]["segmentation"]["budget_fractions"] = [0.3]
-    with pytest.raises(ValueError, match="whole epoch"):
-        ex.budget_epochs("segmentation")
+    with pytest.raises(ValueError, match="whole step"):
+        ex.budget_steps("segmentation")
 
 
 def test_a_finished_model_is_not_reused_for_other_training_settings(tmp_path):

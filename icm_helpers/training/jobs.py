@@ -255,9 +255,10 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
     ``cfg``'s speed knobs (amp, channels_last, compile, workers) apply here; under ``torchrun`` the codec and the
     branch train with DistributedDataParallel on this rank's slice of every global batch (``icm_helpers.distributed``).
     ``on_step(step, logs)``: see ``fit``. ``snapshots``:
-    {epoch: path}: the codec as it is after that epoch (quantiles fitted, tables built, as the final one) is saved
-    there, for the budget study (dose-response). ``meta_extra``: more fields of the job's identity (checkpoint meta),
-    e.g. how a warm-started branch was pre-trained."""
+    {n: path}: the codec as it is after n training steps (quantiles fitted, tables built, as the final one) is saved
+    there, for the budget study (dose-response); saving draws no random numbers, so the run goes on as without it.
+    ``meta_extra``: more fields of the job's identity (checkpoint meta), e.g. how a warm-started branch was
+    pre-trained."""
     if not getattr(recognizer, "frozen", False):
         raise ValueError("the recognizer must be frozen (recognizer.freeze()) before ICM training")
     torch.manual_seed(spec.seed)
@@ -290,14 +291,16 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
         def validate(epoch):
             return validation_terms(spec, codec, recognizer, aux_branch, val_set, cfg.batch_size, spec.seed, device)
 
-    def snapshot(epoch: int) -> None:
-        path = (snapshots or {}).get(epoch)
-        if path is None or not dist_lib.is_main():
-            return
-        frozen = copy.deepcopy(plain_codec).eval()
-        converge_quantiles(frozen)
-        update_entropy_tables(frozen)
-        save_codec(path, frozen, extra={"spec": spec.as_dict(), "epoch": epoch, "of_epochs": cfg.epochs})
+    def snapshot(step: int, logs: dict[str, Any]) -> None:
+        path = (snapshots or {}).get(step + 1)  # fit's step is 0-based: after it, step + 1 steps are done
+        if path is not None and dist_lib.is_main():
+            with torch.random.fork_rng():
+                frozen = copy.deepcopy(plain_codec).eval()
+                converge_quantiles(frozen)
+                update_entropy_tables(frozen)
+            save_codec(path, frozen, extra={"spec": spec.as_dict(), "step": step + 1, "of_steps": cfg.epochs * steps})
+        if on_step is not None:
+            on_step(step, logs)
 
     res = _fit_job(
         cfg, train_set, spec.seed, device, steps,
@@ -309,8 +312,7 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
         validate_fn=with_autocast(validate, cfg.amp, device),
         log=log,
         distributed=distributed,
-        on_step=on_step,
-        on_epoch_end=snapshot if snapshots else None,
+        on_step=snapshot if snapshots else on_step,
         desc=f"{spec.task}/{spec.run_name} (seed {spec.seed})",
     )
     converge_quantiles(codec)
