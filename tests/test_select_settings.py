@@ -48,7 +48,7 @@ def test_r6_stops_at_the_first_epoch_improving_less_than_five_percent():
     assert sel.warm_epochs([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]) == 8  # always improving: the cap
 
 
-@pytest.mark.parametrize("profile", ["demo"])
+@pytest.mark.parametrize("profile", ["demo", "study"])
 def test_profile_holds_what_its_logged_selection_decided(profile):
     """profiles/<profile>.yaml must carry the settings docs/protocol_outcomes/<profile>.json decided (R2-R6)."""
     path = REPO_ROOT / "docs" / "protocol_outcomes" / f"{profile}.json"
