@@ -37,6 +37,8 @@ def test_every_per_image_csv_matches_one_summary_row(exports):
             assert table["image_id"].is_unique, path
             avg = table["bpp_bitstream"].mean()
             rows = summary[np.isclose(summary["avg_bpp"], avg, rtol=REL, atol=0)]
+            if len(rows) > 1:  # the range coder's whole bytes can give two models (e.g. two seeds) the same rate
+                rows = rows[np.isclose(rows["bpp_estimated"], table["bpp_estimated"].mean(), rtol=REL, atol=0)]
             assert len(rows) == 1, f"{path.name}: mean bpp_bitstream {avg} matches {len(rows)} summary rows"
             row = rows.iloc[0]
             assert row["num_images"] == len(table), path.name
