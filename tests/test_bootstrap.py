@@ -173,27 +173,32 @@ def test_bd_rate_ci_errors_and_resamples():
         bd_rate_ci(curves, "a", ["c"], samples=10)
 
 
+def _write_seg_record(ex, name, method, lam, scale, gt_frac, jitter, estimated=1.0, **fields):
+    """A stored segmentation record of ``gt_frac.shape[0]`` images: rate ``scale`` x sqrt(lambda) (estimated:
+    x ``estimated``), per-class intersections = union x (0.4 + 0.07 lambda) x ``jitter(i)``."""
+    from icm_helpers.io import atomic_write_json
+
+    per_image = []
+    for i, frac in enumerate(gt_frac):
+        union, rate = 1000 * frac, scale * 0.05 * lam ** 0.5 * (1 + 0.2 * np.cos(i))
+        per_image.append({"image_id": i + 1, "bpp_bitstream": rate, "bpp_estimated": estimated * rate,
+                          "seg_intersection": (union * (0.4 + 0.07 * lam) * jitter(i)).tolist(),
+                          "seg_union": union.tolist()})
+    record = {"task": "segmentation", "method": method, "lambda_": float(lam), "per_image": per_image, **fields}
+    atomic_write_json(ex.result_path("segmentation", name), record)
+
+
 def test_experiment_bd_rate_table_from_stored_records(tmp_path):
     """Experiment.bd_rate_table reads the stored per-image records, pairs the images and reports CIs per bpp kind."""
     from icm_helpers.experiment import Experiment
-    from icm_helpers.io import atomic_write_json
 
     ex = Experiment("smoke", run_dir=tmp_path, log=None)
     rng = np.random.default_rng(4)
-    n, C = 30, 3
-    gt_frac = rng.uniform(0.2, 0.8, (n, C))
+    gt_frac = rng.uniform(0.2, 0.8, (30, 3))
     for method, scale in (("baseline", 1.0), ("aux_enc", 0.75)):
         for lam in (1, 2, 4, 8):
-            quality = 0.4 + 0.07 * lam
-            per_image = []
-            for i in range(n):
-                union = 1000 * gt_frac[i]
-                per_image.append({"image_id": i + 1, "bpp_bitstream": scale * 0.05 * lam ** 0.5 * (1 + 0.2 * np.cos(i)),
-                                  "bpp_estimated": scale * 0.049 * lam ** 0.5 * (1 + 0.2 * np.cos(i)),
-                                  "seg_intersection": (union * quality * rng.uniform(0.9, 1.0, C)).round().tolist(),
-                                  "seg_union": union.round().tolist()})
-            atomic_write_json(ex.result_path("segmentation", f"{method}_lambda{lam}"),
-                              {"task": "segmentation", "method": method, "lambda_": float(lam), "per_image": per_image})
+            _write_seg_record(ex, f"{method}_lambda{lam}", method, lam, scale, gt_frac,
+                              jitter=lambda i: rng.uniform(0.9, 1.0, 3), estimated=0.98)
     rows = ex.bd_rate_table("segmentation", "baseline", ["aux_enc", "roi"], samples=200)
     assert [r["method"] for r in rows] == ["aux_enc"]  # roi has no points: skipped
     e = rows[0]["bpp_bitstream"]
@@ -206,24 +211,13 @@ def test_bd_rate_table_over_two_seeds_shares_the_untrained_anchors(tmp_path):
     method trained with one seed only (ROI) gets that seed's row and no pooled one, instead of vanishing; a stored
     model record without ``seed`` (written before records carried it) belongs to the profile's seed only."""
     from icm_helpers.experiment import Experiment
-    from icm_helpers.io import atomic_write_json
 
     ex = Experiment("smoke", run_dir=tmp_path, log=None)
     ex.cfg["train_seeds"] = [0, 1]
-    n, C = 30, 3
-    gt_frac = np.random.default_rng(5).uniform(0.2, 0.8, (n, C))
+    gt_frac = np.random.default_rng(5).uniform(0.2, 0.8, (30, 3))
 
-    def write(name, method, lam, scale, **fields):
-        quality = 0.4 + 0.07 * lam
-        per_image = []
-        for i in range(n):
-            union = 1000 * gt_frac[i]
-            per_image.append({"image_id": i + 1, "bpp_bitstream": scale * 0.05 * lam ** 0.5 * (1 + 0.2 * np.cos(i)),
-                              "bpp_estimated": scale * 0.05 * lam ** 0.5 * (1 + 0.2 * np.cos(i)),
-                              "seg_intersection": (union * quality * (0.9 + 0.1 * np.sin(i) ** 2)).tolist(),
-                              "seg_union": union.tolist()})  # the same metric at each lambda for every method
-        record = {"task": "segmentation", "method": method, "lambda_": float(lam), "per_image": per_image, **fields}
-        atomic_write_json(ex.result_path("segmentation", name), record)
+    def write(name, method, lam, scale, **fields):  # the same metric at each lambda for every method
+        _write_seg_record(ex, name, method, lam, scale, gt_frac, jitter=lambda i: 0.9 + 0.1 * np.sin(i) ** 2, **fields)
 
     for lam in (1, 2, 4, 8):
         write(f"jpeg_q{lam}", "jpeg", lam, 2.0)  # an anchor: no seed, no codec_path
