@@ -28,7 +28,8 @@ RB is the residual block of CompressAI's Cheng2020 / Liu et al. [16] models.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import contextlib
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,72 @@ AUX_POSITIONS = ("enc", "dec", "task", None)
 STAGE_CHANNELS = (128, 256, 256, 512)  # Tables 1 and 2, auxiliary-branch column
 TASK_LAYERS = {"detection": ("conv2",), "segmentation": ("conv2", "conv3")}  # Sec. 4.2 aux-task insertion points
 TASK_KEYS = ("task_layer", "task_head", "task_layers")  # settings of the aux-task position only
+
+
+AUX_LABELS = ("pseudo", "shuffled")  # what the branch is trained on: its image's pseudo-labels, or another image's
+RNG_STATE = "rng_state"  # the branch's own random stream (a buffer: it travels in its state dict and checkpoints)
+
+
+def check_aux_labels(kind: str) -> str:
+    if kind not in AUX_LABELS:
+        raise ValueError(f"unknown aux_labels {kind!r}; valid: 'pseudo' (the recognizer's labels of the same image, "
+                         "the paper) or 'shuffled' (another image's labels: the control branch of protocol v2)")
+    return kind
+
+
+def shuffle_labels(labels: Any) -> Any:
+    """The control branch's labels (protocol v2, section 3): image i of the batch gets the labels of image i+1 mod B,
+    so the branch has the same loss scale and label distribution but no information about its own image. Detection
+    labels are a list of per-image dicts, segmentation labels a (B, H, W) tensor."""
+    n = len(labels)
+    if n < 2:
+        raise ValueError("aux_labels='shuffled' gives each image another image's labels: it needs batches of >= 2")
+    if isinstance(labels, torch.Tensor):
+        return torch.roll(labels, shifts=-1, dims=0)
+    return list(labels[1:]) + [labels[0]]
+
+
+def seed_random_stream(branch: nn.Module, seed: int) -> None:
+    """Give ``branch`` its own random stream, seeded by ``seed`` (a CPU generator state held as the buffer
+    ``rng_state``). Every random draw of the branch's forward (RPN / RoI sampling, dropout) then comes from this
+    stream (``own_random_stream``), so the arms of one training seed see the same codec noise, recognizer sampling
+    and data order whether or not they have a branch (protocol v2, V7)."""
+    state = torch.Generator().manual_seed(int(seed) + 7_919).get_state()
+    if hasattr(branch, RNG_STATE):
+        getattr(branch, RNG_STATE).copy_(state)
+    else:
+        branch.register_buffer(RNG_STATE, state)
+
+
+@contextlib.contextmanager
+def own_random_stream(branch: nn.Module | None) -> Iterator[None]:
+    """Run the block on ``branch``'s own random stream (``seed_random_stream``) and leave the global streams as they
+    were; the advanced state is stored back in the branch. CUDA draws come from a seed taken from the branch's
+    stream. A branch without a stream (or None) runs on the global streams, as before."""
+    state = getattr(branch, RNG_STATE, None) if branch is not None else None
+    if state is None:
+        yield
+        return
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.set_rng_state(state.detach().cpu())
+        if cuda:
+            torch.cuda.manual_seed(int(torch.randint(0, 2 ** 62, (1,))))
+        yield
+        state.copy_(torch.get_rng_state().to(state.device))
+
+
+@contextlib.contextmanager
+def keep_random_stream(branch: nn.Module | None) -> Iterator[None]:
+    """The branch's own stream is the same after the block as before (validation draws, measurements): a run
+    validated at some steps trains exactly as one that is not."""
+    state = getattr(branch, RNG_STATE, None) if branch is not None else None
+    saved = None if state is None else state.clone()
+    try:
+        yield
+    finally:
+        if saved is not None:
+            state.copy_(saved)
 
 
 def check_aux_position(position: str | None) -> str | None:

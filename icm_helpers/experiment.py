@@ -26,7 +26,7 @@ from . import codec as codec_lib
 from . import distributed as dist_lib
 from .adaptive_alpha import check_alpha_mode
 from .assets import find_shipped, install_shipped
-from .aux_branches import build_aux_branch
+from .aux_branches import build_aux_branch, seed_random_stream
 from .bootstrap import bd_rate_ci_seeds
 from .config import check_device, load_profile, resolve_data_path, resolve_run_dir, safe_name
 from .datasources import DATA_SOURCES
@@ -37,6 +37,7 @@ from .provenance import result_provenance
 from .recognizers import build_recognizer, load_recognizer, save_recognizer
 from .registry import RESAMPLERS, check_task
 from .roi import check_roi
+from .training import stopping
 from .training import (
     IcmSpec,
     TrainConfig,
@@ -112,11 +113,14 @@ class Experiment:
         return self.source.num_classes(task)
 
     def spec(self, task: str, lambda_: float, aux_position: str | None, alpha: float | None = None,
-             alpha_mode: str | None = None, aux_init: str | None = None, seed: int | None = None) -> IcmSpec:
+             alpha_mode: str | None = None, aux_init: str | None = None, seed: int | None = None,
+             aux_labels: str = "pseudo", objective: str = "task") -> IcmSpec:
         """``alpha_mode``: None = the task's ``alpha_mode`` in the profile (default "fixed", the paper). The w/o-aux
         baseline has no auxiliary term, so it is always "fixed" and "cold" (one baseline serves every mode).
         ``aux_init``: "cold" (default, the paper) or "warm" (``aux_warm_start``). ``seed``: the training seed (default:
-        the profile's seed; ``train_seeds`` lists a profile's seeds; the world never depends on it)."""
+        the profile's seed; ``train_seeds`` lists a profile's seeds; the world never depends on it). ``aux_labels``:
+        "shuffled" = the control branch; ``objective``: "mse" = the positive control (Eq. 2, ``lambda_`` = Eq. 2's
+        lambda; protocol v2)."""
         tc = self.task_cfg(task)
         mode = tc.get("alpha_mode", "fixed") if alpha_mode is None else alpha_mode
         check_alpha_mode(mode)
@@ -129,6 +133,8 @@ class Experiment:
             seed=self.seed if seed is None else int(seed),
             alpha_mode="fixed" if aux_position is None else mode,
             aux_init="cold" if aux_position is None or aux_init is None else aux_init,
+            aux_labels=aux_labels,
+            objective=objective,
         )
 
     def train_seeds(self) -> list[int]:
@@ -296,53 +302,80 @@ class Experiment:
         return self._evaluate_cached(task, "start", None, {"method": "start"}, force, codec_factory=self.start_codec)
 
     # ------------------------------------------------------------------ what ICM training shares between runs
-    def warm_aux_branch(self, task: str, position: str, seed: int) -> dict[str, Any]:
+    def warm_aux_branch(self, task: str, position: str, seed: int, labels: str = "pseudo") -> dict[str, Any]:
         """State dict of the ``position`` branch pre-trained alone (``train_aux_branch``) on the START codec's features
-        with the training pseudo-labels, for training seed ``seed``: shared by every lambda of that seed (it does not
-        depend on lambda). Trained once, stored under ``aux_warm/``; settings: ``tasks.<task>.aux_warm_start``."""
-        wc = self.task_cfg(task).get("aux_warm_start")
+        with the training pseudo-labels (``labels="shuffled"``: another image's, the control branch), for training
+        seed ``seed``: shared by every lambda of that seed (it does not depend on lambda). Trained once, stored under
+        ``aux_warm/``; settings: ``tasks.<task>.aux_warm_start`` (a train block, plus optionally ``plateau: {rel,
+        patience}``: stop when the validation loss plateaus, protocol v2 R6v2, and ``seed``: one pre-training shared
+        by every training seed). A control branch trains for as many epochs as the competent one of its task."""
+        wc = dict(self.task_cfg(task).get("aux_warm_start") or {})
         if not wc:
             raise ValueError(
                 f"aux_init='warm' needs tasks.{task}.aux_warm_start (a train block: epochs, lr, ...) in the profile"
             )
-        out = self.run_dir / "aux_warm" / task / f"{position}_seed{seed}"
-        final = out / "branch.pt"
+        config = dict(wc)
+        plateau_cfg = wc.pop("plateau", None)
+        seed = int(wc.pop("seed", seed))
+        cfg = TrainConfig.from_dict(wc)
+        stop = stopping.plateau("val_aux", **plateau_cfg) if plateau_cfg else None
+        if labels != "pseudo":  # the control: the competent branch's length, no stopping rule of its own
+            self.warm_aux_branch(task, position, seed, "pseudo")
+            competent = codec_lib.load_state(self._warm_path(task, position, seed, "pseudo", config))
+            cfg, stop = TrainConfig.from_dict({**wc, "epochs": len(competent["history"])}), None
+        final = self._warm_path(task, position, seed, labels, config)
         if final.exists():
-            stored = codec_lib.load_state(final)
-            if stored.get("config") != wc:
-                raise FileExistsError(
-                    f"{final} was pre-trained with {stored.get('config')}, not {wc}; delete it to redo"
-                )
-            return stored["state_dict"]
+            return codec_lib.load_state(final)["state_dict"]
         codec, recognizer = self.start_codec(), self.recognizer(task)
         aux = self._build_branch(task, position, seed, codec, recognizer)
-        self.log(f"warm start: pre-training the {position} branch of {task} (seed {seed}) on the start codec's latents")
-        res = train_aux_branch(position, aux, codec, recognizer, self.dataset("train", task), TrainConfig.from_dict(wc),
-                               out / "train_state.pt", val_set=self.dataset("val", task),
-                               seed=seed, log=self.log, device=self.device)
+        self.log(f"warm start: pre-training the {position} branch of {task} (seed {seed}, {labels} labels) on the "
+                 "start codec's latents")
+        res = train_aux_branch(position, aux, codec, recognizer, self.dataset("train", task), cfg,
+                               final.parent / "train_state.pt", val_set=self.dataset("val", task),
+                               seed=seed, log=self.log, device=self.device, labels=labels, stop_when=stop)
         if dist_lib.is_main():
-            atomic_write_json(out / "history.json", res.history)
-            atomic_torch_save({"state_dict": aux.state_dict(), "config": wc, "history": res.history}, final)
+            atomic_write_json(final.parent / "history.json", res.history)
+            atomic_torch_save({"state_dict": aux.state_dict(), "config": config, "labels": labels,
+                               "history": res.history}, final)
         dist_lib.barrier()
         return aux.state_dict()
+
+    def _warm_path(self, task: str, position: str, seed: int, labels: str, config: dict[str, Any]) -> Path:
+        """Where the pre-trained branch lives; a file pre-trained with other settings is refused, never reused."""
+        name = f"{position}{'' if labels == 'pseudo' else '_' + labels}_seed{seed}"
+        final = self.run_dir / "aux_warm" / task / name / "branch.pt"
+        if final.exists():
+            stored = codec_lib.load_state(final)
+            if stored.get("config") != config:
+                raise FileExistsError(
+                    f"{final} was pre-trained with {stored.get('config')}, not {config}; delete it to redo"
+                )
+        return final
 
     def _build_branch(self, task: str, position: str | None, seed: int, codec, recognizer):
         """The auxiliary branch of ``position``, initialised from ``seed`` (the same draws for cold and warm starts)."""
         torch.manual_seed(seed)
         aux = build_aux_branch(task, position, codec_lib.codec_N(codec), self.num_classes(task), recognizer=recognizer,
                                **self.task_cfg(task).get("aux", {}))
-        return aux.to(self.device) if aux is not None else None
+        if aux is None:
+            return None
+        seed_random_stream(aux, seed)  # its own random stream (protocol v2, V7); reseeded by every job that trains it
+        return aux.to(self.device)
 
     def budget_steps(self, task: str) -> dict[float, int]:
         """{fraction: step} of the profile's ``tasks.<task>.budget_fractions`` (dose-response): the codec is saved
         after that many training steps of every run (fraction x epochs x steps per epoch). A fraction must fall on a
-        whole step."""
-        cfg = TrainConfig.from_dict(self.task_cfg(task)["train"])
+        whole step. ``tasks.<task>.snapshot_steps`` names the steps instead (protocol v2: the codec after 100 steps,
+        for the gradient cosines); its fractions are step / total."""
         fractions = self.task_cfg(task).get("budget_fractions") or []
-        if not fractions:
+        steps = self.task_cfg(task).get("snapshot_steps") or []
+        if not fractions and not steps:
             return {}
-        total = cfg.epochs * (cfg.steps_per_epoch or cfg.steps(len(self.dataset("train", task))))
-        out = {}
+        total = self.total_steps(task)
+        bad = [n for n in steps if not 0 < int(n) < total]
+        if bad:
+            raise ValueError(f"tasks.{task}.snapshot_steps {bad} are not steps in (0, {total}) of its training")
+        out = {int(n) / total: int(n) for n in steps}
         for f in fractions:
             s = float(f) * total
             if not (0 < f < 1) or abs(s - round(s)) > 1e-9:
@@ -353,6 +386,11 @@ class Experiment:
             out[float(f)] = int(round(s))
         return out
 
+    def total_steps(self, task: str) -> int:
+        """Training steps of every ICM run of ``task`` (epochs x steps per epoch)."""
+        cfg = TrainConfig.from_dict(self.task_cfg(task)["train"])
+        return cfg.epochs * cfg.steps(len(self.dataset("train", task)))
+
     def snapshot_path(self, spec: IcmSpec, fraction: float) -> Path:
         return self.run_path(spec) / f"codec_budget{fraction:g}.pt"
 
@@ -361,7 +399,9 @@ class Experiment:
         """Train one ICM model (resumes if interrupted; reuses a finished one). Returns the final codec path.
 
         With the profile's ``validate_every_epoch`` the validation loss terms (Eq. 4 main loss among them) are
-        recorded per epoch, which the branch-position ablation plots (Figs. 8-9)."""
+        recorded per epoch, which the branch-position ablation plots (Figs. 8-9); with ``tasks.<task>.
+        validate_at_steps`` instead after those numbers of steps (``curve.json``; protocol v2's learning curves).
+        ``timing.json``: the seconds of the training loop and of those validations."""
         out = self.run_path(spec)
         final = out / "codec.pt"
         spec_dict = spec.as_dict()  # without alpha_mode when "fixed": the paper's stored runs stay valid
@@ -370,6 +410,8 @@ class Experiment:
         tc = self.task_cfg(spec.task)
         cfg = TrainConfig.from_dict(tc["train"])
         meta_extra: dict[str, Any] = {"aux_warm_start": tc["aux_warm_start"]} if spec.aux_init == "warm" else {}
+        total = self.total_steps(spec.task)
+        val_steps = [int(n) for n in tc.get("validate_at_steps") or [] if int(n) <= total]
         job = {"spec": spec_dict, "train": cfg.job_meta(), **meta_extra}  # everything the trained weights depend on
         if dist_lib.broadcast_object(final.exists() and not force):
             extra = codec_lib.load_state(final)["extra"]
@@ -398,8 +440,9 @@ class Experiment:
         recognizer = self.recognizer(spec.task)
         aux = self._build_branch(spec.task, spec.aux_position, spec.seed, codec, recognizer)
         if spec.aux_init == "warm":
-            aux.load_state_dict(self.warm_aux_branch(spec.task, spec.aux_position, spec.seed))
+            aux.load_state_dict(self.warm_aux_branch(spec.task, spec.aux_position, spec.seed, spec.aux_labels))
         self.log(f"ICM training {spec.task}/{out.name}")
+        validate = bool(val_steps) or bool(self.cfg.get("validate_every_epoch"))
         res = train_icm(
             spec,
             codec,
@@ -408,14 +451,20 @@ class Experiment:
             self.dataset("train", spec.task),
             cfg,
             out / "train_state.pt",
-            val_set=self.dataset("val", spec.task) if self.cfg.get("validate_every_epoch") else None,
+            val_set=self.dataset("val", spec.task) if validate else None,
             log=self.log,
             device=self.device,
             snapshots=snapshots,
             meta_extra=meta_extra,
+            val_steps=val_steps or None,
+            curve_path=out / "curve.json",
         )
         if dist_lib.is_main():  # one writer (torchrun: rank 0); the others wait until the files are there
             atomic_write_json(out / "history.json", res.history)
+            curve = read_json(out / "curve.json") if val_steps else []
+            atomic_write_json(out / "timing.json", {
+                "loop_seconds": res.seconds, "resumed_from_epoch": res.resumed_from_epoch, "steps": total,
+                "validation_seconds": sum(p["seconds"] for p in curve)})
             codec_lib.save_codec(final, codec, extra={"spec": spec_dict, "job": job, "history": res.history})
         dist_lib.barrier()
         return final
@@ -552,6 +601,9 @@ class Experiment:
             fields["alpha_mode"] = spec.alpha_mode
         if spec.aux_init != "cold":
             fields["aux_init"] = spec.aux_init
+        for k, default in (("aux_labels", "pseudo"), ("objective", "task")):
+            if getattr(spec, k) != default:
+                fields[k] = getattr(spec, k)
         name = self.run_path(spec).name
         if budget is not None:
             fields["budget"] = float(budget)
@@ -570,16 +622,19 @@ class Experiment:
 
     def run_grid(self, task: str, aux_positions: Iterable[str | None], lambdas: Iterable[float] | None = None,
                  alpha: float | None = None, alpha_mode: str | None = None, aux_init: str | None = None,
-                 seeds: Iterable[int] | None = None) -> list[dict[str, Any]]:
+                 seeds: Iterable[int] | None = None, aux_labels: str = "pseudo",
+                 objective: str = "task") -> list[dict[str, Any]]:
         """Train (or reuse) and evaluate every (position, lambda, seed) of the grid; returns the result records.
         ``alpha_mode``: None = the profile's (default "fixed"); see ``icm_helpers.adaptive_alpha``. ``aux_init``: "cold"
-        (default) or "warm". ``seeds``: None = the profile's ``train_seeds``."""
+        (default) or "warm". ``seeds``: None = the profile's ``train_seeds``. ``aux_labels`` / ``objective``: the
+        control branch / the MSE positive control (``spec``)."""
         lambdas = self.task_cfg(task)["lambdas"] if lambdas is None else lambdas
         records = []
         for seed in (self.train_seeds() if seeds is None else seeds):
             for pos in aux_positions:
                 for lam in lambdas:
-                    records.append(self.evaluate_run(self.spec(task, lam, pos, alpha, alpha_mode, aux_init, seed)))
+                    spec = self.spec(task, lam, pos, alpha, alpha_mode, aux_init, seed, aux_labels, objective)
+                    records.append(self.evaluate_run(spec))
         return records
 
     def evaluate_budgets(

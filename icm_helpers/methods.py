@@ -24,6 +24,8 @@ class Method:
     aux_position: str | None = None  # icm: None (w/o aux), "enc", "dec", "task"
     alpha_mode: str = "fixed"  # icm: Eq. 5's fixed alpha, or an adaptive mode (adaptive_alpha.py)
     aux_init: str = "cold"  # icm: the branch starts random ("cold", the paper) or pre-trained ("warm")
+    aux_labels: str = "pseudo"  # icm: the branch learns its image's pseudo-labels, or another's ("shuffled": control)
+    objective: str = "task"  # icm: fine-tuned for the task (Eq. 4-6) or for MSE (Eq. 2: the positive control)
     linestyle: str = "-"
     markersize: float | None = None
 
@@ -40,6 +42,11 @@ METHODS: dict[str, Method] = {m.id: m for m in (
     Method("aux_enc", "aux-enc", "w/ aux loss", "tab:red", "s", aux_position="enc"),
     Method("aux_enc_warm", "aux-enc (warm)", "w/ aux loss, warm-started branch", "tab:cyan", "p", aux_position="enc",
            aux_init="warm"),
+    # protocol v2: the control branch (shuffled labels) and the positive control (MSE fine-tuning)
+    Method("aux_enc_warm_shuffled", "control branch", "w/ aux loss, branch on shuffled labels", "tab:gray", "d",
+           aux_position="enc", aux_init="warm", aux_labels="shuffled"),
+    Method("mse_finetune", "MSE fine-tune", "fine-tuned for MSE (Eq. 2)", "goldenrod", "v", objective="mse",
+           linestyle="--"),
     Method("roi", "ROI", "ROI (decoder as is)", "tab:green", "^", kind="roi"),
     Method("roi_rescale", "ROI (rescale)", "ROI (decoder rescales, mask signalled)", "tab:olive", "v", kind="roi"),
     Method("aux_dec", "aux-dec", "aux-dec", "tab:purple", "D", aux_position="dec"),
@@ -57,15 +64,18 @@ METHODS: dict[str, Method] = {m.id: m for m in (
 )}
 
 
-def icm_method_id(aux_position: str | None, alpha_mode: str = "fixed", aux_init: str = "cold") -> str:
-    """The id of an ICM run: the table's entry for (position, alpha mode, start), else the composed name
-    ``aux_<position>[_gradsim|_decay][_warm]`` (the same rule the table's ids follow)."""
+def icm_method_id(aux_position: str | None, alpha_mode: str = "fixed", aux_init: str = "cold",
+                  aux_labels: str = "pseudo", objective: str = "task") -> str:
+    """The id of an ICM run: the table's entry for (position, alpha mode, start, branch labels, objective), else the
+    composed name ``aux_<position>[_gradsim|_decay][_warm][_shuffled]`` (the same rule the table's ids follow)."""
+    key = (aux_position, alpha_mode, aux_init, aux_labels, objective)
     for m in METHODS.values():
-        if m.kind == "icm" and (m.aux_position, m.alpha_mode, m.aux_init) == (aux_position, alpha_mode, aux_init):
+        if m.kind == "icm" and (m.aux_position, m.alpha_mode, m.aux_init, m.aux_labels, m.objective) == key:
             return m.id
     if aux_position is None:
         raise ValueError("the w/o-aux baseline has no auxiliary branch: its alpha mode is 'fixed' and its start 'cold'")
-    return f"aux_{aux_position}{mode_suffix(alpha_mode)}{'_warm' if aux_init == 'warm' else ''}"
+    return (f"aux_{aux_position}{mode_suffix(alpha_mode)}{'_warm' if aux_init == 'warm' else ''}"
+            f"{'_shuffled' if aux_labels == 'shuffled' else ''}")
 
 
 def short_name(method_id: str) -> str:

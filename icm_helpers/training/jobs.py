@@ -12,6 +12,7 @@ codec and of the branch clipped separately (``clip_groups``).
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +22,9 @@ from torch import nn
 
 from .. import adaptive_alpha
 from .. import distributed as dist_lib
+from ..aux_branches import keep_random_stream, own_random_stream, seed_random_stream, shuffle_labels
 from ..codec import converge_quantiles, save_codec, update_entropy_tables
+from ..io import atomic_write_json, read_json
 from ..losses import human_rd_loss, rate_bpp
 from ..precision import apply_speed_knobs, channels_last_applies, with_autocast
 from .batching import EpochLoader, equal_size_batches
@@ -188,29 +191,35 @@ def train_start_codec(
 
 
 def train_aux_branch(position: str, aux_branch: nn.Module, codec: nn.Module, recognizer, train_set, cfg: TrainConfig,
-                     checkpoint_path: str | Path, val_set=None,
-                     seed: int = 0, log=print, device: str = "cpu") -> FitResult:
+                     checkpoint_path: str | Path, val_set=None, seed: int = 0, log=print, device: str = "cpu",
+                     labels: str = "pseudo", stop_when: Callable[[list[dict[str, Any]]], bool] | None = None
+                     ) -> FitResult:
     """Warm start (design option ``aux.warm_start``): pre-train the auxiliary branch ALONE on the frozen codec's
     features with the recognizer's pseudo-labels, so that it is already competent when ICM training begins (in the
     paper it trains jointly for ~590k steps, competent for almost all of them; at a budget 10^4 times smaller a cold
     branch is still learning when training ends). The codec runs in training mode (y_hat = y + uniform noise, what the
     branch sees during ICM training) under ``no_grad``: nothing but the branch changes. Same clipping and Adam as
-    ICM training; ``val_set``: the branch's mean loss on it (codec in eval mode) is logged per epoch."""
+    ICM training; ``val_set``: the branch's mean loss on it (codec in eval mode) is logged per epoch, always against
+    the TRUE pseudo-labels (for a control branch, ``labels="shuffled"``, that is its chance level: it learns the
+    labels of other images). ``stop_when``: an early-stopping rule of the history (``training.stopping``)."""
     torch.manual_seed(seed)
+    seed_random_stream(aux_branch, seed)
     params = list(aux_branch.parameters())
     opt = {"main": torch.optim.Adam(params, lr=cfg.lr)}
     steps = cfg.steps(len(train_set))
     codec_was = codec.training
 
-    def branch_loss(x: torch.Tensor, labels: Any) -> torch.Tensor:
+    def branch_loss(x: torch.Tensor, targets: Any) -> torch.Tensor:
         with torch.no_grad():
-            feats, labels, size = aux_features(position, codec, recognizer, aux_branch, x, labels)
-        return aux_branch.loss(feats, labels, size)
+            feats, targets, size = aux_features(position, codec, recognizer, aux_branch, x, targets)
+        with own_random_stream(aux_branch):
+            return aux_branch.loss(feats, targets, size)
 
     def step_fn(batch, step):
         codec.train()
         x = batch["image"]
-        loss = branch_loss(x, recognizer.pseudo_labels(x))
+        targets = recognizer.pseudo_labels(x)
+        loss = branch_loss(x, shuffle_labels(targets) if labels == "shuffled" else targets)
         opt["main"].zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_max_norm:
@@ -227,7 +236,8 @@ def train_aux_branch(position: str, aux_branch: nn.Module, codec: nn.Module, rec
             total, n = 0.0, 0
             for batch in equal_size_batches(val_set, cfg.batch_size, seed, device):
                 x = batch["image"]
-                total += float(branch_loss(x, recognizer.pseudo_labels(x))) * x.shape[0]
+                with keep_random_stream(aux_branch):
+                    total += float(branch_loss(x, recognizer.pseudo_labels(x))) * x.shape[0]
                 n += x.shape[0]
             return {"aux": total / max(1, n)}
 
@@ -238,18 +248,51 @@ def train_aux_branch(position: str, aux_branch: nn.Module, codec: nn.Module, rec
             optimizers=opt,
             step_fn=step_fn,
             checkpoint_path=checkpoint_path,
-            meta={"job": "aux_warm_start", "position": position, "seed": seed, **cfg.job_meta()},
+            meta={"job": "aux_warm_start", "position": position, "seed": seed, **cfg.job_meta(),
+                  **({"labels": labels} if labels != "pseudo" else {})},
             validate_fn=validate,
             log=log,
+            stop_when=stop_when,
         )
     finally:
         codec.train(codec_was)
 
 
+class StepCurve:
+    """Validation terms after chosen numbers of training steps (protocol v2: log-spaced checkpoints, Figs. 8-9), kept
+    in a JSON list at ``path`` (rewritten atomically after each measurement). A resumed run re-measures only the steps
+    not yet stored (a step after the resumed epoch is measured again on the same weights and gives the same value).
+    Measuring sets the modules to eval mode and back to training mode, under ``torch.random.fork_rng`` (and the
+    branch's own stream kept by ``validation_terms``), so the training run is the same with or without it."""
+
+    def __init__(self, path: str | Path, steps: list[int], measure: Callable[[], dict[str, float]],
+                 modules: list[nn.Module]):
+        self.path, self.steps, self.measure, self.modules = Path(path), {int(s) for s in steps}, measure, modules
+        self.points = {int(p["step"]): p for p in read_json(self.path)} if self.path.exists() else {}
+
+    def measure_at(self, step: int) -> None:
+        if step not in self.steps or step in self.points:
+            return
+        was = [m.training for m in self.modules]
+        for m in self.modules:
+            m.eval()
+        t0 = time.time()
+        try:
+            with torch.random.fork_rng(), torch.no_grad():
+                terms = self.measure()
+        finally:
+            for m, w in zip(self.modules, was):
+                m.train(w)
+        self.points[step] = {"step": step, **{f"val_{k}": v for k, v in terms.items()}, "seconds": time.time() - t0}
+        if dist_lib.is_main():
+            atomic_write_json(self.path, [self.points[s] for s in sorted(self.points)])
+
+
 def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module | None, train_set, cfg: TrainConfig,
               checkpoint_path: str | Path, val_set=None, log=print, device: str = "cpu",
               on_step: Callable[[int, dict[str, Any]], None] | None = None, snapshots: dict[int, Path] | None = None,
-              meta_extra: dict[str, Any] | None = None) -> FitResult:
+              meta_extra: dict[str, Any] | None = None, val_steps: list[int] | None = None,
+              curve_path: str | Path | None = None) -> FitResult:
     """Fine-tune ``codec`` (and the auxiliary branch) for ``spec``; the recognizer stays frozen.
 
     ``cfg``'s speed knobs (amp, channels_last, compile, workers) apply here; under ``torchrun`` the codec and the
@@ -258,9 +301,14 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
     {n: path}: the codec as it is after n training steps (quantiles fitted, tables built, as the final one) is saved
     there, for the budget study (dose-response); saving draws no random numbers, so the run goes on as without it.
     ``meta_extra``: more fields of the job's identity (checkpoint meta), e.g. how a warm-started branch was
-    pre-trained."""
+    pre-trained. ``val_steps`` + ``curve_path``: the validation terms on ``val_set`` after each of these numbers of
+    steps (0 = before the first), written to ``curve_path`` (JSON list) as they come (``StepCurve``); measuring draws
+    nothing from the training streams.
+    The branch draws its random numbers from its own stream, seeded by the run's seed (``seed_random_stream``)."""
     if not getattr(recognizer, "frozen", False):
         raise ValueError("the recognizer must be frozen (recognizer.freeze()) before ICM training")
+    if aux_branch is not None:
+        seed_random_stream(aux_branch, spec.seed)
     torch.manual_seed(spec.seed)
     extra = list(aux_branch.parameters()) if aux_branch is not None else []
     opts = _codec_optimizers(codec, extra, cfg)
@@ -286,10 +334,24 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
             "quantile_loss": q,
         }  # tensors: no per-step sync (fit reads them)
 
-    validate = None
-    if val_set is not None:
-        def validate(epoch):
-            return validation_terms(spec, codec, recognizer, aux_branch, val_set, cfg.batch_size, spec.seed, device)
+    def measure() -> dict[str, float]:
+        return validation_terms(spec, codec, recognizer, aux_branch, val_set, cfg.batch_size, spec.seed, device)
+
+    validate = (lambda epoch: measure()) if val_set is not None and not val_steps else None
+    curve = None
+    if val_steps:
+        if val_set is None or curve_path is None:
+            raise ValueError("val_steps needs val_set and curve_path")
+        curve = StepCurve(curve_path, val_steps, with_autocast(measure, cfg.amp, device), list(modules.values()))
+        curve.measure_at(0)
+
+    def after_step(step: int, logs: dict[str, Any]) -> None:
+        if snapshots:
+            snapshot(step, logs)
+        if curve is not None:
+            curve.measure_at(step + 1)
+        if on_step is not None:
+            on_step(step, logs)
 
     def snapshot(step: int, logs: dict[str, Any]) -> None:
         path = (snapshots or {}).get(step + 1)  # fit's step is 0-based: after it, step + 1 steps are done
@@ -299,8 +361,6 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
                 converge_quantiles(frozen)
                 update_entropy_tables(frozen)
             save_codec(path, frozen, extra={"spec": spec.as_dict(), "step": step + 1, "of_steps": cfg.epochs * steps})
-        if on_step is not None:
-            on_step(step, logs)
 
     res = _fit_job(
         cfg, train_set, spec.seed, device, steps,
@@ -312,7 +372,7 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
         validate_fn=with_autocast(validate, cfg.amp, device),
         log=log,
         distributed=distributed,
-        on_step=snapshot if snapshots else on_step,
+        on_step=after_step,
         desc=f"{spec.task}/{spec.run_name} (seed {spec.seed})",
     )
     converge_quantiles(codec)

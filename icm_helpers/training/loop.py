@@ -135,6 +135,7 @@ def fit(
     distributed: bool = False,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
+    stop_when: Callable[[list[dict[str, Any]]], bool] | None = None,
     desc: str = "",
 ) -> FitResult:
     """Run ``epochs`` epochs of ``step_fn(batch, global_step)``; checkpoint after each epoch; resume if possible.
@@ -148,7 +149,9 @@ def fit(
     ``on_step(step, logs)``: called after every step with its logs as returned (e.g. the benchmark's timer).
     ``on_epoch_end(epoch)`` (1-based): called after validation and BEFORE the epoch's checkpoint, so a run killed in
     between redoes the epoch and the hook (e.g. a snapshot of the weights) runs again. ``desc``: the progress bar's
-    label (``icm_helpers.progress``; rank 0 only).
+    label (``icm_helpers.progress``; rank 0 only). ``stop_when(history)``: asked after each epoch's checkpoint (and
+    on resume); True ends the run there (early stopping, e.g. a branch pre-trained until its validation loss
+    plateaus).
     ``distributed=True`` (under ``torchrun``, see ``icm_helpers.distributed``): every rank runs this loop in step;
     logs are averaged over ranks and the checkpoint holds every rank's RNG state. Only rank 0 ever writes it.
     """
@@ -187,6 +190,8 @@ def fit(
         start_epoch = result.resumed_from_epoch = int(ckpt["epoch"])
         if log and main and start_epoch < epochs:
             log(f"resuming {checkpoint_path.parent.name} from epoch {start_epoch}/{epochs}")
+    if stop_when is not None and result.history and stop_when(result.history):
+        epochs = start_epoch  # a resumed run that had already stopped: nothing more to do
     t0 = time.time()
     bar = (
         progress(
@@ -244,6 +249,10 @@ def fit(
         if log and main:
             log(f"epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            break
+        if stop_when is not None and stop_when(result.history):
+            if log and main:
+                log(f"stopping after epoch {epoch + 1}: the stopping rule is met")
             break
     if bar is not None:
         bar.close()

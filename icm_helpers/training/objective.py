@@ -18,14 +18,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adaptive_alpha import check_alpha_mode
-from ..aux_branches import check_aux_position
+from ..aux_branches import (
+    check_aux_labels,
+    check_aux_position,
+    keep_random_stream,
+    own_random_stream,
+    shuffle_labels,
+)
 from ..codec import codec_forward, crop_to, pad_to_multiple
-from ..losses import check_lambda_alpha, icm_loss, rate_bpp
+from ..losses import check_lambda_alpha, human_rd_loss, icm_loss, rate_bpp
 from ..methods import icm_method_id
 from ..registry import check_task
 from .batching import equal_size_batches
 
 AUX_INITS = ("cold", "warm")
+# what the codec is fine-tuned for: the recognizer's task (Eq. 4-6) or MSE (Eq. 2: the positive control of protocol v2,
+# the start codec fine-tuned for human vision for the same steps; lambda_ is then Eq. 2's lambda)
+OBJECTIVES = ("task", "mse")
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,8 @@ class IcmSpec:
     # alone on the start codec's latents with the same pseudo-labels first: ``train_aux_branch``, profile
     # aux_warm_start)
     aux_init: str = "cold"
+    aux_labels: str = "pseudo"  # "pseudo" (the paper) | "shuffled" (the control branch, protocol v2)
+    objective: str = "task"  # "task" (Eq. 4-6) | "mse" (Eq. 2, the positive control)
 
     def __post_init__(self) -> None:
         check_task(self.task)
@@ -53,6 +64,13 @@ class IcmSpec:
             raise ValueError(f"unknown aux_init {self.aux_init!r}; valid: {', '.join(AUX_INITS)}")
         if self.aux_position is None and self.aux_init != "cold":
             raise ValueError("aux_init='warm' pre-trains an auxiliary branch, but aux_position=None has none")
+        check_aux_labels(self.aux_labels)
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
+        if self.objective == "mse" and self.aux_position is not None:
+            raise ValueError("objective='mse' (Eq. 2) fine-tunes the codec alone: it takes no auxiliary branch")
+        if self.aux_position is None and self.aux_labels != "pseudo":
+            raise ValueError("aux_labels='shuffled' sets the branch's labels, but aux_position=None has no branch")
         if self.aux_position is None and self.alpha_mode != "fixed":
             raise ValueError(
                 f"alpha_mode={self.alpha_mode!r} weights the auxiliary loss, but aux_position=None has none; "
@@ -61,7 +79,7 @@ class IcmSpec:
 
     @property
     def method(self) -> str:
-        return icm_method_id(self.aux_position, self.alpha_mode, self.aux_init)
+        return icm_method_id(self.aux_position, self.alpha_mode, self.aux_init, self.aux_labels, self.objective)
 
     def as_dict(self) -> dict[str, Any]:
         """The fields that identify the run (checkpoint meta, stored spec); ``alpha_mode`` only when not "fixed", so
@@ -71,6 +89,9 @@ class IcmSpec:
             del d["alpha_mode"]
         if d["aux_init"] == "cold":
             del d["aux_init"]
+        for k, default in (("aux_labels", "pseudo"), ("objective", "task")):
+            if d[k] == default:
+                del d[k]
         return d
 
     @property
@@ -87,29 +108,48 @@ def icm_terms(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
     Sec. 4.1); the recognizer sees x_hat cropped back to x's size; the rate is counted over x's pixels, as in the
     evaluation. A branch on the codec's latent (aux-enc, aux-dec) sees the padded frame, so its labels are moved
     there (``recognizer.pad_labels``); aux-task reads the recognizer's features of the cropped x_hat."""
+    if spec.objective == "mse":
+        return _mse_terms(spec, codec, x)
     labels = recognizer.pseudo_labels(x) if labels is None else labels
     xp, pad = pad_to_multiple(x)
     out = codec_forward(codec, xp)
     x_hat = crop_to(out["x_hat"], pad)
     rate = rate_bpp(out["likelihoods"], x.shape[-2] * x.shape[-1])
+    aux_labels = shuffle_labels(labels) if spec.aux_labels == "shuffled" else labels
     if aux_branch is not None and spec.aux_position == "task":
         # aux-task (Sec. 4.2): the branch reads the recognizer's own backbone features of x_hat, recorded during
         # the task-loss forward (one backbone pass; the aux gradient flows back through the frozen stages)
         with recognizer.capture_features(aux_branch.inputs) as features:
             task = recognizer.task_loss(x_hat, labels)
-        aux = aux_branch.loss(features, labels, tuple(x.shape[-2:]))
+        with own_random_stream(aux_branch):
+            aux = aux_branch.loss(features, aux_labels, tuple(x.shape[-2:]))
     else:
         task = recognizer.task_loss(x_hat, labels)
-        aux = (aux_branch.loss(out[spec.aux_position], recognizer.pad_labels(labels, pad), tuple(xp.shape[-2:]))
-               if aux_branch is not None else None)
+        aux = None
+        if aux_branch is not None:
+            with own_random_stream(aux_branch):  # the branch's draws never shift the codec's or recognizer's (V7)
+                aux = aux_branch.loss(out[spec.aux_position], recognizer.pad_labels(aux_labels, pad),
+                                      tuple(xp.shape[-2:]))
     mse = F.mse_loss(x_hat, x) if spec.add_mse else None
     return icm_loss(rate, task, spec.lambda_, aux, spec.alpha, mse)
+
+
+def _mse_terms(spec: IcmSpec, codec: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Eq. 2 (MSE on the 0-255 scale, CompressAI's convention) on x padded as every ICM run pads it: the positive
+    control's loss. ``main`` is the same loss (it has no auxiliary term)."""
+    xp, pad = pad_to_multiple(x)
+    out = codec_forward(codec, xp)
+    x_hat = crop_to(out["x_hat"], pad)
+    rate = rate_bpp(out["likelihoods"], x.shape[-2] * x.shape[-1])
+    loss = human_rd_loss(rate, x, x_hat, spec.lambda_)
+    return {"loss": loss, "main": loss, "rate": rate, "mse": F.mse_loss(x_hat, x)}
 
 
 def aux_features(spec_position: str, codec: nn.Module, recognizer, aux_branch: nn.Module, x: torch.Tensor,
                  labels: Any) -> tuple[Any, Any, tuple[int, int]]:
     """What the branch at ``spec_position`` reads for images ``x`` (the codec's y_hat / decoder feature of the padded
-    x, or the recognizer's stage features of x_hat), with ``labels`` in that frame and the frame's size."""
+    x, or the recognizer's stage features of x_hat), with ``labels`` in that frame and the frame's size (``labels``
+    as given: a control branch passes them shuffled)."""
     xp, pad = pad_to_multiple(x)
     out = codec_forward(codec, xp)
     if spec_position == "task":
@@ -128,7 +168,8 @@ def validation_terms(spec: IcmSpec, codec, recognizer, aux_branch, val_set, batc
     sums: dict[str, float] = {}
     n = 0
     for batch in equal_size_batches(val_set, batch_size, seed, device):
-        terms = icm_terms(spec, codec, recognizer, aux_branch, batch["image"])
+        with keep_random_stream(aux_branch):  # the branch's stream continues in training as if never validated
+            terms = icm_terms(spec, codec, recognizer, aux_branch, batch["image"])
         k = batch["image"].shape[0]
         for name, v in terms.items():
             sums[name] = sums.get(name, 0.0) + float(v) * k

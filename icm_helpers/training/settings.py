@@ -25,6 +25,7 @@ class TrainConfig:
     quantile_lr: float = 1e-3  # CompressAI's separate optimizer for the entropy bottleneck's quantiles
     log_every: int = 0
     poly_step: str = "iteration"  # "iteration" or "epoch" (Sec. 4.1, segmentation: "polynomial decay in each epoch")
+    warmup_steps: int = 0  # linear learning-rate warm-up over the first iterations (protocol v2, V2); 0 = none
     # ---- speed knobs: they change how fast a job runs, not what it computes (beyond numerical noise for
     # amp); defaults = the plain fp32 single-process loop. They are NOT part of the job's identity (``job_meta``),
     # so a run can be resumed with other knobs (e.g. more workers, or on a GPU).
@@ -47,6 +48,8 @@ class TrainConfig:
         "cudnn_benchmark",
     )
 
+    LATER_FIELDS = {"warmup_steps": 0}
+
     def __post_init__(self) -> None:
         if self.amp not in (None, "bf16"):
             raise ValueError(
@@ -64,6 +67,8 @@ class TrainConfig:
             )
         if self.clip_scope not in ("module", "joint"):
             raise ValueError(f"clip_scope must be 'module' or 'joint', got {self.clip_scope!r}")
+        if int(self.warmup_steps) < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.poly_step not in ("iteration", "epoch"):
             raise ValueError(f"poly_step must be 'iteration' or 'epoch', got {self.poly_step!r}")
 
@@ -75,8 +80,13 @@ class TrainConfig:
         return cls(**d)
 
     def job_meta(self) -> dict[str, Any]:
-        """The settings that identify the job (checkpoint meta): everything but the speed knobs."""
-        return {k: v for k, v in asdict(self).items() if k not in self.SPEED_FIELDS}
+        """The settings that identify the job (checkpoint meta): everything but the speed knobs. A setting added later
+        is left out at its default (``warmup_steps`` 0), so jobs trained before it existed keep their identity."""
+        meta = {k: v for k, v in asdict(self).items() if k not in self.SPEED_FIELDS}
+        for k, default in self.LATER_FIELDS.items():
+            if meta[k] == default:
+                del meta[k]
+        return meta
 
     def steps(self, n_train: int) -> int:
         return self.steps_per_epoch or max(1, n_train // self.batch_size)
@@ -84,4 +94,5 @@ class TrainConfig:
     def lr_lambda(self, steps_per_epoch: int) -> Callable[[int], float]:
         """The learning-rate multiplier per iteration: constant, then polynomial decay per iteration or per epoch."""
         return poly_lr_lambda(self.epochs * steps_per_epoch, self.poly_start_frac, self.poly_power,
-                              steps_per_decay=steps_per_epoch if self.poly_step == "epoch" else 1)
+                              steps_per_decay=steps_per_epoch if self.poly_step == "epoch" else 1,
+                              warmup_steps=self.warmup_steps)

@@ -1,0 +1,202 @@
+"""Protocol v2's view of the mechanism (docs/protocol_v2.md): learning curves of the validation main loss on paired
+seeds (Q1, the paper's Figs. 8-9 at CPU scale) and the cosine between the auxiliary and the main gradient on the
+encoder g_a (Q2).
+
+- ``learning_curves``: trains (or reuses) w/o aux, aux-enc with a competent branch and the control branch (same
+  branch, shuffled labels) at the task's ``ablation_lambda`` for the profile's ``curve_seeds``, each validated after
+  ``validate_at_steps`` steps; returns every curve and the paired differences (same seed) with t-intervals.
+- ``gradient_cosines``: cos(G_aux, G_main) over g_a's parameters, per batch and branch, with the codec's noise and
+  the recognizer's sampling drawn the same for every branch of a batch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+
+from . import codec as codec_lib
+from .aux_branches import keep_random_stream, seed_random_stream
+from .io import read_json
+from .training import IcmSpec, equal_size_batches, icm_terms
+
+#: the arms of the curves: (label, aux_position, aux_init, aux_labels)
+CURVE_ARMS = (("w/o aux", None, "cold", "pseudo"), ("aux-enc", "enc", "warm", "pseudo"),
+              ("control", "enc", "warm", "shuffled"))
+
+
+def t_interval(values: Iterable[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Mean with a Student-t interval over independent values (seeds); one value: no interval (NaN bounds)."""
+    v = np.asarray([float(x) for x in values], dtype=np.float64)
+    n = v.size
+    mean = float(v.mean()) if n else math.nan
+    if n < 2:
+        return {"mean": mean, "low": math.nan, "high": math.nan, "n": n, "sd": math.nan}
+    sd = float(v.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "sd": sd}
+
+
+def curve_specs(ex, task: str) -> list[tuple[str, IcmSpec]]:
+    """(arm label, spec) of every curve run of ``task``: the arms of ``CURVE_ARMS`` the profile asks for
+    (``tasks.<task>.curve_arms``, default all), each for its seeds (``curve_seeds``: {arm label: [seeds]}, default
+    the profile's ``train_seeds``), at the task's ``ablation_lambda``."""
+    tc = ex.task_cfg(task)
+    lam = float(tc["ablation_lambda"])
+    wanted = tc.get("curve_arms") or [a[0] for a in CURVE_ARMS]
+    unknown = sorted(set(wanted) - {a[0] for a in CURVE_ARMS})
+    if unknown:
+        raise ValueError(f"tasks.{task}.curve_arms: unknown arms {unknown}; valid: {[a[0] for a in CURVE_ARMS]}")
+    seeds = tc.get("curve_seeds") or {}
+    out = []
+    for label, position, init, labels in CURVE_ARMS:
+        if label in wanted:
+            for seed in seeds.get(label, ex.train_seeds()):
+                out.append((label, ex.spec(task, lam, position, aux_init=init, seed=int(seed), aux_labels=labels)))
+    return out
+
+
+def learning_curves(ex, task: str, train: bool = True) -> dict[str, Any]:
+    """Train (``train=True``) or read the curve runs of ``task``; returns {"curves": {arm: {seed: [(step, val_main)]}},
+    "differences": rows of the paired differences per step, "lambda_": ...}. Paired: the difference of two arms is
+    taken between runs of the SAME seed (same data order, codec noise, recognizer sampling: protocol v2, V7)."""
+    curves: dict[str, dict[int, list[tuple[int, float]]]] = {}
+    for label, spec in curve_specs(ex, task):
+        if train:
+            ex.train(spec)
+        path = ex.run_path(spec) / "curve.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: train {spec.run_name} (seed {spec.seed}) with "
+                                    f"tasks.{task}.validate_at_steps set (notebook 11 does)")
+        curves.setdefault(label, {})[spec.seed] = [(int(p["step"]), float(p["val_main"])) for p in read_json(path)]
+    return {"task": task, "lambda_": float(ex.task_cfg(task)["ablation_lambda"]), "curves": curves,
+            "differences": paired_differences(curves)}
+
+
+def paired_differences(curves: dict[str, dict[int, list[tuple[int, float]]]],
+                       pairs: Iterable[tuple[str, str]] = (("aux-enc", "w/o aux"), ("control", "w/o aux"),
+                                                           ("aux-enc", "control"))) -> list[dict[str, Any]]:
+    """Per step and pair of arms: the differences (first minus second) over the seeds both arms have, with the mean
+    and its 95% t-interval (protocol v2 section 6)."""
+    rows = []
+    for a, b in pairs:
+        if a not in curves or b not in curves:
+            continue
+        seeds = sorted(set(curves[a]) & set(curves[b]))
+        if not seeds:
+            continue
+        steps = sorted(set.intersection(*[{s for s, _ in curves[a][k]} & {s for s, _ in curves[b][k]} for k in seeds]))
+        for step in steps:
+            diffs = [dict(curves[a][k])[step] - dict(curves[b][k])[step] for k in seeds]
+            rows.append({"pair": f"{a} - {b}", "step": step, "seeds": seeds, "values": diffs, **t_interval(diffs)})
+    return rows
+
+
+def flat_cosine(g1: list[torch.Tensor | None], g2: list[torch.Tensor | None]) -> tuple[float, float, float]:
+    """cos of two gradients over all parameters flattened into one vector (a parameter one of them does not reach
+    counts as zero there); also their norms."""
+    a = torch.cat([(x if x is not None else torch.zeros_like(y)).flatten() for x, y in zip(g1, g2)
+                   if x is not None or y is not None])
+    b = torch.cat([(y if y is not None else torch.zeros_like(x)).flatten() for x, y in zip(g1, g2)
+                   if x is not None or y is not None])
+    na, nb = float(a.norm()), float(b.norm())
+    cos = float(a @ b) / (na * nb) if na > 0 and nb > 0 else math.nan
+    return cos, na, nb
+
+
+def gradient_cosines(codec: nn.Module, recognizer, branches: dict[str, tuple[nn.Module, IcmSpec]],
+                     batches: list[torch.Tensor], base_seed: int = 0) -> list[dict[str, Any]]:
+    """Per batch and branch: cos(G_aux, G_main) on g_a's parameters (protocol v2 section 5), G_main = grad of the main
+    loss (Eq. 4; Eq. 6 without aux), G_aux = grad of lambda alpha E(y, y_hat_aux), codec in training mode. Every
+    branch of batch i sees the same codec noise and recognizer sampling (global streams seeded base_seed + i) and the
+    same branch stream; nothing is updated (the branch's stream is kept)."""
+    params = [p for p in codec.g_a.parameters() if p.requires_grad]
+    codec.train()
+    rows = []
+    for i, x in enumerate(batches):
+        labels = recognizer.pseudo_labels(x)
+        for name, (branch, spec) in branches.items():
+            with keep_random_stream(branch), torch.random.fork_rng():
+                torch.manual_seed(base_seed + i)
+                seed_random_stream(branch, base_seed + i)
+                terms = icm_terms(spec, codec, recognizer, branch, x, labels)
+                g_main = torch.autograd.grad(terms["main"], params, retain_graph=True, allow_unused=True)
+                g_aux = torch.autograd.grad(spec.lambda_ * spec.alpha * terms["aux"], params, allow_unused=True)
+            cos, n_aux, n_main = flat_cosine(list(g_aux), list(g_main))
+            rows.append({"batch": i, "branch": name, "cos": cos, "norm_main": n_main, "norm_aux": n_aux})
+    codec.zero_grad(set_to_none=True)
+    return rows
+
+
+def cosine_study(ex, task: str, batches_start: int = 40, batches_per_seed: int = 10) -> dict[str, Any]:
+    """Q2 of protocol v2 for ``task``: the cosines at the start codec (``batches_start`` fixed training batches) and
+    at the w/o-aux codec after the profile's first ``snapshot_steps`` step of each curve seed (``batches_per_seed``
+    batches each, other batches per seed), for the competent (warm), random (initial) and control branches."""
+    tc = ex.task_cfg(task)
+    lam = float(tc["ablation_lambda"])
+    seeds = (tc.get("curve_seeds") or {}).get("w/o aux", ex.train_seeds())
+    recognizer = ex.recognizer(task)
+    batch_size = int(tc["train"].get("batch_size", 8))
+    need = batches_start + batches_per_seed * len(seeds)
+    batches = []
+    for b in equal_size_batches(ex.dataset("train", task), batch_size, ex.seed, ex.device):
+        batches.append(b["image"])
+        if len(batches) == need:
+            break
+    seed0 = ex.train_seeds()[0]
+    branches = _cosine_branches(ex, task, lam, seed0)
+    rows = [{**r, "codec": "start", "seed": None}
+            for r in gradient_cosines(ex.start_codec(), recognizer, branches, batches[:batches_start])]
+    steps = [n for f, n in sorted(ex.budget_steps(task).items())]
+    if steps:
+        for k, seed in enumerate(seeds):
+            spec = ex.spec(task, lam, None, seed=int(seed))
+            ex.train(spec)
+            fraction = steps[0] / ex.total_steps(task)
+            codec = codec_lib.load_codec(ex.snapshot_path(spec, fraction)).to(ex.device)
+            part = batches[batches_start + k * batches_per_seed: batches_start + (k + 1) * batches_per_seed]
+            rows += [{**r, "codec": f"w/o aux after {steps[0]} steps", "seed": int(seed)}
+                     for r in gradient_cosines(codec, recognizer, branches, part, base_seed=1000 * (k + 1))]
+    return {"task": task, "lambda_": lam, "rows": rows, "summary": summarise_cosines(rows)}
+
+
+def _cosine_branches(ex, task: str, lam: float, seed: int) -> dict[str, tuple[nn.Module, IcmSpec]]:
+    codec, recognizer = ex.start_codec(), ex.recognizer(task)
+    out = {}
+    for name, init, labels in (("competent", "warm", "pseudo"), ("random", None, "pseudo"),
+                               ("control", "warm", "shuffled")):
+        branch = ex._build_branch(task, "enc", seed, codec, recognizer)
+        if init == "warm":
+            branch.load_state_dict(ex.warm_aux_branch(task, "enc", seed, labels))
+        for p in branch.parameters():
+            p.requires_grad_(True)
+        out[name] = (branch.train(), ex.spec(task, lam, "enc", aux_init=init, seed=seed, aux_labels=labels))
+    return out
+
+
+def summarise_cosines(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean cosine per (codec, branch) with a 95% t-interval: over the per-seed means where the codec has seeds,
+    over batches for the start codec; and the paired difference competent minus control on the same batches."""
+    out = []
+    codecs = list(dict.fromkeys(r["codec"] for r in rows))
+    for codec_name in codecs:
+        part = [r for r in rows if r["codec"] == codec_name]
+        seeded = part[0]["seed"] is not None
+        by_branch = {b: [r for r in part if r["branch"] == b] for b in dict.fromkeys(r["branch"] for r in part)}
+        series = {b: _unit_means(rs, seeded) for b, rs in by_branch.items()}
+        if "competent" in series and "control" in series:
+            series["competent - control"] = [a - b for a, b in zip(series["competent"], series["control"])]
+        for name, values in series.items():
+            out.append({"codec": codec_name, "branch": name, "unit": "seed" if seeded else "batch",
+                        **t_interval(values)})
+    return out
+
+
+def _unit_means(rows: list[dict[str, Any]], by_seed: bool) -> list[float]:
+    if not by_seed:
+        return [r["cos"] for r in sorted(rows, key=lambda r: r["batch"])]
+    seeds = sorted({r["seed"] for r in rows})
+    return [float(np.mean([r["cos"] for r in rows if r["seed"] == s])) for s in seeds]

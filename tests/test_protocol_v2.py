@@ -1,0 +1,189 @@
+"""Protocol v2's machinery (docs/protocol_v2.md): paired random numbers (V7), the control branch's labels, the MSE
+positive control, the warm-up schedule (V2), the plateau rule (R6v2), log-spaced validation that does not perturb
+training, and the statistics of the curves and cosines."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import AUX_DET_CFG, DET_CFG
+from scipy import stats
+
+from icm_helpers.aux_branches import build_aux_branch, own_random_stream, seed_random_stream, shuffle_labels
+from icm_helpers.codec import build_codec
+from icm_helpers.mechanism import flat_cosine, gradient_cosines, paired_differences, t_interval
+from icm_helpers.methods import METHODS, icm_method_id
+from icm_helpers.recognizers import build_recognizer
+from icm_helpers.training import IcmSpec, TrainConfig, icm_terms, poly_lr_lambda, train_icm
+from icm_helpers.training.stopping import plateau
+
+
+def _det_models(seed_branch: bool = True):
+    torch.manual_seed(0)
+    rec = build_recognizer("detection", "suite", 3, **DET_CFG).freeze()
+    torch.manual_seed(1)
+    codec = build_codec(N=16)
+    aux = build_aux_branch("detection", "enc", 16, 3, **AUX_DET_CFG)
+    if seed_branch:
+        seed_random_stream(aux, 0)
+    return rec, codec, aux
+
+
+def _two_steps_state(x, with_branch: bool, seed_branch: bool = True):
+    """The global RNG state after two forward passes of Eq. 4 (no branch) or Eq. 5 (branch), same seed."""
+    rec, codec, aux = _det_models(seed_branch)
+    codec.train()
+    spec = IcmSpec("detection", 1.6, "enc" if with_branch else None, 0.5)
+    torch.manual_seed(5)
+    terms = [icm_terms(spec, codec, rec, aux if with_branch else None, x) for _ in range(2)]
+    return torch.get_rng_state(), [(float(t["rate"].detach()), float(t["task"].detach())) for t in terms]
+
+
+def test_the_branch_draws_from_its_own_stream_so_the_arms_share_the_codec_and_recognizer_draws(train_set):
+    x = torch.stack([train_set[i]["image"] for i in range(4)])
+    state_plain, terms_plain = _two_steps_state(x, with_branch=False)
+    state_aux, terms_aux = _two_steps_state(x, with_branch=True)
+    assert torch.equal(state_plain, state_aux)
+    # the second step's codec noise and recognizer sampling are the same draws: its rate and task loss are equal
+    assert terms_plain == terms_aux
+    # negative control: a branch on the global stream (no stream of its own) shifts the draws of the next step
+    state_global, terms_global = _two_steps_state(x, with_branch=True, seed_branch=False)
+    assert not torch.equal(state_plain, state_global)
+    assert terms_global[1] != terms_plain[1]
+
+
+def test_own_random_stream_advances_the_branch_state_and_restores_the_global_one():
+    branch = torch.nn.Linear(2, 2)
+    seed_random_stream(branch, 3)
+    before_branch = branch.rng_state.clone()
+    torch.manual_seed(0)
+    global_before = torch.get_rng_state()
+    with own_random_stream(branch):
+        a = torch.rand(3)
+    assert torch.equal(torch.get_rng_state(), global_before)
+    assert not torch.equal(branch.rng_state, before_branch)
+    with own_random_stream(branch):
+        b = torch.rand(3)
+    gen = torch.Generator().manual_seed(3 + 7_919)
+    assert torch.equal(torch.cat([a, b]), torch.rand(6, generator=gen))
+
+
+def test_shuffled_labels_give_each_image_the_next_images_labels():
+    seg = torch.arange(3).view(3, 1, 1).expand(3, 2, 2)
+    assert shuffle_labels(seg)[:, 0, 0].tolist() == [1, 2, 0]
+    det = [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert [d["i"] for d in shuffle_labels(det)] == [1, 2, 0]
+    with pytest.raises(ValueError, match=">= 2"):
+        shuffle_labels(seg[:1])
+
+
+def test_control_and_mse_arms_have_their_own_method_ids_and_keep_the_papers_run_identity():
+    control = IcmSpec("detection", 1.6, "enc", aux_init="warm", aux_labels="shuffled")
+    mse = IcmSpec("detection", 0.0483, None, objective="mse")
+    assert control.method == "aux_enc_warm_shuffled" and control.method in METHODS
+    assert mse.method == "mse_finetune" and METHODS[mse.method].objective == "mse"
+    assert icm_method_id(None) == "baseline"
+    # the defaults stay out of the stored identity: runs trained before these fields existed keep their meta
+    assert "aux_labels" not in IcmSpec("detection", 1.6, "enc").as_dict()
+    assert "objective" not in IcmSpec("detection", 1.6, None).as_dict()
+    with pytest.raises(ValueError, match="no auxiliary branch|takes no auxiliary"):
+        IcmSpec("detection", 0.05, "enc", objective="mse")
+    with pytest.raises(ValueError, match="no branch"):
+        IcmSpec("detection", 1.6, None, aux_labels="shuffled")
+
+
+def test_the_mse_objective_is_eq2_on_the_padded_image(train_set):
+    torch.manual_seed(1)
+    codec = build_codec(N=16).eval()
+    x = torch.stack([train_set[i]["image"] for i in range(2)])
+    terms = icm_terms(IcmSpec("detection", 0.05, None, objective="mse"), codec, None, None, x)
+    assert set(terms) == {"loss", "main", "rate", "mse"}
+    assert torch.allclose(terms["loss"], terms["rate"] + 0.05 * 255 ** 2 * terms["mse"])  # Eq. 2, float32 sums
+
+
+def test_warmup_rises_linearly_then_the_schedule_is_unchanged():
+    f = poly_lr_lambda(100, 0.5, 0.9, warmup_steps=10)
+    plain = poly_lr_lambda(100, 0.5, 0.9)
+    assert [f(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)], abs=1e-12)
+    assert [f(s) for s in range(10, 100)] == [plain(s) for s in range(10, 100)]
+    assert f(99) < 0.05  # it decays within the run (V2)
+    assert "warmup_steps" not in TrainConfig().job_meta()  # the default keeps earlier jobs' identity
+    assert TrainConfig(warmup_steps=10).job_meta()["warmup_steps"] == 10
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TrainConfig(warmup_steps=-1)
+
+
+def test_plateau_stops_after_two_rounds_without_a_one_percent_gain():
+    stop = plateau("val_aux", rel=0.01, patience=2)
+    h = lambda *v: [{"val_aux": x} for x in v]  # noqa: E731
+    assert not stop(h(10, 9, 8))
+    assert not stop(h(10, 9, 8.95))  # one flat round
+    assert stop(h(10, 9, 8.95, 8.99))  # two flat rounds in a row (each within 1% of the best before it)
+    assert not stop(h(10, 9, 8.95, 8.5))  # a gain resets the count
+    assert plateau("val_aux", max_epochs=3)(h(10, 9, 8))
+    with pytest.raises(KeyError, match="val_aux"):
+        stop([{"val_aux": 1.0}, {"loss": 2.0}])
+
+
+def test_validation_at_steps_records_a_curve_and_does_not_change_the_training(train_set, tmp_path):
+    cfg = TrainConfig(epochs=2, steps_per_epoch=2, batch_size=4, lr=1e-3, crop_size=None, warmup_steps=2)
+    val = [train_set[i] for i in range(4)]
+    runs = {}
+    for name, steps in (("plain", None), ("curve", [0, 1, 3])):
+        rec, codec, aux = _det_models()
+        spec = IcmSpec("detection", 1.6, "enc", 0.5)
+        train_icm(spec, codec, rec, aux, train_set, cfg, tmp_path / name / "state.pt", val_set=val if steps else None,
+                  log=None, val_steps=steps, curve_path=tmp_path / name / "curve.json")
+        runs[name] = {k: v.clone() for k, v in {**codec.state_dict(), **aux.state_dict()}.items()}
+    assert runs["plain"].keys() == runs["curve"].keys()
+    assert all(torch.equal(runs["plain"][k], runs["curve"][k]) for k in runs["plain"])
+    import json
+    curve = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    assert [p["step"] for p in curve] == [0, 1, 3]
+    assert all(math.isfinite(p["val_main"]) for p in curve)
+    assert curve[0]["val_main"] != curve[-1]["val_main"]
+
+
+def test_t_interval_matches_scipy_and_one_value_has_no_interval():
+    v = [0.1, -0.3, 0.25, 0.05]
+    got = t_interval(v)
+    lo, hi = stats.t.interval(0.95, 3, loc=np.mean(v), scale=stats.sem(v))
+    assert got["low"] == pytest.approx(lo, rel=1e-12) and got["high"] == pytest.approx(hi, rel=1e-12)
+    assert math.isnan(t_interval([1.0])["low"])
+
+
+def test_paired_differences_pair_runs_of_the_same_seed():
+    curves = {"w/o aux": {0: [(0, 1.0), (10, 0.9)], 1: [(0, 1.0), (10, 0.8)]},
+              "aux-enc": {0: [(0, 1.0), (10, 0.85)], 1: [(0, 1.0), (10, 0.78)], 2: [(0, 1.0), (10, 0.1)]}}
+    rows = {(r["pair"], r["step"]): r for r in paired_differences(curves)}
+    r = rows[("aux-enc - w/o aux", 10)]
+    assert r["seeds"] == [0, 1] and r["values"] == pytest.approx([-0.05, -0.02])
+    assert rows[("aux-enc - w/o aux", 0)]["values"] == [0.0, 0.0]
+
+
+def test_flat_cosine_counts_unreached_parameters_as_zero():
+    a = [torch.tensor([1.0, 0.0]), None]
+    b = [torch.tensor([1.0, 0.0]), torch.tensor([1.0])]
+    cos, na, nb = flat_cosine(a, b)
+    assert cos == pytest.approx(1 / math.sqrt(2)) and na == 1.0 and nb == pytest.approx(math.sqrt(2))
+
+
+def test_gradient_cosines_share_the_main_gradient_across_branches(train_set):
+    rec, codec, aux = _det_models()
+    _, _, other = _det_models()
+    spec = IcmSpec("detection", 1.6, "enc", 0.5)
+    shuffled = IcmSpec("detection", 1.6, "enc", 0.5, aux_labels="shuffled")
+    x = torch.stack([train_set[i]["image"] for i in range(4)])
+    before = {k: v.clone() for k, v in codec.state_dict().items()}
+    rows = gradient_cosines(codec, rec, {"a": (aux, spec), "b": (other, shuffled)}, [x, x.flip(0)])
+    assert len(rows) == 4 and all(-1 <= r["cos"] <= 1 for r in rows)
+    for i in (0, 1):  # same batch: the same codec noise and recognizer sampling, so the same main gradient
+        a, b = (r for r in rows if r["batch"] == i)
+        assert a["norm_main"] == b["norm_main"]
+    # nothing was updated (CompressAI's MaskedConv2d zeroes its masked weights in place at its first forward)
+    changed = [k for k, v in codec.state_dict().items() if not torch.equal(before[k], v)]
+    assert changed in ([], ["context_prediction.weight"]), changed
+    assert torch.equal(before["context_prediction.weight"] * codec.context_prediction.mask,
+                       codec.context_prediction.weight)
