@@ -2,9 +2,10 @@
 # first use from $(PYTHON) (CI: .ci/run on a clean clone with only python3 available).
 #
 #   make demo         set up, then run notebooks 01-07 with the demo profile (the main job; docs/protocol.md)
-#   make study        set up, then run notebooks 01-07, 09 (dose-response) and 10 (transfer) with the study profile
+#   make study        set up, then protocol v2 with the study profile: 01 + 11 (learning curves, gradient cosines) first,
+#                     then 02, 03, 07 (BD-rates with the MSE positive control); resumable notebook by notebook
 #   make extensions   set up, then run the beyond-the-paper notebooks (08 adaptive alpha) on the demo profile
-#   make smoke        set up, then run all notebooks (01-09) with the smoke profile (tiny, CPU)
+#   make smoke        set up, then run all notebooks (01-11) with the smoke profile (tiny, CPU)
 #   make test         set up (+ mmseg from ../shared/wheels when there), unit tests, smoke run, nbval over the executed smoke notebooks
 #   make lab          set up, install the "icm-aux" kernel into .venv, start JupyterLab in notebooks/
 #   make browser-test notebook 06 + its widget in headless JupyterLab/Chromium (needs a smoke run, chromium, chromium-driver)
@@ -23,7 +24,9 @@ DEMO_PROFILE ?= demo
 # The paper's grid (the main job), the study's notebooks (+ 09: dose-response) and the notebooks that go beyond the
 # paper (08: adaptive alpha).
 MAIN_NOTEBOOKS ?= 01 02 03 04 05 06 07
-STUDY_NOTEBOOKS ?= 01 02 03 04 05 06 07 09 10
+# protocol v2's order of funding (docs/protocol_v2.md R2v2): the mechanism first, then the BD-rates
+STUDY_MECHANISM_NOTEBOOKS ?= 01 11
+STUDY_NOTEBOOKS ?= 02 03 07
 EXTENSION_NOTEBOOKS ?= 08
 SMOKE_OUT := papermill_runs/smoke
 PYTEST := $(VENV_PY) -m pytest -q -p no:cacheprovider
@@ -65,6 +68,7 @@ demo: $(STAMP)
 	$(VENV_PY) $(RUNNER) --profile $(DEMO_PROFILE) --only $(MAIN_NOTEBOOKS) $(RUN_ARGS)
 
 study: $(STAMP)
+	$(VENV_PY) $(RUNNER) --profile study --only $(STUDY_MECHANISM_NOTEBOOKS) $(RUN_ARGS)
 	$(VENV_PY) $(RUNNER) --profile study --only $(STUDY_NOTEBOOKS) $(RUN_ARGS)
 
 extensions: $(STAMP)

@@ -458,13 +458,15 @@ class Experiment:
             meta_extra=meta_extra,
             val_steps=val_steps or None,
             curve_path=out / "curve.json",
+            epoch_validation=bool(self.cfg.get("validate_every_epoch")),
         )
         if dist_lib.is_main():  # one writer (torchrun: rank 0); the others wait until the files are there
             atomic_write_json(out / "history.json", res.history)
-            curve = read_json(out / "curve.json") if val_steps else []
             atomic_write_json(out / "timing.json", {
                 "loop_seconds": res.seconds, "resumed_from_epoch": res.resumed_from_epoch, "steps": total,
-                "validation_seconds": sum(p["seconds"] for p in curve)})
+                "validation_seconds": res.hook_seconds.get("validation", 0.0),
+                "snapshot_seconds": res.hook_seconds.get("snapshots", 0.0),
+                "validation_before_training_seconds": res.hook_seconds.get("validation_before_training", 0.0)})
             codec_lib.save_codec(final, codec, extra={"spec": spec_dict, "job": job, "history": res.history})
         dist_lib.barrier()
         return final

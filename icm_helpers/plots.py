@@ -241,6 +241,69 @@ def plot_loss_curves(
     return fig, data
 
 
+def plot_learning_curves(result: Mapping[str, Any], title: str | None = None) -> tuple[Figure, dict[str, Any]]:
+    """Protocol v2, Q1 (Figs. 8-9 at CPU scale): left, the validation main loss of every run against the training
+    step (thin: each seed; thick: the mean over seeds; symlog x so step 0 shows); right, the paired differences (same
+    seed) of the arms with their 95% t-intervals, zero marked. ``result``: ``mechanism.learning_curves``'s output.
+
+    Returns ``(fig, data)`` with the curves and the difference rows."""
+    curves, diffs = result["curves"], result["differences"]
+    if not curves:
+        raise ValueError("no learning curves to plot")
+    fig, (ax, axd) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    colors = {"w/o aux": "tab:blue", "aux-enc": "tab:red", "control": "tab:gray"}
+    data: dict[str, Any] = {"xlabel": "training step", "curves": {}, "differences": list(diffs)}
+    for arm, by_seed in curves.items():
+        color = colors.get(arm)
+        for seed, points in by_seed.items():
+            ax.plot([p[0] for p in points], [p[1] for p in points], color=color, alpha=0.35, linewidth=0.8)
+        steps = sorted(set.intersection(*[{p[0] for p in pts} for pts in by_seed.values()]))
+        mean = [float(np.mean([dict(pts)[s] for pts in by_seed.values()])) for s in steps]
+        ax.plot(steps, mean, color=color, marker="o", markersize=3, linewidth=2,
+                label=f"{arm} (mean of {len(by_seed)} seeds)")
+        data["curves"][arm] = {"steps": steps, "mean": mean, "seeds": {str(k): v for k, v in by_seed.items()}}
+    for pair in dict.fromkeys(r["pair"] for r in diffs):
+        rows = [r for r in diffs if r["pair"] == pair]
+        x = [r["step"] for r in rows]
+        y = [r["mean"] for r in rows]
+        line = axd.plot(x, y, marker="o", markersize=3, label=f"{pair} ({rows[0]['n']} seeds)")[0]
+        lo, hi = [r["low"] for r in rows], [r["high"] for r in rows]
+        if all(np.isfinite(lo)):
+            axd.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
+    axd.axhline(0.0, color="black", linewidth=0.8)
+    lam = result.get("lambda_")
+    for a, ylabel in ((ax, "validation main loss (Eq. 4 / Eq. 6 w/o aux)"),
+                      (axd, "paired difference of the main loss (95% t-CI)")):
+        a.set_xscale("symlog", linthresh=10)
+        a.set_xlabel("training step")
+        a.set_ylabel(ylabel)
+        a.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.18), ncol=2, frameon=False)
+    axd.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.18), ncol=2, frameon=False)
+    fig.suptitle(title or f"{result.get('task', '')}: validation main loss, lambda={lam:g}")
+    return fig, data
+
+
+def plot_cosines(summary: Sequence[Mapping[str, Any]], title: str | None = None) -> tuple[Figure, dict[str, Any]]:
+    """Protocol v2, Q2: the mean cosine between the auxiliary and the main gradient on g_a per (codec, branch) with
+    its 95% t-interval, zero marked. ``summary``: ``mechanism.summarise_cosines``'s rows."""
+    if not summary:
+        raise ValueError("no cosines to plot")
+    fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(summary) + 1.2), layout="constrained")
+    labels = [f"{r['codec']}: {r['branch']}" for r in summary]
+    y = np.arange(len(summary))[::-1]
+    for yi, r in zip(y, summary):
+        err = None if not np.isfinite(r["low"]) else [[r["mean"] - r["low"]], [r["high"] - r["mean"]]]
+        ax.errorbar(r["mean"], yi, xerr=err, fmt="o", color="tab:red" if "competent" in r["branch"] else "tab:gray",
+                    capsize=3)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xlabel("cos(G_aux, G_main) on g_a (95% t-CI)")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_title(title or "gradient alignment of the auxiliary term")
+    return fig, {"rows": [dict(r) for r in summary]}
+
+
 def _stats(values: np.ndarray) -> dict[str, Any]:
     return {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max()),
             "sum": float(values.sum()), "shape": list(values.shape)}

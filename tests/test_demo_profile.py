@@ -26,9 +26,15 @@ def test_demo_runs_the_papers_method_on_the_protocols_grid():
     assert det["alpha"] == seg["alpha"] == 0.5  # Eq. 5
     assert det["add_mse"] is False and seg["add_mse"] is True  # Eq. 5 / Eq. 6
     assert det["roi_qf"] is None and seg["roi_qf"] is None  # docs/protocol.md sec. 5: ROI runs in the study
-    assert load_profile("study")["tasks"]["detection"]["roi_qf"] == 1.4  # Ahonen et al.'s QF
+    assert load_profile("paper")["tasks"]["detection"]["roi_qf"] == 1.4  # Ahonen et al.'s QF
     assert CFG["ablation"]["positions"] == []  # docs/protocol.md sec. 5: the ablation runs in the study
-    assert load_profile("study")["ablation"]["positions"] == [None, "enc", "dec", "task"]  # Sec. 4.2
+    assert load_profile("paper")["ablation"]["positions"] == [None, "enc", "dec", "task"]  # Sec. 4.2
+    # protocol v2 (V1): ROI, anchors and the position ablation left the study; its lambdas are the paper's (V4)
+    study = load_profile("study")
+    assert study["tasks"]["detection"]["roi_qf"] is None and study["ablation"]["positions"] == []
+    assert study["tasks"]["detection"]["lambdas"] == [0.4, 1.6, 3.2]
+    assert study["tasks"]["segmentation"]["lambdas"] == [1, 2, 8]
+    assert study["train_seeds"] == [0, 1, 2, 3] and study["evaluation"]["max_images"] >= 96  # V9, section 4
     assert det["ablation_lambda"] in det["lambdas"] and seg["ablation_lambda"] in seg["lambdas"]  # enc/none reused
     assert CFG["evaluation"]["bitstream"] is True
     assert CFG["evaluation"]["bootstrap"] == {"samples": 1000, "confidence": 0.95}

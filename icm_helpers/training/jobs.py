@@ -269,6 +269,7 @@ class StepCurve:
                  modules: list[nn.Module]):
         self.path, self.steps, self.measure, self.modules = Path(path), {int(s) for s in steps}, measure, modules
         self.points = {int(p["step"]): p for p in read_json(self.path)} if self.path.exists() else {}
+        self.measured: dict[int, float] = {}  # seconds of the measurements made by this object (this process)
 
     def measure_at(self, step: int) -> None:
         if step not in self.steps or step in self.points:
@@ -283,7 +284,8 @@ class StepCurve:
         finally:
             for m, w in zip(self.modules, was):
                 m.train(w)
-        self.points[step] = {"step": step, **{f"val_{k}": v for k, v in terms.items()}, "seconds": time.time() - t0}
+        self.measured[step] = time.time() - t0
+        self.points[step] = {"step": step, **{f"val_{k}": v for k, v in terms.items()}, "seconds": self.measured[step]}
         if dist_lib.is_main():
             atomic_write_json(self.path, [self.points[s] for s in sorted(self.points)])
 
@@ -292,7 +294,7 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
               checkpoint_path: str | Path, val_set=None, log=print, device: str = "cpu",
               on_step: Callable[[int, dict[str, Any]], None] | None = None, snapshots: dict[int, Path] | None = None,
               meta_extra: dict[str, Any] | None = None, val_steps: list[int] | None = None,
-              curve_path: str | Path | None = None) -> FitResult:
+              curve_path: str | Path | None = None, epoch_validation: bool = True) -> FitResult:
     """Fine-tune ``codec`` (and the auxiliary branch) for ``spec``; the recognizer stays frozen.
 
     ``cfg``'s speed knobs (amp, channels_last, compile, workers) apply here; under ``torchrun`` the codec and the
@@ -303,7 +305,8 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
     ``meta_extra``: more fields of the job's identity (checkpoint meta), e.g. how a warm-started branch was
     pre-trained. ``val_steps`` + ``curve_path``: the validation terms on ``val_set`` after each of these numbers of
     steps (0 = before the first), written to ``curve_path`` (JSON list) as they come (``StepCurve``); measuring draws
-    nothing from the training streams.
+    nothing from the training streams. ``epoch_validation``: also after every epoch (``history``), when ``val_set`` is
+    given.
     The branch draws its random numbers from its own stream, seeded by the run's seed (``seed_random_stream``)."""
     if not getattr(recognizer, "frozen", False):
         raise ValueError("the recognizer must be frozen (recognizer.freeze()) before ICM training")
@@ -337,7 +340,7 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
     def measure() -> dict[str, float]:
         return validation_terms(spec, codec, recognizer, aux_branch, val_set, cfg.batch_size, spec.seed, device)
 
-    validate = (lambda epoch: measure()) if val_set is not None and not val_steps else None
+    validate = (lambda epoch: measure()) if val_set is not None and epoch_validation else None
     curve = None
     if val_steps:
         if val_set is None or curve_path is None:
@@ -345,9 +348,13 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
         curve = StepCurve(curve_path, val_steps, with_autocast(measure, cfg.amp, device), list(modules.values()))
         curve.measure_at(0)
 
+    snapshot_seconds = [0.0]
+
     def after_step(step: int, logs: dict[str, Any]) -> None:
         if snapshots:
+            t0 = time.time()
             snapshot(step, logs)
+            snapshot_seconds[0] += time.time() - t0
         if curve is not None:
             curve.measure_at(step + 1)
         if on_step is not None:
@@ -375,6 +382,9 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
         on_step=after_step,
         desc=f"{spec.task}/{spec.run_name} (seed {spec.seed})",
     )
+    measured = curve.measured if curve else {}
+    res.hook_seconds = {"snapshots": snapshot_seconds[0], "validation": sum(v for k, v in measured.items() if k > 0),
+                        "validation_before_training": measured.get(0, 0.0)}
     converge_quantiles(codec)
     update_entropy_tables(codec)
     return res

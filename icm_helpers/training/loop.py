@@ -32,6 +32,7 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from_epoch: int = 0
     seconds: float = 0.0
+    hook_seconds: dict[str, float] = field(default_factory=dict)  # time the job's hooks took inside ``seconds``
 
 
 class _StepLogs:

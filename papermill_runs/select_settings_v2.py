@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Apply protocol v2's rules (docs/protocol_v2.md section 4) to the study profile and log what they measured.
+
+    .venv/bin/python papermill_runs/select_settings_v2.py --stage r3v2|costs|r2v2|all [--smoke-seconds S]
+
+- ``r3v2``: the learning rate. For each candidate (the paper's rate times 1/10, 1/3, 1), w/o aux (seed 0) trains 100
+  steps (warm-up 10, the profile's schedule otherwise) at the task's ``ablation_lambda``; its validation main loss
+  after 100 steps decides: the lowest; within 1% of it, the larger rate.
+- ``costs``: seconds per training step of each job kind (w/o aux, aux-enc, MSE, branch pre-training) from short runs
+  of the profile's models, and of one validation pass.
+- ``r2v2``: the steps: parts (a)-(d) funded in order within ``--budget-factor`` x the smoke run's seconds.
+
+Only the start codec, the w/o-aux arm and the branch alone are trained; no comparison of arms is made. The runs live
+in ``runs/study_v2_selection/`` (git-ignored); the log in ``docs/protocol_outcomes/study_v2.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the repository's icm_helpers, not an installed copy
+
+from icm_helpers.io import atomic_write_json, read_json  # noqa: E402
+
+OUTCOME = ROOT / "docs" / "protocol_outcomes" / "study_v2.json"
+LR_FACTORS = (0.1, 1 / 3, 1.0)  # R3v2
+PAPER_LR = {"detection": 1e-4, "segmentation": 5e-5}  # Sec. 4.1
+R3_STEPS = 100
+
+
+def experiment(overrides: dict[str, Any], name: str):
+    """The study's Experiment in ``runs/study_v2_selection/<name>/``; every such run dir shares one generated world
+    (``data`` links to ``main/data``)."""
+    from icm_helpers.experiment import Experiment
+
+    root = ROOT / "runs" / "study_v2_selection"
+    ex = Experiment("study", run_dir=root / name, overrides=overrides)
+    if name != "main" and not ex.data_dir.exists():
+        Experiment("study", run_dir=root / "main").prepare_data()
+        ex.run_dir.mkdir(parents=True, exist_ok=True)
+        ex.data_dir.symlink_to(root / "main" / "data", target_is_directory=True)
+    ex.prepare_data()
+    return ex
+
+
+def choose_lr(rows: list[dict[str, float]]) -> float:
+    """R3v2: the lowest validation main loss; within 1% of it, the larger rate."""
+    best = min(r["val_main"] for r in rows)
+    return max(r["lr"] for r in rows if r["val_main"] <= best * 1.01)
+
+
+def _short_run_overrides(task: str, lr: float, steps: int) -> dict[str, Any]:
+    return {f"tasks.{task}.train.lr": lr, f"tasks.{task}.train.epochs": 1, f"tasks.{task}.train.steps_per_epoch": steps,
+            f"tasks.{task}.train.warmup_steps": max(1, steps // 10), f"tasks.{task}.validate_at_steps": [0, steps],
+            f"tasks.{task}.snapshot_steps": []}
+
+
+def stage_r3v2(outcome: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for task, paper in PAPER_LR.items():
+        rows = []
+        for f in LR_FACTORS:
+            lr = float(f"{paper * f:.3g}")
+            ex = experiment(_short_run_overrides(task, lr, R3_STEPS), f"r3v2_{task}_lr{lr:g}")
+            spec = ex.spec(task, ex.task_cfg(task)["ablation_lambda"], None, seed=0)
+            ex.train(spec)
+            curve = read_json(ex.run_path(spec) / "curve.json")
+            timing = read_json(ex.run_path(spec) / "timing.json")
+            rows.append({"lr": lr, "val_main_step0": curve[0]["val_main"], "val_main": curve[-1]["val_main"],
+                         "val_rate": curve[-1]["val_rate"], "val_task": curve[-1]["val_task"],
+                         "seconds_per_step": _step_seconds(timing) / R3_STEPS})
+            print(task, rows[-1], flush=True)
+        out[task] = {"rows": rows, "lr": choose_lr(rows),
+                     "improves_on_start": min(r["val_main"] for r in rows) < rows[0]["val_main_step0"]}
+    return out
+
+
+def _seconds_per_step(ex, spec, steps: int) -> float:
+    ex.train(spec)
+    t = read_json(ex.run_path(spec) / "timing.json")
+    return _step_seconds(t) / steps
+
+
+def _step_seconds(timing: dict[str, float]) -> float:
+    """Seconds of the training steps of a run: its loop minus the validations and snapshots inside it."""
+    return timing["loop_seconds"] - timing["validation_seconds"] - timing.get("snapshot_seconds", 0.0)
+
+
+def stage_costs(outcome: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    steps = 10
+    for task in PAPER_LR:
+        lr = outcome["r3v2"][task]["lr"]
+        ex = experiment({**_short_run_overrides(task, lr, steps), f"tasks.{task}.aux_warm_start.epochs": 1,
+                         f"tasks.{task}.aux_warm_start.steps_per_epoch": steps}, f"costs_{task}")
+        lam = ex.task_cfg(task)["ablation_lambda"]
+        t0 = time.time()
+        ex.warm_aux_branch(task, "enc", 0)
+        branch_step = (time.time() - t0) / steps  # includes one validation pass: an upper bound
+        row = {
+            "wo_aux": _seconds_per_step(ex, ex.spec(task, lam, None, seed=0), steps),
+            "aux_enc": _seconds_per_step(ex, ex.spec(task, lam, "enc", aux_init="warm", seed=0), steps),
+            "mse": _seconds_per_step(ex, ex.spec(task, 0.0483, None, seed=0, objective="mse"), steps),
+            "branch": branch_step,
+        }
+        curve = read_json(ex.run_path(ex.spec(task, lam, None, seed=0)) / "curve.json")
+        row["validation"] = sum(p["seconds"] for p in curve) / len(curve)
+        out[task] = row
+        print(task, row, flush=True)
+    return out
+
+
+def stage_r2v2(outcome: dict[str, Any], budget: float) -> dict[str, Any]:
+    """Parts (a)-(d) in order; a part is funded whole or cut. Steps of (a)/(d) curves: the largest of (1000, 600, 300)
+    that fits (never below 300); (c): the largest of (S_a, 300, 200, 100). Evaluation and fixed costs are estimated
+    from v1's measurements (README) and logged as assumptions."""
+    c = outcome["costs"]
+    fixed = 120.0  # kernels, world generation, figures (v1: ~2 min outside training and evaluation)
+    eval_per_model = 96 * 0.35  # v1: ~0.35 s per test image (bitstream, decode first, 2 workers)
+    branch_steps = 1000  # R6v2's cap (the competent and the control branch): an upper bound
+    cos_batches, cos_branch = 80, 3
+    spent = fixed
+    plan: dict[str, Any] = {"budget_seconds": budget}
+
+    def curves(task: str, s: int) -> float:
+        k = c[task]
+        val = 5 * k["validation"]
+        return (4 * s * k["wo_aux"] + 4 * s * k["aux_enc"] + 2 * s * k["aux_enc"] + 10 * val
+                + 2 * branch_steps * k["branch"])
+
+    def bd(task: str, s: int, s_a: int) -> float:
+        k = c[task]
+        lam_models = 2 if s == s_a else 3
+        return (4 * lam_models * s * (k["wo_aux"] + k["aux_enc"]) + 12 * s * k["mse"]
+                + (4 * 3 * 2 + 12) * eval_per_model)
+
+    for part, task in (("a", "detection"), ("d", "segmentation")):
+        s_a = next((s for s in (1000, 600, 300) if spent + curves(task, s) <= budget), None)
+        if s_a is None:
+            plan[part] = {"task": task, "funded": False, "needs": curves(task, 300)}
+            break
+        spent += curves(task, s_a)
+        if part == "a":
+            cost_b = cos_batches * cos_branch * 1.5 * c[task]["aux_enc"]
+            spent += cost_b
+            plan["b"] = {"funded": True, "seconds": cost_b}
+        s_c = next((s for s in (s_a, 300, 200, 100) if s <= s_a and spent + bd(task, s, s_a) <= budget), None)
+        plan[part] = {"task": task, "funded": True, "curve_steps": s_a, "bd_steps": s_c,
+                      "bd_funded": s_c is not None}
+        if s_c is not None:
+            spent += bd(task, s_c, s_a)
+    plan["modelled_seconds"] = spent
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", default="all", choices=("r3v2", "costs", "r2v2", "all"))
+    ap.add_argument("--smoke-seconds", type=float, required=True, help="this machine's smoke run of notebooks 01-07")
+    ap.add_argument("--budget-factor", type=float, default=15.0, help="protocol v2: make study <= 15x the smoke run")
+    args = ap.parse_args(argv)
+    outcome = read_json(OUTCOME) if OUTCOME.exists() else {"protocol": "docs/protocol_v2.md"}
+    outcome["smoke_seconds"] = args.smoke_seconds
+    stages = ("r3v2", "costs", "r2v2") if args.stage == "all" else (args.stage,)
+    for stage in stages:
+        if stage in outcome:
+            print(f"{stage}: logged already (delete it from {OUTCOME} to redo)")
+            continue
+        if stage == "r2v2":
+            outcome[stage] = stage_r2v2(outcome, args.budget_factor * args.smoke_seconds)
+        else:
+            outcome[stage] = {"r3v2": stage_r3v2, "costs": stage_costs}[stage](outcome)
+        atomic_write_json(OUTCOME, outcome)
+        print(stage, "->", outcome[stage], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
