@@ -204,6 +204,10 @@ def test_experiment_bd_rate_table_from_stored_records(tmp_path):
     e = rows[0]["bpp_bitstream"]
     assert e["ci_low"] <= e["bd_rate"] <= e["ci_high"] and e["bd_rate"] < -10
     assert rows[0]["points"] == 4 and e["samples"] == 200 and e["confidence"] == 0.95
+    assert e["interval"] == "bca"  # the default when the profile's evaluation.bootstrap names none
+    ex.cfg["evaluation"]["bootstrap"] = {"interval": "percentile"}
+    rows = ex.bd_rate_table("segmentation", "baseline", ["aux_enc"], samples=50)
+    assert rows[0]["bpp_bitstream"]["interval"] == "percentile"
 
 
 def test_bd_rate_table_over_two_seeds_shares_the_untrained_anchors(tmp_path):
