@@ -196,7 +196,7 @@ def _check_interval(interval: str) -> None:
 
 
 def bias_correction(point: float, boot: np.ndarray) -> float:
-    """BCa's bias correction z0 = Phi^-1(share of the resamples below the point estimate) (Efron 1987, eq. 2.8).
+    """BCa's bias correction z0 = Phi^-1(share of the resamples below the point estimate) (Efron 1987).
 
     A resample equal to the point counts half (scipy.stats.bootstrap's convention). An undefined resample (NaN or
     infinite) also counts half: it lies on neither side of the point, and counting it below or above would push every
@@ -210,8 +210,8 @@ def bias_correction(point: float, boot: np.ndarray) -> float:
 
 
 def jackknife_acceleration(jack: np.ndarray | None) -> float:
-    """BCa's acceleration from the leave-one-out estimates theta_(i) (Efron 1987, eq. 6.6; DiCiccio & Efron 1996,
-    eq. 6.6): a = sum d_i^3 / (6 (sum d_i^2)^(3/2)), d_i = mean_j theta_(j) - theta_(i).
+    """BCa's acceleration from the leave-one-out estimates theta_(i) (Efron 1987; DiCiccio & Efron 1996):
+    a = sum d_i^3 / (6 (sum d_i^2)^(3/2)), d_i = mean_j theta_(j) - theta_(i).
 
     Undefined leave-one-out estimates are left out (a skewness estimate has no unfavourable end to put them at).
     0 when there is no jackknife (None), fewer than 2 defined estimates, or when they are all equal up to rounding
@@ -227,11 +227,11 @@ def jackknife_acceleration(jack: np.ndarray | None) -> float:
 
 
 def bca_levels(z0: float, a: float, confidence: float) -> tuple[float, float]:
-    """The BCa percentile levels of the lower and upper bound (Efron 1987, eq. 2.3; DiCiccio & Efron 1996, eq. 2.4):
+    """The BCa percentile levels of the lower and upper bound (Efron 1987; DiCiccio & Efron 1996):
     alpha' = Phi(z0 + (z0 + z_alpha) / (1 - a (z0 + z_alpha))), z_alpha = Phi^-1((1 -+ confidence) / 2).
 
-    Where 1 - a (z0 + z_alpha) <= 0 the formula has passed its pole; the level takes its limit there (0 for the lower
-    bound, 1 for the upper one) instead of wrapping around."""
+    Past the formula's pole (1 - a (z0 + z_alpha) <= 0, only with a large acceleration) it would wrap around; the
+    level is then set to its widest value instead: 0 for the lower bound, 1 for the upper one."""
     z_alpha = float(norm.ppf((1 - confidence) / 2))
     levels = []
     for z in (z_alpha, -z_alpha):
@@ -255,7 +255,7 @@ def _tail_percentile(defined: np.ndarray, undefined: int, pct: float, end: str) 
     if end == "low":
         if undefined and np.floor(h) < undefined:
             return -np.inf
-        padded = np.concatenate([np.full(undefined, defined.min()), defined])  # placeholders never read
+        padded = np.concatenate([np.full(undefined, defined.min()), defined])  # placeholders: not reached here
     else:
         if undefined and np.ceil(h) > defined.size - 1:
             return np.inf
