@@ -513,3 +513,14 @@ def test_pooled_bca_takes_its_acceleration_from_the_leave_one_seed_out_means():
     a = jackknife_acceleration(loo)
     assert a > 0 > jackknife_acceleration(point) and pooled["acceleration"] == pytest.approx(a, rel=1e-9)
     assert pooled["bd_rate"] == pytest.approx(point.mean()) and pooled["ci_low"] < pooled["bd_rate"] < pooled["ci_high"]
+
+
+def test_bca_levels_reduce_to_the_percentile_levels_and_take_the_widest_level_past_the_pole():
+    from scipy.stats import norm
+
+    from icm_helpers.bootstrap import bca_levels
+
+    assert bca_levels(0.0, 0.0, 0.95) == pytest.approx((0.025, 0.975), abs=1e-12)  # z0 = a = 0: percentile
+    lo, hi = bca_levels(0.0, 0.6, 0.95)  # upper: 1 - 0.6 x 1.96 < 0, past the pole: the widest level, not a wrap
+    assert hi == 1.0 and lo == pytest.approx(norm.cdf(-1.96 / (1 + 0.6 * 1.96)), abs=1e-3)
+    assert bca_levels(0.0, -0.6, 0.95)[0] == 0.0
