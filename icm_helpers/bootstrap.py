@@ -12,9 +12,12 @@ image i:
 * segmentation mIoU = mean over classes with a non-empty union of sum_i m_i I_ic / sum_i m_i U_ic (per-image
   intersections and unions are additive, so this equals the confusion-matrix mIoU of the resampled set).
 
-The CI is the percentile interval of the BD-rates of ``samples`` resamples; resamples where the BD-rate is undefined
-(no overlap of the metric ranges) are counted and reported, never silently dropped from the count. Models trained
-with several seeds: ``bd_rate_ci_seeds`` (per seed, and pooled with a two-stage seed-and-image bootstrap).
+The CI is computed from the BD-rates of ``samples`` resamples by one of ``INTERVALS`` (default: BCa, Efron 1987,
+with its acceleration from a jackknife over the test images; ``interval_bounds`` holds the interval math). Resamples
+where the BD-rate is undefined (no overlap of the metric ranges) are counted and enter each bound at its unfavourable
+end: as -inf for the lower bound and as +inf for the upper one, so they widen the interval; when they reach into the
+tail of a bound, that bound is open. Models trained with several seeds: ``bd_rate_ci_seeds`` (per seed, and pooled
+with a two-stage seed-and-image bootstrap).
 """
 from __future__ import annotations
 
@@ -24,11 +27,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from pycocotools.cocoeval import COCOeval
+from scipy.stats import norm
 
 from .bdrate import bd_rate
 from .registry import RESAMPLERS
 
 REC_THRS = np.linspace(0.0, 1.00, 101)
+INTERVALS = {  # the ``interval`` names of bd_rate_ci / bd_rate_ci_seeds / interval_bounds
+    "bca": "bias-corrected and accelerated percentile interval (Efron 1987; DiCiccio & Efron 1996)",
+    "percentile": "percentiles (1 - confidence) / 2 and (1 + confidence) / 2 of the bootstrap distribution",
+    "basic": "basic (reverse percentile) interval: 2 x point estimate - the percentiles, ends swapped",
+}
 
 
 @RESAMPLERS.register("detection")
@@ -160,12 +169,13 @@ def _bd_values(curves, anchor: str, tests: Sequence[str], bpp_keys: Sequence[str
     """BD-rate of every test vs ``anchor`` under every row of image multiplicities ``weights`` (row 0: all images):
     ``out[test][key]`` = array (NaN where undefined) or the reason string when even row 0 is undefined."""
     names = [anchor, *tests]
-    n_images = weights.shape[1]
     # metric of every point under every resample: the expensive part, computed once and shared by the bpp kinds
     metrics = {name: [np.array([fn(w) for w in weights]) for _, fn in curves[name]] for name in names}
     out: dict[str, dict[str, Any]] = {t: {} for t in tests}
     for key in bpp_keys:
-        rates = {name: [weights @ np.asarray(b[key], float) / n_images for b, _ in curves[name]] for name in names}
+        # mean per-image bpp of the images in each row (a resample holds n_images images, a jackknife row one fewer)
+        rates = {name: [weights @ np.asarray(b[key], float) / weights.sum(axis=1) for b, _ in curves[name]]
+                 for name in names}
         for test in tests:
             values = np.full(len(weights), np.nan)
             for s in range(len(weights)):
@@ -180,28 +190,151 @@ def _bd_values(curves, anchor: str, tests: Sequence[str], bpp_keys: Sequence[str
     return out
 
 
-def _summary(point: float, boot: np.ndarray, samples: int, confidence: float) -> dict[str, Any]:
-    ok = boot[np.isfinite(boot)]
-    lo, hi = np.percentile(ok, [50 * (1 - confidence), 50 * (1 + confidence)]) if ok.size else (np.nan, np.nan)
-    return {"bd_rate": float(point), "ci_low": float(lo), "ci_high": float(hi), "samples": samples,
-            "samples_defined": int(ok.size), "confidence": confidence}
+def _check_interval(interval: str) -> None:
+    if interval not in INTERVALS:
+        raise ValueError(f"unknown interval {interval!r}; valid: {', '.join(map(repr, INTERVALS))}")
+
+
+def bias_correction(point: float, boot: np.ndarray) -> float:
+    """BCa's bias correction z0 = Phi^-1(share of the resamples below the point estimate) (Efron 1987).
+
+    A resample equal to the point counts half (scipy.stats.bootstrap's convention). An undefined resample (NaN or
+    infinite) also counts half: it lies on neither side of the point, and counting it below or above would push every
+    bound one way. The share is kept within [1/(2N), 1 - 1/(2N)] (N resamples, the resolution of the share), so a
+    point outside the whole bootstrap distribution gives a finite z0 instead of +-inf."""
+    boot = np.asarray(boot, dtype=float)
+    defined = boot[np.isfinite(boot)]
+    n = boot.size
+    below = np.count_nonzero(defined < point) + 0.5 * (np.count_nonzero(defined == point) + n - defined.size)
+    return float(norm.ppf(np.clip(below / n, 0.5 / n, 1 - 0.5 / n)))
+
+
+def jackknife_acceleration(jack: np.ndarray | None) -> float:
+    """BCa's acceleration from the leave-one-out estimates theta_(i) (Efron 1987; DiCiccio & Efron 1996):
+    a = sum d_i^3 / (6 (sum d_i^2)^(3/2)), d_i = mean_j theta_(j) - theta_(i).
+
+    Undefined leave-one-out estimates are left out (a skewness estimate has no unfavourable end to put them at).
+    0 when there is no jackknife (None), fewer than 2 defined estimates, or when they are all equal up to rounding
+    (a = 0/0): the interval is then bias-corrected only."""
+    if jack is None:
+        return 0.0
+    jack = np.asarray(jack, dtype=float)
+    jack = jack[np.isfinite(jack)]
+    if jack.size < 2 or np.ptp(jack) <= 8 * np.finfo(float).eps * np.abs(jack).max():
+        return 0.0
+    d = jack.mean() - jack
+    return float(np.sum(d**3) / (6 * np.sum(d**2) ** 1.5))
+
+
+def bca_levels(z0: float, a: float, confidence: float) -> tuple[float, float]:
+    """The BCa percentile levels of the lower and upper bound (Efron 1987; DiCiccio & Efron 1996):
+    alpha' = Phi(z0 + (z0 + z_alpha) / (1 - a (z0 + z_alpha))), z_alpha = Phi^-1((1 -+ confidence) / 2).
+
+    Past the formula's pole (1 - a (z0 + z_alpha) <= 0, only with a large acceleration) it would wrap around; the
+    level is then set to its widest value instead: 0 for the lower bound, 1 for the upper one."""
+    z_alpha = float(norm.ppf((1 - confidence) / 2))
+    levels = []
+    for z in (z_alpha, -z_alpha):
+        w = z0 + z
+        denominator = 1 - a * w
+        shift = w / denominator if denominator > 0 else np.copysign(np.inf, z)
+        levels.append(float(norm.cdf(z0 + shift)))
+    return levels[0], levels[1]
+
+
+def _tail_percentile(defined: np.ndarray, undefined: int, pct: float, end: str) -> float:
+    """The ``pct`` percentile (numpy's default linear interpolation) of the bootstrap distribution whose ``undefined``
+    resamples sit at ``end``: "low" (as -inf) or "high" (as +inf). -inf / +inf (an open bound) when the
+    interpolation reaches into them, i.e. when they fill that tail; otherwise it equals ``np.percentile`` of the
+    defined values padded with ``undefined`` placeholders at that end (with none undefined:
+    exactly ``np.percentile(defined, pct)``)."""
+    n = defined.size + undefined
+    if defined.size == 0:
+        return -np.inf if end == "low" else np.inf
+    h = (n - 1) * (pct / 100)  # numpy's virtual index for method="linear": it interpolates sorted[floor(h)..ceil(h)]
+    if end == "low":
+        if undefined and np.floor(h) < undefined:
+            return -np.inf
+        padded = np.concatenate([np.full(undefined, defined.min()), defined])  # placeholders: not reached here
+    else:
+        if undefined and np.ceil(h) > defined.size - 1:
+            return np.inf
+        padded = np.concatenate([defined, np.full(undefined, defined.max())])
+    return float(np.percentile(padded, pct))
+
+
+def _interval(point: float, boot: np.ndarray, confidence: float, method: str,
+              jack: np.ndarray | None) -> tuple[float, float, dict[str, float]]:
+    _check_interval(method)
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    boot = np.asarray(boot, dtype=float)
+    ok = np.isfinite(boot)
+    defined, undefined = boot[ok], int(boot.size - np.count_nonzero(ok))
+    extra: dict[str, float] = {}
+    if method == "bca":
+        extra = {"z0": bias_correction(point, boot), "acceleration": jackknife_acceleration(jack)}
+        lo_pct, hi_pct = (100 * level for level in bca_levels(extra["z0"], extra["acceleration"], confidence))
+    else:
+        lo_pct, hi_pct = 50 * (1 - confidence), 50 * (1 + confidence)
+    if method == "basic":
+        # 2 theta - q_hi, 2 theta - q_lo: the lower bound comes from the upper tail, where undefined ones are +inf
+        low = 2 * point - _tail_percentile(defined, undefined, hi_pct, "high")
+        high = 2 * point - _tail_percentile(defined, undefined, lo_pct, "low")
+    else:
+        low = _tail_percentile(defined, undefined, lo_pct, "low")
+        high = _tail_percentile(defined, undefined, hi_pct, "high")
+    return float(low), float(high), extra
+
+
+def interval_bounds(point: float, boot: np.ndarray, confidence: float, method: str = "bca",
+                    jack: np.ndarray | None = None) -> tuple[float, float]:
+    """(low, high) of the ``confidence`` interval of a statistic with estimate ``point`` and bootstrap replicates
+    ``boot`` (NaN: undefined in that resample), by ``method`` (one of ``INTERVALS``):
+
+    * "percentile": the (1 -+ confidence) / 2 percentiles of ``boot``;
+    * "basic": 2 point - those percentiles, ends swapped;
+    * "bca": the percentiles at ``bca_levels(bias_correction(point, boot), jackknife_acceleration(jack))``; ``jack``:
+      the statistic's leave-one-out (jackknife) estimates, None for a = 0.
+
+    Undefined replicates are never dropped: each bound is taken with them at its unfavourable end (-inf for the
+    lower bound, +inf for the upper one), so they widen the interval; a bound whose tail they fill is -inf / +inf."""
+    low, high, _ = _interval(point, boot, confidence, method, jack)
+    return low, high
+
+
+def _summary(point: float, boot: np.ndarray, samples: int, confidence: float, interval: str,
+             jack: np.ndarray | None = None) -> dict[str, Any]:
+    """A CI entry. An open bound (``interval_bounds`` gave -inf / +inf) is stored as None with ``ci_low_open`` /
+    ``ci_high_open`` True, so the entry stays plain JSON; ``format_ci`` prints it as -inf / inf."""
+    low, high, extra = _interval(point, boot, confidence, interval, jack)
+    defined = int(np.count_nonzero(np.isfinite(boot)))
+    return {"bd_rate": float(point), "ci_low": low if np.isfinite(low) else None,
+            "ci_high": high if np.isfinite(high) else None, "samples": samples, "samples_defined": defined,
+            "confidence": confidence, "samples_undefined": samples - defined, "ci_low_open": bool(np.isneginf(low)),
+            "ci_high_open": bool(np.isposinf(high)), "interval": interval, **extra}
 
 
 def bd_rate_ci(curves: dict[str, list[tuple[dict[str, np.ndarray], Callable[[np.ndarray], float]]]], anchor: str,
                tests: Sequence[str], bpp_keys: Sequence[str] = ("bpp_bitstream", "bpp_estimated"), samples: int = 1000,
-               confidence: float = 0.95, seed: int = 0, method: str = "pchip") -> dict[str, dict[str, dict[str, Any]]]:
-    """BD-rate (%) of each test method against ``anchor`` with a paired-bootstrap percentile CI, per bpp kind.
+               confidence: float = 0.95, seed: int = 0, method: str = "pchip",
+               interval: str = "bca") -> dict[str, dict[str, dict[str, Any]]]:
+    """BD-rate (%) of each test method against ``anchor`` with a paired-bootstrap CI, per bpp kind.
 
     ``curves[name]`` = one ({bpp kind: per-image bpp array}, metric function of image multiplicities) per operating
-    point; every array indexes the same test images in the same order. Returns ``out[test][bpp_key]`` =
-    {"bd_rate" (all images), "ci_low", "ci_high", "samples", "samples_defined", "confidence"}, or {"error": reason}
-    when even the point estimate is undefined."""
-    return bd_rate_ci_seeds({0: curves}, anchor, tests, bpp_keys, samples, confidence, seed, method)["per_seed"][0]
+    point; every array indexes the same test images in the same order. ``interval``: one of ``INTERVALS``; "bca"
+    takes its acceleration from a jackknife over the test images (the metric functions are also evaluated with each
+    image left out). Returns ``out[test][bpp_key]`` = the ``_summary`` entry {"bd_rate" (all images), "ci_low",
+    "ci_high", "samples", "samples_defined", "confidence", "samples_undefined", "ci_low_open", "ci_high_open",
+    "interval", and for BCa "z0", "acceleration"}, or {"error": reason} when even the point estimate is undefined."""
+    return bd_rate_ci_seeds({0: curves}, anchor, tests, bpp_keys, samples, confidence, seed, method,
+                            interval)["per_seed"][0]
 
 
 def bd_rate_ci_seeds(curves_by_seed: dict[Any, dict[str, list]], anchor: str, tests: Sequence[str],
                      bpp_keys: Sequence[str] = ("bpp_bitstream", "bpp_estimated"), samples: int = 1000,
-                     confidence: float = 0.95, seed: int = 0, method: str = "pchip") -> dict[str, Any]:
+                     confidence: float = 0.95, seed: int = 0, method: str = "pchip",
+                     interval: str = "bca") -> dict[str, Any]:
     """BD-rates of models trained with several training seeds: per seed, and pooled over the seeds.
 
     ``curves_by_seed[s]``: the ``curves`` of ``bd_rate_ci`` for the models of training seed s, all on the same test
@@ -209,12 +342,15 @@ def bd_rate_ci_seeds(curves_by_seed: dict[Any, dict[str, list]], anchor: str, te
     Pooled: the estimate is the mean of the per-seed BD-rates (what one training run gives on average); its CI comes
     from a two-stage bootstrap that covers both sources of variation: each replicate draws as many seeds as there are,
     with replacement, and one image resample, and averages the drawn seeds' BD-rates under that image resample. A
-    replicate with an undefined BD-rate in any drawn seed is counted as undefined. With few seeds the seed stage
-    resamples from a handful of values, so the CI under-covers the seed variance; ``seed_sd`` (the standard deviation
-    of the per-seed estimates) is reported beside it.
+    replicate with an undefined BD-rate in any drawn seed is counted as undefined. For "bca" the pooled bias
+    correction comes from this two-stage distribution and the acceleration from a jackknife over the seeds (the means
+    of the per-seed estimates with one seed left out). With few seeds the seed stage resamples from a handful of
+    values, so the CI under-covers the seed variance; ``seed_sd`` (the standard deviation of the per-seed estimates) is
+    reported beside it.
 
     Returns {"per_seed": {s: out as bd_rate_ci}, "pooled": {test: {key: summary + "seed_sd", "seeds"}} (pooled only
     with 2 or more seeds)}."""
+    _check_interval(interval)
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     seeds = list(curves_by_seed)
@@ -222,9 +358,11 @@ def bd_rate_ci_seeds(curves_by_seed: dict[Any, dict[str, list]], anchor: str, te
     if len(sizes) != 1:
         raise ValueError(f"the seeds' models were evaluated on different numbers of test images ({sorted(sizes)})")
     n_images = sizes.pop()
-    weights = np.vstack(
-        [np.ones((1, n_images), np.int64), resample_weights(n_images, samples, seed)]
-    )  # row 0: all images
+    # row 0: all images; rows 1..samples: the resamples; for BCa then n_images rows with image i left out (jackknife)
+    rows = [np.ones((1, n_images), np.int64), resample_weights(n_images, samples, seed)]
+    if interval == "bca":
+        rows.append(1 - np.eye(n_images, dtype=np.int64))
+    weights = np.vstack(rows)
     values = {s: _bd_values(curves_by_seed[s], anchor, tests, bpp_keys, weights, method) for s in seeds}
     out: dict[str, Any] = {"per_seed": {s: {t: {} for t in tests} for s in seeds}, "pooled": {}}
     for s in seeds:
@@ -232,8 +370,9 @@ def bd_rate_ci_seeds(curves_by_seed: dict[Any, dict[str, list]], anchor: str, te
             for key in bpp_keys:
                 v = values[s][test][key]
                 out["per_seed"][s][test][key] = (
-                    {"error": v} if isinstance(v, str) else _summary(v[0], v[1:], samples, confidence)
-                )
+                    {"error": v} if isinstance(v, str)
+                    else _summary(v[0], v[1:1 + samples], samples, confidence, interval, v[1 + samples:])
+                )  # v[1 + samples:]: the jackknife estimates (empty unless BCa)
     if len(seeds) < 2:
         return out
     draws = np.random.default_rng(seed + 1).integers(0, len(seeds), size=(samples, len(seeds)))
@@ -245,11 +384,12 @@ def bd_rate_ci_seeds(curves_by_seed: dict[Any, dict[str, list]], anchor: str, te
             if errors:
                 out["pooled"][test][key] = {"error": errors[0]}
                 continue
-            matrix = np.stack(per)  # (seeds, 1 + samples)
+            matrix = np.stack(per)[:, :1 + samples]  # (seeds, 1 + samples)
             boot = matrix[draws, 1 + np.arange(samples)[:, None]].mean(axis=1)  # NaN if any drawn seed is undefined
             point = matrix[:, 0]
+            jack = (point.sum() - point) / (len(seeds) - 1)  # the mean of the other seeds' estimates, per seed left out
             out["pooled"][test][key] = {
-                **_summary(point.mean(), boot, samples, confidence),
+                **_summary(point.mean(), boot, samples, confidence, interval, jack),
                 "seed_sd": float(point.std(ddof=1)),
                 "seeds": len(seeds),
             }
@@ -257,10 +397,13 @@ def bd_rate_ci_seeds(curves_by_seed: dict[Any, dict[str, list]], anchor: str, te
 
 
 def format_ci(entry: dict[str, Any], digits: int = 1) -> str:
-    """"-12.3 [-20.1, -4.0]" (or the reason when undefined); a note when some resamples were undefined."""
+    """"-12.3 [-20.1, -4.0]" (or the reason when undefined); an open bound prints as -inf / inf; a note when some
+    resamples were undefined."""
     if "error" in entry:
         return f"n/a ({entry['error'][:60]})"
-    text = f"{entry['bd_rate']:.{digits}f} [{entry['ci_low']:.{digits}f}, {entry['ci_high']:.{digits}f}]"
+    low = -np.inf if entry.get("ci_low_open") else entry["ci_low"]
+    high = np.inf if entry.get("ci_high_open") else entry["ci_high"]
+    text = f"{entry['bd_rate']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
     if entry["samples_defined"] < entry["samples"]:
         text += f" ({entry['samples'] - entry['samples_defined']}/{entry['samples']} resamples undefined)"
     return text

@@ -836,7 +836,7 @@ class Experiment:
         results = {}
         for have, group in groups.items():
             res = bd_rate_ci_seeds({s: curves_by_seed[s] for s in have}, anchor, group, bpp_keys, samples, confidence,
-                                   self.seed, method)
+                                   self.seed, method, interval=str(bc.get("interval", "bca")))
             results.update({t: (have, res) for t in group})
         rows = []
         for t in [t for t in tests if t in results]:
