@@ -337,6 +337,8 @@ class Experiment:
             atomic_write_json(final.parent / "history.json", res.history)
             atomic_torch_save({"state_dict": aux.state_dict(), "config": config, "labels": labels,
                                "history": res.history}, final)
+            atomic_write_json(final.parent / "timing.json", {"loop_seconds": res.seconds, "epochs": len(res.history),
+                                                             "steps": len(res.history) * cfg.steps(0)})
         dist_lib.barrier()
         return aux.state_dict()
 

@@ -241,6 +241,13 @@ def plot_loss_curves(
     return fig, data
 
 
+def ci_bounds(entry: Mapping[str, Any]) -> tuple[float, float]:
+    """(low, high) of a BD-rate entry; an open bound (``bootstrap``: more undefined resamples than its tail holds,
+    stored as null) is -inf / +inf (drawn as no bar on that side, printed as inf)."""
+    lo, hi = entry.get("ci_low"), entry.get("ci_high")
+    return (-math.inf if lo is None else float(lo)), (math.inf if hi is None else float(hi))
+
+
 def plot_learning_curves(result: Mapping[str, Any], title: str | None = None) -> tuple[Figure, dict[str, Any]]:
     """Protocol v2, Q1 (Figs. 8-9 at CPU scale): left, the validation main loss of every run against the training
     step (thin: each seed; thick: the mean over seeds; symlog x so step 0 shows); right, the paired differences (same
@@ -545,16 +552,17 @@ def plot_bd_rate_ci(rows: Sequence[Mapping[str, Any]], bpp_keys: Sequence[str] =
                 pts.append(None)
                 continue
             color = METHOD_STYLES.get(r["method"], {}).get("color", "k")
+            lo, hi = ci_bounds(e)
             ax.errorbar(
                 e["bd_rate"],
                 y,
-                xerr=[[e["bd_rate"] - e["ci_low"]], [e["ci_high"] - e["bd_rate"]]],
+                xerr=[[e["bd_rate"] - lo if np.isfinite(lo) else 0.0], [hi - e["bd_rate"] if np.isfinite(hi) else 0.0]],
                 fmt="o",
                 color=color,
                 capsize=4,
             )
             ax.annotate(
-                f"{e['bd_rate']:.1f} [{e['ci_low']:.1f}, {e['ci_high']:.1f}]",
+                f"{e['bd_rate']:.1f} [{lo:.1f}, {hi:.1f}]",
                 (e["bd_rate"], y),
                 textcoords="offset points",
                 xytext=(0, 7),
@@ -616,7 +624,8 @@ def plot_dose_response(curves: Mapping[str, Mapping[str, Sequence[tuple[float, M
             if not pts:
                 continue
             x = [f for f, _ in pts]
-            y, lo, hi = ([float(e[k]) for _, e in pts] for k in ("bd_rate", "ci_low", "ci_high"))
+            y = [float(e["bd_rate"]) for _, e in pts]
+            lo, hi = ([ci_bounds(e)[k] for _, e in pts] for k in (0, 1))
             style = METHOD_STYLES.get(method, {"label": method, "color": "tab:gray", "marker": "o"})
             ax.plot(x, y, marker=style["marker"], color=style["color"], label=style["label"])
             ax.fill_between(x, lo, hi, color=style["color"], alpha=0.15)
@@ -703,7 +712,8 @@ def plot_bd_matrix(cells: Mapping[str, Mapping[str, Mapping[str, Any]]], title: 
             e = cells[r].get(c, {})
             if "bd_rate" in e:
                 values[i, j] = e["bd_rate"]
-                labels[i, j] = f"{e['bd_rate']:.1f}\n[{e['ci_low']:.1f}, {e['ci_high']:.1f}]"
+                lo, hi = ci_bounds(e)
+                labels[i, j] = f"{e['bd_rate']:.1f}\n[{lo:.1f}, {hi:.1f}]"
     fig, ax = plt.subplots(figsize=(2.6 * len(cols) + 2.0, 1.2 * len(rows) + 1.2), layout="constrained")
     lim = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
     sns.heatmap(values, annot=labels, fmt="", cmap="RdBu_r", center=0, vmin=-lim, vmax=lim, ax=ax,

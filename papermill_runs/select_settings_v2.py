@@ -59,9 +59,12 @@ def _short_run_overrides(task: str, lr: float, steps: int) -> dict[str, Any]:
             f"tasks.{task}.snapshot_steps": []}
 
 
-def stage_r3v2(outcome: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for task, paper in PAPER_LR.items():
+def stage_r3v2(outcome: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
+    out = dict(outcome.get("r3v2") or {})
+    for task in tasks:
+        if task in out:
+            continue
+        paper = PAPER_LR[task]
         rows = []
         for f in LR_FACTORS:
             lr = float(f"{paper * f:.3g}")
@@ -90,10 +93,12 @@ def _step_seconds(timing: dict[str, float]) -> float:
     return timing["loop_seconds"] - timing["validation_seconds"] - timing.get("snapshot_seconds", 0.0)
 
 
-def stage_costs(outcome: dict[str, Any]) -> dict[str, Any]:
-    out = {}
+def stage_costs(outcome: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
+    out = dict(outcome.get("costs") or {})
     steps = 10
-    for task in PAPER_LR:
+    for task in tasks:
+        if task in out:
+            continue
         lr = outcome["r3v2"][task]["lr"]
         ex = experiment({**_short_run_overrides(task, lr, steps), f"tasks.{task}.aux_warm_start.epochs": 1,
                          f"tasks.{task}.aux_warm_start.steps_per_epoch": steps}, f"costs_{task}")
@@ -116,8 +121,9 @@ def stage_costs(outcome: dict[str, Any]) -> dict[str, Any]:
 
 def stage_r2v2(outcome: dict[str, Any], budget: float) -> dict[str, Any]:
     """Parts (a)-(d) in order; a part is funded whole or cut. Steps of (a)/(d) curves: the largest of (1000, 600, 300)
-    that fits (never below 300); (c): the largest of (S_a, 300, 200, 100). Evaluation and fixed costs are estimated
-    from v1's measurements (README) and logged as assumptions."""
+    that fits; (a) runs at 300 steps even when that does not fit (the protocol's floor; the overrun is logged); (c):
+    the largest of (S_a, 300, 200, 100). Evaluation and fixed costs are estimated from v1's measurements (README) and
+    logged as assumptions. A task whose costs were not measured (its selection not run) is not funded."""
     c = outcome["costs"]
     fixed = 120.0  # kernels, world generation, figures (v1: ~2 min outside training and evaluation)
     eval_per_model = 96 * 0.35  # v1: ~0.35 s per test image (bitstream, decode first, 2 workers)
@@ -139,9 +145,15 @@ def stage_r2v2(outcome: dict[str, Any], budget: float) -> dict[str, Any]:
                 + (4 * 3 * 2 + 12) * eval_per_model)
 
     for part, task in (("a", "detection"), ("d", "segmentation")):
+        if task not in c:
+            plan[part] = {"task": task, "funded": False, "why": "its costs were not measured"}
+            break
         s_a = next((s for s in (1000, 600, 300) if spent + curves(task, s) <= budget), None)
+        if s_a is None and part == "a":
+            s_a = 300
+            plan["overrun"] = True
         if s_a is None:
-            plan[part] = {"task": task, "funded": False, "needs": curves(task, 300)}
+            plan[part] = {"task": task, "funded": False, "needs": curves(task, 300), "left": budget - spent}
             break
         spent += curves(task, s_a)
         if part == "a":
@@ -154,7 +166,30 @@ def stage_r2v2(outcome: dict[str, Any], budget: float) -> dict[str, Any]:
         if s_c is not None:
             spent += bd(task, s_c, s_a)
     plan["modelled_seconds"] = spent
+    plan["profile_settings"] = profile_settings(outcome.get("r3v2") or {}, plan)
     return plan
+
+
+def profile_settings(r3v2: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
+    """The study profile's values that the rules decided (``tests/test_select_settings.py`` checks the profile holds
+    them): per funded task its lr (R3v2), steps (epochs of 50), warm-up (10%, at least 10) and checkpoints; a task
+    whose curves are not funded gets no checkpoints (notebook 11 skips it)."""
+    out: dict[str, Any] = {}
+    for part in ("a", "d"):
+        p = plan.get(part) or {}
+        task = p.get("task")
+        if not task:
+            continue
+        if not p.get("funded"):
+            out[f"tasks.{task}.validate_at_steps"] = []
+            continue
+        steps = int(p["curve_steps"])
+        out[f"tasks.{task}.train.lr"] = r3v2[task]["lr"]
+        out[f"tasks.{task}.train.epochs"] = steps // 50
+        out[f"tasks.{task}.train.steps_per_epoch"] = 50
+        out[f"tasks.{task}.train.warmup_steps"] = max(10, steps // 10)
+        out[f"tasks.{task}.validate_at_steps"] = [n for n in (0, 10, 30, 100, 300, 1000) if n <= steps]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,18 +197,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", default="all", choices=("r3v2", "costs", "r2v2", "all"))
     ap.add_argument("--smoke-seconds", type=float, required=True, help="this machine's smoke run of notebooks 01-07")
     ap.add_argument("--budget-factor", type=float, default=15.0, help="protocol v2: make study <= 15x the smoke run")
+    ap.add_argument("--tasks", nargs="+", default=list(PAPER_LR), choices=list(PAPER_LR),
+                    help="tasks to select for (r3v2, costs); the budget funds detection first")
     args = ap.parse_args(argv)
     outcome = read_json(OUTCOME) if OUTCOME.exists() else {"protocol": "docs/protocol_v2.md"}
     outcome["smoke_seconds"] = args.smoke_seconds
     stages = ("r3v2", "costs", "r2v2") if args.stage == "all" else (args.stage,)
     for stage in stages:
-        if stage in outcome:
-            print(f"{stage}: logged already (delete it from {OUTCOME} to redo)")
-            continue
         if stage == "r2v2":
+            if stage in outcome:
+                print(f"{stage}: logged already (delete it from {OUTCOME} to redo)")
+                continue
             outcome[stage] = stage_r2v2(outcome, args.budget_factor * args.smoke_seconds)
         else:
-            outcome[stage] = {"r3v2": stage_r3v2, "costs": stage_costs}[stage](outcome)
+            outcome[stage] = {"r3v2": stage_r3v2, "costs": stage_costs}[stage](outcome, args.tasks)
         atomic_write_json(OUTCOME, outcome)
         print(stage, "->", outcome[stage], flush=True)
     return 0

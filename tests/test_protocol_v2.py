@@ -187,3 +187,38 @@ def test_gradient_cosines_share_the_main_gradient_across_branches(train_set):
     assert changed in ([], ["context_prediction.weight"]), changed
     assert torch.equal(before["context_prediction.weight"] * codec.context_prediction.mask,
                        codec.context_prediction.weight)
+
+
+def _select_v2():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "papermill_runs" / "select_settings_v2.py"
+    spec = importlib.util.spec_from_file_location("select_settings_v2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_r3v2_takes_the_lowest_loss_and_within_one_percent_the_larger_rate():
+    sel2 = _select_v2()
+
+    rows = [{"lr": 1e-5, "val_main": 1.30}, {"lr": 3.3e-5, "val_main": 1.31}, {"lr": 1e-4, "val_main": 1.40}]
+    assert sel2.choose_lr(rows) == 3.3e-5  # 1.31 is within 1% of 1.30
+    rows[1]["val_main"] = 1.32
+    assert sel2.choose_lr(rows) == 1e-5
+
+
+def test_r2v2_funds_the_parts_in_order_and_never_cuts_the_detection_curves_below_300_steps():
+    sel2 = _select_v2()
+
+    cost = {"wo_aux": 0.6, "aux_enc": 0.9, "mse": 0.3, "branch": 0.35, "validation": 3.0}
+    outcome = {"costs": {"detection": cost, "segmentation": cost}}
+    tight = sel2.stage_r2v2(outcome, budget=1000.0)  # less than the curves need
+    assert tight["a"]["curve_steps"] == 300 and tight["overrun"] and tight["a"]["bd_funded"] is False
+    assert tight["d"]["funded"] is False
+    roomy = sel2.stage_r2v2(outcome, budget=1e6)
+    assert roomy["a"]["curve_steps"] == 1000 and roomy["a"]["bd_steps"] == 1000 and roomy["d"]["funded"]
+    middle = sel2.stage_r2v2(outcome, budget=5000.0)
+    assert middle["a"]["curve_steps"] in (300, 600) and not middle["d"]["funded"]
+    assert sel2.stage_r2v2({"costs": {"detection": cost}}, 1e6)["d"]["funded"] is False  # seg costs not measured

@@ -50,10 +50,15 @@ def test_r6_stops_at_the_first_epoch_improving_less_than_five_percent():
 
 @pytest.mark.parametrize("profile", ["demo", "study"])
 def test_profile_holds_what_its_logged_selection_decided(profile):
-    """profiles/<profile>.yaml must carry the settings docs/protocol_outcomes/<profile>.json decided (R2-R6)."""
-    path = REPO_ROOT / "docs" / "protocol_outcomes" / f"{profile}.json"
-    settings = json.loads(path.read_text())["profile_settings"]
-    assert settings, f"{path} has no profile_settings: run papermill_runs/select_settings.py --profile {profile}"
+    """profiles/<profile>.yaml must carry the settings its logged selection decided: the demo's
+    docs/protocol_outcomes/demo.json (protocol v1, R2-R6), the study's study_v2.json (protocol v2, R3v2 / R2v2)."""
+    if profile == "study":
+        path = REPO_ROOT / "docs" / "protocol_outcomes" / "study_v2.json"
+        settings = json.loads(path.read_text())["r2v2"]["profile_settings"]
+    else:
+        path = REPO_ROOT / "docs" / "protocol_outcomes" / f"{profile}.json"
+        settings = json.loads(path.read_text())["profile_settings"]
+    assert settings, f"{path} has no profile_settings: run the selection for {profile}"
     cfg = load_profile(profile)
     for key, want in settings.items():
         node = cfg
