@@ -43,6 +43,8 @@ wavefront order (positions of a wavefront by increasing row, channels innermost)
 """
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -76,6 +78,42 @@ def wavefronts(height: int, width: int, slope: int) -> list[tuple[list[int], lis
     return fronts
 
 
+_CDF_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cdf_tables(gc: nn.Module) -> tuple[list[list[int]], list[int], list[int]]:
+    """The Gaussian conditional's rANS tables as lists (CDF rows cut to their lengths: the rANS coder reads no
+    further, and the bindings convert the tables on every call, so short rows make the decoder's calls cheap).
+    Cached per module while its table tensors are the same objects, unmodified (``update()`` replaces them)."""
+    tensors = (gc._quantized_cdf, gc._cdf_length, gc._offset)
+    key = tuple((t, t._version) for t in tensors)  # holding the tensors keeps their identity unambiguous
+    cached = _CDF_CACHE.get(gc)
+    if cached is not None and all(a is b and va == vb for (a, va), (b, vb) in zip(cached[0], key)):
+        return cached[1]
+    gc._check_cdf_size()
+    lengths = gc.cdf_length.tolist()
+    tables = ([row[:n] for row, n in zip(gc.quantized_cdf.tolist(), lengths)], lengths, gc.offset.tolist())
+    _CDF_CACHE[gc] = (key, tables)
+    return tables
+
+
+@functools.lru_cache(maxsize=16)
+def _front_indexes(height: int, width: int, slope: int, taps: tuple[tuple[int, int], ...], pad: int
+                   ) -> list[dict[str, torch.Tensor]]:
+    """Index tensors (CPU, shared: never written) per wavefront: ``pos`` into the (H*W) latent, ``buf`` into the
+    padded (H+2p)*(W+2p) buffer, ``taps`` (n*T,) into the buffer at every position's taps."""
+    wp = width + 2 * pad
+    dy = torch.tensor([d for d, _ in taps])
+    dx = torch.tensor([d for _, d in taps])
+    out = []
+    for hs, ws in wavefronts(height, width, slope):
+        h = torch.tensor(hs)
+        w = torch.tensor(ws)
+        index = (h[:, None] + pad + dy) * wp + (w[:, None] + pad + dx)
+        out.append({"pos": h * width + w, "buf": (h + pad) * wp + w + pad, "taps": index.reshape(-1)})
+    return out
+
+
 class _Tables:
     """What the wavefront coder needs from a model, prepared once per call: the context convolution as a matrix over
     its taps, ``entropy_parameters`` as a list of matmuls and activations, the rANS tables."""
@@ -106,30 +144,12 @@ class _Tables:
                 raise ValueError(f"entropy_parameters: unsupported layer with parameters {layer}")
             else:
                 self.layers.append(layer)  # an elementwise activation (LeakyReLU), channel order does not matter
-        gc = model.gaussian_conditional
-        self.gc = gc
-        lengths = gc.cdf_length.tolist()
-        # each CDF row cut to its length: the rANS coder reads no further, and the bindings convert the tables on
-        # every call, so short rows make the per-wavefront decoder calls cheap
-        self.cdf = [row[:n] for row, n in zip(gc.quantized_cdf.tolist(), lengths)]
-        self.cdf_lengths = lengths
-        self.offsets = gc.offset.tolist()
-        if not self.cdf:
-            raise ValueError("the Gaussian conditional has no CDF tables: run model.update(force=True) first")
+        self.gc = model.gaussian_conditional
+        self.cdf, self.cdf_lengths, self.offsets = _cdf_tables(self.gc)
 
     def fronts(self, height: int, width: int, slope: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
-        """Index tensors per wavefront: ``pos`` into the (H*W) latent, ``buf`` into the padded (H+2p)*(W+2p)
-        buffer, ``taps`` (n*T,) into the buffer at every position's taps."""
-        p, wp = self.pad, width + 2 * self.pad
-        dy = torch.tensor([d for d, _ in self.taps], device=device)
-        dx = torch.tensor([d for _, d in self.taps], device=device)
-        out = []
-        for hs, ws in wavefronts(height, width, slope):
-            h = torch.tensor(hs, device=device)
-            w = torch.tensor(ws, device=device)
-            taps = (h[:, None] + p + dy) * wp + (w[:, None] + p + dx)
-            out.append({"pos": h * width + w, "buf": (h + p) * wp + w + p, "taps": taps.reshape(-1)})
-        return out
+        fronts = _front_indexes(height, width, slope, tuple(self.taps), self.pad)
+        return fronts if device.type == "cpu" else [{k: v.to(device) for k, v in f.items()} for f in fronts]
 
     def gaussian_params(self, buf: torch.Tensor, params: torch.Tensor, front: dict[str, torch.Tensor]):
         """Scales and means (B, n, M) at the wavefront's positions, from the coded values in ``buf`` (B, L, M) and
