@@ -230,3 +230,23 @@ def test_compressai_coder_is_compressai(codec48):
     assert torch.equal(enc["x_hat"], decompress_image(codec48, enc))
     reference = codec48.decompress(enc["strings"], enc["shape"])["x_hat"].clamp(0, 1)
     assert torch.equal(decompress_image(codec48, enc), reference)
+
+
+def test_benchmark_cli_runs(tmp_path, monkeypatch):
+    """benchmarks/coder.py end to end on a tiny configuration (JSON written, both coders timed, sizes equal)."""
+    import json
+
+    from benchmarks import coder as bench
+
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--threads", str(threads), "--config", "64x128:16", "--images", "2", "--out",
+                    str(tmp_path / "b.json"), "--data", str(tmp_path / "no-images")])
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "b.json").read_text())["configs"][0]
+    assert result["source"] == "random" and len(result["per_image"]) == 2
+    assert result["wavefront_batch"]["same_strings_as_single"]
+    assert abs(result["summary"]["bytes_diff_percent"]) < 0.5
+    assert all(r[c]["compress_s"] > 0 for r in result["per_image"] for c in ("wavefront", "compressai"))
