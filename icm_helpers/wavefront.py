@@ -20,9 +20,9 @@ dy = 0: dx < 0 holds for any a; dy = -1: a > dx for dx <= 2, so a > 2; dy = -2: 
 t as (h, w), so both would be predicted at once and (h, w) would be predicted without it (a wrong order; the tests
 show that the coded latents then differ from the model's). a = 3 is also the fastest possible order: the chain
 (0,0) -> (0,1) -> (0,2) -> (1,0) -> (1,1) -> (1,2) -> (2,0) -> ... -> (H-1, 2) -> (H-1, 3) -> ... -> (H-1, W-1) of
-positions each of which needs the one before it has 3(H-1) + W positions, exactly the number of wavefronts of
-a = 3, so no schedule has fewer sequential steps (a real slope between 2 and 3 is valid too, but has more distinct
-values of t). ``wavefront_slope`` derives a from the model's mask rather than assuming it.
+positions each of which needs the one before it has 3(H-1) + W positions (W >= 3), exactly the number of
+wavefronts of a = 3, so no schedule has fewer sequential steps (a real slope between 2 and 3 is valid too, but
+has more distinct values of t). ``wavefront_slope`` derives a from the model's mask rather than assuming it.
 
 Arithmetic. Encoder and decoder run the SAME batched computation on the same inputs: a latent buffer that holds
 only the values already coded (zeros elsewhere; the encoder does not keep y there, unlike CompressAI's in-place
