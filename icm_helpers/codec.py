@@ -6,7 +6,9 @@ Everything here wraps CompressAI's own modules; nothing of the architecture is r
   branches attach to (``y_hat`` = the latent the decoder receives -> aux-enc; the input of the decoder's final
   layer -> aux-dec), captured with forward pre-hooks so CompressAI's forward runs unchanged.
 - ``pad_to_multiple`` / ``crop_to``: images are padded to a multiple of 64 (Sec. 4.1) and cropped back.
-- ``compress_image`` / ``decompress_image``: real bitstreams through CompressAI's range coder.
+- ``compress_image`` / ``decompress_image`` (and ``compress_batch`` / ``decompress_batch``): real bitstreams through
+  CompressAI's rANS coder, the latent coded by the wavefront coder (``icm_helpers.wavefront``, default) or by
+  CompressAI's own position-by-position ``compress`` / ``decompress`` (``coder="compressai"``).
 - checkpoints that refuse to load into another architecture or N.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from compressai.zoo.image import model_urls
 from compressai.zoo.pretrained import load_pretrained
 from torch import nn
 
+from . import wavefront
 from .backends import resolve_weights
 from .io import atomic_torch_save
 
@@ -222,19 +225,57 @@ def update_entropy_tables(model: nn.Module) -> None:
     model.update(force=True)
 
 
+CODERS = ("wavefront", "compressai")  # the latent coders of compress_image / decompress_image; the first is the default
+
+
+def _check_coder(coder: str) -> None:
+    if coder not in CODERS:
+        raise ValueError(f"unknown coder {coder!r}; valid coders: {', '.join(map(repr, CODERS))}")
+
+
+def _coder_of(enc: dict[str, Any], coder: str | None) -> str:
+    """The coder that decodes ``enc``: the one named in it (``enc["coder"]``); ``coder``, when given, must agree."""
+    if coder is not None:
+        _check_coder(coder)
+    made = enc.get("coder")
+    if made is None:
+        if coder is None:
+            raise ValueError(f"the bitstream does not name the coder that made it (no 'coder' key): pass coder= one of "
+                             f"{', '.join(map(repr, CODERS))}")
+        return coder
+    _check_coder(made)
+    if coder is not None and coder != made:
+        raise ValueError(f"this bitstream was made by the {made!r} coder; the {coder!r} coder cannot decode it (the "
+                         f"two write the latent's symbols in different orders): decode it with coder={made!r}")
+    return made
+
+
+def _num_bytes(enc: dict[str, Any]) -> int:
+    return sum(len(s) for strings in enc["strings"] for s in strings)
+
+
 @torch.no_grad()
-@torch.no_grad()
-def compress_image(model: nn.Module, x: torch.Tensor, reconstruct: bool = False) -> dict[str, Any]:
-    """Real bitstream for ONE image (1x3xHxW, already padded). Returns CompressAI's dict + ``num_bytes``.
+def compress_image(model: nn.Module, x: torch.Tensor, reconstruct: bool = False, coder: str = "wavefront"
+                   ) -> dict[str, Any]:
+    """Real bitstream for ONE image (1x3xHxW, already padded). Returns {"strings": [[y string], [z string]], "shape",
+    "coder", "num_bytes"} (CompressAI's dict, plus the name of the coder that made it and its size).
+
+    ``coder`` (one of ``CODERS``): "wavefront" (default) codes the latent with ``icm_helpers.wavefront`` (all
+    positions of a wavefront at once, the same model and rANS tables; about the same size), "compressai" with
+    CompressAI's ``compress`` (position by position in raster order; any CompressAI model). A bitstream decodes only
+    with the coder that made it.
 
     ``reconstruct=True`` (cheng2020-attn and its autoregressive relatives): also ``"x_hat"``, the image the decoder
-    will rebuild from these strings, computed on the encoder side. CompressAI's coder quantises the latent position by
-    position in raster order around the mean it predicts from the positions already coded, and writes each
-    dequantised value into the latent it keeps (its ``_compress_ar`` works in place); its decoder repeats exactly these
-    computations from the bitstream, so on the same machine g_s of that latent is ``decompress_image``'s image bit for
-    bit, at a fraction of the cost of running the decoder (``evaluate`` verifies it on the first image it codes)."""
+    will rebuild from these strings, computed on the encoder side. Both coders quantise every latent position around
+    the mean predicted from the positions already coded and keep the dequantised latent; the decoder repeats exactly
+    these computations from the bitstream, so on the same machine g_s of that latent is ``decompress_image``'s image
+    bit for bit, at a fraction of the cost of running the decoder (``evaluate`` verifies it on the first image it
+    codes)."""
+    _check_coder(coder)
     if x.shape[0] != 1:
-        raise ValueError("compress_image codes one image at a time (batch of 1)")
+        raise ValueError("compress_image codes one image at a time (batch of 1); compress_batch codes several")
+    if coder == "wavefront":
+        return compress_batch(model, x, reconstruct=reconstruct, coder=coder)[0]
     if not reconstruct:
         enc = model.compress(x)
     elif not _is_joint_autoregressive(model):
@@ -252,13 +293,62 @@ def compress_image(model: nn.Module, x: torch.Tensor, reconstruct: bool = False)
         y_string = model._compress_ar(y_hat, params, 4 * z.size(2), 4 * z.size(3), kernel, pad)
         enc = {"strings": [[y_string], z_strings], "shape": z.size()[-2:],
                "x_hat": model.g_s(F.pad(y_hat, (-pad, -pad, -pad, -pad))).clamp_(0, 1)}
-    enc["num_bytes"] = sum(len(s) for strings in enc["strings"] for s in strings)
+    enc["coder"] = coder
+    enc["num_bytes"] = _num_bytes(enc)
     return enc
 
 
 @torch.no_grad()
-def decompress_image(model: nn.Module, enc: dict[str, Any]) -> torch.Tensor:
-    return model.decompress(enc["strings"], enc["shape"])["x_hat"].clamp_(0, 1)
+def compress_batch(model: nn.Module, x: torch.Tensor, reconstruct: bool = False, coder: str = "wavefront"
+                   ) -> list[dict[str, Any]]:
+    """``compress_image`` for a batch of padded images of one size (Bx3xHxW): one dict per image, each decodable
+    alone by ``decompress_image`` (or together by ``decompress_batch``). The wavefront coder codes the batch's
+    latents together (one pass over the wavefronts) and gives the same strings as one image at a time; "compressai"
+    codes the images one after the other."""
+    _check_coder(coder)
+    if coder == "compressai":
+        return [compress_image(model, x[i: i + 1], reconstruct=reconstruct, coder=coder) for i in range(x.shape[0])]
+    if not _is_joint_autoregressive(model):
+        raise ValueError(f"the wavefront coder needs a joint autoregressive CompressAI model (cheng2020-attn), got "
+                         f"{type(model).__name__}: use coder='compressai'")
+    out = wavefront.compress(model, x)
+    encs = []
+    for i, (y_string, z_string) in enumerate(zip(*out["strings"])):
+        enc: dict[str, Any] = {"strings": [[y_string], [z_string]], "shape": out["shape"], "coder": coder}
+        if reconstruct:  # g_s image by image, as decompress_batch does: the same shapes, the same bits
+            enc["x_hat"] = model.g_s(out["y_hat"][i: i + 1]).clamp_(0, 1)
+        enc["num_bytes"] = _num_bytes(enc)
+        encs.append(enc)
+    return encs
+
+
+@torch.no_grad()
+def decompress_image(model: nn.Module, enc: dict[str, Any], coder: str | None = None) -> torch.Tensor:
+    """The decoded image (1x3xHxW) of ``compress_image``'s bitstream, by the coder named in it (``enc["coder"]``).
+    ``coder``: to insist on one; a bitstream of the other coder is refused. A dict without the name (e.g.
+    CompressAI's own ``compress``) needs ``coder``."""
+    if _coder_of(enc, coder) == "compressai":
+        return model.decompress(enc["strings"], enc["shape"])["x_hat"].clamp_(0, 1)
+    return decompress_batch(model, [enc], coder)
+
+
+@torch.no_grad()
+def decompress_batch(model: nn.Module, encs: list[dict[str, Any]], coder: str | None = None) -> torch.Tensor:
+    """The decoded images (Bx3xHxW) of several bitstreams of images of one (padded) size, e.g. ``compress_batch``'s;
+    the wavefront coder decodes their latents together."""
+    coders = {_coder_of(enc, coder) for enc in encs}
+    if len(coders) != 1:
+        raise ValueError(f"decompress_batch needs bitstreams of one coder, got {sorted(coders)}")
+    if coders == {"compressai"}:
+        return torch.cat([decompress_image(model, enc, "compressai") for enc in encs])
+    shapes = {tuple(int(s) for s in enc["shape"]) for enc in encs}
+    if len(shapes) != 1:
+        raise ValueError(f"decompress_batch needs images of one padded size, got latent shapes {sorted(shapes)}")
+    if any(len(strings) != 1 for enc in encs for strings in enc["strings"]):
+        raise ValueError("every bitstream must hold one image (one y string and one z string)")
+    strings = [[enc["strings"][0][0] for enc in encs], [enc["strings"][1][0] for enc in encs]]
+    y_hat = wavefront.decompress(model, strings, shapes.pop())
+    return torch.cat([model.g_s(y_hat[i: i + 1]).clamp_(0, 1) for i in range(len(encs))])
 
 
 # ---------------------------------------------------------------- checkpoints
