@@ -146,6 +146,9 @@ def cosine_study(ex, task: str, batches_start: int = 40, batches_per_seed: int =
         batches.append(b["image"])
         if len(batches) == need:
             break
+    if len(batches) < need:  # a small training split (smoke): half the batches for the start codec, half for the seeds
+        batches_start = len(batches) // 2
+        batches_per_seed = max(1, (len(batches) - batches_start) // max(1, len(seeds)))
     seed0 = ex.train_seeds()[0]
     branches = _cosine_branches(ex, task, lam, seed0)
     rows = [{**r, "codec": "start", "seed": None}
@@ -160,7 +163,8 @@ def cosine_study(ex, task: str, batches_start: int = 40, batches_per_seed: int =
             part = batches[batches_start + k * batches_per_seed: batches_start + (k + 1) * batches_per_seed]
             rows += [{**r, "codec": f"w/o aux after {steps[0]} steps", "seed": int(seed)}
                      for r in gradient_cosines(codec, recognizer, branches, part, base_seed=1000 * (k + 1))]
-    return {"task": task, "lambda_": lam, "rows": rows, "summary": summarise_cosines(rows)}
+    return {"task": task, "lambda_": lam, "rows": rows, "summary": summarise_cosines(rows),
+            "batches": {"start": batches_start, "per_seed": batches_per_seed}}
 
 
 def _cosine_branches(ex, task: str, lam: float, seed: int) -> dict[str, tuple[nn.Module, IcmSpec]]:

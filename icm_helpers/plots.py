@@ -279,15 +279,18 @@ def plot_learning_curves(result: Mapping[str, Any], title: str | None = None) ->
             axd.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
     axd.axhline(0.0, color="black", linewidth=0.8)
     lam = result.get("lambda_")
-    for a, ylabel in ((ax, "validation main loss (Eq. 4 / Eq. 6 w/o aux)"),
-                      (axd, "paired difference of the main loss (95% t-CI)")):
+    ticks = sorted({p[0] for by_seed in curves.values() for pts in by_seed.values() for p in pts})
+    for a, ylabel in ((ax, "validation main loss"), (axd, "paired difference (95% t-CI)")):
         a.set_xscale("symlog", linthresh=10)
-        a.set_xlabel("training step")
+        a.set_xticks(ticks, [str(t) for t in ticks])
+        a.minorticks_off()
+        a.set_xlabel("training step (symlog)")
         a.set_ylabel(ylabel)
         a.grid(True, alpha=0.3)
+    ax.set_title(title or f"{result.get('task', '')}, lambda={lam:g}: Eq. 4 / Eq. 6 without aux", fontsize=10)
+    axd.set_title("paired by seed: first arm minus second", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.18), ncol=2, frameon=False)
     axd.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.18), ncol=2, frameon=False)
-    fig.suptitle(title or f"{result.get('task', '')}: validation main loss, lambda={lam:g}")
     return fig, data
 
 

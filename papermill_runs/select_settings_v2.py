@@ -145,6 +145,9 @@ def stage_r2v2(outcome: dict[str, Any], budget: float) -> dict[str, Any]:
                 + (4 * 3 * 2 + 12) * eval_per_model)
 
     for part, task in (("a", "detection"), ("d", "segmentation")):
+        if part != "a" and spent >= budget:
+            plan[part] = {"task": task, "funded": False, "why": "no budget left after the parts before it"}
+            break
         if task not in c:
             plan[part] = {"task": task, "funded": False, "why": "its costs were not measured"}
             break
