@@ -115,16 +115,25 @@ def test_warmup_rises_linearly_then_the_schedule_is_unchanged():
         TrainConfig(warmup_steps=-1)
 
 
-def test_plateau_stops_after_two_rounds_without_a_one_percent_gain():
-    stop = plateau("val_aux", rel=0.01, patience=2)
+def test_plateau_stops_when_a_window_brings_no_one_percent_gain_and_not_on_one_noisy_round():
     h = lambda *v: [{"val_aux": x} for x in v]  # noqa: E731
+    stop = plateau("val_aux", rel=0.01, patience=2)
     assert not stop(h(10, 9, 8))
-    assert not stop(h(10, 9, 8.95))  # one flat round
-    assert stop(h(10, 9, 8.95, 8.99))  # two flat rounds in a row (each within 1% of the best before it)
-    assert not stop(h(10, 9, 8.95, 8.5))  # a gain resets the count
+    assert not stop(h(10, 9, 8.95))  # one flat round: the window of 2 still holds a gain (9 < 10)
+    assert stop(h(10, 9, 8.95, 8.99))  # best of the last two (8.95) is within 1% of the best before (9)
+    assert not stop(h(10, 9, 9.5, 8.5))  # a gain inside the window: not a plateau
+    # the registered study's branch: 1.280, 1.354, 1.279 -- a noisy round, then back: with a window of 4 and at
+    # least 8 rounds this is no plateau (it stopped the first version of the rule after 3 rounds)
+    windowed = plateau("val_aux", rel=0.01, patience=4, min_epochs=8)
+    assert plateau("val_aux", rel=0.01, patience=2)(h(1.28, 1.354, 1.2785))
+    assert not windowed(h(1.28, 1.354, 1.2785))
+    assert not windowed(h(1.28, 1.354, 1.2785, 1.2, 1.15, 1.1, 1.05, 1.0))  # still improving at the minimum
+    assert windowed(h(1.28, 1.2, 1.1, 1.0, 1.001, 0.999, 1.002, 0.995))  # 4 rounds within 1% of 1.0
     assert plateau("val_aux", max_epochs=3)(h(10, 9, 8))
     with pytest.raises(KeyError, match="val_aux"):
-        stop([{"val_aux": 1.0}, {"loss": 2.0}])
+        stop([{"val_aux": 1.0}, {"loss": 2.0}, {"val_aux": 1.0}])
+    with pytest.raises(ValueError, match="min_epochs"):
+        plateau(min_epochs=-1)
 
 
 def test_validation_at_steps_records_a_curve_and_does_not_change_the_training(train_set, tmp_path):
