@@ -206,11 +206,12 @@ def _unit_means(rows: list[dict[str, Any]], by_seed: bool) -> list[float]:
     return [float(np.mean([r["cos"] for r in rows if r["seed"] == s])) for s in seeds]
 
 
-def time_breakdown(ex, notebook_seconds: dict[str, float]) -> dict[str, Any]:
+def time_breakdown(ex, notebook_seconds: dict[str, float], wall_seconds: float | None = None) -> dict[str, Any]:
     """Where a profile's wall time went (protocol v2, V1): ICM training steps (each run's loop minus the validations
     and snapshots inside it), those validations and snapshots, the validations before training, branch pre-training,
     and everything else (evaluation, figures, kernels) as the rest of the notebooks' seconds (``notebook_seconds``,
-    e.g. the runner's ``run_status.json``). Reads the ``timing.json`` files of the run directory."""
+    e.g. the runner's ``run_status.json``; ``wall_seconds`` instead when the run was interrupted and resumed, since a
+    resumed notebook's record counts only its last attempt). Reads the ``timing.json`` files of the run directory."""
     parts = {"icm_training_steps": 0.0, "validation_in_training": 0.0, "validation_before_training": 0.0,
              "snapshots": 0.0, "branch_pretraining": 0.0}
     runs = 0
@@ -223,7 +224,7 @@ def time_breakdown(ex, notebook_seconds: dict[str, float]) -> dict[str, Any]:
         parts["validation_before_training"] += t.get("validation_before_training_seconds", 0.0)
     for path in sorted((ex.run_dir / "aux_warm").glob("*/*/timing.json")):
         parts["branch_pretraining"] += read_json(path)["loop_seconds"]
-    total = float(sum(notebook_seconds.values()))
+    total = float(sum(notebook_seconds.values()) if wall_seconds is None else wall_seconds)
     parts["everything_else"] = total - sum(parts.values())
     return {"total_seconds": total, "icm_runs": runs, "seconds": parts,
             "share": {k: (v / total if total else math.nan) for k, v in parts.items()}}
