@@ -78,9 +78,11 @@ def learning_curves(ex, task: str, train: bool = True) -> dict[str, Any]:
 
 def paired_differences(curves: dict[str, dict[int, list[tuple[int, float]]]],
                        pairs: Iterable[tuple[str, str]] = (("aux-enc", "w/o aux"), ("control", "w/o aux"),
-                                                           ("aux-enc", "control"))) -> list[dict[str, Any]]:
+                                                           ("aux-enc", "control")),
+                       min_seeds: int = 3) -> list[dict[str, Any]]:
     """Per step and pair of arms: the differences (first minus second) over the seeds both arms have, with the mean
-    and its 95% t-interval (protocol v2 section 6)."""
+    and its 95% t-interval when at least ``min_seeds`` seeds have both (protocol v2 section 6: the 2-seed control is
+    reported by its values, no interval claimed; NaN bounds)."""
     rows = []
     for a, b in pairs:
         if a not in curves or b not in curves:
@@ -91,7 +93,10 @@ def paired_differences(curves: dict[str, dict[int, list[tuple[int, float]]]],
         steps = sorted(set.intersection(*[{s for s, _ in curves[a][k]} & {s for s, _ in curves[b][k]} for k in seeds]))
         for step in steps:
             diffs = [dict(curves[a][k])[step] - dict(curves[b][k])[step] for k in seeds]
-            rows.append({"pair": f"{a} - {b}", "step": step, "seeds": seeds, "values": diffs, **t_interval(diffs)})
+            stats_ = t_interval(diffs)
+            if len(diffs) < min_seeds:
+                stats_.update(low=math.nan, high=math.nan)
+            rows.append({"pair": f"{a} - {b}", "step": step, "seeds": seeds, "values": diffs, **stats_})
     return rows
 
 

@@ -273,14 +273,20 @@ def plot_learning_curves(result: Mapping[str, Any], title: str | None = None) ->
         rows = [r for r in diffs if r["pair"] == pair]
         x = [r["step"] for r in rows]
         y = [r["mean"] for r in rows]
-        line = axd.plot(x, y, marker="o", markersize=3, label=f"{pair} ({rows[0]['n']} seeds)")[0]
         lo, hi = [r["low"] for r in rows], [r["high"] for r in rows]
-        if all(np.isfinite(lo)):
+        has_ci = all(np.isfinite(lo))
+        note = "95% t-CI" if has_ci else "each seed, no CI"
+        line = axd.plot(x, y, marker="o", markersize=3, label=f"{pair} ({rows[0]['n']} seeds, {note})")[0]
+        if has_ci:
             axd.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
+        else:  # too few seeds for an interval: the per-seed differences themselves
+            for r in rows:
+                axd.plot([r["step"]] * len(r["values"]), r["values"], linestyle="none", marker="x", markersize=4,
+                         color=line.get_color(), alpha=0.7)
     axd.axhline(0.0, color="black", linewidth=0.8)
     lam = result.get("lambda_")
     ticks = sorted({p[0] for by_seed in curves.values() for pts in by_seed.values() for p in pts})
-    for a, ylabel in ((ax, "validation main loss"), (axd, "paired difference (95% t-CI)")):
+    for a, ylabel in ((ax, "validation main loss"), (axd, "paired difference of the main loss")):
         a.set_xscale("symlog", linthresh=10)
         a.set_xticks(ticks, [str(t) for t in ticks])
         a.minorticks_off()

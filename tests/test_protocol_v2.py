@@ -231,3 +231,11 @@ def test_r2v2_funds_the_parts_in_order_and_never_cuts_the_detection_curves_below
     middle = sel2.stage_r2v2(outcome, budget=5000.0)
     assert middle["a"]["curve_steps"] in (300, 600) and not middle["d"]["funded"]
     assert sel2.stage_r2v2({"costs": {"detection": cost}}, 1e6)["d"]["funded"] is False  # seg costs not measured
+
+
+def test_pairs_with_fewer_than_three_seeds_get_no_interval():
+    curves = {"w/o aux": {0: [(0, 1.0), (10, 0.9)], 1: [(0, 1.0), (10, 0.8)]},
+              "control": {0: [(0, 1.0), (10, 0.95)], 1: [(0, 1.0), (10, 0.7)]}}
+    rows = [r for r in paired_differences(curves) if r["step"] == 10]
+    assert rows and all(math.isnan(r["low"]) and math.isnan(r["high"]) for r in rows)
+    assert rows[0]["values"] == pytest.approx([0.05, -0.1])
