@@ -28,7 +28,7 @@ Arithmetic. Encoder and decoder run the SAME batched computation on the same inp
 only the values already coded (zeros elsewhere; the encoder does not keep y there, unlike CompressAI's in-place
 ``_compress_ar``), so the means and scales, hence the symbols' CDFs, are bit-identical on both sides. Per
 wavefront: gather the causal taps of every position (for all images of the batch), the masked context convolution
-as one batched matmul (``torch.bmm``, the batch dimension being the images), ``entropy_parameters`` (1x1
+as matmuls (one per image, so a batch computes what single images do), ``entropy_parameters`` (1x1
 convolutions, i.e. matmuls) on the concatenation with the hyperprior's parameters at those positions, scales ->
 indexes with ``gaussian_conditional.build_indexes``, symbols = round(y - means) (``quantize(..., "symbols",
 means)``), y_hat = symbols + means (``dequantize``). Every image of a batch is computed with the same shapes as it
@@ -156,20 +156,27 @@ class _Tables:
         the hyperprior's parameters ``params`` (B, H*W, 2M), channels last."""
         B, n = buf.shape[0], front["pos"].numel()
         patches = buf.index_select(1, front["taps"]).reshape(B, n, -1)  # (B, n, T*M)
-        # the masked 5x5 convolution at n positions: one matmul per image, images as bmm's batch
-        ctx = torch.bmm(patches, self.ctx_weight.expand(B, *self.ctx_weight.shape))
+        # the masked 5x5 convolution at n positions: one matmul per image
+        ctx = _per_image_matmul(patches, self.ctx_weight)
         if self.ctx_bias is not None:
             ctx = ctx + self.ctx_bias
         h = torch.cat((params.index_select(1, front["pos"]), ctx), dim=-1)  # (params, ctx) as in CompressAI
         for layer in self.layers:
             if isinstance(layer, tuple):
                 weight, bias = layer
-                h = torch.bmm(h, weight.expand(B, *weight.shape))
+                h = _per_image_matmul(h, weight)
                 h = h + bias if bias is not None else h
             else:
                 h = layer(h)
         scales, means = h.chunk(2, dim=-1)
         return scales, means
+
+
+def _per_image_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(B, n, k) @ (k, m) as B separate single-image matmuls: a multi-threaded batched matmul may block its sums
+    differently for B images than for one, and the decoder of ONE image must recompute its encoder's means and
+    scales bit for bit, whatever batch the encoder coded it in."""
+    return torch.cat([torch.bmm(x[i: i + 1], weight[None]) for i in range(x.shape[0])])
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:

@@ -97,7 +97,8 @@ class BitMapExplorer:
         for m in METHODS.values():
             if m.kind != "icm":
                 continue
-            spec = self.ex.spec(task, lambda_, m.aux_position, self.alpha, m.alpha_mode, m.aux_init)
+            spec = self.ex.spec(task, lambda_, m.aux_position, self.alpha, m.alpha_mode, m.aux_init,
+                                aux_labels=m.aux_labels, objective=m.objective)
             path = self.ex.run_path(spec) / "codec.pt"
             if path.is_file():
                 runs[m.id] = RunRef(m.short, path)

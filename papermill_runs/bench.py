@@ -121,9 +121,11 @@ def build(args, device: str):
 
 def train_naive(args, device: str, dataset) -> dict:
     """The straightforward loop: fp32, eager, NCHW, main-process loading, loss.item() every step."""
+    from icm_helpers.aux_branches import seed_random_stream
     from icm_helpers.training import EpochLoader, TrainConfig, _codec_optimizers, clip_groups, icm_terms
 
     codec, rec, aux, spec = build(args, device)
+    seed_random_stream(aux, spec.seed)  # = train_icm: the branch draws from its own stream
     total = args.warmup + args.steps
     cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, crop_size=args.crop, poly_start_frac=0.99)
     opts = _codec_optimizers(codec, list(aux.parameters()), cfg)

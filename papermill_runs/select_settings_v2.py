@@ -187,7 +187,8 @@ def profile_settings(r3v2: dict[str, Any], plan: dict[str, Any]) -> dict[str, An
             out[f"tasks.{task}.validate_at_steps"] = []
             continue
         steps = int(p["curve_steps"])
-        out[f"tasks.{task}.train.lr"] = r3v2[task]["lr"]
+        if task in r3v2:
+            out[f"tasks.{task}.train.lr"] = r3v2[task]["lr"]
         out[f"tasks.{task}.train.epochs"] = steps // 50
         out[f"tasks.{task}.train.steps_per_epoch"] = 50
         out[f"tasks.{task}.train.warmup_steps"] = max(10, steps // 10)

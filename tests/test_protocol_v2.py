@@ -147,6 +147,11 @@ def test_validation_at_steps_records_a_curve_and_does_not_change_the_training(tr
                   log=None, val_steps=steps, curve_path=tmp_path / name / "curve.json")
         runs[name] = {k: v.clone() for k, v in {**codec.state_dict(), **aux.state_dict()}.items()}
     assert runs["plain"].keys() == runs["curve"].keys()
+    # CompressAI's MaskedConv2d zeroes its masked-out weights in place at each forward and Adam moves them again:
+    # after the last step a validation forward has zeroed them in one run only; the conv never uses them
+    mask = codec.context_prediction.mask
+    for run in runs.values():
+        run["context_prediction.weight"] = run["context_prediction.weight"] * mask
     assert all(torch.equal(runs["plain"][k], runs["curve"][k]) for k in runs["plain"])
     import json
     curve = json.loads((tmp_path / "curve" / "curve.json").read_text())
