@@ -11,7 +11,9 @@ Usage (from the repository root; ``make smoke`` / ``make demo`` call it)::
   + ``overrides``: the ``--set`` dotted profile settings, when given. ``--profile path/to/mine.yaml``: a profile
   file; its ``name`` names the outputs, the parameters come from ``mine.params.yaml`` beside it when there.
 * Notebooks ``<notebooks-dir>/[0-9][0-9]_*.ipynb`` run in numeric order, with the notebooks dir as
-  working directory; executed copies go to ``<out-dir>/<profile>/<same name>.ipynb``.
+  working directory; executed copies go to ``<out-dir>/<profile>/<same name>.ipynb``. Which ones: the profile's
+  ``notebooks:`` list (the paper profile: 01-07; no list: every notebook), or those named by ``--only`` (any
+  notebook); ``--from`` then starts within that selection.
 * ``<out-dir>/<profile>/run_status.json`` records, per notebook, status / hashes / timings; a notebook
   that is complete with the same parameters and the same source (and whose executed copy exists) is
   skipped, so rerunning after a failure continues from the failed notebook.
