@@ -468,3 +468,21 @@ def test_packaged_profiles_list_their_notebooks(tmp_path, capsys, profile, runs)
     would_run = [name for name in every if "would run" in rows[name]]
     assert would_run == (every if runs is None else [n for n in every if n[:2] in runs])
     assert len(every) == 11 and not (tmp_path / "out").exists()
+
+
+def test_notebooks_open_in_jupyterlab_as_committed():
+    """The committed notebooks: kernel ``python3`` (what papermill, nbval and ``make lab``'s JupyterLab, whose
+    kernels are .venv's, all start), a unique id on every cell (nbformat 4.5), no outputs, and the parameters cell
+    defaulting to the demo profile (the runner injects the profile, so runs do not depend on it)."""
+    from icm_helpers.config import REPO_ROOT
+
+    for path in sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        nb = json.loads(path.read_text())
+        assert nb["metadata"]["kernelspec"]["name"] == "python3", path.name
+        ids = [c.get("id") for c in nb["cells"]]
+        assert all(ids) and len(set(ids)) == len(ids), f"{path.name}: cell ids {ids}"
+        assert (nb["nbformat"], nb["nbformat_minor"]) >= (4, 5), path.name
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        assert all(c["outputs"] == [] and c["execution_count"] is None for c in code), path.name
+        params = next(c for c in code if "parameters" in c["metadata"].get("tags", []))
+        assert "".join(params["source"]).startswith('profile = "demo" '), path.name
