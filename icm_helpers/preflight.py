@@ -235,8 +235,11 @@ def training_step_bytes(ex: Experiment, task: str, built: dict[str, Any]) -> tup
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
+        try:
+            storage = tensor.untyped_storage()
+            saved[storage.data_ptr()] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # a tensor without a plain storage: count its own elements
+            saved[id(tensor)] = tensor.nelement() * tensor.element_size()
         return tensor
 
     codec.train()
