@@ -131,9 +131,9 @@ def check_start_codec(ex: Experiment, built: dict[str, Any]) -> Check:
         source = weights or str(hub_checkpoint_dir() / url.rsplit("/", 1)[-1])
         return Check(name, True, f"{source} loads (weights_only=True), N={codec_lib.codec_N(codec)}")
     shipped, _ = find_shipped(ex.cfg, "codec_start", ex.provenance("codec")) if ex.use_assets else (None, "")
-    epochs = (cc.get("train") or {}).get("epochs")
-    check, codec = _trained_start_model(name, path, codec_lib.load_codec, shipped,
-                                        f"trains it (Eq. 2, {epochs} epochs)")
+    trains = ("writes it from CompressAI's pretrained cheng2020-attn" if cc.get("weights") or cc.get("pretrained")
+              else f"trains it (Eq. 2, {(cc.get('train') or {}).get('epochs')} epochs)")
+    check, codec = _trained_start_model(name, path, codec_lib.load_codec, shipped, trains)
     if codec is not None:
         built["codec"] = codec
     return check
