@@ -223,7 +223,7 @@ def _train_size(ex: Experiment, task: str, cfg: TrainConfig) -> int:
 
 def training_step_bytes(ex: Experiment, task: str, built: dict[str, Any]) -> tuple[int, str] | None:
     """Estimated GPU memory of one aux-enc training step of ``task`` at its batch size (fp32): the tensors autograd
-    saves for the backward pass, measured on one 64x64 image and scaled to the batch's pixels, plus the trainable
+    saves for the backward pass, measured on two 64x64 images and scaled to the batch's pixels, plus the trainable
     weights with their gradients and Adam states and the frozen recognizer. None when its models are not built."""
     rec = built.get(f"recognizer/{task}")
     if rec is None:
@@ -245,12 +245,12 @@ def training_step_bytes(ex: Experiment, task: str, built: dict[str, Any]) -> tup
     codec.train()
     aux.train()
     torch.manual_seed(0)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        icm_terms(spec, codec, rec, aux, torch.rand(1, 3, 64, 64))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):  # 2 images: BatchNorm needs 2
+        icm_terms(spec, codec, rec, aux, torch.rand(2, 3, 64, 64))
     side = _train_size(ex, task, cfg)
     trainable = sum(p.numel() for m in (codec, aux) for p in m.parameters())
     frozen = sum(p.numel() for p in rec.parameters())
-    need = sum(saved.values()) * cfg.batch_size * side * side / 64 ** 2 + 16 * trainable + 4 * frozen
+    need = sum(saved.values()) / 2 * cfg.batch_size * side * side / 64 ** 2 + 16 * trainable + 4 * frozen
     return int(need), f"{task} at batch {cfg.batch_size} of {side}x{side}"
 
 
