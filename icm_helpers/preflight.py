@@ -233,11 +233,13 @@ def training_step_bytes(ex: Experiment, task: str, built: dict[str, Any]) -> tup
     aux = ex._build_branch(task, "enc", ex.seed, codec, rec)
     spec = ex.spec(task, ex.task_cfg(task)["lambdas"][0], "enc")
     saved: dict[int, int] = {}
+    weights = {t.untyped_storage().data_ptr() for m in (codec, aux, rec) for t in (*m.parameters(), *m.buffers())}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         try:
             storage = tensor.untyped_storage()
-            saved[storage.data_ptr()] = storage.nbytes()
+            if storage.data_ptr() not in weights:  # weights are saved too, but do not grow with the batch
+                saved[storage.data_ptr()] = storage.nbytes()
         except (RuntimeError, NotImplementedError):  # a tensor without a plain storage: count its own elements
             saved[id(tensor)] = tensor.nelement() * tensor.element_size()
         return tensor
