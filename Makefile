@@ -1,18 +1,22 @@
 # icm-aux: set-up, notebook runs and tests.  Everything runs in the virtualenv .venv, created on
 # first use from $(PYTHON) (CI: .ci/run on a clean clone with only python3 available).
 #
+#   make setup        create .venv if missing and install the suite with its extras (redone when pyproject.toml changes)
+#   make setup-mmseg  add MMSegmentation when an mmcv 2.1.0 wheel is at MMCV_WHEEL (../shared/wheels; else a notice)
 #   make demo         set up, then run notebooks 01-07 with the demo profile (the main job; docs/protocol.md)
-#   make study        set up, then protocol v2 with the study profile: notebooks 01 + 11 (learning curves, gradient cosines)
+#   make study        set up, then protocol v2 with the study profile: notebooks 01 + 11 (learning curves, cosines)
 #   make study-rd     set up, then the study's BD-rate part (02, 03, 07: aux-enc vs w/o aux, the MSE positive control);
 #                     not funded within make study's budget on a 2-core machine (docs/protocol_outcomes/study_v2.json)
-#   make extensions   set up, then run the beyond-the-paper notebooks (08 adaptive alpha) on the demo profile
+#   make extensions   set up, then run the beyond-the-paper notebook 08 (adaptive alpha) on the demo profile
 #   make smoke        set up, then run all notebooks (01-11) with the smoke profile (tiny, CPU)
-#   make test         set up (+ mmseg from ../shared/wheels when there), unit tests, smoke run, nbval over the executed smoke notebooks
-#   make lab          set up, install the "icm-aux" kernel into .venv, start JupyterLab in notebooks/
-#   make browser-test notebook 06 + its widget in headless JupyterLab/Chromium (needs a smoke run, chromium, chromium-driver)
+#   make test         set up (+ setup-mmseg), ruff, unit tests, smoke run, nbval over the executed smoke notebooks
+#   make lab          set up, start JupyterLab in notebooks/ (kernel "python3" = .venv's python)
+#   make browser-test notebook 06 + its widget in headless JupyterLab/Chromium (needs a smoke run, chromium and
+#                     chromium-driver)
 #   make clean-smoke  remove the smoke outputs (runs/smoke, papermill_runs/smoke)
 #
-# Extra runner options: make smoke RUN_ARGS="--force --only 03"
+#   any profile or notebook: .venv/bin/python papermill_runs/run.py --profile NAME [--only 09 10] [--list] [--check]
+#   extra runner options: make smoke RUN_ARGS="--force --only 03"
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,8 +26,8 @@ RUNNER := papermill_runs/run.py
 RUN_ARGS ?=
 # The main job's profile: demo (the paper's grid in miniature on CPU; icm_helpers/profiles/demo.yaml).
 DEMO_PROFILE ?= demo
-# The paper's grid (the main job), the study's notebooks (+ 09: dose-response) and the notebooks that go beyond the
-# paper (08: adaptive alpha).
+# The paper's grid (the main job), the study's notebooks and the notebook that goes beyond the paper (08: adaptive
+# alpha). 09 (dose-response) and 10 (transfer) have no target: run.py --only 09 10.
 MAIN_NOTEBOOKS ?= 01 02 03 04 05 06 07
 # protocol v2's order of funding (docs/protocol_v2.md R2v2): the mechanism first, then the BD-rates
 STUDY_NOTEBOOKS ?= 01 11
@@ -96,10 +100,10 @@ test: $(STAMP) setup-mmseg
 browser-test: $(STAMP)
 	ICM_NO_NETWORK=1 $(PYTEST) -m browser -rs -s tests/test_browser.py
 
-# --- JupyterLab with a kernel named icm-aux that runs .venv's python
+# --- JupyterLab of .venv in notebooks/. The notebooks name the kernel "python3" (what papermill, nbval and CI use);
+# JUPYTER_PREFER_ENV_PATH=1 makes .venv's kernelspecs win over user-level ones, so "python3" starts .venv's python.
 lab: $(STAMP)
-	$(VENV_PY) -m ipykernel install --sys-prefix --name icm-aux --display-name "Python (icm-aux)"
-	cd notebooks && "$(abspath $(VENV))/bin/jupyter" lab
+	cd notebooks && JUPYTER_PREFER_ENV_PATH=1 "$(abspath $(VENV))/bin/jupyter" lab
 
 clean-smoke:
 	rm -rf runs/smoke $(SMOKE_OUT)

@@ -181,6 +181,31 @@ def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
     return rle
 
 
+def world_manifest(spec: WorldSpec, counts: dict[str, int]) -> dict[str, Any]:
+    """What ``world.json`` records of a generated world: its spec, split sizes and classes."""
+    return {
+        "kind": "shapes_world",
+        "spec": spec.__dict__,
+        "counts": dict(counts),
+        "classes": list(SHAPE_CLASSES[: spec.n_classes]),
+    }
+
+
+def world_differs(root: str | Path, spec: WorldSpec, counts: dict[str, int]) -> str | None:
+    """Why the world under ``root`` is not the one of ``spec`` and ``counts``; None when it is, or when none is
+    there."""
+    path = Path(root) / "world.json"
+    if not path.exists():
+        return None
+    old = read_json(path)
+    if isinstance(old.get("spec"), dict):  # worlds written before a WorldSpec field existed had its default
+        defaults = json.loads(json.dumps(WorldSpec().__dict__))
+        old["spec"] = {**{k: v for k, v in defaults.items() if k != "seed"}, **old["spec"]}
+    if old == json.loads(json.dumps(world_manifest(spec, counts))):
+        return None
+    return f"{root} holds a generated world with other settings ({old.get('spec')}, {old.get('counts')})"
+
+
 def generate_world(root: str | Path, spec: WorldSpec, counts: dict[str, int], overwrite: bool = False) -> Path:
     """Write the generated world under ``root/<split>/`` (images/, labels/, instances.json).
 
@@ -188,24 +213,13 @@ def generate_world(root: str | Path, spec: WorldSpec, counts: dict[str, int], ov
     matching ``spec`` and ``counts``) is reused; a different one raises unless ``overwrite``.
     """
     root = Path(root)
-    manifest = {
-        "kind": "shapes_world",
-        "spec": spec.__dict__,
-        "counts": dict(counts),
-        "classes": list(SHAPE_CLASSES[: spec.n_classes]),
-    }
+    manifest = world_manifest(spec, counts)
+    differs = world_differs(root, spec, counts)
     if (root / "world.json").exists():
-        old = read_json(root / "world.json")
-        if isinstance(old.get("spec"), dict):  # worlds written before a WorldSpec field existed had its default
-            defaults = json.loads(json.dumps(WorldSpec().__dict__))
-            old["spec"] = {**{k: v for k, v in defaults.items() if k != "seed"}, **old["spec"]}
-        if old == json.loads(json.dumps(manifest)):
+        if differs is None:
             return root
         if not overwrite:
-            raise FileExistsError(
-                f"{root} holds a generated world with other settings ({old.get('spec')}, {old.get('counts')}); "
-                "use another data dir or pass overwrite=True to regenerate it"
-            )
+            raise FileExistsError(f"{differs}; use another data dir or pass overwrite=True to regenerate it")
     categories = [
         {"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPE_CLASSES[: spec.n_classes])
     ]

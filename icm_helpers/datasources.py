@@ -1,7 +1,9 @@
 """Where a profile's images come from (``data.source``): one class per source, registered in
 ``registry.DATA_SOURCES``; the ``Experiment`` asks its source for a split and never tests the source's name.
 
-A source gives, per task: ``prepare()`` (generate or verify; a report of split sizes), ``dataset(split, task)`` with
+A source gives, per task: ``prepare()`` (generate or verify; a report of split sizes), ``verify()`` (the same checks
+without generating, downloading or raising: one ``(name, ok, detail, fix)`` per split, for the pre-flight check of
+``icm_helpers.preflight``), ``dataset(split, task)`` with
 splits "train", "val" (per-epoch validation) and "test" (evaluation), ``num_classes(task)``, and ``shared`` (one
 image set labelled for every task, as the generated world; False: one dataset per task, as COCO / Pascal-Context).
 """
@@ -12,13 +14,30 @@ from typing import Any
 
 import torch
 
-from .coco import CocoDetection, check_coco, download_coco
+from .coco import CocoDetection, check_coco, download_coco, verify_coco
 from .config import resolve_data_path
-from .data import IcmDataset, InMemory, WorldSpec, generate_world
-from .pascal_context import PascalContext59, check_pascal_context
+from .data import IcmDataset, InMemory, WorldSpec, generate_world, world_differs
+from .pascal_context import PascalContext59, check_pascal_context, verify_pascal_context
 from .registry import DATA_SOURCES, check_task
 
 SPLITS = ("train", "val", "test")
+
+#: One line of a data source's ``verify()``: (name, ok, what was found, how to fix it when not ok).
+Verified = tuple[str, bool, str, str]
+
+
+def _problem(check, *args: Any) -> tuple[str, str]:
+    """(what is wrong, the fix) from the error a ``check_*`` function raises; ("", "") when it raises none."""
+    try:
+        check(*args)
+    except (FileNotFoundError, ValueError) as exc:
+        text = str(exc)
+        for marker in ("Fix: ", "See "):
+            if marker in text:
+                what, _, fix = text.partition(marker)
+                return what.strip(), (marker if marker == "See " else "") + fix.strip()
+        return text, "see the message"
+    return "", ""
 
 
 def check_split(split: str) -> str:
@@ -42,6 +61,28 @@ class ShapesWorld:
             self.data_dir, WorldSpec(**self.cfg["world"], seed=self.seed), self.cfg["counts"], overwrite=force
         )
         return {split: len(self.dataset(split)) for split in SPLITS}
+
+    def verify(self, tasks: list[str]) -> list[Verified]:
+        """The generated world: not there yet (notebook 01 generates it), or its settings and split sizes."""
+        counts = {split: int(self.cfg["counts"].get(split, 0)) for split in SPLITS}
+        spec = WorldSpec(**self.cfg["world"], seed=self.seed)
+        if not (self.data_dir / "world.json").exists():
+            return [("data", True, f"generated world not there yet: notebook 01 writes it to {self.data_dir} "
+                                   f"({', '.join(f'{k} {v}' for k, v in counts.items())} images)", "")]
+        differs = world_differs(self.data_dir, spec, counts)
+        if differs:
+            return [("data", False, differs, f"use another run dir, or delete {self.data_dir} and rerun notebook 01 "
+                                             "(it generates the world of this profile)")]
+        out = []
+        for split in SPLITS:
+            try:
+                n = len(IcmDataset(self.data_dir / split))
+            except (FileNotFoundError, ValueError) as exc:
+                out.append((f"data/{split}", False, str(exc), "rerun notebook 01 with force=True to regenerate it"))
+                continue
+            out.append((f"data/{split}", n == counts[split], f"{n} images (the profile: {counts[split]})",
+                        "rerun notebook 01 with force=True to regenerate the world"))
+        return out
 
     def dataset(self, split: str, task: str | None = None):
         ds = IcmDataset(self.data_dir / check_split(split))
@@ -80,6 +121,30 @@ class CocoPascalContext:
                     check_pascal_context(root, split)
             report[task] = {split: len(self.dataset(split, task)) for split in SPLITS}
         return report
+
+    def verify(self, tasks: list[str]) -> list[Verified]:
+        """Each task's splits with the datasets' own verification (``verify_coco`` / ``verify_pascal_context``):
+        layout, image counts (complete or a subset) and, when not usable, the fix their ``check_*`` names."""
+        out = []
+        for task in tasks:
+            if task == "detection":
+                root, what = resolve_data_path(self.cfg["coco_root"]), "COCO"
+                splits = [(split, verify_coco(root, split), check_coco) for split in ("train2017", "val2017")]
+                count, expected = "num_images_json", "expected_images"
+            else:
+                root, what = resolve_data_path(self.cfg["pascal_context_root"]), "Pascal-Context"
+                splits = [(split, verify_pascal_context(root, split), check_pascal_context)
+                          for split in ("train", "val")]
+                count, expected = "num_ids", "expected_ids"
+            for split, rep, check in splits:
+                name = f"data/{task}/{split}"
+                if rep["ok"]:
+                    size = "complete" if rep["complete"] else f"a subset of {rep[expected]}"
+                    out.append((name, True, f"{what} {split} at {root}: {rep[count]} images ({size})", ""))
+                else:
+                    problem, fix = _problem(check, root, split)
+                    out.append((name, False, problem or f"{what} {split} at {root} is not usable", fix))
+        return out
 
     def dataset(self, split: str, task: str | None = None):
         check_split(split)

@@ -9,11 +9,15 @@ Layout under the run directory (``runs/<profile>/`` by default):
     results/<task>/<name>.json    one evaluation record per method and lambda
 
 Every step is idempotent: finished artefacts are reused (never silently overwritten; ``force=True`` redoes them),
-interrupted trainings resume from their last complete epoch.
+interrupted trainings resume from their last complete epoch. An evaluation record carries ``eval_key``: everything
+its numbers depend on besides its method's fields (image count, split, bitstream / decode / amp, ROI, the codec
+file's and the recognizer's identity); a record is reused only when its key equals the one the settings give now,
+and otherwise re-evaluated with a log line naming what differs.
 """
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -25,7 +29,7 @@ from . import anchors
 from . import codec as codec_lib
 from . import distributed as dist_lib
 from .adaptive_alpha import check_alpha_mode
-from .assets import find_shipped, install_shipped
+from .assets import canonical, find_shipped, install_shipped, sha256
 from .aux_branches import build_aux_branch, seed_random_stream
 from .bootstrap import bd_rate_ci_seeds
 from .config import check_device, load_profile, resolve_data_path, resolve_run_dir, safe_name
@@ -47,6 +51,30 @@ from .training import (
     train_start_codec,
     validation_terms,
 )
+
+
+#: Version of the evaluation key (``Experiment.evaluation_key``); records with another version are re-evaluated.
+EVAL_KEY_VERSION = 1
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_identity(path: Path) -> dict[str, Any] | None:
+    """``{"sha256", "bytes"}`` of a file, None when it is not there; each (path, size, mtime) is hashed once per
+    process."""
+    try:
+        st = Path(path).stat()
+    except FileNotFoundError:
+        return None
+    memo = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _FILE_HASHES:
+        _FILE_HASHES[memo] = sha256(path)
+    return {"sha256": _FILE_HASHES[memo], "bytes": st.st_size}
+
+
+def _short(value: Any, limit: int = 90) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Experiment:
@@ -261,7 +289,7 @@ class Experiment:
     def evaluate_reference(self, task: str, force: bool = False) -> dict[str, Any]:
         """Task metric of the recognizer on the ORIGINAL (uncompressed) test images: the upper bound."""
         return self._evaluate_cached(
-            task, "reference", None, {"method": "reference"}, force, codec_factory=lambda: None
+            task, "reference", None, {"method": "reference"}, force, codec_factory=lambda: None, codec_key=None
         )
 
     # ------------------------------------------------------------------ codec start point
@@ -299,7 +327,8 @@ class Experiment:
         return model
 
     def evaluate_start(self, task: str, force: bool = False) -> dict[str, Any]:
-        return self._evaluate_cached(task, "start", None, {"method": "start"}, force, codec_factory=self.start_codec)
+        return self._evaluate_cached(task, "start", None, {"method": "start"}, force, codec_factory=self.start_codec,
+                                     codec_key=self.models_dir / "codec_start.pt")
 
     # ------------------------------------------------------------------ what ICM training shares between runs
     def warm_aux_branch(self, task: str, position: str, seed: int, labels: str = "pseudo") -> dict[str, Any]:
@@ -559,14 +588,65 @@ class Experiment:
         return read_json(self.run_path(spec) / "history.json")
 
     # ------------------------------------------------------------------ evaluation
+    def evaluation_key(self, task: str, codec: Path | dict[str, Any] | None, bitstream: bool,
+                       roi_qf: float | None = None, roi_decoder: str = "as_is") -> dict[str, Any]:
+        """Everything an evaluation record's numbers depend on besides its method's fields: the number of test images
+        (``evaluation.max_images`` and the split's size), the split (data settings and seed), ``bitstream``,
+        ``evaluation.decode`` / ``amp``, the ROI settings, the codec (a checkpoint file: its sha256 and size; an
+        anchor: its ``describe()``; None: the uncompressed reference) and the recognizer (backend, model settings
+        and, when the suite trains it, its file's sha256)."""
+        ec = self.cfg.get("evaluation", {}) or {}
+        rc = self.cfg["recognizers"][check_task(task)]
+        n_test, n_max = len(self.dataset("test", task)), self.max_images()
+        return canonical({
+            "version": EVAL_KEY_VERSION,
+            "test_images": n_test if n_max is None else min(n_max, n_test),
+            "max_images": n_max,
+            "split": {"test_split_images": n_test, "seed": self.seed,
+                      "data": {k: v for k, v in self.cfg["data"].items() if k != "val_images"}},
+            "bitstream": bool(bitstream),
+            "decode": ec.get("decode", "all"),
+            "amp": ec.get("amp"),
+            "roi": None if not roi_qf else {"qf": float(roi_qf), "decoder": roi_decoder},
+            "codec": {"file": file_identity(codec)} if isinstance(codec, Path) else codec,
+            "recognizer": {"backend": rc["backend"], "model": rc.get("model", {}),
+                           "file": file_identity(self.recognizer_path(task)) if rc.get("train") is not None else None},
+        })
+
+    def _stored_record(self, path: Path, key: dict[str, Any], force: bool) -> dict[str, Any] | None:
+        """The record at ``path`` when it was evaluated with ``key``; otherwise None, with a log line saying why it is
+        re-evaluated."""
+        if force or not path.exists():
+            return None
+        record = read_json(path)
+        stored = record.get("eval_key")
+        if stored == key:
+            return record
+        label = f"{record.get('task', path.parent.name)}/{path.stem}"
+        if not isinstance(stored, dict):
+            why = ("it has no evaluation key: it was written before records were keyed by the settings they depend "
+                   "on, so it cannot be checked")
+        else:
+            changed = sorted(k for k in {*stored, *key} if stored.get(k) != key.get(k))
+            why = "it was made with other " + "; ".join(
+                f"{k}: {_short(stored.get(k))} -> {_short(key.get(k))}" for k in changed)
+        self.log(f"re-evaluating {label} ({path}): {why}")
+        return None
+
     def _evaluate_cached(self, task: str, name: str, lambda_: float | None, fields: dict[str, Any], force: bool,
-                         codec_factory, roi_qf: float | None = None, roi_decoder: str = "as_is",
-                         bitstream: bool | None = None) -> dict[str, Any]:
+                         codec_factory, codec_key: Path | dict[str, Any] | None, roi_qf: float | None = None,
+                         roi_decoder: str = "as_is", bitstream: bool | None = None) -> dict[str, Any]:
+        """The record of ``name``: the stored one when its ``eval_key`` equals ``evaluation_key(...)`` now, else a new
+        evaluation. ``codec_key``: the codec's checkpoint file, an anchor's description, or None (the reference)."""
         path = self.result_path(task, name)
-        if dist_lib.broadcast_object(path.exists() and not force):  # torchrun: rank 0 decides for all
-            return read_json(path)
         ec = self.cfg.get("evaluation", {})
         bitstream = bool(ec.get("bitstream", True)) if bitstream is None else bitstream
+        stored = None
+        if dist_lib.is_main():  # torchrun: rank 0 decides for all
+            stored = self._stored_record(path, self.evaluation_key(task, codec_key, bitstream, roi_qf, roi_decoder),
+                                         force)
+        if dist_lib.broadcast_object(stored is not None):
+            return stored if stored is not None else read_json(path)
         started = time.time()
         ev = evaluate(
             codec_factory(),
@@ -583,6 +663,7 @@ class Experiment:
             desc=f"evaluate {task}/{name}",
         )  # under torchrun: sharded over the ranks, gathered (same record on every rank)
         record = {"profile": self.profile, "task": task, "lambda_": lambda_, **fields, **ev,
+                  "eval_key": self.evaluation_key(task, codec_key, bitstream, roi_qf, roi_decoder),
                   "provenance": self.run_provenance(started=started, ended=time.time())}
         if dist_lib.is_main():
             atomic_write_json(path, record)
@@ -622,6 +703,7 @@ class Experiment:
             fields,
             force,
             codec_factory=lambda: codec_lib.load_codec(path).to(self.device),
+            codec_key=path,
             bitstream=bitstream,
         )
 
@@ -694,6 +776,7 @@ class Experiment:
                         fields,
                         False,
                         codec_factory=lambda codec=codec: codec,
+                        codec_key={"anchor": codec.describe()},
                     )
                 )
         return records, skipped
@@ -737,6 +820,7 @@ class Experiment:
                         fields,
                         False,
                         codec_factory=lambda final=final: codec_lib.load_codec(final).to(self.device),
+                        codec_key=final,
                     )
                 )
         return records
@@ -771,7 +855,8 @@ class Experiment:
                     float(lam),
                     fields,
                     False,
-                    codec_factory=lambda: codec_lib.load_codec(final).to(self.device),
+                    codec_factory=lambda final=final: codec_lib.load_codec(final).to(self.device),
+                    codec_key=final,
                     roi_qf=qf,
                     roi_decoder=decoder,
                 )

@@ -15,14 +15,18 @@ paper) or ``"roi"``.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import math
 import warnings
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
+import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
+from cycler import cycler
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -31,11 +35,62 @@ from matplotlib.ticker import MaxNLocator
 from .bootstrap import format_ci
 from .methods import METHODS
 
-#: The one look of every figure of the suite (seaborn's theme, applied when this module is imported).
+#: The one look of every figure of the suite: seaborn's theme, applied only while a function of this module builds a
+#: figure (``theme()``, ``@themed``), so importing the module leaves the user's matplotlib settings as they are.
 THEME = {"style": "whitegrid", "context": "paper", "font_scale": 1.1}
-sns.set_theme(**THEME)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_depth = 0  # nesting of themed calls: the outermost one lays its figure out
+
+
+def theme_rc() -> dict[str, Any]:
+    """The matplotlib settings ``sns.set_theme(**THEME)`` sets globally: style, context, font and the "deep" colour
+    cycle (seaborn's colour codes for "b", "g", ... are left alone)."""
+    return {
+        **sns.axes_style(THEME["style"]),
+        **sns.plotting_context(THEME["context"], font_scale=THEME["font_scale"]),
+        "font.family": ["sans-serif"],
+        "axes.prop_cycle": cycler(color=sns.color_palette("deep")),
+    }
+
+
+@contextlib.contextmanager
+def theme() -> Iterator[None]:
+    """Within the block, matplotlib uses the suite's theme; afterwards every setting is as before."""
+    with mpl.rc_context(theme_rc()):
+        yield
+
+
+def _lay_out(result: Any) -> None:
+    """Draw the figure of ``result`` (a Figure or a ``(fig, data)`` pair) once without rendering, so that its ticks
+    and layout, which matplotlib creates lazily, take the theme's settings before the theme is left."""
+    fig = result[0] if isinstance(result, tuple) and result else result
+    if isinstance(fig, Figure):
+        fig.draw_without_rendering()
+
+
+def themed(fn: _F) -> _F:
+    """Run ``fn`` (a plot function returning a Figure or ``(fig, data)``) under ``theme()``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        global _depth
+        with theme():
+            _depth += 1
+            try:
+                result = fn(*args, **kwargs)
+            finally:
+                _depth -= 1
+            if _depth == 0:
+                _lay_out(result)
+        return result
+
+    return wrapper  # type: ignore[return-value]
 
 __all__ = [
+    "THEME",
+    "theme",
+    "themed",
     "METHOD_STYLES",
     "BPP_LABELS",
     "plot_rd",
@@ -132,6 +187,7 @@ def _draw(ax: Axes, points: dict[str, list], linestyle: str, style: dict[str, An
             )
 
 
+@themed
 def plot_rd(
     records: Iterable[Mapping[str, Any]],
     task: str,
@@ -184,6 +240,7 @@ def plot_rd(
     return fig, data
 
 
+@themed
 def plot_rd_grid(
     records: Iterable[Mapping[str, Any]],
     tasks: Sequence[str],
@@ -208,6 +265,7 @@ def plot_rd_grid(
     return fig, data
 
 
+@themed
 def plot_loss_curves(
     curves: Mapping[str, Sequence[float]],
     ylabel: str = "validation main loss (Eq. 4)",
@@ -248,6 +306,7 @@ def ci_bounds(entry: Mapping[str, Any]) -> tuple[float, float]:
     return (-math.inf if lo is None else float(lo)), (math.inf if hi is None else float(hi))
 
 
+@themed
 def plot_learning_curves(result: Mapping[str, Any], title: str | None = None) -> tuple[Figure, dict[str, Any]]:
     """Protocol v2, Q1 (Figs. 8-9 at CPU scale): left, the validation main loss of every run against the training
     step (thin: each seed; thick: the mean over seeds; symlog x so step 0 shows); right, the paired differences (same
@@ -300,6 +359,7 @@ def plot_learning_curves(result: Mapping[str, Any], title: str | None = None) ->
     return fig, data
 
 
+@themed
 def plot_cosines(summary: Sequence[Mapping[str, Any]], title: str | None = None) -> tuple[Figure, dict[str, Any]]:
     """Protocol v2, Q2: the mean cosine between the auxiliary and the main gradient on g_a per (codec, branch) with
     its 95% t-interval, zero marked. ``summary``: ``mechanism.summarise_cosines``'s rows."""
@@ -339,6 +399,7 @@ def _check_bit_row(i: int, row: Mapping[str, Any]) -> tuple[np.ndarray, list[np.
     return image, maps, diff
 
 
+@themed
 def plot_bit_maps(
     rows: Sequence[Mapping[str, Any]],
     titles: Sequence[str],
@@ -408,6 +469,7 @@ def plot_bit_maps(
     return fig, data
 
 
+@themed
 def plot_samples(dataset, n: int = 4, class_names: Sequence[str] | None = None) -> tuple[Figure, dict[str, Any]]:
     """First ``n`` images of a split with their ground truth: boxes + class names on the image (top row) and the
     semantic label map (bottom row, when the split has one)."""
@@ -448,6 +510,7 @@ def plot_samples(dataset, n: int = 4, class_names: Sequence[str] | None = None) 
     return fig, data
 
 
+@themed
 def plot_roi_fractions(summary: Sequence[Mapping[str, Any]], title: str | None = None) -> tuple[Figure, dict[str, Any]]:
     """Share of the bits inside the object masks vs lambda (notebook 06), from
     :func:`icm_helpers.bitmaps.roi_fraction_table`'s ``summary``. Left: one line with 95% CI error bars per
@@ -541,6 +604,7 @@ def _bd_row_label(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> 
     return f"{label}, pooled over seeds" if row["seed"] == "pooled" else f"{label}, seed {row['seed']}"
 
 
+@themed
 def plot_bd_rate_ci(rows: Sequence[Mapping[str, Any]], bpp_keys: Sequence[str] = ("bpp_bitstream", "bpp_estimated"),
                     title: str | None = None) -> tuple[Figure, dict[str, Any]]:
     """BD-rate point estimates with their bootstrap CIs (``Experiment.bd_rate_table`` rows): one panel per bpp kind,
@@ -593,6 +657,7 @@ def plot_bd_rate_ci(rows: Sequence[Mapping[str, Any]], bpp_keys: Sequence[str] =
     return fig, data
 
 
+@themed
 def annotate_bd_rates(fig: Figure, rows: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
     """Write the BD-rates with their CIs (``Experiment.bd_rate_table`` rows) into the matching panels of a
     :func:`plot_rd_grid` figure (panel titles "<task> — bpp (<kind>)"). Returns the texts per panel title."""
@@ -616,6 +681,7 @@ def annotate_bd_rates(fig: Figure, rows: Sequence[Mapping[str, Any]]) -> dict[st
     return written
 
 
+@themed
 def plot_dose_response(curves: Mapping[str, Mapping[str, Sequence[tuple[float, Mapping[str, Any]]]]],
                        bpp_key: str = "bpp_bitstream", title: str | None = None) -> tuple[Figure, dict[str, Any]]:
     """BD-rate against the training budget: ``curves[task][method]`` = [(budget fraction, BD-rate entry with
@@ -681,6 +747,7 @@ def _image_iou(per_image: Mapping[str, Any]) -> float:
     return float((inter[present] / union[present]).mean()) if present.any() else float("nan")
 
 
+@themed
 def plot_paired_differences(
     rows: Sequence[Mapping[str, Any]],
     title: str | None = None,
@@ -708,6 +775,7 @@ def plot_paired_differences(
     return fig, data
 
 
+@themed
 def plot_bd_matrix(cells: Mapping[str, Mapping[str, Mapping[str, Any]]], title: str | None = None,
                    xlabel: str = "evaluated by", ylabel: str = "trained for") -> tuple[Figure, dict[str, Any]]:
     """A heatmap of BD-rates: ``cells[row][column]`` = a BD-rate entry ("bd_rate", "ci_low", "ci_high" or "error"),

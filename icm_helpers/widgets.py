@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 from .bitmaps import BitMaps, compute_bit_maps, roi_split
 from .codec import load_codec
 from .methods import METHODS, short_name
+from .plots import theme
 
 __all__ = ["RunRef", "BitMapExplorer", "BitMapComparer"]
 
@@ -223,7 +224,8 @@ class BitMapExplorer:
         """PNG bytes of the view's figure and its numbers (without arrays)."""
         view = self.view(task, lambda_, image, run_a, run_b, include_hyper)
         buf = io.BytesIO()
-        self.figure(view, opacity).savefig(buf, format="png", dpi=90)
+        with theme():  # the suite's figure theme, for this figure only
+            self.figure(view, opacity).savefig(buf, format="png", dpi=90)
         info = {k: v for k, v in view.items() if k not in ("image_array", "maps", "diff")}
         return buf.getvalue(), info
 

@@ -4,6 +4,8 @@ on VALIDATION data only, and log every measurement they use.
 
     .venv/bin/python papermill_runs/select_settings.py --profile demo --stage all [--budget-factor 1.45]
 
+``--budget-factor`` defaults to the budget docs/protocol.md registers for the profile (demo 1.45, study 8.5).
+
 Stages (each writes its outcome into ``docs/protocol_outcomes/<profile>.json``; a finished stage is not redone):
 
 - ``r1``: the start codec's convergence, read from its training history (per-epoch validation loss, Eq. 2).
@@ -408,13 +410,17 @@ def settings_overrides(profile: str, outcome: dict[str, Any], upto: str = "r5") 
 
 
 STAGES = ("r1", "costs", "fixed", "r2", "r3", "r4", "r6", "r5")
+#: The time budgets docs/protocol.md registers, as multiples of the smoke run of notebooks 01-07.
+PROTOCOL_BUDGET_FACTORS = {"demo": 1.45, "study": 8.5}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", required=True)
     ap.add_argument("--stage", default="all", choices=(*STAGES, "all"))
-    ap.add_argument("--budget-factor", type=float, required=True, help="time budget as a multiple of the smoke run")
+    ap.add_argument("--budget-factor", type=float, default=None,
+                    help="time budget as a multiple of the smoke run (default: the protocol's for the profile: "
+                         + ", ".join(f"{k} {v}" for k, v in PROTOCOL_BUDGET_FACTORS.items()) + ")")
     ap.add_argument("--smoke-seconds", type=float, default=230.0,
                     help="the smoke run of notebooks 01-07 on this machine")
     ap.add_argument("--notebooks", nargs="+", default=["01", "02", "03", "04", "05", "06", "07"],
@@ -423,6 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redo", action="store_true", help="redo the selected stage even if logged")
     ap.add_argument("--transfer", action="store_true", help="the profile's run includes notebook 10 (transfer)")
     args = ap.parse_args(argv)
+    if args.budget_factor is None:
+        if args.profile not in PROTOCOL_BUDGET_FACTORS:
+            ap.error(f"--budget-factor is needed for profile {args.profile!r}: the protocol registers a budget only "
+                     f"for {', '.join(PROTOCOL_BUDGET_FACTORS)}; give one as a multiple of the smoke run, e.g. 1.45")
+        args.budget_factor = PROTOCOL_BUDGET_FACTORS[args.profile]
     outcome = load_outcome(args.profile)
     args.fixed_seconds = outcome["stages"].get("fixed", {}).get("fixed_seconds", 0.0)
     outcome["budget"] = {"factor": args.budget_factor, "smoke_seconds": args.smoke_seconds, "notebooks": args.notebooks}

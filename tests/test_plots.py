@@ -183,3 +183,36 @@ def test_plot_bit_maps_rows_must_share_layout():
     del rows[1]["diff"]
     with pytest.raises(ValueError, match="same number of maps"):
         plot_bit_maps(rows, TITLES)
+
+
+def test_importing_plots_leaves_matplotlib_settings_alone():
+    """In a fresh interpreter (a JupyterLab kernel): importing icm_helpers.plots changes no rcParams; a plot function
+    draws its figure in the suite's theme and leaves every rcParam as it was."""
+    import subprocess
+    import sys
+
+    code = (
+        "import matplotlib; matplotlib.use('Agg'); import matplotlib as mpl\n"
+        "before = dict(mpl.rcParams)\n"
+        "import icm_helpers.plots as plots\n"
+        "print(sorted(k for k in before if mpl.rcParams[k] != before[k]))\n"
+        "fig, _ = plots.plot_loss_curves({'w/o aux': [1.0, 0.9, 0.8]})\n"
+        "print(sorted(k for k in before if mpl.rcParams[k] != before[k]))\n"
+        "label = fig.axes[0].xaxis.get_major_ticks()[0].label1\n"
+        "print(label.get_fontsize() == plots.theme_rc()['xtick.labelsize'] != mpl.rcParams['xtick.labelsize'])\n"
+        "print(fig.axes[0].yaxis.get_gridlines()[0].get_visible() and not mpl.rcParams['axes.grid'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:4] == ["[]", "[]", "True", "True"], proc.stdout
+
+
+def test_theme_applies_inside_and_restores_after():
+    import matplotlib as mpl
+
+    from icm_helpers.plots import theme, theme_rc
+
+    before = dict(mpl.rcParams)
+    with theme():
+        assert mpl.rcParams["axes.grid"] is True and mpl.rcParams["xtick.labelsize"] == theme_rc()["xtick.labelsize"]
+    assert dict(mpl.rcParams) == before

@@ -410,3 +410,79 @@ def test_every_notebook_declares_the_parameters_it_uses():
             source = "".join(line for line in cell["source"] if not line.lstrip().startswith(("%", "!")))
             used |= {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name) and n.id in injectable}
         assert used <= declared, f"{path.name}: {sorted(used - declared)} used but not in its parameters cell"
+
+
+def test_selection_from_the_profiles_notebooks_list():
+    """A profile's ``notebooks:`` list is the default selection; ``--only`` names any notebook; ``--from`` applies
+    within the list; a list entry naming no notebook, or a ``--from`` beyond the list, is an error naming the fix."""
+    nbs = [Path(f"{n}.ipynb") for n in ("01_a", "02_b", "03_c", "10_e")]
+    names = lambda sel: [p.stem for p in sel]  # noqa: E731
+    assert names(runner.select_notebooks(nbs, default=["01", "02_b"])) == ["01_a", "02_b"]
+    assert names(runner.select_notebooks(nbs, only=["10"], default=["01", "02"])) == ["10_e"]
+    assert names(runner.select_notebooks(nbs, start="02", default=["01", "02"])) == ["02_b"]
+    with pytest.raises(runner.RunnerError, match="the profile runs only 01, 02; .* --only"):
+        runner.select_notebooks(nbs, start="03", default=["01", "02"])
+    with pytest.raises(runner.RunnerError, match="notebooks list: 07: no such notebook"):
+        runner.select_notebooks(nbs, default=["01", "07"])
+
+
+def _profile_file(p, notebooks) -> Path:
+    import yaml
+
+    from icm_helpers.config import load_profile
+
+    cfg = {**load_profile("smoke"), "name": "listed", "notebooks": notebooks}
+    path = p.root / "listed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_list_shows_the_profiles_notebooks_and_only_still_names_the_others(project, capsys):
+    p = project
+    path = _profile_file(p, ["01", 10])
+    args = ["--profile", str(path), "--notebooks-dir", str(p.nbs), "--out-dir", str(p.out), "--list"]
+    assert runner.main(args) == 0
+    out = capsys.readouterr().out
+    assert "profile listed runs 01, 10 (its notebooks: list)" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert "would run" in rows["01_a"] and "would run" in rows["10_c"]
+    assert "not in the profile's notebooks (run it with --only)" in rows["02_b"]
+    assert runner.main([*args, "--only", "02"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert "would run" in rows["02_b"] and "would run" not in rows["01_a"]
+    _profile_file(p, "01-07")
+    assert runner.main(args) == 2
+    assert "'notebooks' must be a non-empty list" in capsys.readouterr().err
+    assert not p.out.exists()
+
+
+@pytest.mark.parametrize("profile, runs", [("paper", ["01", "02", "03", "04", "05", "06", "07"]), ("smoke", None)])
+def test_packaged_profiles_list_their_notebooks(tmp_path, capsys, profile, runs):
+    """``--profile paper`` runs the paper's notebooks 01-07 only (08-11 go beyond the paper: named with --only or
+    their own make targets); smoke, without a list, runs every notebook (CI)."""
+    from icm_helpers.config import REPO_ROOT
+
+    every = sorted(p.stem for p in (REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert runner.main(["--profile", profile, "--out-dir", str(tmp_path / "out"), "--list"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    would_run = [name for name in every if "would run" in rows[name]]
+    assert would_run == (every if runs is None else [n for n in every if n[:2] in runs])
+    assert len(every) == 11 and not (tmp_path / "out").exists()
+
+
+def test_notebooks_open_in_jupyterlab_as_committed():
+    """The committed notebooks: kernel ``python3`` (what papermill, nbval and ``make lab``'s JupyterLab, whose
+    kernels are .venv's, all start), a unique id on every cell (nbformat 4.5), no outputs, and the parameters cell
+    defaulting to the demo profile (the runner injects the profile, so runs do not depend on it)."""
+    from icm_helpers.config import REPO_ROOT
+
+    for path in sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        nb = json.loads(path.read_text())
+        assert nb["metadata"]["kernelspec"]["name"] == "python3", path.name
+        ids = [c.get("id") for c in nb["cells"]]
+        assert all(ids) and len(set(ids)) == len(ids), f"{path.name}: cell ids {ids}"
+        assert (nb["nbformat"], nb["nbformat_minor"]) >= (4, 5), path.name
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        assert all(c["outputs"] == [] and c["execution_count"] is None for c in code), path.name
+        params = next(c for c in code if "parameters" in c["metadata"].get("tags", []))
+        assert "".join(params["source"]).startswith('profile = "demo" '), path.name

@@ -75,3 +75,17 @@ def test_budget_fractions_are_the_whole_steps_nearest_a_quarter_and_a_half(steps
     got = sel.budget_fractions(steps)
     assert got == pytest.approx(fractions, abs=1e-12)
     assert all(abs(f * steps - round(f * steps)) < 1e-9 for f in got)
+
+
+def test_budget_factor_defaults_to_the_protocols_budget_of_the_profile(monkeypatch, capsys):
+    """The README's ``select_settings.py --profile demo --stage all`` needs no --budget-factor: the protocol's budget
+    of the profile is the default; a profile without one is told to give it."""
+    seen = {}
+    monkeypatch.setattr(sel, "load_outcome", lambda profile: {"stages": {s: {} for s in sel.STAGES}})
+    monkeypatch.setattr(sel, "save_outcome", lambda profile, outcome: seen.update(outcome))
+    monkeypatch.setattr(sel, "settings_overrides", lambda profile, outcome: {})
+    assert sel.main(["--profile", "demo"]) == 0 and seen["budget"]["factor"] == 1.45
+    assert sel.main(["--profile", "study", "--stage", "r1"]) == 0 and seen["budget"]["factor"] == 8.5
+    with pytest.raises(SystemExit):
+        sel.main(["--profile", "mine"])
+    assert "--budget-factor is needed for profile 'mine'" in capsys.readouterr().err

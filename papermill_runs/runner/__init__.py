@@ -4,20 +4,24 @@ Usage (from the repository root; ``make smoke`` / ``make demo`` call it)::
 
     .venv/bin/python papermill_runs/run.py --profile smoke [--force] [--only 03 05] [--from 04]
         [--param key=value ...] [--set dotted.key=value ...] [--notebooks-dir notebooks] [--out-dir papermill_runs]
-        [--params-dir papermill_runs/params] [--kernel NAME] [--timeout SECONDS] [--list]
+        [--params-dir papermill_runs/params] [--kernel NAME] [--timeout SECONDS] [--list] [--check]
 
 * Parameters injected into every notebook: ``<params-dir>/<profile>.yaml`` (a flat YAML mapping)
   + ``profile: <profile>`` + the ``--param`` overrides (values parsed as YAML, never eval'ed)
   + ``overrides``: the ``--set`` dotted profile settings, when given. ``--profile path/to/mine.yaml``: a profile
   file; its ``name`` names the outputs, the parameters come from ``mine.params.yaml`` beside it when there.
 * Notebooks ``<notebooks-dir>/[0-9][0-9]_*.ipynb`` run in numeric order, with the notebooks dir as
-  working directory; executed copies go to ``<out-dir>/<profile>/<same name>.ipynb``.
+  working directory; executed copies go to ``<out-dir>/<profile>/<same name>.ipynb``. Which ones: the profile's
+  ``notebooks:`` list (the paper profile: 01-07; no list: every notebook), or those named by ``--only`` (any
+  notebook); ``--from`` then starts within that selection.
 * ``<out-dir>/<profile>/run_status.json`` records, per notebook, status / hashes / timings; a notebook
   that is complete with the same parameters and the same source (and whose executed copy exists) is
   skipped, so rerunning after a failure continues from the failed notebook.
 * The first failure stops the run (exit code 1) naming the notebook, the failing cell and the cause;
   the executed copy with the error stays on disk.
 * Nothing is written outside ``<out-dir>/<profile>/``.
+* ``--check``: the pre-flight checks of ``icm_helpers.preflight`` for the profile and its parameters (device,
+  ``--set`` overrides); exit code 1 when one fails. ``--list`` and ``--check`` run no notebook and write nothing.
 
 Exit codes: 0 all selected notebooks complete (or skipped), 1 a notebook failed, 2 bad usage or
 configuration (unknown profile, bad parameter, ...), 130 interrupted.

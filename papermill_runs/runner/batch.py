@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import EXIT_OK, say
+from .common import EXIT_FAILED, EXIT_OK, say
 from .kernel import resolve_kernel, same_interpreter
 from .plan import Options, prepare, show_plan
 
@@ -18,6 +18,14 @@ def run(opts: Options) -> int:
     if opts.list_only:  # reads only; writes nothing
         show_plan(setup, Path(opts.params_dir), opts.force)
         return EXIT_OK
+    if opts.check:
+        # the pre-flight checks import torch and build models: imported only when asked
+        from icm_helpers.preflight import report, run_checks
+
+        params = setup.params
+        checks = run_checks(params["profile"], params.get("overrides"), str(params.get("device", "cpu")),
+                            params.get("run_dir"))
+        return EXIT_OK if report(checks, say) else EXIT_FAILED
 
     kernel = resolve_kernel(opts.kernel)
     say(f"kernel: {kernel.name} -> {kernel.executable} ({kernel.note})")

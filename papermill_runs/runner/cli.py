@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--list", dest="list_only", action="store_true",
         help="show profiles, notebooks and what would run; run nothing",
     )
+    parser.add_argument(
+        "--check", action="store_true",
+        help="pre-flight: data, checkpoints, backends, disk and GPU for this profile and its parameters, one line "
+             "each with the fix for a FAIL (exit code 1); runs no notebook",
+    )
     return parser
 
 
@@ -70,6 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         kernel=args.kernel,
         timeout=args.timeout,
         list_only=args.list_only,
+        check=args.check,
     )
     setup_logging()
     try:

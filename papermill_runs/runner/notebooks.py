@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import nbformat
 
@@ -30,20 +30,45 @@ def _matches(token: str, nb: Path) -> bool:
     return token == nb.stem
 
 
-def select_notebooks(
-    notebooks: list[Path], only: Optional[Sequence[str]] = None, start: Optional[str] = None
-) -> list[Path]:
-    """Apply ``--only`` (numbers like ``03`` or full names) and ``--from`` (same forms) to the list."""
+def _resolve(tokens: Sequence[str], notebooks: list[Path], what: str) -> list[Path]:
+    """The notebooks ``tokens`` name (numbers like ``03`` or full names), in the order of ``notebooks``; a token
+    naming none is an error naming ``what`` gave it."""
     names = ", ".join(p.stem for p in notebooks) or "none"
-    selected = list(notebooks)
+    wanted: list[Path] = []
+    for token in tokens:
+        hits = [p for p in notebooks if _matches(str(token), p)]
+        if not hits:
+            raise RunnerError(f"{what} {token}: no such notebook (available: {names})")
+        wanted.extend(h for h in hits if h not in wanted)
+    return [p for p in notebooks if p in wanted]
+
+
+def profile_notebooks(cfg: dict[str, Any]) -> Optional[list[str]]:
+    """The notebooks a profile runs when ``--only`` is not given: its ``notebooks:`` list (numbers or names), or
+    None = every notebook."""
+    value = cfg.get("notebooks")
+    if value is None:
+        return None
+    tokens = value if isinstance(value, list) else []
+    if not tokens or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in tokens):
+        raise RunnerError(f"profile {cfg.get('name')!r}: 'notebooks' must be a non-empty list of notebook numbers "
+                          f"or names, e.g. [\"01\", \"02\"] (leave it out to run every notebook); got {value!r}")
+    return [f"{v:02d}" if isinstance(v, int) else v for v in value]
+
+
+def select_notebooks(
+    notebooks: list[Path], only: Optional[Sequence[str]] = None, start: Optional[str] = None,
+    default: Optional[Sequence[str]] = None,
+) -> list[Path]:
+    """Apply ``--only`` (numbers like ``03`` or full names; any notebook) or else the profile's ``default`` list
+    (None: every notebook), then ``--from`` (same forms) to the list."""
+    names = ", ".join(p.stem for p in notebooks) or "none"
     if only:
-        wanted = []
-        for token in only:
-            hits = [p for p in notebooks if _matches(token, p)]
-            if not hits:
-                raise RunnerError(f"--only {token}: no such notebook (available: {names})")
-            wanted.extend(h for h in hits if h not in wanted)
-        selected = [p for p in selected if p in wanted]
+        selected = _resolve(only, notebooks, "--only")
+    elif default is not None:
+        selected = _resolve(default, notebooks, "the profile's notebooks list:")
+    else:
+        selected = list(notebooks)
     if start:
         hits = [p for p in notebooks if _matches(start, p)]
         if hits:
@@ -53,6 +78,9 @@ def select_notebooks(
             selected = [p for p in selected if int(p.name[:2]) >= int(start)]
         else:
             raise RunnerError(f"--from {start}: no such notebook (available: {names})")
+        if not selected and default is not None and not only:
+            raise RunnerError(f"--from {start}: the profile runs only {', '.join(default)}; run the notebooks "
+                              "beyond them by naming them with --only")
     return selected
 
 

@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from icm_helpers.config import _NAME, load_profile
+from icm_helpers.config import _NAME, available_profiles, load_profile
 
 from .common import RunnerError, rel, sha256_text
 
@@ -93,6 +93,14 @@ def resolve_profile(profile: str, params_dir: Path) -> ProfileChoice:
                           "(it names runs/<name>/, figures/<name>/ and the executed notebooks' folder)")
     beside = path.with_name(f"{path.stem}.params.yaml")
     return ProfileChoice(name, str(path), beside if beside.is_file() else None)
+
+
+def profile_definition(choice: ProfileChoice) -> dict[str, Any]:
+    """The profile's settings (``icm_helpers/profiles/<name>.yaml`` or the profile file); {} for a name with a
+    params file but no profile definition."""
+    if choice.packaged and choice.name not in available_profiles():
+        return {}
+    return _load_profile_cfg(choice.notebook_value, {})
 
 
 def _load_profile_cfg(profile: str, overrides: dict[str, Any]) -> dict[str, Any]:

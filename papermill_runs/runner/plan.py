@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .common import DEFAULT_NOTEBOOKS_DIR, DEFAULT_OUT_DIR, DEFAULT_PARAMS_DIR, RunnerError, rel, say
-from .notebooks import NOTEBOOK_GLOB, discover_notebooks, select_notebooks, source_sha256
-from .params import params_for, params_profiles, params_sha256, resolve_profile
+from .notebooks import NOTEBOOK_GLOB, discover_notebooks, profile_notebooks, select_notebooks, source_sha256
+from .params import params_for, params_profiles, params_sha256, profile_definition, resolve_profile
 from .status import Decision, decide, load_status, profile_dir_for
 
 
@@ -27,12 +27,14 @@ class Options:
     timeout: Optional[float] = None
     start_timeout: float = 120
     list_only: bool = False
+    check: bool = False
 
 
 @dataclass
 class RunSetup:
     """The run's profile and notebooks: ``params`` injected into every notebook (sha256 ``p_hash``), the profile
-    ``name`` (its folder ``profile_dir`` under the out dir), every notebook and the ``selected`` ones."""
+    ``name`` (its folder ``profile_dir`` under the out dir), every notebook, the ``selected`` ones and the profile's
+    own list (``in_profile``; None: every notebook)."""
 
     params: dict[str, Any]
     p_hash: str
@@ -41,6 +43,7 @@ class RunSetup:
     notebooks_dir: Path
     notebooks: list[Path]
     selected: list[Path]
+    in_profile: Optional[list[Path]] = None
 
 
 @dataclass
@@ -60,7 +63,8 @@ def prepare(opts: Options) -> RunSetup:
     notebooks = discover_notebooks(notebooks_dir)
     if not notebooks:
         raise RunnerError(f"no notebooks matching {NOTEBOOK_GLOB} in {rel(notebooks_dir)}")
-    selected = select_notebooks(notebooks, opts.only, opts.start)
+    default = profile_notebooks(profile_definition(choice))
+    selected = select_notebooks(notebooks, opts.only, opts.start, default)
     return RunSetup(
         params=params,
         p_hash=params_sha256(params),
@@ -69,6 +73,7 @@ def prepare(opts: Options) -> RunSetup:
         notebooks_dir=notebooks_dir,
         notebooks=notebooks,
         selected=selected,
+        in_profile=None if default is None else select_notebooks(notebooks, default=default),
     )
 
 
@@ -89,12 +94,17 @@ def show_plan(setup: RunSetup, params_dir: Path, force: bool) -> None:
     status = load_status(setup.profile_dir)
     plans = {plan.notebook: plan for plan in plan_notebooks(setup, status, force)}
     say(f"profiles in {rel(params_dir)}: {', '.join(params_profiles(params_dir)) or 'none'}")
+    if setup.in_profile is not None:
+        say(f"profile {setup.profile} runs {', '.join(p.stem[:2] for p in setup.in_profile)} (its notebooks: list); "
+            "the others run only when named with --only")
     say(f"notebooks in {rel(setup.notebooks_dir)} (executed copies in {rel(setup.profile_dir)}):")
     width = max(len(p.stem) for p in setup.notebooks)
     for nb in setup.notebooks:
         entry = status["notebooks"].get(nb.stem) or {}
         plan = plans.get(nb)
-        if plan is None:
+        if plan is None and setup.in_profile is not None and nb not in setup.in_profile:
+            what = "not in the profile's notebooks (run it with --only)"
+        elif plan is None:
             what = "not selected"
         elif plan.decision.run:
             what = f"would run ({plan.decision.reason})"

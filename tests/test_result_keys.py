@@ -1,0 +1,92 @@
+"""Evaluation records are keyed by what determines their numbers (``Experiment.evaluation_key``): a stored record is
+reused only when its key equals the one the settings give now; otherwise it is re-evaluated, with a log line."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icm_helpers import experiment as experiment_module
+from icm_helpers.codec import load_codec, save_codec
+from icm_helpers.experiment import Experiment
+from icm_helpers.io import atomic_write_json, read_json
+
+# a tiny world and start models: the keys are what is tested, not the models
+TINY = {
+    "data.counts": {"train": 8, "val": 2, "test": 4},
+    "recognizers.detection.train.epochs": 1,
+    "codec.train.epochs": 1,
+    "evaluation.bitstream": False,
+}
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """The image counts of every evaluation that really runs (a reused record adds nothing)."""
+    calls: list = []
+    real = experiment_module.evaluate
+
+    def evaluate(*args, **kwargs):
+        calls.append(kwargs["max_images"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(experiment_module, "evaluate", evaluate)
+    return calls
+
+
+def _evaluate_all(ex: Experiment) -> list[dict]:
+    """The records that do not depend on ICM training: reference, start codec and one JPEG anchor."""
+    anchors, _ = ex.evaluate_anchors("detection", ["jpeg"], {"jpeg": [50]})
+    return [ex.evaluate_reference("detection"), ex.evaluate_start("detection"), *anchors]
+
+
+def test_the_small_recipe_then_the_full_run_in_the_same_run_dir_re_evaluates(tmp_path, counted):
+    """The README's "try it small first" (``evaluation.max_images`` small), then the full run in the same run dir:
+    the full run re-evaluates the reference, start codec and anchor (saying why) instead of reusing the small run's
+    records; a second identical run reuses everything."""
+    logs: list[str] = []
+    small = Experiment("smoke", run_dir=tmp_path, log=logs.append, overrides={**TINY, "evaluation.max_images": 2})
+    small.prepare_data()
+    assert [r["num_images"] for r in _evaluate_all(small)] == [2, 2, 2]
+    assert counted == [2, 2, 2]
+
+    logs.clear()
+    full = Experiment("smoke", run_dir=tmp_path, log=logs.append, overrides=TINY)
+    records = _evaluate_all(full)
+    assert [r["num_images"] for r in records] == [4, 4, 4] and counted[3:] == [None, None, None]
+    redone = [line for line in logs if line.startswith("re-evaluating")]
+    assert [line.split()[1] for line in redone] == ["detection/jpeg_q50", "detection/reference", "detection/start"]
+    assert all("test_images: 2 -> 4" in line and "max_images: 2 -> null" in line for line in redone), redone
+    assert all(r["eval_key"]["test_images"] == 4 for r in records)
+
+    logs.clear()
+    again = _evaluate_all(Experiment("smoke", run_dir=tmp_path, log=logs.append, overrides=TINY))
+    assert len(counted) == 6 and logs == []  # identical settings: every record reused, nothing said
+    assert [r["per_image"] for r in again] == [r["per_image"] for r in records]
+
+
+def test_another_codec_file_or_a_record_without_a_key_is_re_evaluated(tmp_path, counted):
+    """The codec file's identity is in the key (a retrained start codec is re-evaluated; the reference and the
+    anchor, which do not use it, are not), and a record written before records had keys is re-evaluated, never
+    trusted."""
+    logs: list[str] = []
+    ex = Experiment("smoke", run_dir=tmp_path, log=logs.append, overrides=TINY)
+    ex.prepare_data()
+    _evaluate_all(ex)
+    assert len(counted) == 3
+
+    codec = load_codec(tmp_path / "models" / "codec_start.pt")
+    with torch.no_grad():
+        next(codec.g_s.parameters()).mul_(0.5)
+    save_codec(tmp_path / "models" / "codec_start.pt", codec)
+    legacy = read_json(ex.result_path("detection", "reference"))
+    del legacy["eval_key"]
+    atomic_write_json(ex.result_path("detection", "reference"), legacy)
+
+    logs.clear()
+    _evaluate_all(ex)
+    assert len(counted) == 5
+    redone = sorted(line for line in logs if line.startswith("re-evaluating"))
+    assert len(redone) == 2 and redone[0].startswith("re-evaluating detection/reference")
+    assert "no evaluation key" in redone[0]
+    assert redone[1].startswith("re-evaluating detection/start") and "codec: " in redone[1]
+    assert "test_images" not in redone[1]  # only what differs is named
