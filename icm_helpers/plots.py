@@ -626,14 +626,14 @@ def plot_bd_rate_ci(rows: Sequence[Mapping[str, Any]], bpp_keys: Sequence[str] =
                 continue
             color = METHOD_STYLES.get(r["method"], {}).get("color", "k")
             lo, hi = ci_bounds(e)
-            ax.errorbar(
-                e["bd_rate"],
-                y,
-                xerr=[[e["bd_rate"] - lo if np.isfinite(lo) else 0.0], [hi - e["bd_rate"] if np.isfinite(hi) else 0.0]],
-                fmt="o",
-                color=color,
-                capsize=4,
-            )
+            # the interval as its own segment: a BCa interval need not contain the point estimate, and an open bound
+            # draws no cap on its side
+            ends = [v for v in (lo, hi) if np.isfinite(v)]
+            if ends:
+                ax.hlines(y, min(ends + [e["bd_rate"]]) if np.isfinite(lo) else e["bd_rate"],
+                          max(ends + [e["bd_rate"]]) if np.isfinite(hi) else e["bd_rate"], color=color)
+                ax.plot(ends, [y] * len(ends), linestyle="none", marker="|", markersize=8, color=color)
+            ax.plot(e["bd_rate"], y, marker="o", color=color)
             ax.annotate(
                 f"{e['bd_rate']:.1f} [{lo:.1f}, {hi:.1f}]",
                 (e["bd_rate"], y),

@@ -216,3 +216,16 @@ def test_theme_applies_inside_and_restores_after():
     with theme():
         assert mpl.rcParams["axes.grid"] is True and mpl.rcParams["xtick.labelsize"] == theme_rc()["xtick.labelsize"]
     assert dict(mpl.rcParams) == before
+
+
+def test_bd_rate_ci_plot_draws_bca_intervals_that_miss_the_point_and_open_bounds():
+    """A BCa interval need not contain its point estimate, and a bound can be open (null): both must draw."""
+    from icm_helpers.plots import plot_bd_rate_ci
+
+    entry = {"bd_rate": 1.0, "ci_low": 1.5, "ci_high": 4.0, "samples": 10, "samples_defined": 10, "confidence": 0.95}
+    open_entry = {"bd_rate": -2.0, "ci_low": None, "ci_high": 3.0, "samples": 10, "samples_defined": 6,
+                  "confidence": 0.95}
+    rows = [{"task": "detection", "method": "aux_enc", "anchor": "baseline", "seed": 0,
+             "bpp_bitstream": entry, "bpp_estimated": open_entry}]
+    fig, data = plot_bd_rate_ci(rows)
+    assert fig is not None and data
