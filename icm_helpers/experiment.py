@@ -356,9 +356,10 @@ class Experiment:
         if final.exists():
             return codec_lib.load_state(final)["state_dict"]
         codec, recognizer = self.start_codec(), self.recognizer(task)
-        aux = self._build_branch(task, position, seed, codec, recognizer)
+        aux = self.build_branch(task, position, seed, codec, recognizer)
         self.log(f"warm start: pre-training the {position} branch of {task} (seed {seed}, {labels} labels) on the "
                  "start codec's latents")
+        steps_per_round = cfg.steps(len(self.dataset("train", task)))
         res = train_aux_branch(position, aux, codec, recognizer, self.dataset("train", task), cfg,
                                final.parent / "train_state.pt", val_set=self.dataset("val", task),
                                seed=seed, log=self.log, device=self.device, labels=labels, stop_when=stop)
@@ -367,7 +368,7 @@ class Experiment:
             atomic_torch_save({"state_dict": aux.state_dict(), "config": config, "labels": labels,
                                "history": res.history}, final)
             atomic_write_json(final.parent / "timing.json", {"loop_seconds": res.seconds, "epochs": len(res.history),
-                                                             "steps": len(res.history) * cfg.steps(0)})
+                                                             "steps": len(res.history) * steps_per_round})
         dist_lib.barrier()
         return aux.state_dict()
 
@@ -383,7 +384,7 @@ class Experiment:
                 )
         return final
 
-    def _build_branch(self, task: str, position: str | None, seed: int, codec, recognizer):
+    def build_branch(self, task: str, position: str | None, seed: int, codec, recognizer):
         """The auxiliary branch of ``position``, initialised from ``seed`` (the same draws for cold and warm starts)."""
         torch.manual_seed(seed)
         aux = build_aux_branch(task, position, codec_lib.codec_N(codec), self.num_classes(task), recognizer=recognizer,
@@ -470,7 +471,7 @@ class Experiment:
         dist_lib.barrier()
         codec = self.start_codec()
         recognizer = self.recognizer(spec.task)
-        aux = self._build_branch(spec.task, spec.aux_position, spec.seed, codec, recognizer)
+        aux = self.build_branch(spec.task, spec.aux_position, spec.seed, codec, recognizer)
         if spec.aux_init == "warm":
             aux.load_state_dict(self.warm_aux_branch(spec.task, spec.aux_position, spec.seed, spec.aux_labels))
         self.log(f"ICM training {spec.task}/{out.name}")
@@ -683,13 +684,7 @@ class Experiment:
             "seed": spec.seed,
             "codec_path": str(path.relative_to(self.run_dir)),
         }
-        if spec.alpha_mode != "fixed":
-            fields["alpha_mode"] = spec.alpha_mode
-        if spec.aux_init != "cold":
-            fields["aux_init"] = spec.aux_init
-        for k, default in (("aux_labels", "pseudo"), ("objective", "task")):
-            if getattr(spec, k) != default:
-                fields[k] = getattr(spec, k)
+        fields.update(spec.later_fields())
         name = self.run_path(spec).name
         if budget is not None:
             fields["budget"] = float(budget)

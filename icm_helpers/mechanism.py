@@ -158,15 +158,15 @@ def cosine_study(ex, task: str, batches_start: int = 40, batches_per_seed: int =
     branches = _cosine_branches(ex, task, lam, seed0)
     rows = [{**r, "codec": "start", "seed": None}
             for r in gradient_cosines(ex.start_codec(), recognizer, branches, batches[:batches_start])]
-    steps = [n for f, n in sorted(ex.budget_steps(task).items())]
-    if steps:
+    snapshots = sorted(ex.budget_steps(task).items())  # (fraction, step): the first one is the cosines' codec
+    if snapshots:
+        fraction, step = snapshots[0]
         for k, seed in enumerate(seeds):
             spec = ex.spec(task, lam, None, seed=int(seed))
             ex.train(spec)
-            fraction = steps[0] / ex.total_steps(task)
             codec = codec_lib.load_codec(ex.snapshot_path(spec, fraction)).to(ex.device)
             part = batches[batches_start + k * batches_per_seed: batches_start + (k + 1) * batches_per_seed]
-            rows += [{**r, "codec": f"w/o aux after {steps[0]} steps", "seed": int(seed)}
+            rows += [{**r, "codec": f"w/o aux after {step} steps", "seed": int(seed)}
                      for r in gradient_cosines(codec, recognizer, branches, part, base_seed=1000 * (k + 1))]
     return {"task": task, "lambda_": lam, "rows": rows, "summary": summarise_cosines(rows),
             "batches": {"start": batches_start, "per_seed": batches_per_seed}}
@@ -177,7 +177,7 @@ def _cosine_branches(ex, task: str, lam: float, seed: int) -> dict[str, tuple[nn
     out = {}
     for name, init, labels in (("competent", "warm", "pseudo"), ("random", None, "pseudo"),
                                ("control", "warm", "shuffled")):
-        branch = ex._build_branch(task, "enc", seed, codec, recognizer)
+        branch = ex.build_branch(task, "enc", seed, codec, recognizer)
         if init == "warm":
             branch.load_state_dict(ex.warm_aux_branch(task, "enc", seed, labels))
         for p in branch.parameters():

@@ -230,7 +230,7 @@ def training_step_bytes(ex: Experiment, task: str, built: dict[str, Any]) -> tup
         return None
     codec = built.get("codec") or codec_lib.build_codec(N=int(ex.cfg["codec"].get("N") or 192))
     cfg = TrainConfig.from_dict(ex.task_cfg(task)["train"])
-    aux = ex._build_branch(task, "enc", ex.seed, codec, rec)
+    aux = ex.build_branch(task, "enc", ex.seed, codec, rec)
     spec = ex.spec(task, ex.task_cfg(task)["lambdas"][0], "enc")
     saved: dict[int, int] = {}
     weights = {t.untyped_storage().data_ptr() for m in (codec, aux, rec) for t in (*m.parameters(), *m.buffers())}

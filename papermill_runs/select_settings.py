@@ -124,7 +124,7 @@ def stage_costs(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
         rec = ex.recognizer(task)
         for arm, pos in (("baseline", None), ("aux_enc", "enc")):
             codec = ex.start_codec().train()
-            aux = ex._build_branch(task, pos, 0, codec, rec)
+            aux = ex.build_branch(task, pos, 0, codec, rec)
             cfg = TrainConfig.from_dict(ex.task_cfg(task)["train"])
             extra = list(aux.parameters()) if aux is not None else []
             opts = _codec_optimizers(codec, extra, cfg)
@@ -137,7 +137,7 @@ def stage_costs(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
                 times.append(time.perf_counter() - t0)
             out["step"][f"{task}/{arm}"] = statistics.median(times[1:])
         codec = ex.start_codec().train()
-        aux = ex._build_branch(task, "enc", 0, codec, rec)
+        aux = ex.build_branch(task, "enc", 0, codec, rec)
         opt = torch.optim.Adam(aux.parameters(), lr=1e-4)
         times = []
         for _ in range(6):
@@ -375,7 +375,7 @@ def stage_r6(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
         lr = outcome["stages"]["r3"][task]["lr"]
         ex = experiment(profile, log=None)
         codec, rec = ex.start_codec(), ex.recognizer(task)
-        aux = ex._build_branch(task, "enc", 0, codec, rec)
+        aux = ex.build_branch(task, "enc", 0, codec, rec)
         cfg = TrainConfig(epochs=WARM_MAX_EPOCHS, steps_per_epoch=STEPS_PER_EPOCH, batch_size=8, lr=lr, crop_size=None,
                           poly_power=0.0)  # constant lr while the length is measured
         res = train_aux_branch("enc", aux, codec, rec, ex.dataset("train", task), cfg,

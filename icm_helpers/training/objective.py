@@ -81,18 +81,17 @@ class IcmSpec:
     def method(self) -> str:
         return icm_method_id(self.aux_position, self.alpha_mode, self.aux_init, self.aux_labels, self.objective)
 
+    # fields added after the paper's runs existed: left out of the identity at these defaults, so earlier runs keep
+    # the identity (and resumable checkpoints) they had
+    LATER_DEFAULTS = {"alpha_mode": "fixed", "aux_init": "cold", "aux_labels": "pseudo", "objective": "task"}
+
     def as_dict(self) -> dict[str, Any]:
-        """The fields that identify the run (checkpoint meta, stored spec); ``alpha_mode`` only when not "fixed", so
-        the paper's runs keep the identity (and resumable checkpoints) they had before alpha_mode existed."""
-        d = asdict(self)
-        if d["alpha_mode"] == "fixed":
-            del d["alpha_mode"]
-        if d["aux_init"] == "cold":
-            del d["aux_init"]
-        for k, default in (("aux_labels", "pseudo"), ("objective", "task")):
-            if d[k] == default:
-                del d[k]
-        return d
+        """The fields that identify the run (checkpoint meta, stored spec), the ``LATER_DEFAULTS`` only when set."""
+        return {k: v for k, v in asdict(self).items() if self.LATER_DEFAULTS.get(k, object()) != v}
+
+    def later_fields(self) -> dict[str, Any]:
+        """The ``LATER_DEFAULTS`` fields that differ from their default (what a result record adds for this run)."""
+        return {k: getattr(self, k) for k, d in self.LATER_DEFAULTS.items() if getattr(self, k) != d}
 
     @property
     def run_name(self) -> str:
