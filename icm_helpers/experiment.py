@@ -343,7 +343,7 @@ class Experiment:
             raise ValueError(
                 f"aux_init='warm' needs tasks.{task}.aux_warm_start (a train block: epochs, lr, ...) in the profile"
             )
-        config = dict(wc)
+        config = TrainConfig.without_speed_knobs(wc)  # the branch's identity
         plateau_cfg = wc.pop("plateau", None)
         seed = int(wc.pop("seed", seed))
         cfg = TrainConfig.from_dict(wc)
@@ -442,7 +442,8 @@ class Experiment:
         snapshots = {n: self.snapshot_path(spec, f) for f, n in self.budget_steps(spec.task).items()}
         tc = self.task_cfg(spec.task)
         cfg = TrainConfig.from_dict(tc["train"])
-        meta_extra: dict[str, Any] = {"aux_warm_start": tc["aux_warm_start"]} if spec.aux_init == "warm" else {}
+        meta_extra: dict[str, Any] = ({"aux_warm_start": TrainConfig.without_speed_knobs(tc["aux_warm_start"])}
+                                      if spec.aux_init == "warm" else {})
         total = self.total_steps(spec.task)
         val_steps = [int(n) for n in tc.get("validate_at_steps") or [] if int(n) <= total]
         job = {"spec": spec_dict, "train": cfg.job_meta(), **meta_extra}  # everything the trained weights depend on

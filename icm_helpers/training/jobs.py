@@ -28,6 +28,7 @@ from ..io import atomic_write_json, read_json
 from ..losses import human_rd_loss, rate_bpp
 from ..precision import apply_speed_knobs, channels_last_applies, with_autocast
 from .batching import EpochLoader, equal_size_batches
+from .label_cache import PseudoLabelCache, label_source
 from .loop import FitResult, fit
 from .objective import IcmSpec, aux_features, icm_terms, validation_terms
 from .settings import TrainConfig
@@ -208,6 +209,7 @@ def train_aux_branch(position: str, aux_branch: nn.Module, codec: nn.Module, rec
     opt = {"main": torch.optim.Adam(params, lr=cfg.lr)}
     steps = cfg.steps(len(train_set))
     codec_was = codec.training
+    labels_of = label_source(recognizer, PseudoLabelCache() if cfg.cache_labels else None)
 
     def branch_loss(x: torch.Tensor, targets: Any) -> torch.Tensor:
         with torch.no_grad():
@@ -218,7 +220,7 @@ def train_aux_branch(position: str, aux_branch: nn.Module, codec: nn.Module, rec
     def step_fn(batch, step):
         codec.train()
         x = batch["image"]
-        targets = recognizer.pseudo_labels(x)
+        targets = labels_of(x)
         loss = branch_loss(x, shuffle_labels(targets) if labels == "shuffled" else targets)
         opt["main"].zero_grad(set_to_none=True)
         loss.backward()
@@ -237,7 +239,7 @@ def train_aux_branch(position: str, aux_branch: nn.Module, codec: nn.Module, rec
             for batch in equal_size_batches(val_set, cfg.batch_size, seed, device):
                 x = batch["image"]
                 with keep_random_stream(aux_branch):
-                    total += float(branch_loss(x, recognizer.pseudo_labels(x))) * x.shape[0]
+                    total += float(branch_loss(x, labels_of(x))) * x.shape[0]
                 n += x.shape[0]
             return {"aux": total / max(1, n)}
 
@@ -327,8 +329,10 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
         torch.manual_seed(spec.seed + 1_000_003 * dist_lib.rank())  # own noise / sampling stream per rank
         codec, aux_branch = dist_lib.wrap_trainables(codec, aux_branch, device)
 
+    labels_of = label_source(recognizer, PseudoLabelCache() if cfg.cache_labels else None)
+
     def step_fn(batch, step):
-        terms = icm_terms(spec, codec, recognizer, aux_branch, batch["image"])
+        terms = icm_terms(spec, codec, recognizer, aux_branch, batch["image"], labels_of=labels_of)
         # alpha_mode (adaptive_alpha.py): "fixed" returns terms["loss"] and terms unchanged (the paper's step)
         loss, terms = adaptive_alpha.training_loss(spec, terms, step, cfg.epochs * steps, params)
         q = _codec_step(loss, codec, opts, groups, cfg.clip_max_norm)
@@ -338,7 +342,8 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
         }  # tensors: no per-step sync (fit reads them)
 
     def measure() -> dict[str, float]:
-        return validation_terms(spec, codec, recognizer, aux_branch, val_set, cfg.batch_size, spec.seed, device)
+        return validation_terms(spec, codec, recognizer, aux_branch, val_set, cfg.batch_size, spec.seed, device,
+                                labels_of=labels_of)
 
     validate = (lambda epoch: measure()) if val_set is not None and epoch_validation else None
     curve = None

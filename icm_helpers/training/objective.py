@@ -11,7 +11,7 @@ recognizer's own features of x_hat (aux-task). The terms come from ``losses.icm_
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -99,9 +99,10 @@ class IcmSpec:
 
 
 def icm_terms(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module | None, x: torch.Tensor,
-              labels: Any = None) -> dict[str, torch.Tensor]:
+              labels: Any = None, labels_of: Callable[[torch.Tensor], Any] | None = None) -> dict[str, torch.Tensor]:
     """All loss terms of one batch (Eq. 4-6). Pseudo-labels come from the recognizer on the ORIGINAL x (``labels``:
-    given when they were computed beforehand on the same x).
+    given when they were computed beforehand on the same x; ``labels_of``: what computes them, default
+    ``recognizer.pseudo_labels``, e.g. a ``label_cache.PseudoLabelCache``).
 
     Images of any size: the codec codes x padded to a multiple of 64 (``pad_to_multiple``, the evaluation's rule,
     Sec. 4.1); the recognizer sees x_hat cropped back to x's size; the rate is counted over x's pixels, as in the
@@ -109,7 +110,8 @@ def icm_terms(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
     there (``recognizer.pad_labels``); aux-task reads the recognizer's features of the cropped x_hat."""
     if spec.objective == "mse":
         return _mse_terms(spec, codec, x)
-    labels = recognizer.pseudo_labels(x) if labels is None else labels
+    if labels is None:
+        labels = (labels_of or recognizer.pseudo_labels)(x)
     xp, pad = pad_to_multiple(x)
     out = codec_forward(codec, xp)
     x_hat = crop_to(out["x_hat"], pad)
@@ -160,15 +162,15 @@ def aux_features(spec_position: str, codec: nn.Module, recognizer, aux_branch: n
 
 @torch.no_grad()
 def validation_terms(spec: IcmSpec, codec, recognizer, aux_branch, val_set, batch_size: int = 8, seed: int = 0,
-                     device: str = "cpu") -> dict[str, float]:
+                     device: str = "cpu", labels_of: Callable[[torch.Tensor], Any] | None = None) -> dict[str, float]:
     """Mean loss terms on the validation split, codec in eval mode (rounded latents). ``main`` is Eq. 4 (+MSE for
-    Eq. 6 runs), the quantity Sec. 4.2 / Figs. 8-9 compare across branch positions."""
+    Eq. 6 runs), the quantity Sec. 4.2 / Figs. 8-9 compare across branch positions. ``labels_of``: as ``icm_terms``."""
     torch.manual_seed(seed)  # the detector's RPN/RoI sampling inside the task loss is random
     sums: dict[str, float] = {}
     n = 0
     for batch in equal_size_batches(val_set, batch_size, seed, device):
         with keep_random_stream(aux_branch):  # the branch's stream continues in training as if never validated
-            terms = icm_terms(spec, codec, recognizer, aux_branch, batch["image"])
+            terms = icm_terms(spec, codec, recognizer, aux_branch, batch["image"], labels_of=labels_of)
         k = batch["image"].shape[0]
         for name, v in terms.items():
             sums[name] = sums.get(name, 0.0) + float(v) * k

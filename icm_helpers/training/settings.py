@@ -37,6 +37,9 @@ class TrainConfig:
     pin_memory: bool = False  # pinned host memory for the batches (CUDA only)
     persistent_workers: bool = True  # keep the workers across epochs (with num_workers > 0)
     cudnn_benchmark: bool = False  # cudnn autotuning (CUDA only; fixed crop sizes make it pay off)
+    # pseudo-labels computed once per training / validation image (``label_cache``); needs crop_size null (a random
+    # crop is a new image every time); bit-identical training (tests/test_label_cache.py)
+    cache_labels: bool = False
 
     SPEED_FIELDS = (
         "amp",
@@ -46,6 +49,7 @@ class TrainConfig:
         "pin_memory",
         "persistent_workers",
         "cudnn_benchmark",
+        "cache_labels",
     )
 
     LATER_FIELDS = {"warmup_steps": 0}
@@ -67,6 +71,11 @@ class TrainConfig:
             )
         if self.clip_scope not in ("module", "joint"):
             raise ValueError(f"clip_scope must be 'module' or 'joint', got {self.clip_scope!r}")
+        if self.cache_labels and self.crop_size is not None:
+            raise ValueError(
+                f"cache_labels needs crop_size null: with random {self.crop_size}-pixel crops every training image is "
+                "new, so a cache would only grow; set cache_labels: false or crop_size: null"
+            )
         if int(self.warmup_steps) < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.poly_step not in ("iteration", "epoch"):
@@ -87,6 +96,11 @@ class TrainConfig:
             if meta[k] == default:
                 del meta[k]
         return meta
+
+    @classmethod
+    def without_speed_knobs(cls, block: dict[str, Any]) -> dict[str, Any]:
+        """A profile's train block as it identifies a job: the speed knobs left out (they change no result)."""
+        return {k: v for k, v in block.items() if k not in cls.SPEED_FIELDS}
 
     def steps(self, n_train: int) -> int:
         return self.steps_per_epoch or max(1, n_train // self.batch_size)
