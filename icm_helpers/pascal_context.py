@@ -13,7 +13,10 @@ Nothing here downloads anything; see ``PASCAL_CONTEXT_SETUP`` for how to prepare
 """
 from __future__ import annotations
 
+import argparse
 import io
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,29 +24,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from .data import load_rgb
 from .io import atomic_write_bytes, atomic_write_text
+from .progress import progress
 
 PASCAL_CONTEXT_SETUP = """\
-Pascal-Context-59 setup (MMSegmentation's recipe; about 1.3 GB download, nothing is downloaded by this suite):
+Pascal-Context-59 setup (about 1.3 GB to download yourself; nothing is downloaded by this suite):
 
 1. Images: download the PASCAL VOC 2010 train/val tar and extract it (it creates VOCdevkit/VOC2010/JPEGImages):
        wget http://host.robots.ox.ac.uk/pascal/VOC/voc2010/VOCtrainval_03-May-2010.tar
        tar -xf VOCtrainval_03-May-2010.tar -C data/
-2. Context annotations: download trainval_merged.json (the Pascal-Context annotations in Detail format) into
-   data/VOCdevkit/VOC2010/:
+2. Annotations: download trainval_merged.json (the Pascal-Context annotations in the Detail API's format):
        wget -P data/VOCdevkit/VOC2010 https://codalabuser.blob.core.windows.net/public/trainval_merged.json
-3. Install the Detail API (https://github.com/zhanghang1989/detail-api):
-       git clone https://github.com/zhanghang1989/detail-api && (cd detail-api/PythonAPI && make && make install)
-4. Convert with MMSegmentation's converter (clone https://github.com/open-mmlab/mmsegmentation; it also needs
-   mmengine). It writes VOC2010/SegmentationClassContext/*.png (values 0..59) and
-   VOC2010/ImageSets/SegmentationContext/{train,val}.txt:
-       python tools/dataset_converters/pascal_context.py data/VOCdevkit data/VOCdevkit/VOC2010/trainval_merged.json
-   (older MMSeg releases: tools/convert_datasets/pascal_context.py, same arguments).
-5. Point the suite at data/VOCdevkit/VOC2010 and check it:
-       python -c "from icm_helpers.pascal_context import check_pascal_context as check; \
-                  print(check('data/VOCdevkit/VOC2010', 'val'))"
+3. Convert to MMSegmentation's layout (the label maps MMSeg's converter writes; neither the Detail API nor MMSeg
+   is needed) and check both splits:
+       python -m icm_helpers.pascal_context prepare --voc data/VOCdevkit/VOC2010 \\
+           --detail-json data/VOCdevkit/VOC2010/trainval_merged.json
+   It writes VOC2010/SegmentationClassContext/<stem>.png (0 = background, 1..59 = the classes) and
+   VOC2010/ImageSets/SegmentationContext/{train,val}.txt; --out DIR writes them under DIR instead.
 Expected: train 4998 images, val 5105 images.
 """
 
@@ -81,7 +81,8 @@ def reduce_zero_label(label: np.ndarray, source: str | Path | None = None) -> np
         vals = np.unique(lab[bad])[:5].tolist()
         where = f" in {source}" if source is not None else ""
         raise ValueError(f"label values {vals}{where} are outside 0..59 (and not 255): not a Pascal-Context-59 "
-                         f"label map made by MMSeg's converter (see PASCAL_CONTEXT_SETUP)")
+                         "label map made by `python -m icm_helpers.pascal_context prepare` or MMSeg's converter "
+                         "(see PASCAL_CONTEXT_SETUP)")
     out = lab.astype(np.int64) - 1
     out[lab == 0] = IGNORE_INDEX
     out[lab == 255] = IGNORE_INDEX
@@ -164,6 +165,7 @@ def check_pascal_context(root: str | Path, split: str = "val") -> dict[str, Any]
     fix (see ``PASCAL_CONTEXT_SETUP``). Returns the report."""
     rep = verify_pascal_context(root, split)
     fix = "See icm_helpers.pascal_context.PASCAL_CONTEXT_SETUP"
+    prepare = "python -m icm_helpers.pascal_context prepare"
     if not rep["root_exists"]:
         raise FileNotFoundError(f"Pascal-Context root {rep['root']} does not exist{rep['hint']}. {fix} "
                                 "(step 1: VOCtrainval_03-May-2010.tar).")
@@ -172,12 +174,12 @@ def check_pascal_context(root: str | Path, split: str = "val") -> dict[str, Any]
                                 "(step 1: extract VOCtrainval_03-May-2010.tar).")
     if not rep["label_dir_exists"]:
         raise FileNotFoundError(f"Pascal-Context label directory {rep['label_dir']} is missing. {fix} "
-                                "(steps 2-4: trainval_merged.json + Detail API + MMSeg's pascal_context.py converter).")
+                                f"(steps 2-3: trainval_merged.json, then {prepare}).")
     if not rep["split_file_exists"]:
         raise FileNotFoundError(f"Pascal-Context split file {rep['split_file']} is missing. {fix} "
-                                "(step 4: MMSeg's converter writes ImageSets/SegmentationContext/{train,val}.txt).")
+                                f"(step 3: {prepare} writes ImageSets/SegmentationContext/{{train,val}}.txt).")
     if rep["num_ids"] == 0:
-        raise ValueError(f"Pascal-Context split file {rep['split_file']} lists no image ids. {fix} (re-run step 4).")
+        raise ValueError(f"Pascal-Context split file {rep['split_file']} lists no image ids. {fix} (re-run step 3).")
     if rep["num_missing_images"]:
         raise FileNotFoundError(
             f"{rep['num_missing_images']} of {rep['num_ids']} ids of {rep['split_file']} have no image in "
@@ -188,7 +190,7 @@ def check_pascal_context(root: str | Path, split: str = "val") -> dict[str, Any]
         raise FileNotFoundError(
             f"{rep['num_missing_labels']} of {rep['num_ids']} ids of {rep['split_file']} have no label PNG in "
             f"{rep['label_dir']} "
-            f"(e.g. {', '.join(rep['missing_label_examples'])}). {fix} (step 4: re-run the converter)."
+            f"(e.g. {', '.join(rep['missing_label_examples'])}). {fix} (step 3: re-run prepare)."
         )
     return rep
 
@@ -258,6 +260,187 @@ class PascalContext59(torch.utils.data.Dataset):
         }
 
 
+# ------------------------------------------------------------------ preparation: VOC2010 + trainval_merged.json
+#: The Detail API's category ids of the 59 classes, ascending. Pascal-Context numbers its 459 classes alphabetically
+#: (1 accordion, 2 aeroplane, ...), so the ascending ids follow MMSeg's alphabetical ``PASCAL_CONTEXT_59_CLASSES``:
+#: Detail id ``DETAIL_CATEGORY_IDS[k]`` is value k + 1 of a label PNG, 0 is background, as MMSeg's converter
+#: (``tools/dataset_converters/pascal_context.py``) writes them.
+DETAIL_CATEGORY_IDS = (
+    2, 9, 18, 19, 22, 23, 25, 31, 33, 34, 44, 45, 46, 59, 65, 68, 72, 80, 85, 98,
+    104, 105, 113, 115, 144, 158, 159, 162, 187, 189, 207, 220, 232, 258, 259, 260, 284, 295, 296, 308,
+    324, 326, 347, 349, 354, 355, 360, 366, 368, 397, 415, 416, 420, 424, 427, 440, 445, 454, 458,
+)
+assert len(DETAIL_CATEGORY_IDS) == 59 and list(DETAIL_CATEGORY_IDS) == sorted(set(DETAIL_CATEGORY_IDS))
+#: Detail category id -> label value: background 0 stays 0, the 59 classes become 1..59 (then reduce_zero_label).
+DETAIL_ID_TO_LABEL = {0: 0, **{cid: k + 1 for k, cid in enumerate(DETAIL_CATEGORY_IDS)}}
+DETAIL_JSON_KEYS = ("images", "annos_segmentation")
+PREPARE_COMMAND = "python -m icm_helpers.pascal_context prepare"
+
+
+def load_detail_json(path: str | Path) -> dict[str, Any]:
+    """The Detail API's annotation file (``trainval_merged.json``), checked for the keys the conversion reads."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Detail annotation file {path} does not exist. Download trainval_merged.json "
+                                "(PASCAL_CONTEXT_SETUP step 2) and pass its path as --detail-json.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); download trainval_merged.json again "
+                         "(PASCAL_CONTEXT_SETUP step 2)") from exc
+    missing = [k for k in DETAIL_JSON_KEYS if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise ValueError(f"{path} has no {missing}: not the Detail API's trainval_merged.json "
+                         "(PASCAL_CONTEXT_SETUP step 2)")
+    return data
+
+
+def detail_images_by_split(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The Detail images of each split (their ``phase``: train / val; test images have no labels)."""
+    return {split: [img for img in data["images"] if img.get("phase") == split] for split in PASCAL_CONTEXT_SPLITS}
+
+
+def detail_annotations_by_image(data: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+    """{image_id: its segmentation annotations in file order} (the order the Detail API paints them)."""
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for ann in data["annos_segmentation"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    return by_image
+
+
+def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """Boolean mask of one Detail segmentation: COCO RLE (compressed ``counts`` string, as trainval_merged.json
+    stores it, or an uncompressed ``counts`` list) or polygons."""
+    rle = segmentation
+    if isinstance(segmentation, list) or isinstance(segmentation.get("counts"), list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+        rle = mask_utils.merge(rle) if isinstance(rle, list) else rle
+    if list(rle["size"]) != [height, width]:
+        raise ValueError(f"mask of size {rle['size']} on an image of {height}x{width}")
+    return mask_utils.decode(rle).astype(bool)
+
+
+def context_label_map(image: dict[str, Any], annotations: list[dict[str, Any]]) -> np.ndarray:
+    """The uint8 label map of one image: 0 = background, 1..59 = the classes (``DETAIL_ID_TO_LABEL``); where
+    annotations overlap, the later one in the file wins (the Detail API's ``getMask``)."""
+    height, width = int(image["height"]), int(image["width"])
+    label = np.zeros((height, width), np.uint8)
+    unknown = sorted({a["category_id"] for a in annotations if a["category_id"] not in DETAIL_ID_TO_LABEL})
+    if unknown:
+        raise ValueError(f"{image['file_name']}: category ids {unknown[:5]} are none of the 59 Pascal-Context "
+                         "classes: the annotation file is not trainval_merged.json (PASCAL_CONTEXT_SETUP step 2)")
+    for ann in annotations:
+        try:
+            mask = decode_segmentation(ann["segmentation"], height, width)
+        except ValueError as exc:
+            raise ValueError(f"{image['file_name']}, annotation {ann.get('id')}: {exc}") from exc
+        label[mask] = DETAIL_ID_TO_LABEL[ann["category_id"]]
+    return label
+
+
+def _png_bytes(label: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(label).save(buf, format="PNG")  # uint8 2-D: mode "L", as MMSeg's converter writes
+    return buf.getvalue()
+
+
+def _voc_images(voc: Path) -> Path:
+    images = voc / IMAGE_DIR
+    if not images.is_dir():
+        raise FileNotFoundError(f"{images} does not exist{_resolve_hint(voc)}. Extract VOCtrainval_03-May-2010.tar "
+                                "(PASCAL_CONTEXT_SETUP step 1) and pass its VOCdevkit/VOC2010 folder as --voc.")
+    return images
+
+
+def _check_images_present(images: Path, by_split: dict[str, list[dict[str, Any]]], detail_json: Path) -> None:
+    wanted = [img["file_name"] for imgs in by_split.values() for img in imgs]
+    missing = [name for name in wanted if not (images / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of the {len(wanted)} images that {detail_json} labels are not in {images} "
+            f"(e.g. {', '.join(missing[:5])}). Extract VOCtrainval_03-May-2010.tar (PASCAL_CONTEXT_SETUP step 1) "
+            "and pass its VOCdevkit/VOC2010 folder as --voc.")
+
+
+def _link_images(images: Path, out: Path) -> None:
+    """``out/JPEGImages`` -> the VOC2010 images (a directory link; nothing is copied)."""
+    target = out / IMAGE_DIR
+    if target.resolve() == images.resolve():
+        return
+    if target.exists() or target.is_symlink():
+        raise FileExistsError(f"{target} exists and is not {images}; remove it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(images.resolve(), target_is_directory=True)
+
+
+def prepare_pascal_context(voc: str | Path, detail_json: str | Path, out: str | Path | None = None,
+                           force: bool = False, log=print) -> dict[str, Any]:
+    """VOC2010 + the Detail API's ``trainval_merged.json`` -> MMSeg's Pascal-Context-59 layout under ``out``
+    (default: ``voc``, where MMSeg's converter writes): ``SegmentationClassContext/<stem>.png`` (uint8, 0 =
+    background, 1..59 = ``PASCAL_CONTEXT_59_CLASSES``; MMSeg's ``PascalContextDataset59`` reads them with
+    ``reduce_zero_label``), ``ImageSets/SegmentationContext/{train,val}.txt`` (sorted stems, the Detail ``phase``),
+    and ``JPEGImages`` (a link to ``voc``'s when ``out`` is elsewhere). Every file is written atomically; label maps
+    already there are kept unless ``force`` (an interrupted run resumes), the split files come last. No network.
+    Returns {"out", "written", "kept", "counts", "reports"} (``verify_pascal_context`` of each split)."""
+    voc, detail_json = Path(voc), Path(detail_json)
+    out = voc if out is None else Path(out)
+    log = log or (lambda *_: None)
+    images = _voc_images(voc)
+    data = load_detail_json(detail_json)
+    by_split = detail_images_by_split(data)
+    if not any(by_split.values()):
+        raise ValueError(f"{detail_json} has no images of phase 'train' or 'val': not trainval_merged.json")
+    _check_images_present(images, by_split, detail_json)
+    _link_images(images, out)
+    annotations = detail_annotations_by_image(data)
+    written = kept = 0
+    for split, imgs in by_split.items():
+        for img in progress(imgs, total=len(imgs), desc=f"Pascal-Context {split} labels", unit="img"):
+            path = out / LABEL_DIR / f"{Path(img['file_name']).stem}.png"
+            if path.exists() and not force:
+                kept += 1
+                continue
+            atomic_write_bytes(path, _png_bytes(context_label_map(img, annotations.get(img["image_id"], []))))
+            written += 1
+    for split, imgs in by_split.items():
+        stems = sorted(Path(img["file_name"]).stem for img in imgs)
+        atomic_write_text(_split_file(out, split), "".join(stem + "\n" for stem in stems))
+    reports = {split: check_pascal_context(out, split) for split in PASCAL_CONTEXT_SPLITS}
+    counts = {split: len(imgs) for split, imgs in by_split.items()}
+    log(f"Pascal-Context-59 in {out}: {written} label maps written, {kept} kept; train {counts['train']} / val "
+        f"{counts['val']} images (full dataset: {PASCAL_CONTEXT_EXPECTED_COUNTS['train']} / "
+        f"{PASCAL_CONTEXT_EXPECTED_COUNTS['val']})")
+    return {"out": str(out), "written": written, "kept": kept, "counts": counts, "reports": reports}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m icm_helpers.pascal_context prepare --voc DIR --detail-json FILE [--out DIR] [--force]`` or
+    ``... check --root DIR``."""
+    parser = argparse.ArgumentParser(prog="python -m icm_helpers.pascal_context",
+                                     description="Pascal-Context-59 in MMSegmentation's layout, made from VOC2010 "
+                                                 "and the Detail API's trainval_merged.json (no download).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="write the label maps and split files, then check both splits")
+    prep.add_argument("--voc", required=True, help="the VOCdevkit/VOC2010 folder (with JPEGImages/)")
+    prep.add_argument("--detail-json", required=True, help="trainval_merged.json (the Detail API's format)")
+    prep.add_argument("--out", default=None, help="where the layout goes (default: --voc, as MMSeg's converter)")
+    prep.add_argument("--force", action="store_true", help="rewrite label maps that are already there")
+    check = sub.add_parser("check", help="check a prepared layout (both splits)")
+    check.add_argument("--root", required=True, help="the prepared VOC2010 folder")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "prepare":
+            prepare_pascal_context(args.voc, args.detail_json, args.out, force=args.force)
+        else:
+            for split in PASCAL_CONTEXT_SPLITS:
+                rep = check_pascal_context(args.root, split)
+                print(f"{split}: {rep['num_ids']} images (full dataset: {rep['expected_ids']})")
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def make_fixture(root: str | Path, n_train: int = 4, n_val: int = 3, seed: int = 0) -> Path:
     """Write a tiny Pascal-Context dataset in exactly the MMSeg layout under ``root`` (= a VOC2010 folder).
 
@@ -298,3 +481,7 @@ def make_fixture(root: str | Path, n_train: int = 4, n_val: int = 3, seed: int =
             stems.append(stem)
         atomic_write_text(root / SPLIT_DIR / f"{split}.txt", "".join(s + "\n" for s in sorted(stems)))
     return root
+
+
+if __name__ == "__main__":
+    sys.exit(main())

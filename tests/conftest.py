@@ -11,6 +11,8 @@ import torch
 
 from icm_helpers.data import IcmDataset, WorldSpec, generate_world
 from icm_helpers.training import InMemory
+# paper_backend tests: a skip fails under ICM_REQUIRE_PAPER_BACKENDS=1; the summary lists them with their times
+from paper_backends import pytest_runtest_makereport, pytest_terminal_summary  # noqa: F401
 
 torch.set_num_threads(int(os.environ.get("ICM_TEST_THREADS", "2")))  # the tolerance audit also runs 1
 

@@ -22,8 +22,13 @@ from icm_helpers.backends import detectron2_det as d2det
 from icm_helpers.backends import torchvision_det as tvdet
 
 HAS_DETECTRON2 = importlib.util.find_spec("detectron2") is not None
-needs_detectron2 = pytest.mark.skipif(not HAS_DETECTRON2, reason="detectron2 is not installed (optional paper backend; "
-                                      "install: " + d2det.INSTALL_HINT + ")")
+skip_without_detectron2 = pytest.mark.skipif(not HAS_DETECTRON2, reason="detectron2 is not installed (optional paper "
+                                             "backend; install: " + d2det.INSTALL_HINT + ")")
+
+
+def needs_detectron2(test):
+    """A detectron2 test: skips without the package (a failure with ICM_REQUIRE_PAPER_BACKENDS=1, conftest.py)."""
+    return pytest.mark.paper_backend(skip_without_detectron2(test))
 D2_URL = ("https://dl.fbaipublicfiles.com/detectron2/COCO-Detection/faster_rcnn_X_101_32x8d_FPN_3x/139173657/"
           "model_final_68b088.pkl")
 

@@ -258,6 +258,7 @@ def ported(mmseg_case) -> DeepLabV3PlusR101:
     return build_deeplabv3plus(weights=str(mmseg_case[1]))
 
 
+@pytest.mark.paper_backend
 def test_port_matches_mmseg(mmseg_case, ported):
     mm, path = mmseg_case
     t0 = time.perf_counter()
@@ -277,6 +278,7 @@ def test_port_matches_mmseg(mmseg_case, ported):
     assert diff < 1e-4
 
 
+@pytest.mark.paper_backend
 def test_port_slide_inference_matches_mmseg(mmseg_case, ported):
     """The config's slide mode (crop/stride reduced to 64/32 here to keep it fast) against MMSeg's inference()."""
     from mmengine.config import ConfigDict
@@ -299,6 +301,7 @@ def test_port_slide_inference_matches_mmseg(mmseg_case, ported):
     assert got.shape == (1, 59, 96, 64) and diff < 1e-4
 
 
+@pytest.mark.paper_backend
 def test_mmseg_adapter_contract(mmseg_case):
     from icm_helpers.backends.mmseg_seg import MMSegSegmenter
 

@@ -110,12 +110,15 @@ def _overrides(voc: Path, backends: dict[str, str]) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.paper_backend
 def test_every_notebook_runs_on_the_paper_profile(tmp_path):
     from icm_helpers.experiment import Experiment
     from icm_helpers.pascal_context import make_fixture
 
     hub = tmp_path / "torch_home" / "hub"  # torch.hub.get_dir() under TORCH_HOME
     backends = write_official_checkpoints(hub)
+    if os.environ.get("ICM_REQUIRE_PAPER_BACKENDS", "") not in ("", "0"):  # CI: the paper-exact ones, no fallback
+        assert backends == {"detection": "detectron2", "segmentation": "mmseg"}, backends
     voc = make_fixture(tmp_path / "VOC2010", n_train=4, n_val=3, seed=0)
     sets = _overrides(voc, backends)
     runs, figures, out = tmp_path / "runs", tmp_path / "figures", tmp_path / "papermill"

@@ -67,8 +67,8 @@ def test_class_names_and_constants():
     assert PascalContext59.num_classes == 59 and PascalContext59.ignore_index == 255
     assert PascalContext59.class_names == PASCAL_CONTEXT_59_CLASSES
     assert PASCAL_CONTEXT_EXPECTED_COUNTS == {"train": 4998, "val": 5105}
-    for needle in ("VOCtrainval_03-May-2010.tar", "host.robots.ox.ac.uk", "trainval_merged.json", "detail-api",
-                   "pascal_context.py", "SegmentationClassContext"):
+    for needle in ("VOCtrainval_03-May-2010.tar", "host.robots.ox.ac.uk", "trainval_merged.json",
+                   "python -m icm_helpers.pascal_context prepare", "SegmentationClassContext"):
         assert needle in PASCAL_CONTEXT_SETUP
 
 
@@ -148,7 +148,7 @@ def test_errors_missing_pieces(voc, tmp_path):
 
     root = _copy(voc, tmp_path / "a")
     shutil.rmtree(root / LABEL_DIR)
-    with pytest.raises(FileNotFoundError, match=r"SegmentationClassContext is missing.*converter"):
+    with pytest.raises(FileNotFoundError, match=r"SegmentationClassContext is missing.*pascal_context prepare"):
         check_pascal_context(root, "val")
 
     root = _copy(voc, tmp_path / "b")
