@@ -399,8 +399,10 @@ def bd_rate_ci_seeds(curves_by_seed: dict[Any, dict[str, list]], anchor: str, te
 
 def short_reason(error: str, limit: int = 80) -> str:
     """The reason a BD-rate is undefined, in one clause: the error up to its first ", got " or "; " (the values and
-    the advice stay in the JSON), cut at a word with "…" beyond ``limit`` characters."""
+    the advice stay in the JSON); beyond ``limit`` characters without its parenthesis, else cut at a word with "…"."""
     reason = re.split(r", got |; ", error, maxsplit=1)[0].strip()
+    if len(reason) > limit and " (" in reason:
+        reason = reason.split(" (", 1)[0]
     return reason if len(reason) <= limit else reason[:limit].rsplit(" ", 1)[0] + "…"
 
 
