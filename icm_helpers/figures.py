@@ -165,12 +165,13 @@ def save_table(
     title: str | None = None,
     figures_dir: str | os.PathLike | None = None,
     float_fmt: str = "{:.2f}",
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write a results table as ``<name>.md`` (markdown, to read) and ``<name>.json`` (the raw values), atomically.
 
-    The JSON holds ``{"columns": [...], "rows": [[...], ...], "title": ..., "provenance": ...}`` (``profile``: a
-    name or the Experiment, as for :func:`save_figure`); the markdown formats floats with ``float_fmt`` and shows
-    ``None``/NaN as ``n/a``. A table is text: no picture of it is written.
+    The JSON holds ``{"columns": [...], "rows": [[...], ...], "title", "float_fmt", "provenance"}`` and the keys of
+    ``extra`` (``profile``: a name or the Experiment, as for :func:`save_figure`); the markdown formats floats with
+    ``float_fmt`` and shows ``None``/NaN as ``n/a``. A table is text: no picture of it is written.
 
     Returns:
         ``{"md", "json"}`` -> path.
@@ -194,7 +195,8 @@ def save_table(
         cells = [[_cell_text(v, float_fmt) for v in row] for row in rows]
     except (ValueError, IndexError, KeyError) as exc:
         raise ValueError(f"float_fmt {float_fmt!r} cannot format a float ({exc}); use e.g. '{{:.3f}}'") from exc
-    profile_name, data = _with_provenance({"columns": columns, "rows": rows, "title": title}, profile)
+    data = {"columns": columns, "rows": rows, "title": title, "float_fmt": float_fmt, **(extra or {})}
+    profile_name, data = _with_provenance(data, profile)
     out_dir = _target_dir(profile_name, figures_dir)
     payload = {"md": _markdown(columns, cells, title).encode("utf-8"), "json": _json_text(data, name).encode("utf-8")}
     return _write_files(out_dir, name, payload)
