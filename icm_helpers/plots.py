@@ -240,6 +240,7 @@ def _rd_panel(ax: Axes, records: list[Mapping[str, Any]], task: str, bpp_key: st
             labels += [PointLabel(ax, x, y, _point_text(method, lam), line.get_color())
                        for x, y, lam in zip(points["bpp"], points["metric"], points["lambda_"]) if lam is not None]
             data[name] = points
+    ax.margins(x=0.06, y=0.1)  # room for the labels of the points at the edges
     ax.set_xlabel(BPP_LABELS.get(bpp_key, bpp_key))
     ax.set_ylabel(metric_label(metric_name))
     ax.set_title(title if title is not None else task)
@@ -476,6 +477,7 @@ def plot_cosines(summary: Sequence[Mapping[str, Any]], title: str | None = None)
                     capsize=3)
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_yticks(y, labels, fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))  # few enough for their labels to stay apart
     ax.set_xlabel("cos(G_aux, G_main) on g_a (95% t-CI)")
     ax.set_ylabel("codec: auxiliary branch")
     ax.grid(True, axis="x", alpha=0.3)

@@ -21,7 +21,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -39,7 +39,7 @@ from .plots import (BPP_LABELS, plot_bd_matrix, plot_bd_rate_ci, plot_cosines, p
                     plot_learning_curves, plot_loss_curves, plot_paired_differences, plot_rd_grid, plot_roi_fractions,
                     plot_samples)
 
-__all__ = ["replot_folder", "main"]
+__all__ = ["redrawn_figures", "replot_folder", "refresh_vcm_summary", "main"]
 
 _LABEL_TO_METHOD = {m.label: m.id for m in METHODS.values()}
 _SEEDED_NAME = re.compile(r"^(?P<method>.+) \(seed (?P<seed>[^)]+)\)$")
@@ -60,7 +60,8 @@ class Folder:
         return read_json(path) if path.is_file() else None
 
     def profile_name(self, data: dict[str, Any]) -> str:
-        profile = (data.get("provenance") or {}).get("profile")
+        """The profile of the run that made the numbers (not of a redraw)."""
+        profile = (data.get("replotted_from") or data.get("provenance") or {}).get("profile")
         return (profile.get("name") if isinstance(profile, dict) else profile) or self.name
 
     def profile(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -93,10 +94,38 @@ def _rd_records(data: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str], 
     return list(merged.values()), tasks, keys
 
 
-def _bd_rows_of(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """The BD-rate rows of a ``plot_bd_rate_ci`` JSON: stored as they are, or rebuilt from its labels and panels."""
+#: The BD-rate tables notebooks 07 and 08 write beside their charts.
+BD_TABLES = ("bd_rate_table", "bd_rate_vs_jpeg", "bd_rate_vs_vtm", "bd_rate_vs_mse", "bd_rate_adaptive_alpha")
+
+
+def _table_reasons(folder: Folder) -> dict[tuple, dict[str, str]]:
+    """(task, method, anchor, seed) -> {bpp kind: reason} of the "n/a (reason)" cells of the folder's BD-rate
+    tables (the reasons older chart JSON did not keep)."""
+    out: dict[tuple, dict[str, str]] = {}
+    for table in filter(None, map(folder.json, BD_TABLES)):
+        for values in table["rows"]:
+            cell = dict(zip(table["columns"], values))
+            for column, value in cell.items():
+                kind = next((k for k in BPP_LABELS if column.startswith("BD-rate") and f"({k[4:]})" in column), None)
+                if kind and isinstance(value, str) and value.startswith("n/a ("):
+                    key = (cell["task"], cell["method"], cell["anchor"], cell.get("seed"))
+                    out.setdefault(key, {})[kind] = _whole_clause(value)[5:-1]
+    return out
+
+
+def _reasons_of(row: dict[str, Any], reasons: dict[tuple, dict[str, str]]) -> dict[str, str]:
+    """The table's reasons for a row; a row read without its seed (one seed) takes its task's and method's."""
+    exact = reasons.get((row["task"], row["method"], row["anchor"], row["seed"]))
+    loose = [v for k, v in reasons.items() if k[:3] == (row["task"], row["method"], row["anchor"])]
+    return exact or (loose[0] if row["seed"] is None and len(loose) == 1 else {})
+
+
+def _bd_rows_of(data: dict[str, Any], folder: Folder | None = None) -> list[dict[str, Any]]:
+    """The BD-rate rows of a ``plot_bd_rate_ci`` JSON: stored as they are, or rebuilt from its labels and panels
+    (with the reasons of undefined BD-rates from the folder's tables)."""
     if "rows" in data:
         return data["rows"]
+    reasons = _table_reasons(folder) if folder is not None else {}
     rows = []
     for i, label in enumerate(data["labels"]):
         match = _BD_LABEL.match(label)
@@ -104,6 +133,7 @@ def _bd_rows_of(data: dict[str, Any]) -> list[dict[str, Any]]:
             raise ValueError(f"cannot read the BD-rate row label {label!r}")
         row = {"task": match["task"], "method": _LABEL_TO_METHOD.get(match["label"], match["label"]),
                "anchor": match["anchor"], "seed": "pooled" if match["pooled"] else _seed(match["seed"])}
+        row.update({key: {"error": reason} for key, reason in _reasons_of(row, reasons).items()})
         row.update({key: entries[i] for key, entries in data["panels"].items() if entries[i] is not None})
         rows.append(row)
     return rows
@@ -112,13 +142,13 @@ def _bd_rows_of(data: dict[str, Any]) -> list[dict[str, Any]]:
 def _rd_grid(folder: Folder, name: str, data: dict[str, Any]) -> tuple[Figure, dict[str, Any]]:
     records, tasks, keys = _rd_records(data)
     ci = folder.json("bd_rate_ci") if "bd_rates" in data else None
-    return plot_rd_grid(records, tasks, keys, bd_rows=_bd_rows_of(ci) if ci else None)
+    return plot_rd_grid(records, tasks, keys, bd_rows=_bd_rows_of(ci, folder) if ci else None)
 
 
 def _bd_rate_ci(folder: Folder, name: str, data: dict[str, Any]) -> tuple[Figure, dict[str, Any]]:
     profile = folder.profile_name(data)
     default = "adaptive alpha: BD-rate with 95% CIs" if "adaptive" in name else "BD-rate with 95% CIs"
-    return plot_bd_rate_ci(_bd_rows_of(data), title=data.get("title") or f"{default} ({profile})")
+    return plot_bd_rate_ci(_bd_rows_of(data, folder), title=data.get("title") or f"{default} ({profile})")
 
 
 # ------------------------------------------------------------------------------------------------ curves
@@ -262,7 +292,8 @@ def _table(folder: Folder, name: str, data: dict[str, Any], root: Path) -> list[
     done = []
     if rows != data["rows"] or not (folder.path / f"{name}.md").is_file():
         save_table(name, data["columns"], rows, folder.name, title=data.get("title"), figures_dir=root,
-                   float_fmt=data.get("float_fmt", "{:.2f}"), extra={"replotted_from": data.get("provenance")})
+                   float_fmt=data.get("float_fmt", "{:.2f}"),
+                   extra={"replotted_from": data.get("replotted_from") or data.get("provenance")})
         done.append(f"{name}.md")
     for ext in ("png", "pdf"):
         picture = folder.path / f"{name}.{ext}"
@@ -339,6 +370,20 @@ def _is_table(data: dict[str, Any]) -> bool:
     return {"columns", "rows", "title"} <= set(data)
 
 
+def redrawn_figures(path: str | Path, only: Iterable[str] | None = None) -> Iterator[tuple[str, Figure, dict]]:
+    """``(name, figure, data)`` of every figure of the folder ``path`` that ``REDRAW`` knows, drawn from its JSON
+    (``data`` keeps the run's provenance as ``replotted_from``); nothing is written. ``only``: these names."""
+    folder = Folder(Path(path))
+    for json_path in sorted(folder.path.glob("*.json")):
+        name = json_path.stem
+        redraw = _redraw_of(name)
+        if redraw is None or (only and name not in only):
+            continue
+        data = read_json(json_path)
+        fig, new = redraw(folder, name, data)
+        yield name, fig, {**new, "replotted_from": data.get("replotted_from") or data.get("provenance")}
+
+
 def replot_folder(path: str | Path, only: Iterable[str] | None = None, log: Callable[[str], None] = print) -> list[str]:
     """Redraw every figure of the folder ``path`` (e.g. ``figures/study_v1``) that ``REDRAW`` knows, rewrite its
     tables' markdown and its VCM summaries (see the module docstring). ``only``: these names. Returns what was
@@ -346,22 +391,19 @@ def replot_folder(path: str | Path, only: Iterable[str] | None = None, log: Call
     folder = Folder(Path(path))
     wanted = set(only or [])
     done = []
-    for json_path in sorted(folder.path.glob("*.json")):
-        name = json_path.stem
-        if wanted and name not in wanted:
-            continue
-        data = read_json(json_path)
-        redraw = _redraw_of(name)
-        if redraw is None and _is_table(data):
-            done += _table(folder, name, data, folder.path.parent)
-            continue
-        if redraw is None:
-            log(f"{folder.name}/{name}: left as it is (its numbers are not in its JSON)")
-            continue
-        fig, new = redraw(folder, name, data)
-        save_figure(fig, name, {**new, "replotted_from": data.get("provenance")}, folder.name, folder.path.parent)
+    for name, fig, data in redrawn_figures(folder.path, wanted):
+        save_figure(fig, name, data, folder.name, folder.path.parent)
         plt.close(fig)
         done.append(f"{name}.png")
+    for json_path in sorted(folder.path.glob("*.json")):
+        name = json_path.stem
+        if _redraw_of(name) is not None or (wanted and name not in wanted):
+            continue
+        data = read_json(json_path)
+        if _is_table(data):
+            done += _table(folder, name, data, folder.path.parent)
+        else:
+            log(f"{folder.name}/{name}: left as it is (its numbers are not in its JSON)")
     for summary in sorted((folder.path / "exports").glob("vcm_summary_*.csv")) if not wanted else []:
         refresh_vcm_summary(summary)
         done.append(f"exports/{summary.name}")

@@ -213,10 +213,13 @@ def legend_overlaps(fig: Figure) -> list[str]:
 
 
 def _tick_texts(axis: Any) -> list[Any]:
-    """The tick labels the axis shows (none when its axes is switched off, e.g. an image)."""
+    """The tick labels the axis draws: within its view limits (none when its axes is switched off, e.g. an image)."""
     if not axis.axes.axison:
         return []
-    return [t for t in axis.get_ticklabels() if t.get_visible() and t.get_text().strip()]
+    lo, hi = sorted(axis.get_view_interval())
+    along = 0 if axis.axis_name == "x" else 1
+    return [t for t in axis.get_ticklabels() if t.get_visible() and t.get_text().strip()
+            and lo - 1e-9 * abs(hi - lo) <= t.get_position()[along] <= hi + 1e-9 * abs(hi - lo)]
 
 
 def _is_numeric(text: str) -> bool:
@@ -391,3 +394,21 @@ def test_point_labels_go_only_where_they_cover_no_data():
     assert labels, "no point label found room"
     renderer = _drawn(fig)
     assert not any(t.get_window_extent(renderer).overlaps(p) for t in labels for p in points)
+
+
+def _committed_figures() -> list[tuple[str, str]]:
+    from icm_helpers.config import REPO_ROOT
+    from icm_helpers.replot import _redraw_of
+
+    return [(p.parent.name, p.stem) for p in sorted((REPO_ROOT / "figures").glob("*/*.json")) if _redraw_of(p.stem)]
+
+
+@pytest.mark.filterwarnings("ignore:.*record.*have no finite:UserWarning")
+@pytest.mark.parametrize("folder, name", _committed_figures(), ids=[f"{f}/{n}" for f, n in _committed_figures()])
+def test_committed_figure_reads_at_a_glance(folder, name):
+    """The committed figures, drawn again from their JSON (``icm_helpers.replot``), pass every check."""
+    from icm_helpers.config import REPO_ROOT
+    from icm_helpers.replot import redrawn_figures
+
+    ((_, fig, _),) = list(redrawn_figures(REPO_ROOT / "figures" / folder, [name]))
+    assert {check: problems for check, fn in CHECKS.items() if (problems := fn(fig))} == {}

@@ -14,7 +14,8 @@ import pytest  # noqa: E402
 from icm_helpers import plots  # noqa: E402
 from icm_helpers.figures import save_figure  # noqa: E402
 from icm_helpers.io import atomic_write_json  # noqa: E402
-from icm_helpers.replot import _bd_rows_of, _whole_clause, refresh_vcm_summary, replot_folder  # noqa: E402
+from icm_helpers.replot import (Folder, _bd_rows_of, _whole_clause, refresh_vcm_summary,  # noqa: E402
+                                replot_folder)
 from test_figure_legibility import (TASKS, _bd_rows, _dose_curves, _paired_rows, _rd_records,  # noqa: E402
                                     _roi_summary)
 
@@ -56,13 +57,18 @@ def test_a_folder_redrawn_from_its_json_plots_the_same_numbers(tmp_path):
         assert after["replotted_from"] == data["provenance"]
 
 
-def test_older_bd_rate_json_gives_its_rows_back():
+def test_older_bd_rate_json_gives_its_rows_back_with_the_tables_reasons(tmp_path):
     rows = _bd_rows()[:2] + _bd_rows()[-1:]
     entries = {key: [r.get(key) for r in rows] for key in ("bpp_bitstream", "bpp_estimated")}
     labels = ["detection: w/ aux loss, seed 0 vs baseline", "detection: w/ aux loss, seed 1 vs baseline",
               "segmentation: WebP (Pillow, 4:2:0), pooled over seeds vs jpeg"]
-    rebuilt = _bd_rows_of({"labels": labels, "panels": entries})
-    assert rebuilt == rows
+    assert _bd_rows_of({"labels": labels, "panels": entries}) == rows
+    entries["bpp_bitstream"][2] = None  # older charts kept no reason for an undefined BD-rate; their tables did
+    atomic_write_json(tmp_path / "p" / "bd_rate_vs_jpeg.json", {
+        "columns": ["task", "method", "anchor", "seed", "BD-rate % (bitstream) [95% CI]"], "title": "vs JPEG",
+        "rows": [["segmentation", "webp", "jpeg", "pooled", "n/a (the metric ranges of the curves do not overlap)"]]})
+    rebuilt = _bd_rows_of({"labels": labels, "panels": entries}, Folder(tmp_path / "p"))
+    assert rebuilt[2]["bpp_bitstream"] == {"error": "the metric ranges of the curves do not overlap"}
 
 
 def test_tables_get_whole_reasons_and_lose_their_pictures(tmp_path):
