@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from icm_helpers import plots  # noqa: E402
 from icm_helpers.figures import save_figure  # noqa: E402
@@ -107,3 +108,21 @@ def test_vcm_summary_takes_the_decode_time_of_the_decoded_images(tmp_path):
         (row,) = list(csv.DictReader(fh))
     assert float(row["decode"]) == pytest.approx(1.5) and row["decode_timed_images"] == "1"
     assert row["nn_task"] == "" and row["encode"] == "0.30000000000000004" and row["psnr"] == "31.0"
+
+
+def test_the_samples_are_rendered_again_as_the_split_stores_them(world):
+    """The samples figure's images come back from the profile's seed: equal to the split's files, boxes and maps."""
+    from dataclasses import asdict
+
+    from conftest import SPEC
+    from icm_helpers.data import IcmDataset
+    from icm_helpers.replot import _world_items
+
+    spec = {k: v for k, v in asdict(SPEC).items() if k != "seed"}
+    items = _world_items({"data": {"world": spec}, "seed": SPEC.seed}, 3)
+    stored = IcmDataset(world / "test")
+    for item, ref in zip(items, (stored[i] for i in range(3))):
+        assert item["image_id"] == ref["image_id"] and torch.equal(item["image"], ref["image"])
+        assert torch.equal(item["boxes"], ref["boxes"]) and torch.equal(item["labels"], ref["labels"])
+        assert torch.equal(item["semantic"], ref["semantic"])
+
