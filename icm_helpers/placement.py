@@ -42,6 +42,7 @@ class PointLabel:
     y: float
     text: str
     color: Any = "black"
+    style: tuple[tuple[str, Any], ...] = ()  # more keyword arguments of the text, e.g. (("bbox", {...}),)
 
 
 def legend_right(ax: Axes, handles: dict[str, Artist] | None = None, **kwargs: Any) -> Legend | None:
@@ -128,7 +129,7 @@ def _try_label(label: PointLabel, taken: list[Bbox], points: np.ndarray, radii: 
     frame = ax.get_window_extent(renderer)
     for dx, dy, ha, va in LABEL_OFFSETS:
         text = ax.annotate(label.text, (label.x, label.y), xytext=(dx, dy), textcoords="offset points", ha=ha,
-                           va=va, fontsize=LABEL_FONTSIZE, color=label.color)
+                           va=va, fontsize=LABEL_FONTSIZE, color=label.color, **dict(label.style))
         text.set_in_layout(False)
         box = text.get_window_extent(renderer)
         inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1

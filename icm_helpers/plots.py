@@ -575,27 +575,28 @@ def plot_bit_maps(
 
 
 def _class_name(class_names: Mapping[int, str] | Sequence[str] | None, label: int) -> str:
-    """The name of class ``label``: ``class_names[label]`` of a mapping, ``class_names[label - 1]`` of a sequence
-    (ids start at 1, 0 is the background), else "class <label>"."""
+    """The name of class ``label``: ``class_names[label]`` of a mapping (ids, 0 the background: COCO-format splits)
+    or of a sequence (contiguous labels from 0: MMSeg's Pascal-Context), else "class <label>"."""
     if isinstance(class_names, Mapping):
         return str(class_names.get(label, f"class {label}"))
-    if class_names is not None and 1 <= label <= len(class_names):
-        return str(class_names[label - 1])
+    if class_names is not None and 0 <= label < len(class_names):
+        return str(class_names[label])
     return f"class {label}"
 
 
 def _class_colors(ids: Iterable[int]) -> dict[int, tuple[float, float, float]]:
-    """One colour per class id (boxes and label map alike): tab10, or tab20 beyond 10 classes."""
+    """One colour per class present (boxes and label map alike): tab10, or tab20 beyond 10 classes."""
     ids = sorted(set(ids))
-    palette = sns.color_palette("tab10" if max(ids, default=0) <= 10 else "tab20")
-    return {c: tuple(palette[(c - 1) % len(palette)]) for c in ids}
+    palette = sns.color_palette("tab10" if len(ids) <= 10 else "tab20")
+    return {c: tuple(palette[i % len(palette)]) for i, c in enumerate(ids)}
 
 
 BACKGROUND_RGB = (0.88, 0.88, 0.88)
 
 
 def _label_map_rgb(semantic: np.ndarray, colors: Mapping[int, Sequence[float]]) -> np.ndarray:
-    """An RGB picture of a label map: background (0) light grey, ignored pixels (255) white, classes their colour."""
+    """An RGB picture of a label map: classes their colour, ignored pixels (255) white, the rest (the background)
+    light grey."""
     rgb = np.empty((*semantic.shape, 3))
     rgb[:] = BACKGROUND_RGB
     rgb[semantic == 255] = 1.0
@@ -605,11 +606,14 @@ def _label_map_rgb(semantic: np.ndarray, colors: Mapping[int, Sequence[float]]) 
 
 
 def _draw_boxes(ax: Axes, boxes: Sequence[Sequence[float]], labels: Sequence[int], names: Mapping[int, str],
-                colors: Mapping[int, Sequence[float]]) -> None:
+                colors: Mapping[int, Sequence[float]]) -> list[PointLabel]:
+    """The boxes, each in its class's colour; returns their name tags, to be placed where they do not overlap."""
+    tags = []
     for (x0, y0, x1, y1), lab in zip(boxes, labels):
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colors[lab], lw=1.5))
-        ax.text(x0, y0, names[lab], color="white", fontsize=6, va="bottom",
-                bbox={"facecolor": colors[lab], "alpha": 0.85, "pad": 0.6, "edgecolor": "none"})
+        tag_box = {"facecolor": colors[lab], "alpha": 0.85, "pad": 0.6, "edgecolor": "none"}
+        tags.append(PointLabel(ax, x0, y0, names[lab], "white", (("bbox", tag_box),)))
+    return tags
 
 
 @themed
@@ -617,25 +621,27 @@ def plot_samples(dataset, n: int = 4, class_names: Mapping[int, str] | Sequence[
                  ) -> tuple[Figure, dict[str, Any]]:
     """First ``n`` images of a split with their ground truth: boxes named by class on the image (top row) and the
     semantic label map (bottom row, when the split has one), one colour per class in both rows and a legend of the
-    classes beside the figure. ``class_names``: id -> name (a mapping), or names of ids 1, 2, ... (a sequence);
-    default the split's own ``class_names``."""
+    classes beside the figure. ``class_names``: id -> name (a mapping; label 0 is the background), or the names of
+    labels 0, 1, ... (a sequence; every label is a class); default the split's own ``class_names``."""
     n = min(n, len(dataset))
     items = [dataset[i] for i in range(n)]
     class_names = class_names if class_names is not None else getattr(dataset, "class_names", None)
     has_sem = all("semantic" in it for it in items)
+    background = None if isinstance(class_names, Sequence) and not isinstance(class_names, str) else 0
     ids = {int(v) for it in items for v in it["labels"].tolist()} if all("labels" in it for it in items) else set()
     if has_sem:
-        ids |= {int(v) for it in items for v in np.unique(it["semantic"].numpy()) if 0 < v < 255}
+        ids |= {int(v) for it in items for v in np.unique(it["semantic"].numpy()) if v not in (background, 255)}
     colors = _class_colors(ids)
     names = {c: _class_name(class_names, c) for c in colors}
     fig, axes = plt.subplots(2 if has_sem else 1, n, figsize=(2.4 * n + 1.4, 4.9 if has_sem else 2.5), squeeze=False,
                              layout="constrained")
     data: dict[str, Any] = {"images": [], "class_names": {str(c): name for c, name in names.items()}}
+    tags: list[PointLabel] = []
     for j, it in enumerate(items):
         ax = axes[0, j]
         ax.imshow(it["image"].permute(1, 2, 0).numpy())
         boxes, labels = (it["boxes"].tolist(), it["labels"].tolist()) if "boxes" in it else ([], [])
-        _draw_boxes(ax, boxes, labels, names, colors)
+        tags += _draw_boxes(ax, boxes, labels, names, colors)
         ax.set_title(f"image {it['image_id']}", fontsize=8)
         data["images"].append({"image_id": it["image_id"], "boxes": boxes, "labels": labels,
                                "names": [names[lab] for lab in labels]})
@@ -645,9 +651,10 @@ def plot_samples(dataset, n: int = 4, class_names: Mapping[int, str] | Sequence[
     for ax in axes.ravel():
         ax.set_axis_off()
     handles = {names[c]: Patch(color=colors[c]) for c in colors}
-    if has_sem:
+    if has_sem and background is not None:
         handles["background"] = Patch(facecolor=BACKGROUND_RGB, edgecolor="gray")
     figure_legend(fig, handles)
+    place_point_labels(fig, tags)
     return fig, data
 
 

@@ -366,6 +366,10 @@ def test_samples_name_the_classes():
     texts = {t.get_text() for ax in fig.axes for t in ax.texts}
     assert texts == {"circle", "square", "triangle"}
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["circle", "square", "triangle", "background"]
+    # labels 0, 1, ... of a sequence are all classes (MMSeg's Pascal-Context), with no background entry
+    label_maps = [{"image": torch.rand(3, 8, 8), "image_id": 1, "semantic": torch.tensor([[0, 1], [2, 255]])}]
+    fig, _ = plots.plot_samples(label_maps, n=1, class_names=("aeroplane", "bag", "bed"))
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["aeroplane", "bag", "bed"]
 
 
 def test_the_checks_catch_what_they_look_for():
