@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -396,11 +397,20 @@ def bd_rate_ci_seeds(curves_by_seed: dict[Any, dict[str, list]], anchor: str, te
     return out
 
 
+def short_reason(error: str, limit: int = 80) -> str:
+    """The reason a BD-rate is undefined, in one clause: the error up to its first ", got " or "; " (the values and
+    the advice stay in the JSON); beyond ``limit`` characters without its parenthesis, else cut at a word with "…"."""
+    reason = re.split(r", got |; ", error, maxsplit=1)[0].strip()
+    if len(reason) > limit and " (" in reason:
+        reason = reason.split(" (", 1)[0]
+    return reason if len(reason) <= limit else reason[:limit].rsplit(" ", 1)[0] + "…"
+
+
 def format_ci(entry: dict[str, Any], digits: int = 1) -> str:
-    """"-12.3 [-20.1, -4.0]" (or the reason when undefined); an open bound prints as -inf / inf; a note when some
+    """"-12.3 [-20.1, -4.0]" (or "n/a (reason)" when undefined); an open bound prints as -inf / inf; a note when some
     resamples were undefined."""
     if "error" in entry:
-        return f"n/a ({entry['error'][:60]})"
+        return f"n/a ({short_reason(entry['error'])})"
     low = -np.inf if entry.get("ci_low_open") else entry["ci_low"]
     high = np.inf if entry.get("ci_high_open") else entry["ci_high"]
     text = f"{entry['bd_rate']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"

@@ -476,6 +476,11 @@ class CocoDetection(torch.utils.data.Dataset):
     def annotation_file(self) -> Path:
         return annotation_path(self.root, self.split)
 
+    @property
+    def class_names(self) -> dict[int, str]:
+        """Category id -> name (COCO's 80 classes; figures name the classes with it)."""
+        return {int(c["id"]): str(c["name"]) for c in self.coco.loadCats(self.coco.getCatIds())}
+
     def __len__(self) -> int:
         return len(self.ids)
 

@@ -303,6 +303,11 @@ class IcmDataset(torch.utils.data.Dataset):
     def annotation_file(self) -> Path:
         return self.root / "instances.json"
 
+    @property
+    def class_names(self) -> dict[int, str]:
+        """Category id -> name, as the annotations list them (figures name the classes with it)."""
+        return {int(c["id"]): str(c["name"]) for c in self.coco.loadCats(self.categories)}
+
     def __len__(self) -> int:
         return len(self.ids)
 

@@ -44,8 +44,8 @@ _REFRESH = ("re-evaluate it with force=True (e.g. Experiment.evaluate_run(spec, 
             "evaluate_reference(task, force=True)) so that the record stores its per-image values")
 
 VCM_CORE_COLUMNS = ("Dataset", "qp", "avg_bpp", "end_accuracy", "encode", "decode", "nn_task")
-VCM_EXTRA_COLUMNS = ("method", "task", "metric_name", "lambda", "qf", "alpha", "seed", "num_images", "bpp_source",
-                     "bpp_estimated", "psnr", "eval_seconds", "profile")
+VCM_EXTRA_COLUMNS = ("method", "task", "metric_name", "lambda", "qf", "alpha", "seed", "num_images",
+                     "decode_timed_images", "bpp_source", "bpp_estimated", "psnr", "eval_seconds", "profile")
 VCM_COLUMNS = VCM_CORE_COLUMNS + VCM_EXTRA_COLUMNS
 """Summary columns. CompressAI-Vision's image-dataset summary first:
 
@@ -56,13 +56,17 @@ VCM_COLUMNS = VCM_CORE_COLUMNS + VCM_EXTRA_COLUMNS
   the per-image bpp, CompressAI's convention) - or ``bpp_estimated`` with ``bpp="estimated"``. CompressAI-Vision
   divides total bits by total pixels instead; both agree when all test images have the same size;
 - ``end_accuracy``: the task metric (``metric``: COCO mAP@[.5:.95] or mIoU) x 100, in percent;
-- ``encode`` / ``decode`` / ``nn_task``: the per-image ``enc_seconds`` / ``dec_seconds`` / ``task_seconds`` summed over
-  all images (total seconds, as CompressAI-Vision sums its per-image timers); empty unless every image has the key.
+- ``encode`` / ``decode`` / ``nn_task``: the per-image ``enc_seconds`` / ``dec_seconds`` / ``task_seconds`` (the
+  recognizer on the decoded image) summed over all images (total seconds, as CompressAI-Vision sums its per-image
+  timers). When only some images were timed (``evaluation.decode: first`` decodes the first image of each process
+  and takes the others' reconstruction from the encoder), the total is their mean times the number of images, and
+  ``decode_timed_images`` says how many were decoded; empty when no image has the key (``task_seconds`` is recorded
+  by evaluations of this version on).
 
 Then, for this project: ``method``, ``task``, ``metric_name``, ``lambda`` (= qp), ``qf`` (ROI methods), ``alpha``,
-``seed``, ``num_images``, ``bpp_source`` ("bitstream" or "estimated": which bpp ``avg_bpp`` is), ``bpp_estimated``
-(always the entropy-model estimate), ``psnr`` (dB, mean over images), ``eval_seconds`` (the evaluation's wall time,
-seconds), ``profile``.
+``seed``, ``num_images``, ``decode_timed_images``, ``bpp_source`` ("bitstream" or "estimated": which bpp
+``avg_bpp`` is), ``bpp_estimated`` (always the entropy-model estimate), ``psnr`` (dB, mean over images),
+``eval_seconds`` (the evaluation's wall time, seconds), ``profile``.
 """
 _TIME_KEYS = (("encode", "enc_seconds"), ("decode", "dec_seconds"), ("nn_task", "task_seconds"))
 
@@ -210,10 +214,14 @@ def export_per_image(record: dict[str, Any] | str | os.PathLike, csv_path: str |
 
 
 # ---------------------------------------------------------------------------------------------------------- VCM summary
-def _sum_per_image(per_image: list[dict[str, Any]], key: str) -> float | None:
-    if not per_image or any(r.get(key) is None for r in per_image):
-        return None
-    return float(sum(float(r[key]) for r in per_image))
+def total_seconds(per_image: list[dict[str, Any]], key: str) -> tuple[float | None, int]:
+    """``(total over all images, images timed)`` of the per-image time ``key``: the sum when every image was timed,
+    the mean of the timed ones times the number of images when only some were, ``(None, 0)`` when none was."""
+    timed = [float(r[key]) for r in per_image if r.get(key) is not None]
+    if not timed:
+        return None, 0
+    total = sum(timed) if len(timed) == len(per_image) else sum(timed) / len(timed) * len(per_image)
+    return float(total), len(timed)
 
 
 def vcm_row(record: dict[str, Any] | str | os.PathLike, dataset: str | None = None,
@@ -239,7 +247,9 @@ def vcm_row(record: dict[str, Any] | str | os.PathLike, dataset: str | None = No
         "end_accuracy": None if metric is None else 100.0 * float(metric),
     }
     for column, key in _TIME_KEYS:
-        row[column] = _sum_per_image(per_image, key)
+        row[column], timed = total_seconds(per_image, key)
+        if column == "decode":
+            row["decode_timed_images"] = timed if row[column] is not None else None
     row.update({"method": record.get("method"), "task": record.get("task"), "metric_name": record.get("metric_name"),
                 "lambda": record.get("lambda_"), "qf": record.get("qf"), "alpha": record.get("alpha"),
                 "seed": record.get("seed"), "num_images": record.get("num_images"), "bpp_source": bpp,

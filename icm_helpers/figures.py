@@ -2,8 +2,9 @@
 
 Every figure of the suite is saved as ``<figures root>/<profile>/<name>.png`` (150 dpi, for the
 README and notebooks), ``<name>.pdf`` (vector, for papers) and ``<name>.json`` (the exact numbers
-that were plotted, so results can be diffed and re-plotted without re-running anything). Tables go
-through :func:`save_table`, which adds a ``<name>.md`` markdown version.
+that were plotted, so results can be diffed and re-plotted without re-running anything:
+``icm_helpers.replot``). Tables go through :func:`save_table`: ``<name>.md`` (markdown) and
+``<name>.json``, never a picture of a table.
 
 All files are rendered in memory first and then written with :func:`icm_helpers.io.atomic_write_bytes`
 (temp file + fsync + rename), so an interrupted run never leaves a truncated figure behind and an
@@ -25,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from .io import atomic_write_bytes, atomic_write_text, to_jsonable
+from .io import atomic_write_bytes, to_jsonable
 from .provenance import result_provenance
 
 __all__ = ["FIGURES_ENV_VAR", "figures_root", "save_figure", "save_table"]
@@ -73,6 +74,25 @@ def _json_text(data: Any, name: str) -> str:
         ) from exc
 
 
+def _with_provenance(data: Any, profile: Any) -> tuple[str, Any]:
+    """``(profile name, data with its provenance)``: the Experiment's (``profile`` is one) or the profile name's."""
+    provenance = (
+        profile.run_provenance() if hasattr(profile, "run_provenance") else result_provenance(profile_name=profile)
+    )
+    data = {**data, "provenance": provenance} if isinstance(data, dict) else {"data": data, "provenance": provenance}
+    return getattr(profile, "profile", profile), data
+
+
+def _write_files(out_dir: Path, name: str, payload: dict[str, bytes]) -> dict[str, Path]:
+    """The one writer of figures and tables: ``<out_dir>/<name>.<ext>`` for every ``ext`` of ``payload``, each
+    atomically, after all of them were rendered. Under torchrun only rank 0 writes (the paths are returned on every
+    rank)."""
+    paths = {ext: out_dir / f"{name}.{ext}" for ext in payload}
+    if not _writer():
+        return paths
+    return {ext: atomic_write_bytes(path, payload[ext]) for ext, path in paths.items()}
+
+
 def save_figure(
     fig: Figure,
     name: str,
@@ -100,20 +120,14 @@ def save_figure(
             serialisable.
     """
     _check_name(name, "figure name")
-    provenance = (
-        profile.run_provenance() if hasattr(profile, "run_provenance") else result_provenance(profile_name=profile)
-    )
-    profile = getattr(profile, "profile", profile)
-    out_dir = _target_dir(profile, figures_dir)
-    data = {**data, "provenance": provenance} if isinstance(data, dict) else {"data": data, "provenance": provenance}
+    profile_name, data = _with_provenance(data, profile)
+    out_dir = _target_dir(profile_name, figures_dir)
     payload = {"json": _json_text(data, name).encode("utf-8")}
     for fmt, extra in (("png", {"dpi": PNG_DPI}), ("pdf", {"metadata": {"CreationDate": None}})):
         buf = io.BytesIO()
         fig.savefig(buf, format=fmt, bbox_inches="tight", **extra)
         payload[fmt] = buf.getvalue()
-    if not _writer():  # under torchrun only rank 0 writes (the paths are returned on every rank)
-        return {fmt: out_dir / f"{name}.{fmt}" for fmt in ("png", "pdf", "json")}
-    return {fmt: atomic_write_bytes(out_dir / f"{name}.{fmt}", payload[fmt]) for fmt in ("png", "pdf", "json")}
+    return _write_files(out_dir, name, {fmt: payload[fmt] for fmt in ("png", "pdf", "json")})
 
 
 def _writer() -> bool:
@@ -143,47 +157,24 @@ def _markdown(columns: Sequence[str], cells: list[list[str]], title: str | None)
     return "\n".join(lines) + "\n"
 
 
-def _render_table(columns: Sequence[str], cells: list[list[str]], title: str | None) -> Figure:
-    """A headless matplotlib figure holding the table, sized to its contents."""
-    widths = [3 + max([len(c), *(len(r[j]) for r in cells)]) for j, c in enumerate(columns)]  # cells may be empty
-    fig = Figure(figsize=(max(2.0, 0.085 * sum(widths)), 0.28 * (max(1, len(cells)) + 1)))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.axis("off")
-    table = ax.table(
-        cellText=cells or [["(no rows)"] + [""] * (len(columns) - 1)],
-        colLabels=list(columns),
-        cellLoc="center",
-        colWidths=[w / sum(widths) for w in widths],
-        bbox=(0, 0, 1, 1),  # the table fills the figure, which is sized to the text above
-    )
-    table.auto_set_font_size(False)
-    table.set_fontsize(9)
-    for (row, _), cell in table.get_celld().items():
-        if row == 0:
-            cell.set_text_props(weight="bold")
-            cell.set_facecolor("#e8e8e8")
-    if title:
-        ax.set_title(title, fontsize=10)
-    return fig
-
-
 def save_table(
     name: str,
     columns: Sequence[str],
     rows: Sequence[Sequence[Any]],
-    profile: str,
+    profile: Any,
     title: str | None = None,
     figures_dir: str | os.PathLike | None = None,
     float_fmt: str = "{:.2f}",
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write a results table as ``<name>.json``, ``<name>.md`` and rendered ``<name>.png``/``.pdf``.
+    """Write a results table as ``<name>.md`` (markdown, to read) and ``<name>.json`` (the raw values), atomically.
 
-    The JSON holds the raw values ``{"columns": [...], "rows": [[...], ...], "title": ...}``; the
-    markdown and the rendered table format floats with ``float_fmt`` and show ``None``/NaN as
-    ``n/a``. The rendered part goes through :func:`save_figure`, so all files are written atomically.
+    The JSON holds ``{"columns": [...], "rows": [[...], ...], "title", "float_fmt", "provenance"}`` and the keys of
+    ``extra`` (``profile``: a name or the Experiment, as for :func:`save_figure`); the markdown formats floats with
+    ``float_fmt`` and shows ``None``/NaN as ``n/a``. A table is text: no picture of it is written.
 
     Returns:
-        ``{"png", "pdf", "json", "md"}`` -> path.
+        ``{"md", "json"}`` -> path.
 
     Raises:
         ValueError: empty ``columns``, a row whose length differs from ``columns``, a bad
@@ -204,8 +195,8 @@ def save_table(
         cells = [[_cell_text(v, float_fmt) for v in row] for row in rows]
     except (ValueError, IndexError, KeyError) as exc:
         raise ValueError(f"float_fmt {float_fmt!r} cannot format a float ({exc}); use e.g. '{{:.3f}}'") from exc
-    data = {"columns": columns, "rows": rows, "title": title}
-    paths = save_figure(_render_table(columns, cells, title), name, data, profile, figures_dir)
-    md_path = _target_dir(getattr(profile, "profile", profile), figures_dir) / f"{name}.md"
-    paths["md"] = atomic_write_text(md_path, _markdown(columns, cells, title)) if _writer() else md_path
-    return paths
+    data = {"columns": columns, "rows": rows, "title": title, "float_fmt": float_fmt, **(extra or {})}
+    profile_name, data = _with_provenance(data, profile)
+    out_dir = _target_dir(profile_name, figures_dir)
+    payload = {"md": _markdown(columns, cells, title).encode("utf-8"), "json": _json_text(data, name).encode("utf-8")}
+    return _write_files(out_dir, name, payload)

@@ -29,11 +29,13 @@ import seaborn as sns
 from cycler import cycler
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from .bootstrap import format_ci
-from .methods import METHODS
+from .methods import METHODS, short_name
+from .placement import PointLabel, figure_legend, legend_right, note_below, place_point_labels, unique_handles
 
 #: The one look of every figure of the suite: seaborn's theme, applied only while a function of this module builds a
 #: figure (``theme()``, ``@themed``), so importing the module leaves the user's matplotlib settings as they are.
@@ -93,10 +95,12 @@ __all__ = [
     "themed",
     "METHOD_STYLES",
     "BPP_LABELS",
+    "metric_label",
     "plot_rd",
     "plot_rd_grid",
     "plot_loss_curves",
     "plot_bit_maps",
+    "plot_bd_rate_ci",
     "plot_dose_response",
     "plot_paired_differences",
     "plot_bd_matrix",
@@ -106,9 +110,24 @@ __all__ = [
 METHOD_STYLES: dict[str, dict[str, Any]] = {m.id: m.style() for m in METHODS.values() if m.kind != "reference"}
 #: Axis label of each bpp kind.
 BPP_LABELS = {"bpp_bitstream": "bpp (bitstream)", "bpp_estimated": "bpp (estimated)"}
+#: Axis label of a task metric, with its unit where it has one (mAP and mIoU are fractions in [0, 1]).
+METRIC_LABELS = {"PSNR": "PSNR (dB)", "psnr": "PSNR (dB)"}
+#: Line style of the curves of training seed 0, 1, ... when a method has several.
+SEED_DASHES = ("-", "--", "-.", ":")
+BD_RATE_LABEL = "BD-rate (%)"
 
 _RESERVED_KEYS = ("bpp_key", "task", "metric_name")
 _REQUIRED_KEYS = ("task", "method", "metric", "metric_name")
+
+
+def metric_label(name: str) -> str:
+    """The axis label of a task metric: its name, with its unit where it has one ("PSNR (dB)")."""
+    return METRIC_LABELS.get(name, name)
+
+
+def reference_name(method: str) -> str:
+    """How a BD-rate's reference (anchor) is named in titles: the method's short name ("w/o aux", "JPEG")."""
+    return short_name(method)
 
 
 def _task_records(records: Iterable[Mapping[str, Any]], task: str) -> tuple[list[Mapping[str, Any]], str]:
@@ -156,7 +175,7 @@ def _method_points(selected: list[Mapping[str, Any]], method: str, bpp_key: str)
         warnings.warn(
             f"{len(recs) - len(usable)} record(s) of method {method!r} have no finite {bpp_key!r} or "
             "metric and are left out of the plot",
-            stacklevel=3,
+            stacklevel=4,
         )
     usable.sort(key=lambda r: (float(r[bpp_key]), float(r["metric"])))
     return {
@@ -173,18 +192,66 @@ def _method_style(method: str, fallback: Iterator[tuple[str, str]]) -> dict[str,
     return {"label": method, "color": color, "marker": marker}
 
 
-def _draw(ax: Axes, points: dict[str, list], linestyle: str, style: dict[str, Any]) -> None:
-    (line,) = ax.plot(points["bpp"], points["metric"], linestyle=linestyle, **style)
-    for x, y, lam in zip(points["bpp"], points["metric"], points["lambda_"]):
-        if lam is not None:
-            ax.annotate(
-                f"λ={lam:g}" if _is_number(lam) else f"λ={lam}",
-                (x, y),
-                xytext=(4, -9),
-                textcoords="offset points",
-                fontsize=6,
-                color=line.get_color(),
-            )
+def _point_text(method: str, value: Any) -> str:
+    """The label of a rate point: its lambda, or the quality setting of a conventional anchor (JPEG's q)."""
+    symbol = "q" if method in METHODS and METHODS[method].kind == "anchor" else "λ"
+    return f"{symbol}={value:g}" if _is_number(value) else f"{symbol}={value}"
+
+
+def _seed_handles(seeds: Sequence[Any]) -> dict[str, Line2D]:
+    """Legend entries of the seeds' dashes (grey, no marker)."""
+    return {f"seed {s}": Line2D([], [], color="gray", linestyle=SEED_DASHES[k % len(SEED_DASHES)])
+            for k, s in enumerate(seeds)}
+
+
+def _legend_handle(style: Mapping[str, Any], linestyle: str) -> Line2D:
+    """A legend entry drawn like a method's curve (colour, marker, dash) without its data."""
+    return Line2D([], [], linestyle=linestyle, **{k: v for k, v in style.items() if k != "label"})
+
+
+def _rd_panel(ax: Axes, records: list[Mapping[str, Any]], task: str, bpp_key: str, methods: Sequence[str] | None,
+              title: str | None) -> tuple[dict[str, Any], list[PointLabel], dict[str, Any]]:
+    """Draw one R-D panel: ``(data, point labels to place, legend handles)``; legend handles: one per method (its
+    first curve, named by its label) and, when a method has several seeds, one grey dash per seed."""
+    selected, metric_name = _task_records(records, task)
+    data: dict[str, Any] = {}
+    labels: list[PointLabel] = []
+    handles: dict[str, Any] = {}
+    fallback = zip(itertools.cycle(["tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]),
+                   itertools.cycle("DvP<>Xph"))
+    for method in _method_order(selected, methods):
+        seeds = sorted({r.get("seed") for r in selected if r["method"] == method}, key=lambda s: (s is None, s))
+        style = _method_style(method, fallback)
+        base_linestyle = style.pop("linestyle", "-")
+        for k, seed in enumerate(seeds):
+            seed_records = [r for r in selected if r["method"] != method or r.get("seed") == seed]
+            points = _method_points(seed_records, method, bpp_key)
+            if not points["bpp"]:
+                continue
+            dash = base_linestyle if len(seeds) == 1 else SEED_DASHES[k % len(SEED_DASHES)]
+            name = method if len(seeds) == 1 else f"{method} (seed {seed})"
+            label = style["label"] if len(seeds) == 1 else f"{style['label']} (seed {seed})"
+            (line,) = ax.plot(points["bpp"], points["metric"], linestyle=dash if len(points["bpp"]) > 1 else "none",
+                              **dict(style, label=label))
+            handles.setdefault(style["label"], _legend_handle(style, base_linestyle if len(points["bpp"]) > 1
+                                                              else "none"))
+            if len(seeds) > 1:
+                handles.update({h: v for h, v in _seed_handles(seeds).items() if h not in handles})
+            labels += [PointLabel(ax, x, y, _point_text(method, lam), line.get_color())
+                       for x, y, lam in zip(points["bpp"], points["metric"], points["lambda_"]) if lam is not None]
+            data[name] = points
+    ax.margins(x=0.06, y=0.1)  # room for the labels of the points at the edges
+    ax.set_xlabel(BPP_LABELS.get(bpp_key, bpp_key))
+    ax.set_ylabel(metric_label(metric_name))
+    ax.set_title(title if title is not None else task)
+    ax.grid(True, alpha=0.3)
+    data.update(bpp_key=bpp_key, task=task, metric_name=metric_name)
+    return data, labels, _seeds_last(handles)
+
+
+def _seeds_last(handles: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: v for k, v in handles.items() if not k.startswith("seed ")},
+            **{k: v for k, v in handles.items() if k.startswith("seed ")}}
 
 
 @themed
@@ -198,46 +265,41 @@ def plot_rd(
 ) -> tuple[Figure, dict[str, Any]]:
     """Task metric versus bpp for ``task``: one line with markers per method, sorted by bpp.
 
-    Single-point methods (e.g. ``"start"``) are drawn as a marker only; each point is annotated
-    with its ``lambda_`` (when set). Records of several training seeds (``seed``) of one method are drawn as one
-    curve per seed (same colour, ``data`` key ``"<method> (seed <s>)"``). ``methods`` selects and orders the curves
-    (default: the known
-    methods of :data:`METHOD_STYLES` first, then the others in order of appearance). Records whose
-    ``bpp_key`` or metric is missing / non-finite are left out with a warning.
+    Single-point methods (e.g. ``"start"``) are drawn as a marker only. Records of several training seeds
+    (``seed``) of one method are drawn as one curve per seed (same colour, one dash per seed, ``data`` key
+    ``"<method> (seed <s>)"``). ``methods`` selects and orders the curves (default: the known methods of
+    :data:`METHOD_STYLES` first, then the others in order of appearance). Records whose ``bpp_key`` or metric is
+    missing / non-finite are left out with a warning. The legend sits outside the axes, right; each point is labelled
+    with its ``lambda_`` (an anchor's quality) where the label covers no data.
 
     Returns:
         ``(fig, data)`` with ``data = {method: {"bpp": [...], "metric": [...], "lambda_": [...]},
         "bpp_key": ..., "task": ..., "metric_name": ...}``.
     """
-    selected, metric_name = _task_records(records, task)
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.0, 3.8), layout="constrained")
-    data: dict[str, Any] = {}
-    fallback = zip(itertools.cycle(["tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]),
-                   itertools.cycle("DvP<>Xph"))
-    for method in _method_order(selected, methods):
-        seeds = sorted({r.get("seed") for r in selected if r["method"] == method}, key=lambda s: (s is None, s))
-        style = _method_style(method, fallback)
-        base_linestyle = style.pop("linestyle", "-")
-        for k, seed in enumerate(seeds):
-            # models of several training seeds: one curve per seed, same colour, another dash per seed
-            name = method if len(seeds) == 1 else f"{method} (seed {seed})"
-            seed_records = [r for r in selected if r["method"] != method or r.get("seed") == seed]
-            points = _method_points(seed_records, method, bpp_key)
-            if not points["bpp"]:
-                continue
-            seed_style = dict(style, label=style["label"] if len(seeds) == 1 else f"{style['label']} (seed {seed})")
-            linestyle = (base_linestyle, "--", "-.", ":")[k % 4] if len(points["bpp"]) > 1 else "none"
-            _draw(ax, points, linestyle, seed_style)
-            data[name] = points
-    ax.set_xlabel(BPP_LABELS.get(bpp_key, bpp_key))
-
-    ax.set_ylabel(metric_name)
-    ax.set_title(title if title is not None else task)
-    ax.grid(True, alpha=0.3)
-    if data:
-        ax.legend(fontsize=8)
-    data.update(bpp_key=bpp_key, task=task, metric_name=metric_name)
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6.2, 3.8), layout="constrained")
+    data, labels, handles = _rd_panel(ax, list(records), task, bpp_key, methods, title)
+    legend_right(ax, handles)
+    place_point_labels(fig, labels)
     return fig, data
+
+
+def _bd_note_lines(rows: Sequence[Mapping[str, Any]], task: str, bpp_key: str, reference: str) -> list[str]:
+    """The BD-rates of ``task`` against ``reference`` for one bpp kind, one line per method ("pooled over seeds"
+    rows only, when the rows have them)."""
+    chosen = [r for r in rows if r["task"] == task and r["anchor"] == reference and bpp_key in r]
+    pooled = [r for r in chosen if r.get("seed") == "pooled"]
+    return [f"{METHOD_STYLES.get(r['method'], {}).get('label', r['method'])}: "
+            f"{format_ci(r[bpp_key]).split(' (')[0] if 'bd_rate' in r[bpp_key] else format_ci(r[bpp_key])}"
+            for r in pooled or chosen]
+
+
+def _bd_note(rows: Sequence[Mapping[str, Any]], task: str, bpp_key: str, reference: str) -> str | None:
+    lines = _bd_note_lines(rows, task, bpp_key, reference)
+    if not lines:
+        return None
+    pooled = any(r.get("seed") == "pooled" for r in rows if r["task"] == task and r["anchor"] == reference)
+    head = f"{BD_RATE_LABEL} vs {reference_name(reference)} [95% CI]" + (", pooled over seeds" if pooled else "")
+    return "\n".join([head, *lines])
 
 
 @themed
@@ -246,22 +308,42 @@ def plot_rd_grid(
     tasks: Sequence[str],
     bpp_keys: Sequence[str] = ("bpp_estimated", "bpp_bitstream"),
     methods: Sequence[str] | None = None,
+    bd_rows: Sequence[Mapping[str, Any]] | None = None,
+    bd_reference: str = "baseline",
 ) -> tuple[Figure, dict[str, Any]]:
-    """One :func:`plot_rd` panel per (task, bpp kind): a row per task, a column per bpp kind.
+    """One R-D panel (see :func:`plot_rd`) per (task, bpp kind): a row per task, a column per bpp kind, one legend
+    for the figure on its right. ``bd_rows`` (``Experiment.bd_rate_table`` rows): the BD-rates against
+    ``bd_reference`` (one reference; default w/o aux) written under each panel, pooled over seeds when pooled rows
+    exist (the other rows: :func:`plot_bd_rate_ci`).
 
     Returns:
-        ``(fig, data)`` with ``data[task][bpp_key]`` = the ``data`` of that panel's :func:`plot_rd`.
+        ``(fig, data)`` with ``data[task][bpp_key]`` = the ``data`` of that panel and, with ``bd_rows``,
+        ``data["bd_rates"][panel title]`` = the lines written under it and ``data["bd_reference"]``.
     """
     if not tasks or not bpp_keys:
         raise ValueError(f"need at least one task and one bpp key, got tasks={list(tasks)}, bpp_keys={list(bpp_keys)}")
     records = list(records)
-    fig, axes = plt.subplots(len(tasks), len(bpp_keys), figsize=(4.8 * len(bpp_keys), 3.7 * len(tasks)),
+    fig, axes = plt.subplots(len(tasks), len(bpp_keys), figsize=(4.6 * len(bpp_keys) + 2.4, 3.7 * len(tasks)),
                              squeeze=False, layout="constrained")
     data: dict[str, Any] = {}
+    labels: list[PointLabel] = []
+    handles: dict[str, Any] = {}
+    notes: dict[str, list[str]] = {}
     for row, task in zip(axes, tasks):
         for ax, key in zip(row, bpp_keys):
             title = f"{task} — {BPP_LABELS.get(key, key)}"
-            data.setdefault(task, {})[key] = plot_rd(records, task, key, methods=methods, ax=ax, title=title)[1]
+            data.setdefault(task, {})[key], panel_labels, panel_handles = _rd_panel(ax, records, task, key, methods,
+                                                                                    title)
+            labels += panel_labels
+            handles.update({k: v for k, v in panel_handles.items() if k not in handles})
+            note = _bd_note(bd_rows or [], task, key, bd_reference)
+            if note:
+                note_below(ax, note)
+                notes[title] = note.split("\n")[1:]
+    figure_legend(fig, _seeds_last(handles))
+    if bd_rows is not None:
+        data.update(bd_rates=notes, bd_reference=bd_reference)
+    place_point_labels(fig, labels)
     return fig, data
 
 
@@ -277,13 +359,14 @@ def plot_loss_curves(
     (Figs. 8-9; ``first_x=0`` when the curves start with the value before training).
 
     Returns:
-        ``(fig, data)`` with ``data = {"xlabel", "ylabel", "curves": {name: {"x": [...], "y": [...]}}}``.
+        ``(fig, data)`` with ``data = {"xlabel", "ylabel", "title", "curves": {name: {"x": [...], "y": [...]}}}``;
+        the legend sits outside the axes, right.
     """
     if not curves or any(len(v) == 0 for v in curves.values()):
         lengths = {k: len(v) for k, v in curves.items()}
         raise ValueError(f"need at least one non-empty loss curve, got curve lengths {lengths}")
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
-    data: dict[str, Any] = {"xlabel": xlabel, "ylabel": ylabel, "curves": {}}
+    fig, ax = plt.subplots(figsize=(7.0, 3.8), layout="constrained")
+    data: dict[str, Any] = {"xlabel": xlabel, "ylabel": ylabel, "title": title, "curves": {}}
     for name, values in curves.items():
         y = [float(v) for v in values]
         x = list(range(first_x, first_x + len(y)))
@@ -295,7 +378,7 @@ def plot_loss_curves(
     if title:
         ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    legend_right(ax)
     return fig, data
 
 
@@ -316,9 +399,12 @@ def plot_learning_curves(result: Mapping[str, Any], title: str | None = None) ->
     curves, diffs = result["curves"], result["differences"]
     if not curves:
         raise ValueError("no learning curves to plot")
-    fig, (ax, axd) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    fig, (ax, axd) = plt.subplots(1, 2, figsize=(10, 4.4), layout="constrained")
     colors = {"w/o aux": "tab:blue", "aux-enc": "tab:red", "control": "tab:gray"}
-    data: dict[str, Any] = {"xlabel": "training step", "curves": {}, "differences": list(diffs)}
+    lam = result.get("lambda_")
+    title = title or f"{result.get('task', '')}, lambda={lam:g}: Eq. 4 / Eq. 6 without aux"
+    data: dict[str, Any] = {"xlabel": "training step", "title": title, "task": result.get("task"), "lambda_": lam,
+                            "curves": {}, "differences": list(diffs)}
     for arm, by_seed in curves.items():
         color = colors.get(arm)
         for seed, points in by_seed.items():
@@ -343,20 +429,36 @@ def plot_learning_curves(result: Mapping[str, Any], title: str | None = None) ->
                 axd.plot([r["step"]] * len(r["values"]), r["values"], linestyle="none", marker="x", markersize=4,
                          color=line.get_color(), alpha=0.7)
     axd.axhline(0.0, color="black", linewidth=0.8)
-    lam = result.get("lambda_")
-    ticks = sorted({p[0] for by_seed in curves.values() for pts in by_seed.values() for p in pts})
-    for a, ylabel in ((ax, "validation main loss"), (axd, "paired difference of the main loss")):
+    steps = sorted({p[0] for by_seed in curves.values() for pts in by_seed.values() for p in pts})
+    for a, ylabel in ((ax, "validation main loss (Eq. 4)"), (axd, "paired difference of the main loss")):
         a.set_xscale("symlog", linthresh=10)
+        ticks = _spread_ticks(steps, a.xaxis.get_transform())
         a.set_xticks(ticks, [str(t) for t in ticks])
         a.minorticks_off()
         a.set_xlabel("training step (symlog)")
         a.set_ylabel(ylabel)
         a.grid(True, alpha=0.3)
-    ax.set_title(title or f"{result.get('task', '')}, lambda={lam:g}: Eq. 4 / Eq. 6 without aux", fontsize=10)
+    ax.set_title(title, fontsize=10)
     axd.set_title("paired by seed: first arm minus second", fontsize=10)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.18), ncol=2, frameon=False)
-    axd.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.18), ncol=2, frameon=False)
+    figure_legend(fig, unique_handles([ax, axd]), where="lower center", ncols=2)
     return fig, data
+
+
+def _spread_ticks(values: Sequence[float], transform: Any, min_gap: float = 0.07) -> list[float]:
+    """The values to label on an axis, in order, each at least ``min_gap`` of the axis's transformed span from the
+    one before (the last value is always kept), so that their labels do not run into each other."""
+    values = sorted(values)
+    if len(values) < 3:
+        return values
+    pos = transform.transform(np.asarray(values, float))
+    gap = min_gap * (pos[-1] - pos[0])
+    kept = [0]
+    for i in range(1, len(values)):
+        if pos[i] - pos[kept[-1]] >= gap:
+            kept.append(i)
+    if kept[-1] != len(values) - 1:
+        kept[-1] = len(values) - 1
+    return [values[i] for i in kept]
 
 
 @themed
@@ -367,6 +469,7 @@ def plot_cosines(summary: Sequence[Mapping[str, Any]], title: str | None = None)
         raise ValueError("no cosines to plot")
     fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(summary) + 1.2), layout="constrained")
     labels = [f"{r['codec']}: {r['branch']}" for r in summary]
+    title = title or "gradient alignment of the auxiliary term"
     y = np.arange(len(summary))[::-1]
     for yi, r in zip(y, summary):
         err = None if not np.isfinite(r["low"]) else [[r["mean"] - r["low"]], [r["high"] - r["mean"]]]
@@ -374,10 +477,12 @@ def plot_cosines(summary: Sequence[Mapping[str, Any]], title: str | None = None)
                     capsize=3)
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_yticks(y, labels, fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))  # few enough for their labels to stay apart
     ax.set_xlabel("cos(G_aux, G_main) on g_a (95% t-CI)")
+    ax.set_ylabel("codec: auxiliary branch")
     ax.grid(True, axis="x", alpha=0.3)
-    ax.set_title(title or "gradient alignment of the auxiliary term")
-    return fig, {"rows": [dict(r) for r in summary]}
+    ax.set_title(title)
+    return fig, {"title": title, "rows": [dict(r) for r in summary]}
 
 
 def _stats(values: np.ndarray) -> dict[str, Any]:
@@ -469,44 +574,87 @@ def plot_bit_maps(
     return fig, data
 
 
-@themed
-def plot_samples(dataset, n: int = 4, class_names: Sequence[str] | None = None) -> tuple[Figure, dict[str, Any]]:
-    """First ``n`` images of a split with their ground truth: boxes + class names on the image (top row) and the
-    semantic label map (bottom row, when the split has one)."""
+def _class_name(class_names: Mapping[int, str] | Sequence[str] | None, label: int) -> str:
+    """The name of class ``label``: ``class_names[label]`` of a mapping (ids, 0 the background: COCO-format splits)
+    or of a sequence (contiguous labels from 0: MMSeg's Pascal-Context), else "class <label>"."""
+    if isinstance(class_names, Mapping):
+        return str(class_names.get(label, f"class {label}"))
+    if class_names is not None and 0 <= label < len(class_names):
+        return str(class_names[label])
+    return f"class {label}"
 
+
+def _class_colors(ids: Iterable[int]) -> dict[int, tuple[float, float, float]]:
+    """One colour per class present (boxes and label map alike): tab10, or tab20 beyond 10 classes."""
+    ids = sorted(set(ids))
+    palette = sns.color_palette("tab10" if len(ids) <= 10 else "tab20")
+    return {c: tuple(palette[i % len(palette)]) for i, c in enumerate(ids)}
+
+
+BACKGROUND_RGB = (0.88, 0.88, 0.88)
+
+
+def _label_map_rgb(semantic: np.ndarray, colors: Mapping[int, Sequence[float]]) -> np.ndarray:
+    """An RGB picture of a label map: classes their colour, ignored pixels (255) white, the rest (the background)
+    light grey."""
+    rgb = np.empty((*semantic.shape, 3))
+    rgb[:] = BACKGROUND_RGB
+    rgb[semantic == 255] = 1.0
+    for c, color in colors.items():
+        rgb[semantic == c] = color
+    return rgb
+
+
+def _draw_boxes(ax: Axes, boxes: Sequence[Sequence[float]], labels: Sequence[int], names: Mapping[int, str],
+                colors: Mapping[int, Sequence[float]]) -> list[PointLabel]:
+    """The boxes, each in its class's colour; returns their name tags, to be placed where they do not overlap."""
+    tags = []
+    for (x0, y0, x1, y1), lab in zip(boxes, labels):
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colors[lab], lw=1.5))
+        tag_box = {"facecolor": colors[lab], "alpha": 0.85, "pad": 0.6, "edgecolor": "none"}
+        tags.append(PointLabel(ax, x0, y0, names[lab], "white", (("bbox", tag_box),)))
+    return tags
+
+
+@themed
+def plot_samples(dataset, n: int = 4, class_names: Mapping[int, str] | Sequence[str] | None = None
+                 ) -> tuple[Figure, dict[str, Any]]:
+    """First ``n`` images of a split with their ground truth: boxes named by class on the image (top row) and the
+    semantic label map (bottom row, when the split has one), one colour per class in both rows and a legend of the
+    classes beside the figure. ``class_names``: id -> name (a mapping; label 0 is the background), or the names of
+    labels 0, 1, ... (a sequence; every label is a class); default the split's own ``class_names``."""
     n = min(n, len(dataset))
     items = [dataset[i] for i in range(n)]
+    class_names = class_names if class_names is not None else getattr(dataset, "class_names", None)
     has_sem = all("semantic" in it for it in items)
-    fig, axes = plt.subplots(2 if has_sem else 1, n, figsize=(2.4 * n, 4.8 if has_sem else 2.4), squeeze=False)
-    data: dict[str, Any] = {"images": []}
+    background = None if isinstance(class_names, Sequence) and not isinstance(class_names, str) else 0
+    ids = {int(v) for it in items for v in it["labels"].tolist()} if all("labels" in it for it in items) else set()
+    if has_sem:
+        ids |= {int(v) for it in items for v in np.unique(it["semantic"].numpy()) if v not in (background, 255)}
+    colors = _class_colors(ids)
+    names = {c: _class_name(class_names, c) for c in colors}
+    fig, axes = plt.subplots(2 if has_sem else 1, n, figsize=(2.4 * n + 1.4, 4.9 if has_sem else 2.5), squeeze=False,
+                             layout="constrained")
+    data: dict[str, Any] = {"images": [], "class_names": {str(c): name for c, name in names.items()}}
+    tags: list[PointLabel] = []
     for j, it in enumerate(items):
         ax = axes[0, j]
         ax.imshow(it["image"].permute(1, 2, 0).numpy())
         boxes, labels = (it["boxes"].tolist(), it["labels"].tolist()) if "boxes" in it else ([], [])
-        for (x0, y0, x1, y1), lab in zip(boxes, labels):
-            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="yellow", lw=1))
-            name = (
-                (class_names.get(lab, str(lab)) if isinstance(class_names, Mapping) else class_names[lab - 1])
-                if class_names
-                else str(lab)
-            )
-            ax.text(x0, y0, name, color="yellow", fontsize=6, va="bottom")
+        tags += _draw_boxes(ax, boxes, labels, names, colors)
         ax.set_title(f"image {it['image_id']}", fontsize=8)
-        data["images"].append({"image_id": it["image_id"], "boxes": boxes, "labels": labels})
+        data["images"].append({"image_id": it["image_id"], "boxes": boxes, "labels": labels,
+                               "names": [names[lab] for lab in labels]})
         if has_sem:
-            sem = it["semantic"].numpy()
-            vmax = max(9, int(sem[sem != 255].max(initial=0)))
-            axes[1, j].imshow(
-                np.ma.masked_equal(sem, 255),
-                cmap="tab10" if vmax <= 9 else "tab20",
-                vmin=0,
-                vmax=vmax,
-                interpolation="nearest",
-            )
+            axes[1, j].imshow(_label_map_rgb(it["semantic"].numpy(), colors), interpolation="nearest")
             axes[1, j].set_title("semantic labels", fontsize=8)
     for ax in axes.ravel():
         ax.set_axis_off()
-    fig.tight_layout()
+    handles = {names[c]: Patch(color=colors[c]) for c in colors}
+    if has_sem and background is not None:
+        handles["background"] = Patch(facecolor=BACKGROUND_RGB, edgecolor="gray")
+    figure_legend(fig, handles)
+    place_point_labels(fig, tags)
     return fig, data
 
 
@@ -528,7 +676,7 @@ def plot_roi_fractions(summary: Sequence[Mapping[str, Any]], title: str | None =
         raise ValueError("plot_roi_fractions needs at least one summary entry")
     has_pairs = any(s.get("delta_inside") for s in summary)
     fig, axes = plt.subplots(
-        1, 1 + has_pairs, figsize=(5.5 * (1 + has_pairs), 3.8), layout="constrained", squeeze=False
+        1, 1 + has_pairs, figsize=(5.0 * (1 + has_pairs) + 2.4, 3.8), layout="constrained", squeeze=False
     )
     ax = axes[0, 0]
     data: dict[str, Any] = {"title": title, "groups": {}, "constant": {}, "mask_area": None, "paired": {}}
@@ -580,7 +728,6 @@ def plot_roi_fractions(summary: Sequence[Mapping[str, Any]], title: str | None =
         pax.axhline(0.0, color="black", lw=0.8)
         pax.set_ylabel("Δ share inside (paired, per image)")
         pax.set_title("paired difference, 95% CI", fontsize=10)
-        pax.legend(fontsize=8)
     for a in axes[0]:
         if ticks:
             a.set_xscale("log", base=2)
@@ -591,7 +738,7 @@ def plot_roi_fractions(summary: Sequence[Mapping[str, Any]], title: str | None =
     ax.set_ylabel("share of bits inside object masks")
     if title:
         ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    figure_legend(fig, unique_handles(axes[0]))
     return fig, data
 
 
@@ -604,81 +751,100 @@ def _bd_row_label(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> 
     return f"{label}, pooled over seeds" if row["seed"] == "pooled" else f"{label}, seed {row['seed']}"
 
 
+def _has_bd_rate(row: Mapping[str, Any], key: str) -> bool:
+    return "bd_rate" in (row.get(key) or {})
+
+
+def _missing_reason(row: Mapping[str, Any], key: str) -> str:
+    entry = row.get(key)
+    return "not computed" if not entry else format_ci(entry).removeprefix("n/a (").removesuffix(")")
+
+
+def _not_drawn_note(rows: Sequence[Mapping[str, Any]], bpp_keys: Sequence[str]) -> list[str]:
+    """One line per (reference, bpp kind, reason) of the rows without a BD-rate: they are not drawn."""
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for key in bpp_keys:
+        for r in rows:
+            if not _has_bd_rate(r, key):
+                groups.setdefault((r["anchor"], key, _missing_reason(r, key)), []).append(
+                    f"{r['task']}: {_bd_row_label(r, rows)}")
+    return [f"vs {reference_name(anchor)}, {BPP_LABELS.get(key, key)}: {reason} "
+            f"({len(names)} row{'s' if len(names) > 1 else ''}{': ' + '; '.join(names) if len(names) <= 2 else ''})"
+            for (anchor, key, reason), names in groups.items()]
+
+
+def _draw_interval(ax: Axes, y: float, entry: Mapping[str, Any], color: str) -> None:
+    """A BD-rate at row ``y``: its interval as its own segment (a BCa interval need not contain the point estimate,
+    and an open bound draws no cap on its side), and the point."""
+    lo, hi = ci_bounds(entry)
+    ends = [v for v in (lo, hi) if np.isfinite(v)]
+    if ends:
+        ax.hlines(y, min(ends + [entry["bd_rate"]]) if np.isfinite(lo) else entry["bd_rate"],
+                  max(ends + [entry["bd_rate"]]) if np.isfinite(hi) else entry["bd_rate"], color=color)
+        ax.plot(ends, [y] * len(ends), linestyle="none", marker="|", markersize=8, color=color)
+    ax.plot(entry["bd_rate"], y, marker="o", color=color)
+
+
+def _bd_panel(ax: Axes, rows: Sequence[Mapping[str, Any]], labels: Sequence[str], key: str, anchor: str) -> list[str]:
+    """One panel of one reference and bpp kind: a row per BD-rate, its value and CI written right of the axes.
+    Returns the labels of the rows drawn."""
+    drawn = []
+    for y, (r, label) in enumerate(zip(rows, labels)):
+        if not _has_bd_rate(r, key):
+            continue
+        entry = r[key]
+        _draw_interval(ax, y, entry, METHOD_STYLES.get(r["method"], {}).get("color", "k"))
+        lo, hi = ci_bounds(entry)
+        ax.annotate(f"{entry['bd_rate']:.1f} [{lo:.1f}, {hi:.1f}]", xy=(1.0, y), xycoords=("axes fraction", "data"),
+                    xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
+        drawn.append(label)
+    ax.axvline(0, color="gray", ls="--", lw=1)
+    ax.set_yticks(range(len(rows)), labels)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlabel(BD_RATE_LABEL)
+    ax.set_title(f"vs {reference_name(anchor)}: {BPP_LABELS.get(key, key)}", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    return drawn
+
+
 @themed
 def plot_bd_rate_ci(rows: Sequence[Mapping[str, Any]], bpp_keys: Sequence[str] = ("bpp_bitstream", "bpp_estimated"),
                     title: str | None = None) -> tuple[Figure, dict[str, Any]]:
-    """BD-rate point estimates with their bootstrap CIs (``Experiment.bd_rate_table`` rows): one panel per bpp kind,
-    one horizontal bar per (task, method); a dashed line at 0 (left of it = fewer bits than the anchor)."""
+    """BD-rate point estimates with their bootstrap CIs (``Experiment.bd_rate_table`` rows), one reference per chart:
+    a chart (a row of panels) per reference ("anchor": w/o aux, JPEG, ...), a panel per bpp kind that has BD-rates
+    against it, one horizontal bar per (task, method, seed) with its value and CI written right of the panel; a
+    dashed line at 0 (left of it = fewer bits than the reference). Rows without a BD-rate ("n/a") are not drawn:
+    a note under the charts lists them with the reason.
 
-    rows = list(rows)
-    labels = [f"{r['task']}: {_bd_row_label(r, rows)} vs {r['anchor']}" for r in rows]
-    fig, axes = plt.subplots(
-        1, len(bpp_keys), figsize=(5.2 * len(bpp_keys), 0.55 * max(2, len(rows)) + 1.2), squeeze=False, sharey=True
-    )
-    data: dict[str, Any] = {"labels": labels, "panels": {}}
-    for ax, key in zip(axes[0], bpp_keys):
-        pts = []
-        for y, r in enumerate(rows):
-            e = r.get(key, {})
-            if "bd_rate" not in e:
-                ax.text(0, y, f"n/a: {e.get('error', 'missing')[:40]}", va="center", fontsize=7)
-                pts.append(None)
-                continue
-            color = METHOD_STYLES.get(r["method"], {}).get("color", "k")
-            lo, hi = ci_bounds(e)
-            # the interval as its own segment: a BCa interval need not contain the point estimate, and an open bound
-            # draws no cap on its side
-            ends = [v for v in (lo, hi) if np.isfinite(v)]
-            if ends:
-                ax.hlines(y, min(ends + [e["bd_rate"]]) if np.isfinite(lo) else e["bd_rate"],
-                          max(ends + [e["bd_rate"]]) if np.isfinite(hi) else e["bd_rate"], color=color)
-                ax.plot(ends, [y] * len(ends), linestyle="none", marker="|", markersize=8, color=color)
-            ax.plot(e["bd_rate"], y, marker="o", color=color)
-            ax.annotate(
-                f"{e['bd_rate']:.1f} [{lo:.1f}, {hi:.1f}]",
-                (e["bd_rate"], y),
-                textcoords="offset points",
-                xytext=(0, 7),
-                ha="center",
-                fontsize=7,
-            )
-            pts.append(e)
-        ax.axvline(0, color="gray", ls="--", lw=1)
-        conf = next((e["confidence"] for e in pts if e), 0.95)
-        ax.set_xlabel(f"BD-rate % ({key})\n{conf:.0%} paired-bootstrap CI over test images")
-        ax.set_yticks(range(len(rows)), labels)
-        ax.set_ylim(-0.7, len(rows) - 0.3)
-        ax.invert_yaxis()
-        ax.grid(axis="x", alpha=0.3)
-        data["panels"][key] = pts
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+    Returns:
+        ``(fig, data)`` with ``data = {"title", "rows" (the input rows), "charts": [{"anchor", "bpp_key",
+        "labels" (the rows drawn)}], "not_drawn": [note lines]}``.
+    """
+    rows = [dict(r) for r in rows]
+    anchors = list(dict.fromkeys(r["anchor"] for r in rows))
+    charts = {a: [k for k in bpp_keys if any(_has_bd_rate(r, k) for r in rows if r["anchor"] == a)] for a in anchors}
+    charts = {a: keys for a, keys in charts.items() if keys}
+    not_drawn = _not_drawn_note(rows, bpp_keys)
+    sizes = [sum(any(_has_bd_rate(r, k) for k in keys) for r in rows if r["anchor"] == a) for a, keys in charts.items()]
+    ncols = max([len(k) for k in charts.values()], default=1)
+    fig = plt.figure(figsize=(4.2 * ncols + 3.6, sum(0.32 * n + 1.2 for n in sizes) + 0.16 * len(not_drawn) + 0.8),
+                     layout="constrained")
+    data: dict[str, Any] = {"title": title, "rows": rows, "charts": [], "not_drawn": not_drawn}
+    subfigs = np.atleast_1d(fig.subfigures(max(1, len(charts)), 1, height_ratios=[n + 3 for n in sizes] or None))
+    for subfig, (anchor, keys) in zip(subfigs, charts.items()):
+        chart_rows = [r for r in rows if r["anchor"] == anchor and any(_has_bd_rate(r, k) for k in keys)]
+        labels = [f"{r['task']}: {_bd_row_label(r, chart_rows)}" for r in chart_rows]
+        for ax, key in zip(subfig.subplots(1, len(keys), sharey=True, squeeze=False)[0], keys):
+            drawn = _bd_panel(ax, chart_rows, labels, key, anchor)
+            data["charts"].append({"anchor": anchor, "bpp_key": key, "labels": drawn})
+            ax.set_ylabel("task: method" if ax is subfig.axes[0] else "")
+    if not charts:
+        fig.text(0.5, 0.5, "no BD-rate to draw", ha="center")
+    if not_drawn:
+        fig.supxlabel("Not drawn (no BD-rate):\n" + "\n".join(not_drawn), fontsize=7, ha="left", x=0.01)
+    fig.suptitle((title + "\n" if title else "") + "95% paired-bootstrap CIs; left of 0: fewer bits than the reference",
+                 fontsize=10)
     return fig, data
-
-
-@themed
-def annotate_bd_rates(fig: Figure, rows: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
-    """Write the BD-rates with their CIs (``Experiment.bd_rate_table`` rows) into the matching panels of a
-    :func:`plot_rd_grid` figure (panel titles "<task> — bpp (<kind>)"). Returns the texts per panel title."""
-
-    kinds = {"bpp (estimated)": "bpp_estimated", "bpp (bitstream)": "bpp_bitstream"}
-    written: dict[str, list[str]] = {}
-    for ax in fig.axes:
-        title = ax.get_title()
-        task, _, kind = title.partition(" — ")
-        key = kinds.get(kind)
-        lines = [
-            f"{_bd_row_label(r, rows)}: {format_ci(r[key]).split(' (')[0]}"
-            for r in rows
-            if key and r["task"] == task and key in r
-        ]
-        if lines:
-            text = "BD-rate % vs " + rows[0]["anchor"] + " [95% CI]\n" + "\n".join(lines)
-            ax.text(0.99, 0.98, text, transform=ax.transAxes, ha="right", va="top", fontsize=7,
-                    bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})
-            written[title] = lines
-    return written
 
 
 @themed
@@ -690,8 +856,9 @@ def plot_dose_response(curves: Mapping[str, Mapping[str, Sequence[tuple[float, M
     tasks = list(curves)
     if not tasks:
         raise ValueError("no dose-response curves to plot")
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.0 * len(tasks), 3.8), squeeze=False, layout="constrained")
-    data: dict[str, Any] = {"bpp_key": bpp_key, "tasks": {}}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks) + 2.2, 3.8), squeeze=False,
+                             layout="constrained")
+    data: dict[str, Any] = {"bpp_key": bpp_key, "title": title, "tasks": {}}
     for ax, task in zip(axes[0], tasks):
         data["tasks"][task] = {}
         for method, points in curves[task].items():
@@ -707,10 +874,10 @@ def plot_dose_response(curves: Mapping[str, Mapping[str, Sequence[tuple[float, M
             data["tasks"][task][method] = {"budget": x, "bd_rate": y, "ci_low": lo, "ci_high": hi}
         ax.axhline(0, color="gray", ls="--", lw=1)
         ax.set_xlabel("fraction of the training budget")
-        ax.set_ylabel(f"BD-rate % vs w/o aux ({BPP_LABELS.get(bpp_key, bpp_key)})")
-        ax.set_title(task)
+        ax.set_ylabel(f"{BD_RATE_LABEL} vs w/o aux")
+        ax.set_title(f"{task} — {BPP_LABELS.get(bpp_key, bpp_key)}", fontsize=10)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+    figure_legend(fig, unique_handles(axes[0]))
     if title:
         fig.suptitle(title)
     return fig, data
@@ -747,6 +914,11 @@ def _image_iou(per_image: Mapping[str, Any]) -> float:
     return float((inter[present] / union[present]).mean()) if present.any() else float("nan")
 
 
+#: Axis labels of the paired per-image differences, with their units.
+DIFFERENCE_LABELS = {"d_bpp_bitstream": "Δ bpp (bitstream)", "d_bpp_estimated": "Δ bpp (estimated)",
+                     "d_psnr": "Δ PSNR (dB)", "d_iou": "Δ IoU of the image (0-1)"}
+
+
 @themed
 def plot_paired_differences(
     rows: Sequence[Mapping[str, Any]],
@@ -768,8 +940,9 @@ def plot_paired_differences(
         sns.stripplot(x=x, y=y, ax=ax, size=2.5, alpha=0.6, color="tab:red")
         ax.axhline(0, color="gray", ls="--", lw=1)
         ax.set_xlabel("λ")
-        ax.set_ylabel(key.replace("d_", "Δ ").replace("_", " "))
+        ax.set_ylabel(DIFFERENCE_LABELS.get(key, key.replace("d_", "Δ ").replace("_", " ")))
         data["panels"][key] = {"lambda_": x, "values": y}
+    data["title"] = title
     if title:
         fig.suptitle(title)
     return fig, data
@@ -794,12 +967,13 @@ def plot_bd_matrix(cells: Mapping[str, Mapping[str, Mapping[str, Any]]], title: 
     fig, ax = plt.subplots(figsize=(2.6 * len(cols) + 2.0, 1.2 * len(rows) + 1.2), layout="constrained")
     lim = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
     sns.heatmap(values, annot=labels, fmt="", cmap="RdBu_r", center=0, vmin=-lim, vmax=lim, ax=ax,
-                xticklabels=cols, yticklabels=rows, cbar_kws={"label": "BD-rate %"})
+                xticklabels=cols, yticklabels=rows, cbar_kws={"label": BD_RATE_LABEL})
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
     return fig, {
+        "title": title,
         "rows": rows,
         "columns": cols,
         "bd_rate": [[None if np.isnan(v) else float(v) for v in row] for row in values],

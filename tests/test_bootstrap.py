@@ -166,6 +166,12 @@ def test_bd_rate_ci_errors_and_resamples():
     out = bd_rate_ci(curves, "a", ["b"], samples=10)
     assert "do not overlap" in out["b"]["bpp_bitstream"]["error"]
     assert format_ci(out["b"]["bpp_bitstream"]).startswith("n/a")
+    missing_rate = {"error": "anchor rates must be positive and finite (bits per pixel), got [nan, nan]; BD measures "
+                             "work on log10(rate), so drop failed or zero-rate points"}
+    assert format_ci(missing_rate) == "n/a (anchor rates must be positive and finite (bits per pixel))"
+    assert format_ci({"error": "word " * 40}).endswith("word…)") and len(format_ci({"error": "word " * 40})) < 90
+    no_overlap = out["b"]["bpp_bitstream"]["error"]
+    assert format_ci({"error": no_overlap}) == "n/a (the metric ranges of the curves do not overlap)", no_overlap
     with pytest.raises(ValueError, match="no operating points"):
         bd_rate_ci(curves, "a", ["missing"], samples=10)
     curves["c"] = _curve(1.0, acc, n + 1)

@@ -380,8 +380,8 @@ def test_notebook06_widget_in_jupyterlab(tmp_path):
         time.sleep(0.5)
         driver.save_screenshot(str(ARTIFACTS / "browser_progress.png"))
 
-        figures = sorted(p.name for p in (tmp_path / "jupyter" / "icm_figures_dir" / "smoke").glob("*.png"))
-        assert f"bit_allocation_{TASK}.png" in figures and f"bit_fractions_{TASK}.png" in figures, figures
+        figures = sorted(p.name for p in (tmp_path / "jupyter" / "icm_figures_dir" / "smoke").iterdir())
+        assert f"bit_allocation_{TASK}.png" in figures and f"bit_fractions_{TASK}.md" in figures, figures
     finally:
         if driver is not None:
             driver.quit()

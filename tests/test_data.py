@@ -29,6 +29,7 @@ def test_world_refuses_to_overwrite_other_settings(world):
 
 def test_dataset_items_boxes_masks_semantic_agree(world):
     ds = IcmDataset(world / "test")
+    assert ds.class_names == {1: "circle", 2: "square", 3: "triangle"}
     item = ds[0]
     assert item["image"].shape == (3, 64, 64) and 0 <= item["image"].min() and item["image"].max() <= 1
     assert item["boxes"].shape[1] == 4 and len(item["boxes"]) == len(item["labels"]) >= 1

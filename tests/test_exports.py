@@ -18,8 +18,8 @@ from icm_helpers.io import atomic_write_json
 
 # the documented summary layout, spelled out: a reordering of VCM_COLUMNS must fail here
 SUMMARY_HEADER = ["Dataset", "qp", "avg_bpp", "end_accuracy", "encode", "decode", "nn_task", "method", "task",
-                  "metric_name", "lambda", "qf", "alpha", "seed", "num_images", "bpp_source", "bpp_estimated", "psnr",
-                  "eval_seconds", "profile"]
+                  "metric_name", "lambda", "qf", "alpha", "seed", "num_images", "decode_timed_images", "bpp_source",
+                  "bpp_estimated", "psnr", "eval_seconds", "profile"]
 
 
 def read_csv(path):
@@ -35,7 +35,7 @@ def det_record(method="baseline", lambda_=1.6, bpps=(0.11, 0.13, 0.12), metric=0
         r = {"image_id": 100 + i, "bpp_estimated": b * 0.9, "bpp_bitstream": b, "psnr": 30.0 + i / 3,
              "detections": dets}
         if times:
-            r.update(enc_seconds=0.125 * (i + 1), dec_seconds=0.0625 * (i + 1))
+            r.update(enc_seconds=0.125 * (i + 1), dec_seconds=0.0625 * (i + 1), task_seconds=0.25 * (i + 1))
         per_image.append(r)
     per_image[1]["bpp_side_info"] = 0.001953125  # a key only one image has
     mean = lambda k: sum(r[k] for r in per_image) / len(per_image)  # noqa: E731
@@ -63,11 +63,11 @@ def test_detection_csv_round_trip(tmp_path):
     path = write_per_image_csv(rec, tmp_path / "det.csv")
     header, rows = read_csv(path)
     assert header == ["image_id", "bpp_estimated", "bpp_bitstream", "psnr", "num_detections",
-                      "bpp_side_info", "dec_seconds", "enc_seconds"]  # leading, ingredient, the rest A-Z
+                      "bpp_side_info", "dec_seconds", "enc_seconds", "task_seconds"]  # leading, ingredient, A-Z
     assert len(rows) == rec["num_images"]
     for row, r in zip(rows, rec["per_image"]):
         assert int(row["image_id"]) == r["image_id"]
-        for key in ("bpp_estimated", "bpp_bitstream", "psnr", "enc_seconds", "dec_seconds"):
+        for key in ("bpp_estimated", "bpp_bitstream", "psnr", "enc_seconds", "dec_seconds", "task_seconds"):
             assert num(row[key]) == r[key], key  # exact: floats are written with their round-trip repr
         assert int(row["num_detections"]) == len(r["detections"])
         assert num(row["bpp_side_info"]) == r.get("bpp_side_info")  # empty where the image has no such key
@@ -241,17 +241,21 @@ def test_summary_layout_values_and_order(tmp_path):
         if "enc_seconds" in rec["per_image"][0]:
             assert float(row["encode"]) == pytest.approx(sum(r["enc_seconds"] for r in rec["per_image"]))
             assert float(row["decode"]) == pytest.approx(sum(r["dec_seconds"] for r in rec["per_image"]))
+            assert float(row["nn_task"]) == pytest.approx(sum(r["task_seconds"] for r in rec["per_image"]))
+            assert int(row["decode_timed_images"]) == rec["num_images"]
         else:
-            assert row["encode"] == row["decode"] == ""
-        assert row["nn_task"] == "" and row["qf"] == ""
+            assert row["encode"] == row["decode"] == row["nn_task"] == row["decode_timed_images"] == ""
+        assert row["qf"] == ""
     assert write_vcm_summary_csv(list(reversed(records)), tmp_path / "again.csv").read_bytes() == path.read_bytes()
 
 
-def test_summary_times_need_every_image_and_rates_must_exist(tmp_path):
+def test_summary_times_of_some_images_scale_to_all_and_rates_must_exist(tmp_path):
     partial = det_record()
-    del partial["per_image"][2]["dec_seconds"]  # one image untimed: no partial sum
+    for r in partial["per_image"][1:]:  # decode="first": only the first image was decoded
+        del r["dec_seconds"]
     row = vcm_summary_rows([partial])[0]
-    assert row["decode"] is None and row["encode"] == pytest.approx(0.125 * 6)
+    assert row["decode"] == pytest.approx(0.0625 * 3) and row["decode_timed_images"] == 1
+    assert row["encode"] == pytest.approx(0.125 * 6) and row["nn_task"] == pytest.approx(0.25 * 6)
     estimated = vcm_summary_rows([partial], bpp="estimated", dataset="COCO-val")[0]
     assert estimated["avg_bpp"] == partial["bpp_estimated"] and estimated["bpp_source"] == "estimated"
     assert estimated["Dataset"] == "COCO-val"
