@@ -43,8 +43,8 @@ from .methods import METHODS, icm_method_id, short_name
 from .plots import BitMapScale, theme
 from .training.objective import AUX_INITS, OBJECTIVES, IcmSpec
 
-__all__ = ["START", "RunRef", "Missing", "ViewState", "discover_runs", "missing_inputs", "BitMapExplorer",
-           "draw_view", "class_names"]
+__all__ = ["START", "RunRef", "Missing", "ViewState", "discover_runs", "missing_inputs", "runs_table",
+           "RUNS_TABLE_COLUMNS", "BitMapExplorer", "draw_view", "view_numbers", "class_names"]
 
 START = "start"  # the start codec's method id and run key
 ROI_PREFIX = "roi_"  # run key of the ROI baseline on a w/o-aux run: "roi_" + that run's key
@@ -160,7 +160,8 @@ def _make_it(ex, *notebooks: str) -> str:
     """The notebooks that make something, and the command that runs them on this profile."""
     command = f".venv/bin/python papermill_runs/run.py --profile {ex.profile} --only {' '.join(notebooks)}"
     target = {"demo": "make demo", "smoke": "make smoke"}.get(ex.profile)
-    return f"notebook {', '.join(notebooks)}: `{command}`" + (f" (or `{target}`)" if target else "")
+    which = f"notebook{'s' if len(notebooks) > 1 else ''} {', '.join(notebooks)}"
+    return f"{which}: `{command}`" + (f" (or `{target}`)" if target else "")
 
 
 def recognizer_available(ex, task: str) -> bool:
@@ -186,6 +187,21 @@ def missing_inputs(ex, task: str, runs: dict[str, RunRef] | None = None) -> list
                            _make_it(ex, "02", "03") + "; ROI: 04, aux-dec / aux-task: 05, adaptive alpha: 08, "
                            "seeds and controls: 11"))
     return out
+
+
+RUNS_TABLE_COLUMNS = ["run key", "shown as", "method", "lambda", "alpha", "seed", "codec"]
+
+
+def runs_table(runs: dict[str, RunRef], root: Path | None = None) -> list[list[Any]]:
+    """Rows of :data:`RUNS_TABLE_COLUMNS` for ``runs`` (codec paths relative to ``root`` when given)."""
+    def where(path: Path) -> str:
+        return str(path.relative_to(root)) if root is not None and path.is_relative_to(root) else str(path)
+
+    def num(v: float | None) -> str:
+        return "" if v is None else f"{v:g}"
+
+    return [[r.key, r.label, r.method, num(r.lambda_), num(r.alpha), r.seed, where(r.path)
+             + ("" if r.roi_qf is None else f" (ROI scaling, QF {r.roi_qf:g})")] for r in runs.values()]
 
 
 def class_names(dataset, task: str) -> dict[int, str]:
@@ -286,6 +302,16 @@ class BitMapExplorer:
 
     def missing(self, task: str) -> list[Missing]:
         return missing_inputs(self.ex, task, self.runs(task))
+
+    def ready_tasks(self) -> list[str]:
+        """The tasks with test images and at least one finished codec: what the comparer can show."""
+        def has_images(task: str) -> bool:
+            try:
+                return self.n_images(task) > 0
+            except (FileNotFoundError, ValueError, OSError):
+                return False
+
+        return [t for t in self.tasks if self.runs(t) and has_images(t)]
 
     def default_pair(self, task: str) -> tuple[str, str]:
         """w/o aux and the profile's primary aux-enc arm at the task's ablation lambda when both exist, else the
