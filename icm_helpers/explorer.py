@@ -501,12 +501,13 @@ def _prediction_summary(task: str, pred: dict[str, Any] | None, original: dict[s
         return None
     if task == "detection":
         n, ref = len(pred["boxes"]), original["boxes"]
+        boxes = f"{n} box{'' if n == 1 else 'es'}"
         if n == 0 or len(ref) == 0:
-            return f"{n} boxes (the original: {len(ref)})"
+            return f"{boxes} (the original: {len(ref)})"
         iou = _box_iou(pred["boxes"], ref)
         same = pred["labels"][:, None] == original["labels"][None, :]
         matched = int(((iou >= 0.5) & same).any(axis=0).sum())
-        return f"{n} boxes; {matched} of the original's {len(ref)} found (IoU ≥ 0.5, same class)"
+        return f"{boxes}; {matched} of the original's {len(ref)} found (IoU ≥ 0.5, same class)"
     agree = float((pred["label_map"] == original["label_map"]).mean())
     return f"{agree:.1%} of the pixels labelled as on the original"
 
@@ -582,7 +583,7 @@ def _draw_prediction(ax, pred: dict[str, Any] | None, names: dict[int, str]) -> 
     for (x0, y0, x1, y1), lab, score in zip(pred["boxes"], pred["labels"], pred["scores"]):
         ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="red", linewidth=1.2))
         ax.text(x0, y0, f"{names.get(int(lab), int(lab))} {score:.2f}", color="white", fontsize=7, va="bottom",
-                bbox={"facecolor": "red", "alpha": 0.6, "pad": 1, "linewidth": 0})
+                bbox={"facecolor": "red", "alpha": 0.6, "pad": 1, "linewidth": 0}, clip_on=True)
 
 
 def _legend_of_classes(fig: Figure, axes, view: dict[str, Any]) -> None:

@@ -37,10 +37,10 @@ def _fmt(v: float | None, f: str = "{:.3f}") -> str:
 INFO_COLUMNS = [  # (header, panel key, format, css class)
     ("bpp (shown)", "bpp", "{:.4f}", "icm-bpp"),
     ("bpp (y + z)", "bpp_total", "{:.4f}", ""),
-    ("share of bits inside objects", "inside", "{:.3f}", ""),
+    ("share inside objects", "inside", "{:.3f}", ""),
     ("zoom: bits", "region_bits", "{:.1f}", "icm-region-bits"),
     ("zoom: bpp", "region_bpp", "{:.4f}", ""),
-    ("zoom: share of the image's bits", "region_share", "{:.3f}", ""),
+    ("zoom: share of all bits", "region_share", "{:.3f}", ""),
     ("zoom: share inside objects", "region_inside", "{:.3f}", "icm-region-inside"),
     ("bpp at cursor", "at_cursor", "{:.4f}", "icm-cursor"),
 ]
@@ -48,13 +48,13 @@ INFO_COLUMNS = [  # (header, panel key, format, css class)
 
 def info_html(info: dict[str, Any]) -> str:
     """The numbers under the picture (``explorer.view_numbers``): one row per run, then B - A."""
-    cell = "style='padding:2px 8px;text-align:right'"
+    cell = "style='padding:2px 8px;text-align:right;white-space:nowrap'"
     head = "".join(f"<th style='padding:2px 8px'>{html.escape(h)}</th>" for h, *_ in INFO_COLUMNS)
     rows = ""
     for i, p in enumerate(info["panels"]):
         tds = "".join(f"<td class='{cls}' {cell}>{_fmt(p[key], fmt)}</td>" for _, key, fmt, cls in INFO_COLUMNS)
         rec = html.escape(p["recognizer"] or "no recognizer")
-        rows += (f"<tr><td style='padding:2px 8px'>{'AB'[i]}: {html.escape(p['run'])}</td>{tds}"
+        rows += (f"<tr><td style='padding:2px 8px;white-space:nowrap'>{'AB'[i]}: {html.escape(p['run'])}</td>{tds}"
                  f"<td class='icm-recognizer' style='padding:2px 8px'>{rec}</td></tr>")
     st = info["state"]
     x0, x1, y0, y1 = info["region"]

@@ -189,7 +189,7 @@ def test_recognizer_output_on_each_decoded_image(with_recognizer):
     assert explorer.recognizer_passes == 3  # run A's and run B's decoded images, and the original
     for pred, decoded in zip(view["predictions"], view["decoded"]):
         assert set(pred) == {"boxes", "labels", "scores"} and decoded.shape == (64, 64, 3)
-    assert all("boxes" in p["recognizer"] for p in view["panels"])
+    assert all(" box" in p["recognizer"] for p in view["panels"])
     explorer.view(state.replace(opacity=0.2, outlines=False, cursor=(3, 3)))
     assert explorer.recognizer_passes == 3  # cached per (run, image)
     assert missing_inputs(with_recognizer, "detection") == []
