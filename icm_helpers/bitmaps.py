@@ -273,29 +273,18 @@ def roi_fraction_table(
                 raise ValueError(f"{m['label']!r} is paired with {m['paired_with']!r}, which is not an earlier model")
             s["delta_inside"] = summarize(r["inside"] - q["inside"] for r, q in zip(recs, per_image[m["paired_with"]]))
         summary.append(s)
-        ins, d = s["inside"], s["delta_inside"] or {}
-        rows.append(
-            [
-                m["label"],
-                m.get("lambda_"),
-                ins["n"],
-                ins["mean"],
-                ins["ci_low"],
-                ins["ci_high"],
-                ins["std"],
-                s["area"],
-                s["concentration"],
-                s["bpp"],
-                m.get("paired_with"),
-                d.get("mean"),
-                d.get("ci_low"),
-                d.get("ci_high"),
-            ]
-        )
+        rows.append(_roi_table_row(s))
         if log:
-            log(f"  {m['label']}: {ins['mean']:.3f} of the bits inside the masks ({ins['n']} images)")
+            log(f"  {m['label']}: {s['inside']['mean']:.3f} of the bits inside the masks ({s['inside']['n']} images)")
     return {"columns": list(ROI_TABLE_COLUMNS), "rows": rows, "summary": summary, "per_image": per_image,
             "include_hyper": bool(include_hyper), "skipped_empty": skipped}
+
+
+def _roi_table_row(s: Mapping[str, Any]) -> list[Any]:
+    """One row of :data:`ROI_TABLE_COLUMNS` from a summary of :func:`roi_fraction_table`."""
+    ins, d = s["inside"], s["delta_inside"] or {}
+    return [s["label"], s["lambda_"], ins["n"], ins["mean"], ins["ci_low"], ins["ci_high"], ins["std"], s["area"],
+            s["concentration"], s["bpp"], s["paired_with"], d.get("mean"), d.get("ci_low"), d.get("ci_high")]
 
 
 def profile_models(ex, task: str, lambdas: Iterable[float] | None = None, alpha: float | None = None,
