@@ -10,10 +10,11 @@
 #   make study-rd     set up, then the study's BD-rate part (02, 03, 07: aux-enc vs w/o aux, the MSE positive control);
 #                     not funded within make study's budget on a 2-core machine (docs/protocol_outcomes/study_v2.json)
 #   make extensions   set up, then run the beyond-the-paper notebook 08 (adaptive alpha) on the demo profile
-#   make smoke        set up, then run all notebooks (01-11) with the smoke profile (tiny, CPU)
+#   make smoke        set up, then run all notebooks (01-12) with the smoke profile (tiny, CPU)
 #   make test         set up (+ setup-paper), ruff, unit tests, smoke run, nbval over the executed smoke notebooks
 #   make lab          set up, start JupyterLab in notebooks/ (kernel "python3" = .venv's python)
-#   make browser-test notebook 06 + its widget in headless JupyterLab/Chromium (needs a smoke run, chromium and
+#   make explore      set up, open notebook 12 (the bit-map explorer of finished runs; trains nothing) in JupyterLab
+#   make browser-test notebook 12's comparer in headless JupyterLab/Chromium (needs a smoke run, chromium and
 #                     chromium-driver)
 #   make clean-smoke  remove the smoke outputs (runs/smoke, papermill_runs/smoke)
 #
@@ -39,7 +40,8 @@ SMOKE_OUT := papermill_runs/smoke
 PYTEST := $(VENV_PY) -m pytest -q -p no:cacheprovider
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-mmseg setup-detectron2 setup-paper demo study study-rd extensions smoke test lab clean-smoke browser-test
+.PHONY: help setup setup-mmseg setup-detectron2 setup-paper demo study study-rd extensions smoke test lab explore \
+	clean-smoke browser-test
 
 help:
 	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
@@ -120,7 +122,7 @@ test: $(STAMP) setup-paper
 	ICM_NO_NETWORK=1 $(VENV_PY) $(RUNNER) --profile smoke
 	ICM_NO_NETWORK=1 $(PYTEST) --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg $(SMOKE_OUT)/[0-9]*.ipynb
 
-# --- notebook 06 in a real JupyterLab driven by Debian's Chromium (tests/test_browser.py, ~1 min; run after a smoke run).
+# --- notebook 12's comparer in JupyterLab driven by Debian's Chromium (tests/test_browser.py; after a smoke run).
 # Skips when chromium / chromium-driver (apt) are missing; ICM_REQUIRE_BROWSER=1 makes that an error (.ci/run sets it).
 browser-test: $(STAMP)
 	ICM_NO_NETWORK=1 $(PYTEST) -m browser -rs -s tests/test_browser.py
@@ -129,6 +131,10 @@ browser-test: $(STAMP)
 # JUPYTER_PREFER_ENV_PATH=1 makes .venv's kernelspecs win over user-level ones, so "python3" starts .venv's python.
 lab: $(STAMP)
 	cd notebooks && JUPYTER_PREFER_ENV_PATH=1 "$(abspath $(VENV))/bin/jupyter" lab
+
+# --- the same JupyterLab, opening notebook 12 (set its parameters cell's profile, then Run All)
+explore: $(STAMP)
+	cd notebooks && JUPYTER_PREFER_ENV_PATH=1 "$(abspath $(VENV))/bin/jupyter" lab 12_explore_bit_maps.ipynb
 
 clean-smoke:
 	rm -rf runs/smoke $(SMOKE_OUT)

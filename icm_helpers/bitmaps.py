@@ -15,6 +15,7 @@ so the bits spent on the padding are not in the map (they are in :attr:`BitMaps.
 - :func:`bit_allocation_map`: one map (the original API).
 - :func:`bit_map_rows`: rows for :func:`icm_helpers.plots.plot_bit_maps` (input | models... | difference).
 - :func:`roi_split` / :func:`inside_fraction`: share of a map's bits inside a mask (object masks).
+- :func:`region_split`: the bits of a rectangle of the map and their share inside a mask (the comparer's zoom).
 - :func:`roi_fraction_table`: that share for several models over a whole test set (mean, std, 95% CI): the
   paper's claim "the auxiliary loss concentrates bits on the task's regions" predicts a larger inside share
   for the w/-aux models than for the w/o-aux models at the same lambda.
@@ -35,7 +36,7 @@ from .codec import crop_to, load_codec, pad_to_multiple
 from .roi import roi_latent_scaling
 
 __all__ = ["BitMaps", "compute_bit_maps", "bit_allocation_map", "bit_map_rows", "inside_fraction", "roi_split",
-           "summarize", "roi_fraction_table", "ROI_TABLE_COLUMNS", "profile_models"]
+           "region_split", "summarize", "roi_fraction_table", "ROI_TABLE_COLUMNS", "profile_models"]
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,15 @@ class BitMaps:
     """Bit maps of one image under one codec.
 
     ``y`` / ``z``: HxW bits per pixel of the latent / hyper-latent (cropped to the image); ``y_bits`` /
-    ``z_bits``: estimated bits over the padded image; ``num_pixels``: H*W of the unpadded image."""
+    ``z_bits``: estimated bits over the padded image; ``num_pixels``: H*W of the unpadded image; ``decoded``: the
+    decoded image of the same forward pass (HxWx3 in [0, 1], cropped), when it was kept."""
 
     y: np.ndarray
     z: np.ndarray
     y_bits: float
     z_bits: float
     num_pixels: int
+    decoded: np.ndarray | None = None
 
     def map(self, include_hyper: bool = False) -> np.ndarray:
         return self.y + self.z if include_hyper else self.y
@@ -106,7 +109,8 @@ def compute_bit_maps(codec, image: torch.Tensor, roi: torch.Tensor | None = None
     lik = out["likelihoods"]
     maps = {k: crop_to(_block_map(lik[k].float().cpu(), H, W), pad)[0, 0].numpy() for k in ("y", "z")}
     totals = {k: float((-torch.log2(lik[k].float())).sum()) for k in ("y", "z")}
-    return BitMaps(maps["y"], maps["z"], totals["y"], totals["z"], int(x.shape[-2] * x.shape[-1]))
+    decoded = crop_to(out["x_hat"].float().clamp(0, 1).cpu(), pad)[0].permute(1, 2, 0).numpy()
+    return BitMaps(maps["y"], maps["z"], totals["y"], totals["z"], int(x.shape[-2] * x.shape[-1]), decoded)
 
 
 def bit_allocation_map(codec, image: torch.Tensor, include_hyper: bool = False) -> np.ndarray:
@@ -161,6 +165,28 @@ def roi_split(bit_map: np.ndarray, mask: np.ndarray) -> dict[str, float]:
         "area": area,
         "concentration": inside / area if area > 0 else float("nan"),
     }
+
+
+def region_split(bit_map: np.ndarray, mask: np.ndarray | None, box: Sequence[int]) -> dict[str, float | None]:
+    """The bits of the map inside ``box`` = (x0, x1, y0, y1), pixel columns x0..x1-1 and rows y0..y1-1: ``bits``
+    (their sum), ``bpp`` (their mean), ``share_of_image`` (of the whole map's bits) and, with an object ``mask``,
+    ``inside`` (the share of the box's bits inside the mask; NaN when the box holds no bits) and ``area`` (the mask's
+    share of the box's pixels); both None without a mask."""
+    bit_map = np.asarray(bit_map, dtype=np.float64)
+    x0, x1, y0, y1 = (int(v) for v in box)
+    h, w = bit_map.shape
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise ValueError(f"box (x0, x1, y0, y1) = {tuple(box)} is not a non-empty region of the {w}x{h} map")
+    sub = bit_map[y0:y1, x0:x1]
+    bits, total = float(sub.sum()), float(bit_map.sum())
+    out: dict[str, float | None] = {"bits": bits, "bpp": float(sub.mean()),
+                                    "share_of_image": bits / total if total > 0 else float("nan"),
+                                    "inside": None, "area": None}
+    if mask is not None:
+        sub_mask = np.asarray(mask).astype(bool)[y0:y1, x0:x1]
+        out["inside"] = float(sub[sub_mask].sum()) / bits if bits > 0 else float("nan")
+        out["area"] = float(sub_mask.mean())
+    return out
 
 
 def summarize(values: Iterable[float], ci: float = 0.95) -> dict[str, float]:
@@ -247,29 +273,18 @@ def roi_fraction_table(
                 raise ValueError(f"{m['label']!r} is paired with {m['paired_with']!r}, which is not an earlier model")
             s["delta_inside"] = summarize(r["inside"] - q["inside"] for r, q in zip(recs, per_image[m["paired_with"]]))
         summary.append(s)
-        ins, d = s["inside"], s["delta_inside"] or {}
-        rows.append(
-            [
-                m["label"],
-                m.get("lambda_"),
-                ins["n"],
-                ins["mean"],
-                ins["ci_low"],
-                ins["ci_high"],
-                ins["std"],
-                s["area"],
-                s["concentration"],
-                s["bpp"],
-                m.get("paired_with"),
-                d.get("mean"),
-                d.get("ci_low"),
-                d.get("ci_high"),
-            ]
-        )
+        rows.append(_roi_table_row(s))
         if log:
-            log(f"  {m['label']}: {ins['mean']:.3f} of the bits inside the masks ({ins['n']} images)")
+            log(f"  {m['label']}: {s['inside']['mean']:.3f} of the bits inside the masks ({s['inside']['n']} images)")
     return {"columns": list(ROI_TABLE_COLUMNS), "rows": rows, "summary": summary, "per_image": per_image,
             "include_hyper": bool(include_hyper), "skipped_empty": skipped}
+
+
+def _roi_table_row(s: Mapping[str, Any]) -> list[Any]:
+    """One row of :data:`ROI_TABLE_COLUMNS` from a summary of :func:`roi_fraction_table`."""
+    ins, d = s["inside"], s["delta_inside"] or {}
+    return [s["label"], s["lambda_"], ins["n"], ins["mean"], ins["ci_low"], ins["ci_high"], ins["std"], s["area"],
+            s["concentration"], s["bpp"], s["paired_with"], d.get("mean"), d.get("ci_low"), d.get("ci_high")]
 
 
 def profile_models(ex, task: str, lambdas: Iterable[float] | None = None, alpha: float | None = None,

@@ -174,10 +174,23 @@ class Experiment:
         """How the aux-enc arm's branch starts, per the profile (``tasks.<task>.aux_inits``; default ["cold"])."""
         return list(self.task_cfg(task).get("aux_inits", ["cold"]))
 
+    def task_runs_dir(self, task: str) -> Path:
+        """The folder of a task's ICM runs, one sub-folder per run (:meth:`run_path`)."""
+        return self.run_dir / "icm" / check_task(task)
+
     def run_path(self, spec: IcmSpec) -> Path:
         suffix = "" if spec.alpha == self.task_cfg(spec.task)["alpha"] else f"_alpha{spec.alpha:g}"
         suffix += "" if spec.seed == self.seed else f"_seed{spec.seed}"
-        return self.run_dir / "icm" / spec.task / (spec.run_name + suffix)
+        return self.task_runs_dir(spec.task) / (spec.run_name + suffix)
+
+    def codec_path(self, spec: IcmSpec) -> Path:
+        """The final codec of an ICM run (written by :meth:`train` when the run is finished)."""
+        return self.run_path(spec) / "codec.pt"
+
+    @property
+    def start_codec_path(self) -> Path:
+        """The codec start point (notebook 01)."""
+        return self.models_dir / "codec_start.pt"
 
     def result_path(self, task: str, name: str) -> Path:
         return self.run_dir / "results" / check_task(task) / f"{safe_name(name.replace('.', 'p'), 'result name')}.json"
@@ -294,7 +307,7 @@ class Experiment:
 
     # ------------------------------------------------------------------ codec start point
     def start_codec(self, force: bool = False):
-        path = self.models_dir / "codec_start.pt"
+        path = self.start_codec_path
         if not path.exists() and not force:
             self._install_shipped("codec_start", self.provenance("codec"), path)
         if path.exists() and not force:
@@ -328,7 +341,7 @@ class Experiment:
 
     def evaluate_start(self, task: str, force: bool = False) -> dict[str, Any]:
         return self._evaluate_cached(task, "start", None, {"method": "start"}, force, codec_factory=self.start_codec,
-                                     codec_key=self.models_dir / "codec_start.pt")
+                                     codec_key=self.start_codec_path)
 
     # ------------------------------------------------------------------ what ICM training shares between runs
     def warm_aux_branch(self, task: str, position: str, seed: int, labels: str = "pseudo") -> dict[str, Any]:
@@ -440,7 +453,7 @@ class Experiment:
         validate_at_steps`` instead after those numbers of steps (``curve.json``; protocol v2's learning curves).
         ``timing.json``: the seconds of the training loop and of those validations."""
         out = self.run_path(spec)
-        final = out / "codec.pt"
+        final = self.codec_path(spec)
         spec_dict = spec.as_dict()  # without alpha_mode when "fixed": the paper's stored runs stay valid
         # under torchrun every rank must take the same decision: rank 0's view of the files decides
         snapshots = {n: self.snapshot_path(spec, f) for f, n in self.budget_steps(spec.task).items()}

@@ -20,6 +20,7 @@ import functools
 import itertools
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import matplotlib as mpl
@@ -101,6 +102,7 @@ __all__ = [
     "plot_loss_curves",
     "plot_bit_maps",
     "plot_bd_rate_ci",
+    "BitMapScale",
     "plot_dose_response",
     "plot_paired_differences",
     "plot_bd_matrix",
@@ -504,6 +506,55 @@ def _check_bit_row(i: int, row: Mapping[str, Any]) -> tuple[np.ndarray, list[np.
     return image, maps, diff
 
 
+@dataclass(frozen=True)
+class BitMapScale:
+    """THE colour rules of bit-allocation maps, shared by :func:`plot_bit_maps` and the comparer
+    (``icm_helpers.explorer``): the maps shown together (a figure row, the comparer's two runs) on ONE scale from
+    ``min(0, smallest value)`` to the largest value (one unit wide when all are equal), in ``cmap``; their difference
+    on a scale symmetric around zero (``±max|diff|``, ``±1`` when it is zero everywhere) in the diverging
+    ``diff_cmap`` (red = more bits in the later map); every panel labelled with its mean in bits per pixel."""
+
+    clim: tuple[float, float]
+    diff_clim: tuple[float, float] | None = None
+    cmap: str = "viridis"
+    diff_cmap: str = "RdBu_r"
+
+    @classmethod
+    def of(cls, maps: Sequence[np.ndarray], diff: np.ndarray | None = None, cmap: str = "viridis",
+           diff_cmap: str = "RdBu_r") -> "BitMapScale":
+        vmin = min(0.0, min(float(np.min(m)) for m in maps))
+        vmax = max(float(np.max(m)) for m in maps)
+        vmax = vmax if vmax > vmin else vmin + 1.0
+        lim = None if diff is None else (float(np.abs(diff).max()) or 1.0)
+        return cls((vmin, vmax), None if lim is None else (-lim, lim), cmap, diff_cmap)
+
+    def draw_map(self, ax: Axes, values: np.ndarray, alpha: float = 1.0):
+        """``values`` (bits/pixel) on the shared scale; the returned image feeds :meth:`colorbar`."""
+        return ax.imshow(values, cmap=self.cmap, vmin=self.clim[0], vmax=self.clim[1], alpha=float(alpha),
+                         interpolation="nearest")
+
+    def draw_diff(self, ax: Axes, diff: np.ndarray, alpha: float = 1.0):
+        if self.diff_clim is None:
+            raise ValueError("this scale has no difference: build it with BitMapScale.of(maps, diff)")
+        return ax.imshow(diff, cmap=self.diff_cmap, vmin=self.diff_clim[0], vmax=self.diff_clim[1],
+                         alpha=float(alpha), interpolation="nearest")
+
+    @staticmethod
+    def colorbar(fig: Figure, image, axes, label: str = "bits/pixel"):
+        return fig.colorbar(image, ax=axes, label=label, shrink=0.85)
+
+    @staticmethod
+    def bpp_label(values: np.ndarray | float, signed: bool = False) -> str:
+        """A panel's label: the mean of its map in bits per pixel (signed, 4 decimals, for a difference)."""
+        mean = float(np.mean(values))
+        return f"mean {mean:+.4f} bpp" if signed else f"mean {mean:.3f} bpp"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The numbers of the scale for a figure's JSON."""
+        return {"clim": list(self.clim), "diff_clim": None if self.diff_clim is None else list(self.diff_clim),
+                "cmap": self.cmap, "diff_cmap": self.diff_cmap}
+
+
 @themed
 def plot_bit_maps(
     rows: Sequence[Mapping[str, Any]],
@@ -515,17 +566,51 @@ def plot_bit_maps(
 ) -> tuple[Figure, dict[str, Any]]:
     """Input images next to their bit-allocation maps (bits per pixel), one row per image.
 
-    Each row dict has ``"image"`` (HxWx3 float in [0, 1]), ``"maps"`` (HxW bits-per-pixel arrays
-    drawn with ONE colour scale per row, from ``min(0, min)`` to the row maximum, with a shared
-    colourbar labelled "bits/pixel") and optionally ``"diff"`` (w/ aux minus w/o aux), drawn with
-    the diverging ``diff_cmap`` (red = more bits with aux) on a scale symmetric around zero. All
-    rows must have the same panels; ``titles`` names the columns, e.g. ``["input", "start codec",
-    "w/o aux", "w/ aux", "difference (w/ − w/o)"]``.
+    Each row dict has ``"image"`` (HxWx3 float in [0, 1]), ``"maps"`` (HxW bits-per-pixel arrays) and optionally
+    ``"diff"`` (w/ aux minus w/o aux), drawn by the colour rules of :class:`BitMapScale`: the maps of a row on ONE
+    scale with a shared colourbar labelled "bits/pixel", the difference on a diverging scale symmetric around zero
+    (red = more bits with aux), every panel labelled with its mean bpp. All rows must have the same panels;
+    ``titles`` names the columns, e.g. ``["input", "start codec", "w/o aux", "w/ aux", "difference (w/ − w/o)"]``.
 
     Returns:
         ``(fig, data)``; ``data["rows"][i]`` holds ``clim``, ``diff_clim`` and per-panel summary
         stats (``mean``/``min``/``max`` bits per pixel, ``sum`` = total bits, ``shape``), not arrays.
     """
+    n_maps, has_diff, checked = _check_bit_rows(rows, titles, row_labels)
+    ncols = 1 + n_maps + has_diff
+    fig, axes = plt.subplots(len(rows), ncols, squeeze=False, layout="constrained",
+                             figsize=(panel_size * ncols + 1.0 + has_diff, panel_size * len(rows)))
+    data: dict[str, Any] = {"titles": list(titles), "rows": []}
+    for r, (image, maps, diff) in enumerate(checked):
+        ax_row = axes[r]
+        scale = BitMapScale.of(maps, diff, cmap, diff_cmap)
+        ax_row[0].imshow(image)
+        panels = [{"title": titles[0], "kind": "image", "shape": list(image.shape)}]
+        for ax, values, title in zip(ax_row[1:], maps, titles[1:]):
+            im = scale.draw_map(ax, values)
+            panels.append({"title": title, "kind": "bits", **_stats(values)})
+            ax.set_xlabel(scale.bpp_label(values), fontsize=8)
+        scale.colorbar(fig, im, list(ax_row[1:1 + n_maps]))
+        if diff is not None:
+            scale.colorbar(fig, scale.draw_diff(ax_row[-1], diff), ax_row[-1], label="Δ bits/pixel")
+            ax_row[-1].set_xlabel(scale.bpp_label(diff, signed=True), fontsize=8)
+            panels.append({"title": titles[-1], "kind": "diff", **_stats(diff)})
+        for ax, title in zip(ax_row, titles):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+        if row_labels:
+            ax_row[0].set_ylabel(row_labels[r])
+        data["rows"].append({"label": row_labels[r] if row_labels else None, "clim": list(scale.clim),
+                             "diff_clim": None if scale.diff_clim is None else list(scale.diff_clim),
+                             "panels": panels})
+    return fig, data
+
+
+def _check_bit_rows(rows: Sequence[Mapping[str, Any]], titles: Sequence[str], row_labels: Sequence[str] | None
+                    ) -> tuple[int, bool, list[tuple[np.ndarray, list[np.ndarray], np.ndarray | None]]]:
+    """(maps per row, whether rows have a difference, the checked rows) of :func:`plot_bit_maps`'s input."""
     if not rows:
         raise ValueError("plot_bit_maps needs at least one row")
     checked = [_check_bit_row(i, r) for i, r in enumerate(rows)]
@@ -539,39 +624,7 @@ def plot_bit_maps(
                          f"{', diff' if has_diff else ''}); pass one title per column")
     if row_labels is not None and len(row_labels) != len(rows):
         raise ValueError(f"got {len(row_labels)} row_labels for {len(rows)} rows")
-
-    fig, axes = plt.subplots(len(rows), ncols, squeeze=False, layout="constrained",
-                             figsize=(panel_size * ncols + 1.0 + has_diff, panel_size * len(rows)))
-    data: dict[str, Any] = {"titles": list(titles), "rows": []}
-    for r, (image, maps, diff) in enumerate(checked):
-        ax_row = axes[r]
-        vmin = min(0.0, min(float(m.min()) for m in maps))
-        vmax = max(float(m.max()) for m in maps)
-        vmax = vmax if vmax > vmin else vmin + 1.0
-        ax_row[0].imshow(image)
-        panels = [{"title": titles[0], "kind": "image", "shape": list(image.shape)}]
-        for ax, values, title in zip(ax_row[1:], maps, titles[1:]):
-            im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-            panels.append({"title": title, "kind": "bits", **_stats(values)})
-            ax.set_xlabel(f"mean {values.mean():.3f} bpp", fontsize=8)
-        fig.colorbar(im, ax=list(ax_row[1:1 + n_maps]), label="bits/pixel", shrink=0.85)
-        row_data = {"label": row_labels[r] if row_labels else None, "clim": [vmin, vmax], "diff_clim": None}
-        if diff is not None:
-            lim = float(np.abs(diff).max()) or 1.0
-            im = ax_row[-1].imshow(diff, cmap=diff_cmap, vmin=-lim, vmax=lim, interpolation="nearest")
-            fig.colorbar(im, ax=ax_row[-1], label="Δ bits/pixel", shrink=0.85)
-            ax_row[-1].set_xlabel(f"mean {diff.mean():+.4f} bpp", fontsize=8)
-            panels.append({"title": titles[-1], "kind": "diff", **_stats(diff)})
-            row_data["diff_clim"] = [-lim, lim]
-        for ax, title in zip(ax_row, titles):
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(title, fontsize=9)
-        if row_labels:
-            ax_row[0].set_ylabel(row_labels[r])
-        data["rows"].append({**row_data, "panels": panels})
-    return fig, data
+    return n_maps, has_diff, checked
 
 
 def _class_name(class_names: Mapping[int, str] | Sequence[str] | None, label: int) -> str:

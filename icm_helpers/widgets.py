@@ -1,18 +1,17 @@
-"""Interactive comparison of bit-allocation maps (ipywidgets; JupyterLab via ``make lab``, notebook 06).
+"""The bit-map comparer: ipywidgets around ``icm_helpers.explorer.BitMapExplorer`` (notebook 12; JupyterLab via
+``make lab`` or ``make explore``).
 
-Two layers, so that the logic is testable without a browser:
+Controls: the task; the image (a slider over the test split's images and a search box: an image id, ``#index``
+or part of a file name); run A and run B (every finished run of the task: start codec, each method, lambda and
+seed, ROI); the opacity of the maps over the image; the hyper-latent's bits; outlines of the objects (mask
+contours, ground-truth boxes); the zoom (x and y ranges in pixels); the cursor (a pixel whose bits per pixel are
+read out for both runs and their difference); "save this view" (PNG, PDF and JSON through
+``figures.save_figure``). The picture is :func:`icm_helpers.explorer.draw_view`; the table under it gives each
+run's bpp, share of bits inside the objects, the zoom region's bits and their share inside the objects, the value
+under the cursor and the recognizer's output on the decoded image.
 
-- :class:`BitMapExplorer` (no widgets): which runs exist for a task and lambda, the test images, the bit maps
-  (cached per (run, image): one codec forward pass gives the y AND z maps, so toggling ``include_hyper``, the
-  opacity or switching back to a run/image seen before never runs a codec again), and :meth:`~BitMapExplorer.render`
-  -> PNG bytes + the numbers shown. ``codec_passes`` counts the codec forward passes.
-- :class:`BitMapComparer`: the widget (dropdowns for task, lambda, image, run A and run B; an opacity slider for
-  the map over the image; a checkbox for the hyper-latent's bits) around an explorer. Its :meth:`~BitMapComparer.update`
-  sets controls programmatically and redraws once (what a user's clicks do).
-
-The picture: run A's map over the image | run B's map over the image (one colour scale for both) | B - A
-(diverging red/blue centred at zero: red = more bits in B). The table under it gives each run's bpp
-(estimated, of the map shown and of y + z) and its share of bits inside the object masks.
+All logic is in the explorer (no widgets, unit-tested); :meth:`BitMapComparer.update` sets controls as a user's
+clicks do and redraws once.
 
 Usage in a notebook::
 
@@ -23,304 +22,124 @@ from __future__ import annotations
 
 import contextlib
 import html
-import io
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-import numpy as np
-from matplotlib.figure import Figure
+from .explorer import BitMapExplorer, ViewState
 
-from .bitmaps import BitMaps, compute_bit_maps, roi_split
-from .codec import load_codec
-from .methods import METHODS, short_name
-from .plots import theme
-
-__all__ = ["RunRef", "BitMapExplorer", "BitMapComparer"]
-
-START = "start"  # the start codec's method id
-
-
-@dataclass(frozen=True)
-class RunRef:
-    """One codec to map: its checkpoint and, for the ROI baseline, the QF of the latent scaling."""
-
-    label: str
-    path: Path
-    roi_qf: float | None = None
-
-    @property
-    def key(self) -> tuple[str, float | None]:
-        return (str(self.path), self.roi_qf)
-
-
-class BitMapExplorer:
-    """Runs, images and cached bit maps of one :class:`~icm_helpers.experiment.Experiment` (see module doc).
-
-    ``codec_loader(path) -> codec`` defaults to :func:`icm_helpers.codec.load_codec`; each checkpoint is loaded
-    once. ``max_images`` caps the image list (default 50). Nothing is trained: only finished runs are offered."""
-
-    def __init__(self, ex, tasks: list[str] | None = None, alpha: float | None = None, max_images: int | None = 50,
-                 codec_loader: Callable[[Path], Any] | None = None):
-        self.ex = ex
-        self.tasks = ex.tasks("all") if tasks is None else list(tasks)
-        self.alpha = alpha
-        self.max_images = max_images
-        self._load = codec_loader or load_codec
-        self._codecs: dict[str, Any] = {}
-        self._maps: dict[tuple, BitMaps] = {}
-        self._items: dict[tuple, dict[str, Any]] = {}
-        self.codec_passes = 0
-        self.codec_loads = 0
-
-    # ------------------------------------------------------------------ what exists
-    def lambdas(self, task: str) -> list[float]:
-        """The profile's lambdas (and the ablation lambda) for which at least one ICM run of ``task`` exists
-        (all of them when none exists: then only the start codec is offered)."""
-        tc = self.ex.task_cfg(task)
-        lams = sorted(
-            {float(v) for v in tc["lambdas"]}
-            | ({float(tc["ablation_lambda"])} if tc.get("ablation_lambda") is not None else set())
-        )
-        trained = [lam for lam in lams if any(run != START for run in self.runs(task, lam))]
-        return trained or lams
-
-    def _has_start(self) -> bool:
-        return (self.ex.models_dir / "codec_start.pt").is_file()
-
-    def runs(self, task: str, lambda_: float) -> dict[str, RunRef]:
-        """Method id -> run for the finished codecs of ``task`` at ``lambda_`` (``icm_helpers.methods``): the start
-        codec, every ICM run of the table (w/o aux, aux-enc cold / warm, aux-dec, aux-task, adaptive alpha) and ROI
-        (the w/o-aux codec with the ROI latent scaling, when the profile sets a QF)."""
-        runs: dict[str, RunRef] = {}
-        if self._has_start():
-            runs[START] = RunRef(short_name(START), self.ex.models_dir / "codec_start.pt")
-        for m in METHODS.values():
-            if m.kind != "icm":
-                continue
-            spec = self.ex.spec(task, lambda_, m.aux_position, self.alpha, m.alpha_mode, m.aux_init,
-                                aux_labels=m.aux_labels, objective=m.objective)
-            path = self.ex.run_path(spec) / "codec.pt"
-            if path.is_file():
-                runs[m.id] = RunRef(m.short, path)
-        qf = self.ex.task_cfg(task).get("roi_qf")
-        if qf and "baseline" in runs:
-            runs["roi"] = RunRef(f"ROI (QF {float(qf):g})", runs["baseline"].path, float(qf))
-        return runs
-
-    def dataset(self, task: str):
-        return self.ex.dataset("test", task)
-
-    def _data_key(self, task: str) -> str:
-        return "shared" if getattr(self.ex, "shared_data", False) else task
-
-    def n_images(self, task: str) -> int:
-        n = len(self.dataset(task))
-        return n if self.max_images is None else min(n, int(self.max_images))
-
-    def image_options(self, task: str) -> list[tuple[str, int]]:
-        ids = getattr(self.dataset(task), "ids", None)
-        return [(f"#{i}" + (f" (id {ids[i]})" if ids is not None else ""), i) for i in range(self.n_images(task))]
-
-    def item(self, task: str, index: int) -> dict[str, Any]:
-        key = (self._data_key(task), int(index))
-        if key not in self._items:
-            self._items[key] = self.dataset(task)[int(index)]
-        return self._items[key]
-
-    # ------------------------------------------------------------------ maps (cached)
-    def codec(self, run: RunRef):
-        path = str(run.path)
-        if path not in self._codecs:
-            self._codecs[path] = self._load(run.path).to(self.ex.device).eval()
-            self.codec_loads += 1
-        return self._codecs[path]
-
-    def bit_maps(self, task: str, run: RunRef, index: int) -> BitMaps:
-        """y and z maps of test image ``index`` under ``run``; computed once per (run, image)."""
-        key = (run.key, self._data_key(task), int(index))
-        if key not in self._maps:
-            item = self.item(task, index)
-            self._maps[key] = compute_bit_maps(self.codec(run), item["image"], roi=item.get("roi"), roi_qf=run.roi_qf)
-            self.codec_passes += 1
-        return self._maps[key]
-
-    def view(
-        self, task: str, lambda_: float, image: int, run_a: str, run_b: str, include_hyper: bool = False
-    ) -> dict[str, Any]:
-        """The numbers of one view: image, both maps, B - A, per-run bpp and inside-mask shares, colour limits."""
-        runs = self.runs(task, lambda_)
-        missing = [r for r in (run_a, run_b) if r not in runs]
-        if missing:
-            raise ValueError(f"no run {missing} for {task} at lambda={lambda_:g}; available: {list(runs)}")
-        item = self.item(task, image)
-        bms = [self.bit_maps(task, runs[r], image) for r in (run_a, run_b)]
-        maps = [b.map(include_hyper) for b in bms]
-        diff = maps[1] - maps[0]
-        vmax = max(float(m.max()) for m in maps)
-        lim = float(np.abs(diff).max()) or 1.0
-        roi = item.get("roi")
-        panels = []
-        for name, b, m in zip((runs[run_a].label, runs[run_b].label), bms, maps):
-            split = roi_split(m, np.asarray(roi)) if roi is not None and np.asarray(roi).any() else None
-            panels.append(
-                {
-                    "run": name,
-                    "bpp": b.bpp(include_hyper),
-                    "bpp_total": b.bpp(True),
-                    "inside": split["inside"] if split else None,
-                    "mask_area": split["area"] if split else None,
-                }
-            )
-        return {
-            "task": task,
-            "lambda_": float(lambda_),
-            "image": int(image),
-            "image_id": item.get("image_id"),
-            "include_hyper": bool(include_hyper),
-            "image_array": item["image"].permute(1, 2, 0).cpu().numpy().clip(0, 1),
-            "maps": maps,
-            "diff": diff,
-            "clim": [0.0, vmax if vmax > 0 else 1.0],
-            "diff_clim": [-lim, lim],
-            "panels": panels,
-            "diff_mean_bpp": float(diff.mean()),
-        }
-
-    # ------------------------------------------------------------------ drawing
-    @staticmethod
-    def figure(view: dict[str, Any], opacity: float = 0.7) -> Figure:
-        """run A | run B (maps over the image, one colour scale) | B - A (red = more bits in B, centred at 0)."""
-        a, b = view["panels"]
-        fig = Figure(figsize=(11, 3.7), layout="constrained")
-        axes = fig.subplots(1, 3)
-        img = view["image_array"]
-        for ax, m, p in zip(axes[:2], view["maps"], view["panels"]):
-            ax.imshow(img, interpolation="nearest")
-            im = ax.imshow(
-                m,
-                cmap="viridis",
-                vmin=view["clim"][0],
-                vmax=view["clim"][1],
-                alpha=float(opacity),
-                interpolation="nearest",
-            )
-            ax.set_title(f"{p['run']}: {p['bpp']:.4f} bpp", fontsize=10)
-        fig.colorbar(im, ax=list(axes[:2]), label="bits/pixel", shrink=0.85)
-        axes[2].imshow(img.mean(axis=2), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        im = axes[2].imshow(view["diff"], cmap="RdBu_r", vmin=view["diff_clim"][0], vmax=view["diff_clim"][1],
-                            alpha=float(opacity), interpolation="nearest")
-        axes[2].set_title(f"{b['run']} − {a['run']}: {view['diff_mean_bpp']:+.4f} bpp", fontsize=10)
-        fig.colorbar(im, ax=axes[2], label="Δ bits/pixel (red: more in B)", shrink=0.85)
-        for ax in axes:
-            ax.set_xticks([])
-            ax.set_yticks([])
-        what = "y + z (hyper-latent)" if view["include_hyper"] else "y (latent)"
-        fig.suptitle(f"{view['task']}, λ={view['lambda_']:g}, image {view['image_id']}: bits of {what}", fontsize=10)
-        return fig
-
-    def render(self, task: str, lambda_: float, image: int, run_a: str, run_b: str, include_hyper: bool = False,
-               opacity: float = 0.7) -> tuple[bytes, dict[str, Any]]:
-        """PNG bytes of the view's figure and its numbers (without arrays)."""
-        view = self.view(task, lambda_, image, run_a, run_b, include_hyper)
-        buf = io.BytesIO()
-        with theme():  # the suite's figure theme, for this figure only
-            self.figure(view, opacity).savefig(buf, format="png", dpi=90)
-        info = {k: v for k, v in view.items() if k not in ("image_array", "maps", "diff")}
-        return buf.getvalue(), info
+__all__ = ["BitMapComparer", "info_html"]
 
 
 def _fmt(v: float | None, f: str = "{:.3f}") -> str:
     return "n/a" if v is None else f.format(v)
 
 
+INFO_COLUMNS = [  # (header, panel key, format, css class)
+    ("bpp (shown)", "bpp", "{:.4f}", "icm-bpp"),
+    ("bpp (y + z)", "bpp_total", "{:.4f}", ""),
+    ("share inside objects", "inside", "{:.3f}", ""),
+    ("zoom: bits", "region_bits", "{:.1f}", "icm-region-bits"),
+    ("zoom: bpp", "region_bpp", "{:.4f}", ""),
+    ("zoom: share of all bits", "region_share", "{:.3f}", ""),
+    ("zoom: share inside objects", "region_inside", "{:.3f}", "icm-region-inside"),
+    ("bpp at cursor", "at_cursor", "{:.4f}", "icm-cursor"),
+]
+
+
 def info_html(info: dict[str, Any]) -> str:
-    """The numbers under the picture: per-run bpp and share of bits inside the object masks."""
-    td = "style='padding:2px 12px;text-align:right'"
-    rows = "".join(
-        f"<tr><td style='padding:2px 12px'>{'AB'[i]}: {html.escape(p['run'])}</td>"
-        f"<td class='icm-bpp' {td}>{p['bpp']:.4f}</td>"
-        f"<td {td}>{p['bpp_total']:.4f}</td><td {td}>{_fmt(p['inside'])}</td><td {td}>{_fmt(p['mask_area'])}</td></tr>"
-        for i, p in enumerate(info["panels"])
-    )
-    part = "y + z" if info["include_hyper"] else "y"
-    th = "style='padding:2px 12px'"
+    """The numbers under the picture (``explorer.view_numbers``): one row per run, then B - A."""
+    cell = "style='padding:2px 8px;text-align:right;white-space:nowrap'"
+    head = "".join(f"<th style='padding:2px 8px'>{html.escape(h)}</th>" for h, *_ in INFO_COLUMNS)
+    rows = ""
+    for i, p in enumerate(info["panels"]):
+        tds = "".join(f"<td class='{cls}' {cell}>{_fmt(p[key], fmt)}</td>" for _, key, fmt, cls in INFO_COLUMNS)
+        rec = html.escape(p["recognizer"] or "no recognizer")
+        rows += (f"<tr><td style='padding:2px 8px;white-space:nowrap'>{'AB'[i]}: {html.escape(p['run'])}</td>{tds}"
+                 f"<td class='icm-recognizer' style='padding:2px 8px'>{rec}</td></tr>")
+    st = info["state"]
+    x0, x1, y0, y1 = info["region"]
+    cursor = "no cursor" if st["cursor"] is None else (
+        f"at the cursor (x={st['cursor'][0]}, y={st['cursor'][1]}) {_fmt(info['diff_at_cursor'], '{:+.4f}')}")
     return (
-        f"<table class='icm-bitmap-table' style='border-collapse:collapse'><tr><th {th}>run</th>"
-        f"<th {th}>bpp ({part}, shown)</th><th {th}>bpp (y + z)</th><th {th}>share of bits inside objects</th>"
-        f"<th {th}>object area</th></tr>{rows}</table>"
-        f"<div>image {info['image_id']}: B − A = {info['diff_mean_bpp']:+.4f} bpp</div>"
+        f"<table class='icm-bitmap-table' style='border-collapse:collapse'><tr><th>run</th>{head}"
+        f"<th style='padding:2px 8px'>recognizer on the decoded image</th></tr>{rows}</table>"
+        f"<div class='icm-bitmap-diff'>image {info['image_id']}: B − A = {info['diff_mean_bpp']:+.4f} bpp; in the "
+        f"zoom (x {x0}..{x1 - 1}, y {y0}..{y1 - 1}) {info['diff_region_bpp']:+.4f} bpp; {cursor} bpp</div>"
     )
 
 
 class BitMapComparer:
-    """The widget (see module doc). ``widget`` is the box to display; ``update(**state)`` changes controls.
+    """The widget (see module doc). ``widget`` is the box to display; ``update(**changes)`` changes controls.
 
-    State keys: ``task``, ``lambda_``, ``image`` (index in the test split), ``run_a``, ``run_b`` (method ids from
-    :meth:`BitMapExplorer.runs`, e.g. "baseline", "aux_enc"), ``opacity`` (0..1, the map over the image),
-    ``include_hyper``."""
+    State keys (those of :class:`icm_helpers.explorer.ViewState`): ``task``, ``run_a``, ``run_b`` (run keys, e.g.
+    "baseline_lambda1.6", "aux_enc_warm_lambda1.6_seed1", "start", "roi_baseline_lambda1.6"), ``image`` (index in
+    the test split), ``include_hyper``, ``opacity`` (0..1), ``outlines``, ``region`` ((x0, x1, y0, y1) or None),
+    ``cursor`` ((x, y)). ``figures_dir``: where "save this view" writes (default: the suite's figures root)."""
 
-    def __init__(
-        self,
-        explorer: BitMapExplorer,
-        task: str | None = None,
-        lambda_: float | None = None,
-        image: int = 0,
-        run_a: str | None = "baseline",
-        run_b: str | None = "aux_enc",
-        opacity: float = 0.7,
-        include_hyper: bool = False,
-    ):
+    def __init__(self, explorer: BitMapExplorer, figures_dir: str | Path | None = None, **state: Any):
         import ipywidgets as W  # optional dependency: the notebooks extra (pip install -e '.[notebooks]')
 
         self.explorer = explorer
+        self.figures_dir = figures_dir
         self.renders = 0
         self.last_error: str | None = None
         self.last_info: dict[str, Any] | None = None
+        self.last_saved: dict[str, Path] | None = None
         self._quiet = False
-        style = {"description_width": "60px"}
-        self.task_w = W.Dropdown(options=explorer.tasks, description="task", style=style)
-        self.lambda_w = W.Dropdown(description="λ", style=style)
-        self.image_w = W.Dropdown(description="image", style=style)
-        self.run_a_w = W.Dropdown(description="run A", style=style)
-        self.run_b_w = W.Dropdown(description="run B", style=style)
-        self.opacity_w = W.FloatSlider(
-            value=float(opacity), min=0.0, max=1.0, step=0.05, description="opacity", style=style
-        )
-        self.hyper_w = W.Checkbox(value=bool(include_hyper), description="include hyper-latent z", indent=False)
-        self.picture = W.Image(format="png")
-        self.info = W.HTML()
-        self.status = W.HTML()
-        for w, cls in (
-            (self.task_w, "icm-bitmap-task"),
-            (self.lambda_w, "icm-bitmap-lambda"),
-            (self.image_w, "icm-bitmap-image"),
-            (self.run_a_w, "icm-bitmap-run-a"),
-            (self.run_b_w, "icm-bitmap-run-b"),
-            (self.opacity_w, "icm-bitmap-opacity"),
-            (self.hyper_w, "icm-bitmap-hyper"),
-            (self.picture, "icm-bitmap-png"),
-            (self.info, "icm-bitmap-info"),
-            (self.status, "icm-bitmap-status"),
-        ):
-            w.add_class(cls)
-        self.widget = W.VBox([W.HBox([self.task_w, self.lambda_w, self.image_w]), W.HBox([self.run_a_w, self.run_b_w]),
-                              W.HBox([self.opacity_w, self.hyper_w]), self.picture, self.info, self.status])
-        self.widget.add_class("icm-bitmap-comparer")
+        self._task: str | None = None  # the task whose runs and images the controls offer
+        self._build(W)
+        first = explorer.default_state(state.get("task"))
         with self._batch():
-            self.task_w.value = task or explorer.tasks[0]
-            self._sync_task(lambda_, image, run_a, run_b)
-        self.task_w.observe(self._on_task, names="value")
-        self.lambda_w.observe(self._on_lambda, names="value")
-        for w in (self.image_w, self.run_a_w, self.run_b_w, self.opacity_w, self.hyper_w):
+            self._set_task(first.task)
+            self._apply(first.replace(**{k: v for k, v in state.items() if k != "task"}))
+        for w in self._view_controls:
             w.observe(self._on_view, names="value")
+        self.task_w.observe(self._on_task, names="value")
+        self.image_w.observe(self._on_image, names="value")
+        self.search_w.observe(self._on_search, names="value")
+        self.save_w.on_click(lambda _b: self.save())
         self.redraw()
 
+    def _build(self, W) -> None:
+        style = {"description_width": "70px"}
+        wide = W.Layout(width="420px")
+        self.task_w = W.Dropdown(options=self.explorer.tasks, description="task", style=style)
+        self.image_w = W.IntSlider(min=0, max=0, description="image #", continuous_update=False, style=style,
+                                   layout=wide)
+        self.search_w = W.Text(placeholder="image id, #index or file name", description="find", style=style,
+                               continuous_update=False)
+        self.run_a_w = W.Dropdown(description="run A", style=style, layout=wide)
+        self.run_b_w = W.Dropdown(description="run B", style=style, layout=wide)
+        self.opacity_w = W.FloatSlider(min=0.0, max=1.0, step=0.05, description="opacity", style=style)
+        self.hyper_w = W.Checkbox(description="include hyper-latent z", indent=False)
+        self.outlines_w = W.Checkbox(description="outline objects (masks, boxes)", indent=False)
+        self.zoom_x_w = W.IntRangeSlider(min=0, max=1, description="zoom x", continuous_update=False, style=style,
+                                         layout=wide)
+        self.zoom_y_w = W.IntRangeSlider(min=0, max=1, description="zoom y", continuous_update=False, style=style,
+                                         layout=wide)
+        self.cursor_x_w = W.IntSlider(min=0, max=0, description="cursor x", continuous_update=False, style=style)
+        self.cursor_y_w = W.IntSlider(min=0, max=0, description="cursor y", continuous_update=False, style=style)
+        self.save_w = W.Button(description="save this view", icon="save")
+        self.picture, self.info, self.status = W.Image(format="png"), W.HTML(), W.HTML()
+        named = {"task": self.task_w, "image": self.image_w, "search": self.search_w, "run-a": self.run_a_w,
+                 "run-b": self.run_b_w, "opacity": self.opacity_w, "hyper": self.hyper_w, "outlines": self.outlines_w,
+                 "zoom-x": self.zoom_x_w, "zoom-y": self.zoom_y_w, "cursor-x": self.cursor_x_w,
+                 "cursor-y": self.cursor_y_w, "save": self.save_w, "png": self.picture, "info": self.info,
+                 "status": self.status}
+        for name, w in named.items():
+            w.add_class(f"icm-bitmap-{name}")
+        self._view_controls = [self.run_a_w, self.run_b_w, self.opacity_w, self.hyper_w, self.outlines_w,
+                               self.zoom_x_w, self.zoom_y_w, self.cursor_x_w, self.cursor_y_w]
+        self.widget = W.VBox([
+            W.HBox([self.task_w, self.image_w, self.search_w]), W.HBox([self.run_a_w, self.run_b_w]),
+            W.HBox([self.opacity_w, self.hyper_w, self.outlines_w]), W.HBox([self.zoom_x_w, self.zoom_y_w]),
+            W.HBox([self.cursor_x_w, self.cursor_y_w, self.save_w]), self.picture, self.info, self.status])
+        self.widget.add_class("icm-bitmap-comparer")
+
     @classmethod
-    def from_experiment(
-        cls, ex, tasks: list[str] | None = None, alpha: float | None = None, max_images: int | None = 50, **state
-    ) -> "BitMapComparer":
-        return cls(BitMapExplorer(ex, tasks, alpha=alpha, max_images=max_images), **state)
+    def from_experiment(cls, ex, tasks: list[str] | None = None, max_images: int | None = None,
+                        figures_dir: str | Path | None = None, **state: Any) -> "BitMapComparer":
+        return cls(BitMapExplorer(ex, tasks, max_images=max_images), figures_dir=figures_dir, **state)
 
     def _ipython_display_(self):  # pragma: no cover - notebook display
         from IPython.display import display  # optional dependency: the notebooks extra (pip install -e '.[notebooks]')
@@ -336,98 +155,115 @@ class BitMapComparer:
         finally:
             self._quiet = quiet
 
-    def state(self) -> dict[str, Any]:
-        return {
-            "task": self.task_w.value,
-            "lambda_": self.lambda_w.value,
-            "image": self.image_w.value,
-            "run_a": self.run_a_w.value,
-            "run_b": self.run_b_w.value,
-            "opacity": self.opacity_w.value,
-            "include_hyper": self.hyper_w.value,
-        }
+    def state(self) -> ViewState:
+        """The view the controls show (a zoom over the whole image is no zoom)."""
+        x, y = self.zoom_x_w.value, self.zoom_y_w.value
+        full = (x[0], x[1], y[0], y[1]) == (0, self.zoom_x_w.max, 0, self.zoom_y_w.max)
+        return ViewState(self.task_w.value, self.run_a_w.value, self.run_b_w.value, int(self.image_w.value),
+                         bool(self.hyper_w.value), float(self.opacity_w.value), bool(self.outlines_w.value),
+                         None if full else (x[0], x[1], y[0], y[1]), (self.cursor_x_w.value, self.cursor_y_w.value))
 
-    def _sync_task(self, lambda_=None, image=None, run_a=None, run_b=None) -> None:
+    def _set_task(self, task: str) -> None:
+        """The task's runs and images; runs A and B kept when the task has them."""
         ex = self.explorer
-        task = self.task_w.value
-        lams = ex.lambdas(task)
-        want = lambda_ if lambda_ is not None else self.lambda_w.value
-        if want is None or float(want) not in lams:
-            abl = ex.ex.task_cfg(task).get("ablation_lambda")
-            want = float(abl) if abl is not None and float(abl) in lams else lams[0]
-        self.lambda_w.options = [(f"{v:g}", v) for v in lams]
-        self.lambda_w.value = float(want)
-        opts = ex.image_options(task)
-        self.image_w.options = opts
-        idx = image if image is not None else self.image_w.value
-        self.image_w.value = idx if idx is not None and 0 <= int(idx) < len(opts) else 0
-        self._sync_runs(run_a, run_b)
+        self._task = self.task_w.value = task
+        options = [(r.label, key) for key, r in ex.runs(task).items()]  # shown: the label; value: the run key
+        keep = (self.run_a_w.value, self.run_b_w.value)
+        defaults = ex.default_pair(task)
+        self.run_a_w.options, self.run_b_w.options = options, options
+        keys = [k for _, k in options]
+        self.run_a_w.value, self.run_b_w.value = (k if k in keys else d for k, d in zip(keep, defaults))
+        self.image_w.max = max(0, ex.n_images(task) - 1)
 
-    def _sync_runs(self, run_a=None, run_b=None) -> None:
-        runs = self.explorer.runs(self.task_w.value, self.lambda_w.value)
-        if not runs:
-            raise ValueError(
-                f"no finished codec for {self.task_w.value} at lambda={self.lambda_w.value:g} "
-                f"in {self.explorer.ex.run_dir}"
-            )
-        ids = list(runs)
-        a = run_a if run_a is not None else self.run_a_w.value
-        b = run_b if run_b is not None else self.run_b_w.value
-        self.run_a_w.options = [(r.label, i) for i, r in runs.items()]  # shown: the short name; value: the method id
-        self.run_b_w.options = [(r.label, i) for i, r in runs.items()]
-        self.run_a_w.value = a if a in ids else ids[0]
-        self.run_b_w.value = b if b in ids else ids[-1]
+    def _fit_image(self) -> None:
+        """Zoom and cursor ranges of the current image's size (reset to the whole image and its centre when the
+        size changes)."""
+        h, w = self.explorer.item(self.task_w.value, self.image_w.value)["image"].shape[-2:]
+        if (self.zoom_x_w.max, self.zoom_y_w.max) == (w, h):
+            return
+        for rng, size in ((self.zoom_x_w, w), (self.zoom_y_w, h)):
+            rng.max = max(rng.max, size)
+            rng.value = (0, size)
+            rng.max = size
+        for cur, size in ((self.cursor_x_w, w), (self.cursor_y_w, h)):
+            cur.max = max(cur.max, size - 1)
+            cur.value = size // 2
+            cur.max = size - 1
 
-    def update(self, **state) -> bytes:
-        """Set any of the state keys (task first, then lambda, then the rest), redraw once, return the PNG."""
-        unknown = set(state) - {"task", "lambda_", "image", "run_a", "run_b", "opacity", "include_hyper"}
-        if unknown:
-            raise ValueError(f"unknown state keys {sorted(unknown)}")
+    def _apply(self, state: ViewState) -> None:
+        """Set every control to ``state`` (task, then image, then the rest)."""
+        if state.task != self._task:
+            self._set_task(state.task)
+        self.image_w.value = state.image
+        self._fit_image()
+        h, w = self.zoom_y_w.max, self.zoom_x_w.max
+        state = state.checked(h, w)
+        self.run_a_w.value, self.run_b_w.value = state.run_a, state.run_b
+        self.opacity_w.value, self.hyper_w.value = state.opacity, state.include_hyper
+        self.outlines_w.value = state.outlines
+        x0, x1, y0, y1 = state.region or (0, w, 0, h)
+        self.zoom_x_w.value, self.zoom_y_w.value = (x0, x1), (y0, y1)
+        if state.cursor is not None:
+            self.cursor_x_w.value, self.cursor_y_w.value = state.cursor
+
+    def update(self, **changes: Any) -> bytes:
+        """Set any of the state keys, redraw once, return the PNG."""
+        state = self.state()
+        if "task" in changes and changes["task"] != self._task:
+            with self._batch():
+                self._set_task(changes["task"])
+            state = self.state().replace(image=min(state.image, self.image_w.max))
         with self._batch():
-            if "task" in state:
-                self.task_w.value = state["task"]
-                self._sync_task(state.get("lambda_"), state.get("image"), state.get("run_a"), state.get("run_b"))
-            elif "lambda_" in state:
-                self.lambda_w.value = float(state["lambda_"])
-                self._sync_runs(state.get("run_a"), state.get("run_b"))
-            for key, w in (
-                ("image", self.image_w),
-                ("run_a", self.run_a_w),
-                ("run_b", self.run_b_w),
-                ("opacity", self.opacity_w),
-                ("include_hyper", self.hyper_w),
-            ):
-                if key in state:
-                    w.value = state[key]
+            self._apply(state.replace(**changes))
         self.redraw()
         return self.picture.value
 
     # ------------------------------------------------------------------ events
-    def _on_task(self, _change) -> None:
-        if self._quiet:
-            return
-        with self._batch():
-            self._sync_task()
-        self.redraw()
+    def _on_task(self, change) -> None:
+        if not self._quiet:
+            self.update(task=change["new"])
 
-    def _on_lambda(self, _change) -> None:
+    def _on_image(self, _change) -> None:
         if self._quiet:
             return
         with self._batch():
-            self._sync_runs()
+            self._fit_image()
         self.redraw()
 
     def _on_view(self, _change) -> None:
         if not self._quiet:
             self.redraw()
 
+    def _on_search(self, change) -> None:
+        if self._quiet or not str(change["new"]).strip():
+            return
+        index = self.explorer.find_image(self.task_w.value, change["new"])
+        if index is None:
+            self.status.value = f"<span style='color:#b00'>no image matches {html.escape(str(change['new']))}</span>"
+            return
+        self.update(image=index)
+
+    def save(self) -> dict[str, Path] | None:
+        """Save the current view (PNG, PDF, JSON) through ``figures.save_figure``; the paths go to the status line."""
+        try:
+            self.last_saved = self.explorer.save(self.state(), figures_dir=self.figures_dir)
+        except Exception as exc:  # shown in the widget: a button callback's traceback would be lost in the browser
+            self._error(exc)
+            return None
+        self.status.value = ("<span class='icm-saved'>saved " + ", ".join(html.escape(str(p))
+                                                                         for p in self.last_saved.values()) + "</span>")
+        return self.last_saved
+
+    def _error(self, exc: Exception) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.status.value = f"<span style='color:#b00'>{html.escape(self.last_error)}</span>"
+
     def redraw(self) -> None:
         """Render the current state into the picture and the table (errors go to the status line)."""
         try:
-            png, info = self.explorer.render(**self.state())
+            png, info = self.explorer.render(self.state())
         except Exception as exc:  # shown in the widget: a callback's traceback would be lost in the browser log
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            self.status.value = f"<span style='color:#b00'>{html.escape(self.last_error)}</span>"
+            self._error(exc)
             return
         self.last_error = None
         self.status.value = ""

@@ -1,8 +1,7 @@
-"""Bit-allocation maps (notebook 06): map sums, inside/outside shares, the test-set table, colour scales and the
-comparer widget's cache (a view change must not run a codec again)."""
+"""Bit-allocation maps (notebook 06): map sums, inside/outside shares, the test-set table and colour scales (the
+comparer of notebook 12: tests/test_explorer.py)."""
 from __future__ import annotations
 
-import io
 import math
 
 import matplotlib
@@ -12,13 +11,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from icm_helpers.bitmaps import (BitMaps, bit_allocation_map, bit_map_rows, compute_bit_maps, inside_fraction,  # noqa: E402
+from icm_helpers.bitmaps import (bit_allocation_map, bit_map_rows, compute_bit_maps, inside_fraction,  # noqa: E402
                                  roi_fraction_table, roi_split, summarize)
-from icm_helpers.codec import bits_from_likelihoods, build_codec, load_codec, pad_to_multiple, save_codec  # noqa: E402
-from icm_helpers.data import IcmDataset, WorldSpec, generate_world  # noqa: E402
-from icm_helpers.figures import save_figure  # noqa: E402
+from icm_helpers.codec import bits_from_likelihoods, build_codec, crop_to, pad_to_multiple  # noqa: E402
+from icm_helpers.data import IcmDataset  # noqa: E402
 from icm_helpers.plots import plot_bit_maps, plot_roi_fractions  # noqa: E402
 
 
@@ -76,6 +73,16 @@ def test_maps_are_constant_on_16x16_blocks_and_restore_training_mode(codecs):
     assert np.allclose(blocks, blocks[:, :1, :, :1])
     with pytest.raises(ValueError, match="3xHxW"):
         compute_bit_maps(codec, torch.rand(2, 3, 64, 64))
+
+
+def test_maps_keep_the_decoded_image_of_the_same_pass(codecs):
+    x = torch.rand(3, 70, 90, generator=torch.Generator().manual_seed(3))
+    bm = compute_bit_maps(codecs[0], x)
+    with torch.no_grad():
+        xp, pad = pad_to_multiple(x[None])
+        x_hat = crop_to(codecs[0](xp)["x_hat"].clamp(0, 1), pad)[0].permute(1, 2, 0).numpy()
+    assert bm.decoded.shape == (70, 90, 3)
+    np.testing.assert_allclose(bm.decoded, x_hat, atol=1e-6)
 
 
 def test_roi_map_needs_mask_and_lowers_bits_outside(codecs):
@@ -198,144 +205,3 @@ def test_figure_rows_share_one_scale_and_diff_is_centred(codecs, test_set):
         dmin, dmax, cmap = _norms(axes[r, 4])[0]
         assert dmin == pytest.approx(-dmax) and dmax == pytest.approx(np.abs(row["diff"]).max()) and cmap == "RdBu_r"
         assert data["rows"][r]["diff_clim"] == [pytest.approx(dmin), pytest.approx(dmax)]
-
-
-# ---------------------------------------------------------------- the comparer widget
-@pytest.fixture()
-def experiment(tmp_path):
-    """A run directory with a tiny generated world and three small codecs: start, w/o aux and aux-enc at the
-    detection ablation lambda of the smoke profile."""
-    from icm_helpers.experiment import Experiment
-
-    generate_world(tmp_path / "data", WorldSpec(image_size=64, n_classes=3, seed=0), {"train": 1, "val": 1, "test": 3})
-    ex = Experiment("smoke", run_dir=tmp_path, overrides={"threads": 1})
-    lam = ex.task_cfg("detection")["ablation_lambda"]
-    paths = [ex.models_dir / "codec_start.pt", ex.run_path(ex.spec("detection", lam, None)) / "codec.pt",
-             ex.run_path(ex.spec("detection", lam, "enc")) / "codec.pt"]
-    for seed, path in enumerate(paths):
-        torch.manual_seed(seed)
-        save_codec(path, build_codec(N=16))
-    return ex
-
-
-class CountingLoader:
-    """load_codec that counts loads and, through a forward hook, every forward pass of every codec."""
-
-    def __init__(self):
-        self.loads, self.forwards = 0, 0
-
-    def __call__(self, path):
-        self.loads += 1
-        codec = load_codec(path)
-        codec.register_forward_hook(lambda *_: setattr(self, "forwards", self.forwards + 1))
-        return codec
-
-
-def _png_size(png: bytes) -> tuple[int, int]:
-    return Image.open(io.BytesIO(png)).size
-
-
-def test_explorer_lists_existing_runs_only(experiment):
-    from icm_helpers.widgets import BitMapExplorer
-
-    exp = BitMapExplorer(experiment, ["detection", "segmentation"], codec_loader=CountingLoader())
-    assert exp.lambdas("detection") == [1.6]  # the only lambda with an ICM run
-    assert list(exp.runs("detection", 1.6)) == [
-        "start",
-        "baseline",
-        "aux_enc",
-        "roi",
-    ]  # method ids (icm_helpers.methods)
-    assert [r.label for r in exp.runs("detection", 1.6).values()] == [
-        "start codec",
-        "w/o aux",
-        "aux-enc",
-        "ROI (QF 1.4)",
-    ]
-    assert list(exp.runs("detection", 0.4)) == ["start"]
-    assert list(exp.runs("segmentation", 2.0)) == ["start"]  # no segmentation runs, no ROI for segmentation
-    assert [v for _, v in exp.image_options("detection")] == [0, 1, 2]
-
-
-def test_warm_started_runs_are_offered_and_are_the_primary_arm(experiment):
-    """A profile whose primary aux arm is warm-started (``aux_inits: [warm, ...]``, the demo) compares that arm in
-    the inside-mask table, and the widget offers the warm run beside the cold one."""
-    from icm_helpers.bitmaps import profile_models
-    from icm_helpers.experiment import Experiment
-    from icm_helpers.widgets import BitMapExplorer
-
-    warm = Experiment("smoke", run_dir=experiment.run_dir, overrides={"threads": 1})
-    warm.cfg["tasks"]["detection"]["aux_inits"] = ["warm"]  # the smoke profile has no such entry: set as in demo
-    spec = warm.spec("detection", 1.6, "enc", aux_init="warm")
-    save_codec(warm.run_path(spec) / "codec.pt", build_codec(N=16))
-    assert list(BitMapExplorer(warm, ["detection"]).runs("detection", 1.6)) == [
-        "start", "baseline", "aux_enc", "aux_enc_warm", "roi"]
-    methods = [m.get("method") for m in profile_models(warm, "detection", [1.6])]
-    assert methods == [None, "baseline", "aux_enc_warm"]
-    assert [m.get("method") for m in profile_models(experiment, "detection", [1.6])] == [None, "baseline", "aux_enc"]
-
-
-def test_widget_view_changes_do_not_rerun_the_codec(experiment):
-    from icm_helpers.widgets import BitMapComparer, BitMapExplorer
-
-    loader = CountingLoader()
-    explorer = BitMapExplorer(experiment, ["detection"], codec_loader=loader)
-    w = BitMapComparer(explorer, run_a="baseline", run_b="aux_enc")
-    assert w.last_error is None and w.renders == 1
-    assert (loader.loads, loader.forwards, explorer.codec_passes) == (2, 2, 2)
-    first_png, first_info = w.picture.value, w.info.value
-    assert _png_size(first_png)[0] > 300 and "w/o aux" in first_info and "aux-enc" in first_info
-
-    # view-only changes: opacity, hyper-latent on/off -> new picture / numbers, NO codec call
-    png = w.update(opacity=0.2)
-    assert png != first_png and loader.forwards == 2
-    w.update(include_hyper=True)
-    assert loader.forwards == 2 and w.info.value != first_info
-    bpp_hyper = [p["bpp"] for p in w.last_info["panels"]]
-    w.update(include_hyper=False)
-    assert loader.forwards == 2 and all(h > p["bpp"] for h, p in zip(bpp_hyper, w.last_info["panels"]))
-    # a user's click (trait change -> observer) redraws too
-    renders = w.renders
-    w.opacity_w.value = 0.9
-    assert w.renders == renders + 1 and loader.forwards == 2
-
-    # a new run / image runs the codec once per (run, image); going back is served from the cache
-    w.update(run_a="start")
-    assert loader.forwards == 3 and loader.loads == 3
-    w.update(run_a="baseline")
-    assert loader.forwards == 3
-    w.image_w.value = 1  # as the browser's dropdown does
-    assert loader.forwards == 5 and w.last_info["image"] == 1 and w.picture.value != first_png
-    w.update(image=0, opacity=0.7)
-    assert loader.forwards == 5 and w.picture.value == first_png  # same view again: identical picture, no codec call
-    w.update(run_b="roi")  # the ROI baseline: the w/o-aux codec (no new load) under the latent scaling
-    assert loader.loads == 3 and loader.forwards == 6 and w.last_error is None
-    assert w.last_info["panels"][1]["bpp"] < w.last_info["panels"][0]["bpp"]  # ROI spends fewer bits
-    assert explorer.codec_passes == loader.forwards
-
-    # unknown runs are reported in the widget, not raised from a callback
-    w.run_b_w.options = [*w.run_b_w.options, ("nope", "nope")]
-    w.run_b_w.value = "nope"
-    assert w.last_error and "nope" in w.status.value
-    with pytest.raises(ValueError, match="unknown state"):
-        w.update(colour="red")
-
-
-def test_widget_figure_one_scale_for_both_maps_and_centred_diff(experiment):
-    from icm_helpers.widgets import BitMapExplorer
-
-    explorer = BitMapExplorer(experiment, ["detection"], codec_loader=CountingLoader())
-    view = explorer.view("detection", 1.6, 0, "start", "aux_enc", include_hyper=True)
-    fig = explorer.figure(view, opacity=0.5)
-    panels = [ax for ax in fig.axes if len(ax.get_images()) == 2]  # image + overlay
-    assert len(panels) == 3
-    a, b, d = (_norms(ax)[1] for ax in panels)
-    assert a == b and a[2] == "viridis"  # one colour scale for run A and run B
-    assert a[0] == 0.0 and a[1] == pytest.approx(max(m.max() for m in view["maps"]))
-    assert d[2] == "RdBu_r" and d[0] == pytest.approx(-d[1]) and d[1] == pytest.approx(np.abs(view["diff"]).max())
-    np.testing.assert_allclose(view["diff"], view["maps"][1] - view["maps"][0])  # red = more bits in B
-    assert all(ax.get_images()[1].get_alpha() == 0.5 for ax in panels)
-    bm = explorer.bit_maps("detection", explorer.runs("detection", 1.6)["start"], 0)
-    assert isinstance(bm, BitMaps) and view["panels"][0]["bpp"] == pytest.approx(bm.bpp(True))
-    save_figure(fig, "widget_view", {k: v for k, v in view.items() if k not in ("image_array", "maps", "diff")}, "p",
-                figures_dir=experiment.run_dir / "figs")

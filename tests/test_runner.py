@@ -458,7 +458,7 @@ def test_list_shows_the_profiles_notebooks_and_only_still_names_the_others(proje
 
 @pytest.mark.parametrize("profile, runs", [("paper", ["01", "02", "03", "04", "05", "06", "07"]), ("smoke", None)])
 def test_packaged_profiles_list_their_notebooks(tmp_path, capsys, profile, runs):
-    """``--profile paper`` runs the paper's notebooks 01-07 only (08-11 go beyond the paper: named with --only or
+    """``--profile paper`` runs the paper's notebooks 01-07 only (08-12 go beyond the paper: named with --only or
     their own make targets); smoke, without a list, runs every notebook (CI)."""
     from icm_helpers.config import REPO_ROOT
 
@@ -467,7 +467,7 @@ def test_packaged_profiles_list_their_notebooks(tmp_path, capsys, profile, runs)
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
     would_run = [name for name in every if "would run" in rows[name]]
     assert would_run == (every if runs is None else [n for n in every if n[:2] in runs])
-    assert len(every) == 11 and not (tmp_path / "out").exists()
+    assert len(every) == 12 and not (tmp_path / "out").exists()
 
 
 def test_notebooks_open_in_jupyterlab_as_committed():
