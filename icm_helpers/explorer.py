@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torchvision.ops import box_iou
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
@@ -488,11 +489,8 @@ def _prediction_record(task: str, out: Any, size: tuple[int, int], threshold: fl
 
 
 def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    lo = np.maximum(a[:, None, :2], b[None, :, :2])
-    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
-    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
+    """Pairwise IoU of [x0, y0, x1, y1] boxes (torchvision's, the detector's own definition)."""
+    return box_iou(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)).numpy()
 
 
 def _prediction_summary(task: str, pred: dict[str, Any] | None, original: dict[str, Any] | None) -> str | None:
