@@ -349,8 +349,10 @@ class Experiment:
         with the training pseudo-labels (``labels="shuffled"``: another image's, the control branch), for training
         seed ``seed``: shared by every lambda of that seed (it does not depend on lambda). Trained once, stored under
         ``aux_warm/``; settings: ``tasks.<task>.aux_warm_start`` (a train block, plus optionally ``plateau: {rel,
-        patience}``: stop when the validation loss plateaus, protocol v2 R6v2, and ``seed``: one pre-training shared
-        by every training seed). A control branch trains for as many epochs as the competent one of its task."""
+        patience, min_epochs, decays, decay_factor}``: stop when the validation loss plateaus, protocol v2 R6v2, or
+        first divide the rate ``decays`` times, R6v2b; ``seed``: one pre-training shared by every training seed;
+        ``name``: a variant's folder suffix, so that variants live side by side). A control branch trains for as many
+        epochs as the competent one of its task, at the competent one's learning rates."""
         wc = dict(self.task_cfg(task).get("aux_warm_start") or {})
         if not wc:
             raise ValueError(
@@ -359,12 +361,16 @@ class Experiment:
         config = TrainConfig.without_speed_knobs(wc)  # the branch's identity
         plateau_cfg = wc.pop("plateau", None)
         seed = int(wc.pop("seed", seed))
+        wc.pop("name", None)
         cfg = TrainConfig.from_dict(wc)
-        stop = stopping.plateau("val_aux", **plateau_cfg) if plateau_cfg else None
-        if labels != "pseudo":  # the control: the competent branch's length, no stopping rule of its own
+        rule = stopping.plateau("val_aux", **plateau_cfg) if plateau_cfg else None
+        stop, lr_scale = rule, (rule.lr_scale if rule is not None and rule.decays else None)
+        if labels != "pseudo":  # the control: the competent branch's length and rates, no stopping rule of its own
             self.warm_aux_branch(task, position, seed, "pseudo")
-            competent = codec_lib.load_state(self._warm_path(task, position, seed, "pseudo", config))
-            cfg, stop = TrainConfig.from_dict({**wc, "epochs": len(competent["history"])}), None
+            history = codec_lib.load_state(self._warm_path(task, position, seed, "pseudo", config))["history"]
+            cfg, stop = TrainConfig.from_dict({**wc, "epochs": len(history)}), None
+            if lr_scale is not None:
+                lr_scale = lambda h: rule.lr_scale(history[:len(h)])  # noqa: E731 - the competent's rate per epoch
         final = self._warm_path(task, position, seed, labels, config)
         if final.exists():
             return codec_lib.load_state(final)["state_dict"]
@@ -375,7 +381,8 @@ class Experiment:
         steps_per_round = cfg.steps(len(self.dataset("train", task)))
         res = train_aux_branch(position, aux, codec, recognizer, self.dataset("train", task), cfg,
                                final.parent / "train_state.pt", val_set=self.dataset("val", task),
-                               seed=seed, log=self.log, device=self.device, labels=labels, stop_when=stop)
+                               seed=seed, log=self.log, device=self.device, labels=labels, stop_when=stop,
+                               lr_scale=lr_scale)
         if dist_lib.is_main():
             atomic_write_json(final.parent / "history.json", res.history)
             atomic_torch_save({"state_dict": aux.state_dict(), "config": config, "labels": labels,
@@ -391,7 +398,9 @@ class Experiment:
 
     def _warm_path(self, task: str, position: str, seed: int, labels: str, config: dict[str, Any]) -> Path:
         """Where the pre-trained branch lives; a file pre-trained with other settings is refused, never reused."""
-        name = f"{position}{'' if labels == 'pseudo' else '_' + labels}_seed{seed}"
+        variant = config.get("name")
+        name = (f"{position}{'' if labels == 'pseudo' else '_' + labels}_seed{seed}"
+                f"{'_' + safe_name(str(variant), 'aux_warm_start.name') if variant else ''}")
         final = self.run_dir / "aux_warm" / task / name / "branch.pt"
         if final.exists():
             stored = codec_lib.load_state(final)

@@ -186,6 +186,35 @@ def _cosine_branches(ex, task: str, lam: float, seed: int) -> dict[str, tuple[nn
     return out
 
 
+#: protocol v2, R6v2: the competent branch's validation loss must be below this fraction of the control branch's
+COMPETENCE_RATIO = 0.8
+
+
+def branch_competence(ex, task: str, position: str = "enc", train: bool = True) -> dict[str, Any]:
+    """R6v2's competence test of the pre-trained ``position`` branch of ``task`` (profile ``aux_warm_start``): the
+    competent branch's final validation loss on the true pseudo-labels against the control branch's (trained as many
+    rounds at the same rates on another image's labels: the chance level of this branch). Passes iff the ratio is
+    below ``COMPETENCE_RATIO``. ``train=False`` only reads stored branches (FileNotFoundError naming the fix)."""
+    wc = ex.task_cfg(task).get("aux_warm_start") or {}
+    seed = int(wc.get("seed", ex.train_seeds()[0]))
+    out: dict[str, Any] = {"task": task, "position": position, "seed": seed, "variant": wc.get("name") or "",
+                           "threshold": COMPETENCE_RATIO}
+    for arm, labels in (("competent", "pseudo"), ("control", "shuffled")):
+        path = ex.warm_branch_path(task, position, seed, labels)
+        if train:
+            ex.warm_aux_branch(task, position, seed, labels)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: pre-train it (notebook 11, or branch_competence(train=True))")
+        history = codec_lib.load_state(path)["history"]
+        steps = read_json(path.parent / "timing.json").get("steps") if (path.parent / "timing.json").exists() else None
+        out[arm] = {"val_loss": float(history[-1]["val_aux"]), "best_val_loss": min(h["val_aux"] for h in history),
+                    "rounds": len(history), "steps": steps, "lr": [float(h["lr"]) for h in history],
+                    "val_curve": [float(h["val_aux"]) for h in history]}
+    out["ratio"] = out["competent"]["val_loss"] / out["control"]["val_loss"]
+    out["passes"] = bool(out["ratio"] < COMPETENCE_RATIO)
+    return out
+
+
 def summarise_cosines(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean cosine per (codec, branch) with a 95% t-interval: over the per-seed means where the codec has seeds,
     over batches for the start codec; and the paired difference competent minus control on the same batches."""

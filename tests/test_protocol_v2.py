@@ -136,6 +136,73 @@ def test_plateau_stops_when_a_window_brings_no_one_percent_gain_and_not_on_one_n
         plateau(min_epochs=-1)
 
 
+def test_plateau_with_decays_divides_the_rate_at_each_plateau_then_stops_and_each_phase_starts_afresh():
+    """R6v2b (deviation 7): the first ``decays`` plateaus divide the rate by 10; each phase is judged as a new run (its
+    own min_epochs, its window against the phase's earlier rounds only); the next plateau stops."""
+    h = lambda *v: [{"val_aux": x} for x in v]  # noqa: E731
+    rule = plateau("val_aux", rel=0.01, patience=2, min_epochs=3, decays=2, decay_factor=0.1)
+    first = [10, 9, 9.0, 9.0]  # plateau after round 4 (best of the last 2 = 9, not 1% below 9)
+    assert rule.plateaus(h(*first)) == [4] and not rule(h(*first))
+    assert rule.lr_scale(h(*first[:3])) == 1.0 and rule.lr_scale(h(*first)) == pytest.approx(0.1)
+    # the new phase needs its own 3 rounds: [8, 8, 8] is flat already, but with only the phase's rounds compared
+    # (never the window of the phase before), the second plateau comes after round 7, not round 5
+    second = first + [8, 8, 8]
+    assert rule.plateaus(h(*second[:6])) == [4]
+    assert rule.plateaus(h(*second)) == [4, 7] and rule.lr_scale(h(*second)) == pytest.approx(0.01)
+    assert not rule(h(*second))
+    third = second + [7, 7, 7]
+    assert rule.plateaus(h(*third)) == [4, 7, 10] and rule(h(*third))  # the plateau after the last decay stops
+    assert rule.lr_scale(h(*third)) == pytest.approx(0.01)  # never more than `decays` divisions
+    # decays=0 is R6v2's rule exactly: the first plateau stops
+    assert plateau("val_aux", rel=0.01, patience=2, min_epochs=3)(h(*first))
+    assert plateau("val_aux", rel=0.01, patience=2, min_epochs=3).lr_scale(h(*first)) == 1.0
+    # a gain inside a later phase postpones its plateau
+    assert rule.plateaus(h(*first, 8, 7, 6, 5)) == [4]
+    with pytest.raises(ValueError, match="decay_factor"):
+        plateau(decays=1, decay_factor=1.5)
+
+
+def test_fit_applies_lr_scale_from_the_history_and_a_resumed_run_gets_the_same_rates_and_weights(tmp_path):
+    """``fit(lr_scale=...)`` sets each epoch's rate from the history; a run killed after any epoch and resumed
+    follows the same rates and ends with the same weights (bit-identical: same arithmetic, same RNG states)."""
+    from icm_helpers.training.loop import fit
+
+    def run(ckpt, stop_after=None):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        seen = []
+
+        def loader(epoch):
+            g = torch.Generator().manual_seed(epoch)
+            for _ in range(2):
+                yield torch.randn(3, 4, generator=g)
+
+        def step_fn(x, step):
+            seen.append(opt.param_groups[0]["lr"])
+            loss = model(x + 0.01 * torch.randn_like(x)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            return {"loss": loss.detach()}
+
+        res = fit(modules={"m": model}, optimizers={"main": opt}, step_fn=step_fn, loader_fn=loader, epochs=4,
+                  steps_per_epoch=2, lr_lambda=lambda s: 1.0, checkpoint_path=ckpt, meta={"job": "tiny"}, log=None,
+                  lr_scale=lambda hist: 0.1 ** (len(hist) // 2), stop_after_epoch=stop_after)
+        return model, res, seen
+
+    model, res, seen = run(tmp_path / "a" / "state.pt")
+    # epochs 1-2 at 1e-2, epochs 3-4 at 1e-3: every step of an epoch, its first one included
+    assert seen == pytest.approx([1e-2] * 4 + [1e-3] * 4)
+    assert [h["lr"] for h in res.history] == pytest.approx([1e-2, 1e-2, 1e-3, 1e-3])
+    ckpt = tmp_path / "b" / "state.pt"
+    run(ckpt, stop_after=2)  # killed right at the change of rate: the checkpoint's optimizer still holds 1e-2
+    resumed, _, seen_b = run(ckpt)
+    assert seen_b == pytest.approx([1e-3] * 4)
+    for p, q in zip(model.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(p, q)
+
+
 def test_validation_at_steps_records_a_curve_and_does_not_change_the_training(train_set, tmp_path):
     cfg = TrainConfig(epochs=2, steps_per_epoch=2, batch_size=4, lr=1e-3, crop_size=None, warmup_steps=2)
     val = [train_set[i] for i in range(4)]

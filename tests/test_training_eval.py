@@ -516,6 +516,36 @@ def test_experiment_warm_start_seeds_and_budget_snapshots(tmp_path):
         ex.budget_steps("segmentation")
 
 
+def test_branch_pre_training_with_decays_and_its_control_at_the_same_rates(tmp_path):
+    """R6v2b (protocol v2, deviation 7): the plateau rule with decays divides the branch's rate at each plateau and
+    stops at the plateau after the last decay; the control branch trains as many rounds at the competent branch's
+    rates; a named variant lives beside the unnamed pre-training; branch_competence reads both."""
+    from icm_helpers.experiment import Experiment
+    from icm_helpers.mechanism import COMPETENCE_RATIO, branch_competence
+
+    ex = Experiment("smoke", run_dir=tmp_path, log=None, overrides={
+        "data.counts": {"train": 16, "val": 4, "test": 4},
+        "recognizers.detection.train.epochs": 1, "codec.train.epochs": 1})
+    # rel 0.99: every window counts as a plateau once a phase has min_epochs rounds, so the rule's decisions are
+    # known in advance: decay after round 2, stop after round 4 (the new phase needs its own 2 rounds)
+    block = {"epochs": 10, "steps_per_epoch": 1, "batch_size": 4, "lr": 1e-3, "crop_size": None, "poly_power": 0,
+             "plateau": {"rel": 0.99, "patience": 1, "min_epochs": 2, "decays": 1}, "seed": 0, "name": "b"}
+    ex.cfg["tasks"]["detection"]["aux_warm_start"] = block
+    ex.prepare_data()
+    result = branch_competence(ex, "detection")
+    lrs = [1e-3, 1e-3, 1e-4, 1e-4]
+    assert result["competent"]["rounds"] == 4 and result["competent"]["lr"] == pytest.approx(lrs)
+    assert result["control"]["rounds"] == 4 and result["control"]["lr"] == pytest.approx(lrs)
+    assert result["ratio"] == pytest.approx(result["competent"]["val_loss"] / result["control"]["val_loss"])
+    assert result["passes"] == (result["ratio"] < COMPETENCE_RATIO) and result["variant"] == "b"
+    assert sorted(p.name for p in (tmp_path / "aux_warm" / "detection").iterdir()) == [
+        "enc_seed0_b", "enc_shuffled_seed0_b"]
+    # the same variant name with other settings is refused, never reused
+    ex.cfg["tasks"]["detection"]["aux_warm_start"] = {**block, "lr": 2e-3}
+    with pytest.raises(FileExistsError, match="pre-trained with"):
+        ex.warm_aux_branch("detection", "enc", 0)
+
+
 def test_a_finished_model_is_not_reused_for_other_training_settings(tmp_path):
     """A finished ICM model is reused only when everything it was trained with is what the profile asks now (spec and
     training settings); changing, e.g., the learning rate stops with the difference named, never a silent reuse."""

@@ -193,8 +193,8 @@ def train_start_codec(
 
 def train_aux_branch(position: str, aux_branch: nn.Module, codec: nn.Module, recognizer, train_set, cfg: TrainConfig,
                      checkpoint_path: str | Path, val_set=None, seed: int = 0, log=print, device: str = "cpu",
-                     labels: str = "pseudo", stop_when: Callable[[list[dict[str, Any]]], bool] | None = None
-                     ) -> FitResult:
+                     labels: str = "pseudo", stop_when: Callable[[list[dict[str, Any]]], bool] | None = None,
+                     lr_scale: Callable[[list[dict[str, Any]]], float] | None = None) -> FitResult:
     """Warm start (design option ``aux.warm_start``): pre-train the auxiliary branch ALONE on the frozen codec's
     features with the recognizer's pseudo-labels, so that it is already competent when ICM training begins (in the
     paper it trains jointly for ~590k steps, competent for almost all of them; at a budget 10^4 times smaller a cold
@@ -202,7 +202,8 @@ def train_aux_branch(position: str, aux_branch: nn.Module, codec: nn.Module, rec
     branch sees during ICM training) under ``no_grad``: nothing but the branch changes. Same clipping and Adam as
     ICM training; ``val_set``: the branch's mean loss on it (codec in eval mode) is logged per epoch, always against
     the TRUE pseudo-labels (for a control branch, ``labels="shuffled"``, that is its chance level: it learns the
-    labels of other images). ``stop_when``: an early-stopping rule of the history (``training.stopping``)."""
+    labels of other images). ``stop_when``: an early-stopping rule of the history (``training.stopping``);
+    ``lr_scale``: its learning-rate multiplier per epoch (the plateau rule's decays, R6v2b)."""
     torch.manual_seed(seed)
     seed_random_stream(aux_branch, seed)
     params = list(aux_branch.parameters())
@@ -255,6 +256,7 @@ def train_aux_branch(position: str, aux_branch: nn.Module, codec: nn.Module, rec
             validate_fn=validate,
             log=log,
             stop_when=stop_when,
+            lr_scale=lr_scale,
         )
     finally:
         codec.train(codec_was)

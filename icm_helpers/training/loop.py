@@ -137,6 +137,7 @@ def fit(
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
     stop_when: Callable[[list[dict[str, Any]]], bool] | None = None,
+    lr_scale: Callable[[list[dict[str, Any]]], float] | None = None,
     desc: str = "",
 ) -> FitResult:
     """Run ``epochs`` epochs of ``step_fn(batch, global_step)``; checkpoint after each epoch; resume if possible.
@@ -152,14 +153,20 @@ def fit(
     between redoes the epoch and the hook (e.g. a snapshot of the weights) runs again. ``desc``: the progress bar's
     label (``icm_helpers.progress``; rank 0 only). ``stop_when(history)``: asked after each epoch's checkpoint (and
     on resume); True ends the run there (early stopping, e.g. a branch pre-trained until its validation loss
-    plateaus).
+    plateaus). ``lr_scale(history)``: a multiplier of ``lr_lambda`` set before each epoch from the history so far
+    (e.g. the plateau rule's decays, ``training.stopping``); a resumed run gets the same rates.
     ``distributed=True`` (under ``torchrun``, see ``icm_helpers.distributed``): every rank runs this loop in step;
     logs are averaged over ranks and the checkpoint holds every rank's RNG state. Only rank 0 ever writes it.
     """
     checkpoint_path = Path(checkpoint_path)
     main = dist_lib.is_main()
     world, rank = (dist_lib.world_size(), dist_lib.rank()) if distributed else (1, 0)
-    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda) for k, o in optimizers.items()}
+    scale = [1.0]  # lr_scale's value for the current epoch
+
+    def scaled_lambda(step: int) -> float:
+        return lr_lambda(step) * scale[0]
+
+    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, scaled_lambda) for k, o in optimizers.items()}
     result = FitResult()
     start_epoch = 0
     if main:
@@ -205,6 +212,11 @@ def fit(
         else None
     )
     for epoch in range(start_epoch, epochs):
+        if lr_scale is not None:
+            scale[0] = float(lr_scale(result.history))
+            for s in schedulers.values():  # the rate of the epoch's first step, before any scheduler step
+                for group, base in zip(s.optimizer.param_groups, s.base_lrs):
+                    group["lr"] = base * scaled_lambda(s.last_epoch)
         for m in modules.values():
             m.train()
         logs_acc = _StepLogs(collective=world > 1)
