@@ -9,6 +9,7 @@
 #   make study        set up, then protocol v2 with the study profile: notebooks 01 + 11 (learning curves, cosines)
 #   make study-rd     set up, then the study's BD-rate part (02, 03, 07: aux-enc vs w/o aux, the MSE positive control);
 #                     not funded within make study's budget on a 2-core machine (docs/protocol_outcomes/study_v2.json)
+#   make study-seg    set up, then the study's part (d): segmentation's curves and cosines (notebook 11; deviation 8)
 #   make extensions   set up, then run the beyond-the-paper notebook 08 (adaptive alpha) on the demo profile
 #   make smoke        set up, then run all notebooks (01-12) with the smoke profile (tiny, CPU)
 #   make test         set up (+ setup-paper), ruff, unit tests, smoke run, nbval over the executed smoke notebooks
@@ -40,7 +41,7 @@ SMOKE_OUT := papermill_runs/smoke
 PYTEST := $(VENV_PY) -m pytest -q -p no:cacheprovider
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-mmseg setup-detectron2 setup-paper demo study study-rd extensions smoke test lab explore \
+.PHONY: help setup setup-mmseg setup-detectron2 setup-paper demo study study-rd study-seg extensions smoke test lab explore \
 	clean-smoke browser-test
 
 help:
@@ -102,6 +103,11 @@ study: $(STAMP)
 
 study-rd: $(STAMP)
 	$(VENV_PY) $(RUNNER) --profile study --only $(STUDY_RD_NOTEBOOKS) $(RUN_ARGS)
+
+# Protocol v2 part (d), segmentation's curves and cosines (deviation 8): notebook 11 with validation steps set
+study-seg: $(STAMP)
+	$(VENV_PY) $(RUNNER) --profile study --only 11 --param task=segmentation \
+		--set 'tasks.segmentation.validate_at_steps=[0, 10, 30, 100, 300]' $(RUN_ARGS)
 
 extensions: $(STAMP)
 	$(VENV_PY) $(RUNNER) --profile $(DEMO_PROFILE) --only $(EXTENSION_NOTEBOOKS) $(RUN_ARGS)
