@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 from compressai.zoo.image import model_urls
 
+from . import anchors
 from . import codec as codec_lib
 from .assets import find_shipped
 from .backends import detectron2_det, hub_checkpoint_dir, mmseg_seg
@@ -183,20 +184,39 @@ def check_run_checkpoints(ex: Experiment) -> Check:
 
 
 # ----------------------------------------------------------------------------------------------- disk
-def estimate_disk_bytes(ex: Experiment, codec_params: int) -> tuple[int, int]:
-    """(bytes, models): an estimate of what the run writes: per ICM model its codec, its resumable training state
-    (weights and Adam's two moments) and budget snapshots, x1.5 for the branch and histories; per record its
-    per-image lists."""
-    n_images = ex.max_images() or 5000  # the paper's test splits: 5000 (COCO val2017) and 5105 (Pascal-Context val)
+def evaluation_counts(ex: Experiment) -> dict[str, dict[str, int]]:
+    """Per task, how many evaluations of the test split notebooks 01-07 of the profile run, by kind: ``trained`` (ICM
+    models: every lambda x arm x seed, plus the MSE arm's lambdas), ``ablation`` (the other branch positions at the
+    ablation lambda), ``roi`` (the ROI baseline: w/o-aux models x decoder readings), ``start`` (the start codec) -
+    each codes every test image with the learned codec - and ``anchors`` (conventional-codec rate points, counted
+    whether or not their binaries are installed here) and ``reference`` (the uncompressed images)."""
     seeds = len(ex.train_seeds())
     positions = (ex.cfg.get("ablation") or {}).get("positions") or []
-    total = models = 0
+    anchor_cfg = (ex.cfg.get("anchors") or {}).get("qualities") or {}
+    n_anchor = sum(len(anchor_cfg.get(name, anchors.default_qualities(name))) for name in ex.anchor_names())
+    out = {}
     for task in ex.tasks():
         tc = ex.task_cfg(task)
         lambdas = len(tc["lambdas"])
-        n = seeds * (lambdas * (1 + len(ex.aux_inits(task))) + len([p for p in positions if p not in (None, "enc")]))
+        out[task] = {
+            "trained": seeds * (lambdas * (1 + len(ex.aux_inits(task))) + len(tc.get("mse_lambdas") or [])),
+            "ablation": seeds * len([p for p in positions if p not in (None, "enc")]),
+            "roi": seeds * lambdas * len(tc.get("roi_decoders") or [None]) if tc.get("roi_qf") else 0,
+            "start": 1, "anchors": n_anchor, "reference": 1}
+    return out
+
+
+def estimate_disk_bytes(ex: Experiment, codec_params: int) -> tuple[int, int]:
+    """(bytes, models): an estimate of what the run writes: per ICM model its codec, its resumable training state
+    (weights and Adam's two moments) and budget snapshots, x1.5 for the branch and histories; per evaluation record
+    (``evaluation_counts``) its per-image lists."""
+    n_images = ex.max_images() or 5000  # the paper's test splits: 5000 (COCO val2017) and 5105 (Pascal-Context val)
+    total = models = 0
+    for task, counts in evaluation_counts(ex).items():
+        tc = ex.task_cfg(task)
+        n = counts["trained"] + counts["ablation"]
         snapshots = len(tc.get("budget_fractions") or []) + len(tc.get("snapshot_steps") or [])
-        records = n + 2 + 16 + seeds * lambdas * len(tc.get("roi_decoders") or [])  # + reference, start, anchors
+        records = sum(counts.values())
         total += int(n * 4 * codec_params * (1 + 3 + snapshots) * 1.5) + records * (4096 + 512 * n_images)
         models += n
     return total, models

@@ -144,3 +144,17 @@ def test_gpu_memory_against_the_estimate_of_a_training_step(tmp_path, monkeypatc
     check = _by_name(preflight.run_checks("smoke", TINY, "cuda", tmp_path))["gpu"]
     assert check.ok is ok and "Simulated GPU" in check.detail and "one training step needs about" in check.detail
     assert ok or "train.batch_size" in check.fix
+
+
+def test_evaluation_counts_of_the_paper_profile_are_its_notebooks_01_to_07(tmp_path):
+    """What the paper run evaluates on every test image (the README's cost table multiplies these by the measured
+    seconds per image): detection 4 lambdas x {w/o aux, aux-enc} + aux-dec and aux-task at lambda 1.6 + ROI (the 4
+    w/o-aux models x 2 decoder readings) + the start codec = 19 learned-codec evaluations; segmentation (no ROI) 11;
+    JPEG 7 + WebP 7 + BPG 6 + VTM 6 = 26 anchor points per task."""
+    ex = Experiment("paper", run_dir=tmp_path, log=None)
+    counts = preflight.evaluation_counts(ex)
+    assert counts["detection"] == {"trained": 8, "ablation": 2, "roi": 8, "start": 1, "anchors": 26, "reference": 1}
+    assert counts["segmentation"] == {"trained": 8, "ablation": 2, "roi": 0, "start": 1, "anchors": 26, "reference": 1}
+    study = preflight.evaluation_counts(Experiment("study", run_dir=tmp_path / "s", log=None))
+    assert study["detection"]["trained"] == 4 * (3 * 2 + 3)  # 4 seeds x (3 lambdas x 2 arms + 3 MSE lambdas)
+    assert study["detection"]["anchors"] == 0 and study["detection"]["roi"] == 0
