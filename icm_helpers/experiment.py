@@ -394,7 +394,8 @@ class Experiment:
 
     def warm_branch_path(self, task: str, position: str, seed: int, labels: str = "pseudo") -> Path:
         """Where ``warm_aux_branch`` stores the branch of ``position`` pre-trained with ``seed`` (it may not exist)."""
-        return self._warm_path(task, position, seed, labels, dict(self.task_cfg(task).get("aux_warm_start") or {}))
+        config = TrainConfig.without_speed_knobs(dict(self.task_cfg(task).get("aux_warm_start") or {}))
+        return self._warm_path(task, position, seed, labels, config)
 
     def _warm_path(self, task: str, position: str, seed: int, labels: str, config: dict[str, Any]) -> Path:
         """Where the pre-trained branch lives; a file pre-trained with other settings is refused, never reused."""

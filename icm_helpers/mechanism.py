@@ -206,9 +206,10 @@ def branch_competence(ex, task: str, position: str = "enc", train: bool = True) 
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: pre-train it (notebook 11, or branch_competence(train=True))")
         history = codec_lib.load_state(path)["history"]
-        steps = read_json(path.parent / "timing.json").get("steps") if (path.parent / "timing.json").exists() else None
+        timing = read_json(path.parent / "timing.json") if (path.parent / "timing.json").exists() else {}
         out[arm] = {"val_loss": float(history[-1]["val_aux"]), "best_val_loss": min(h["val_aux"] for h in history),
-                    "rounds": len(history), "steps": steps, "lr": [float(h["lr"]) for h in history],
+                    "rounds": len(history), "steps": timing.get("steps"), "seconds": timing.get("loop_seconds"),
+                    "lr": [float(h["lr"]) for h in history],
                     "val_curve": [float(h["val_aux"]) for h in history]}
     out["ratio"] = out["competent"]["val_loss"] / out["control"]["val_loss"]
     out["passes"] = bool(out["ratio"] < COMPETENCE_RATIO)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     block = r6v2b_block(r6v2)
     ex = Experiment("study", run_dir=args.run_dir, overrides={f"tasks.{args.task}.aux_warm_start": block})
     ex.prepare_data()
-    t0 = time.time()
     result = branch_competence(ex, args.task)
-    seconds = time.time() - t0
+    seconds = sum(result[arm]["seconds"] or 0.0 for arm in ("competent", "control"))  # the pre-trainings' loops
     # the replayed rounds against R6v2's stored pre-training (the same seed and settings up to its stop)
     stored = base.warm_branch_path(args.task, "enc", int(r6v2.get("seed", 0)))
-    replay: dict[str, Any] = {"r6v2_history": str(stored.parent / "history.json"), "available": stored.exists()}
+    shown = stored.parent / "history.json"
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
+    replay: dict[str, Any] = {"r6v2_history": str(shown), "available": stored.exists()}
     if stored.exists():
         old = read_json(stored.parent / "history.json")
         new = result["competent"]["val_curve"][: len(old)]

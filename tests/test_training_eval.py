@@ -529,7 +529,8 @@ def test_branch_pre_training_with_decays_and_its_control_at_the_same_rates(tmp_p
     # rel 0.99: every window counts as a plateau once a phase has min_epochs rounds, so the rule's decisions are
     # known in advance: decay after round 2, stop after round 4 (the new phase needs its own 2 rounds)
     block = {"epochs": 10, "steps_per_epoch": 1, "batch_size": 4, "lr": 1e-3, "crop_size": None, "poly_power": 0,
-             "plateau": {"rel": 0.99, "patience": 1, "min_epochs": 2, "decays": 1}, "seed": 0, "name": "b"}
+             "plateau": {"rel": 0.99, "patience": 1, "min_epochs": 2, "decays": 1}, "seed": 0, "name": "b",
+             "cache_labels": True}  # a speed knob: not part of the branch's identity (warm_branch_path finds it)
     ex.cfg["tasks"]["detection"]["aux_warm_start"] = block
     ex.prepare_data()
     result = branch_competence(ex, "detection")
