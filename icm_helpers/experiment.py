@@ -352,7 +352,9 @@ class Experiment:
         patience, min_epochs, decays, decay_factor}``: stop when the validation loss plateaus, protocol v2 R6v2, or
         first divide the rate ``decays`` times, R6v2b; ``seed``: one pre-training shared by every training seed;
         ``name``: a variant's folder suffix, so that variants live side by side). A control branch trains for as many
-        epochs as the competent one of its task, at the competent one's learning rates."""
+        epochs as the competent one of its task, with the competent one's plateau decays at the same epochs; the
+        block's own schedule (warm-up, polynomial tail) runs over the control's epochs, so with a polynomial tail it
+        decays within the control's run where the competent one, stopped early, may not have reached it."""
         wc = dict(self.task_cfg(task).get("aux_warm_start") or {})
         if not wc:
             raise ValueError(
@@ -365,7 +367,7 @@ class Experiment:
         cfg = TrainConfig.from_dict(wc)
         rule = stopping.plateau("val_aux", **plateau_cfg) if plateau_cfg else None
         stop, lr_scale = rule, (rule.lr_scale if rule is not None and rule.decays else None)
-        if labels != "pseudo":  # the control: the competent branch's length and rates, no stopping rule of its own
+        if labels != "pseudo":  # the control: the competent branch's length and decays, no stopping rule of its own
             self.warm_aux_branch(task, position, seed, "pseudo")
             history = codec_lib.load_state(self._warm_path(task, position, seed, "pseudo", config))["history"]
             cfg, stop = TrainConfig.from_dict({**wc, "epochs": len(history)}), None

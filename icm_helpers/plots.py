@@ -391,6 +391,10 @@ def ci_bounds(entry: Mapping[str, Any]) -> tuple[float, float]:
     return (-math.inf if lo is None else float(lo)), (math.inf if hi is None else float(hi))
 
 
+#: the y label of a task's validation main loss: Eq. 4 (detection), Eq. 6 without its auxiliary term (segmentation)
+MAIN_LOSS_LABEL = {"detection": "validation main loss (Eq. 4)", "segmentation": "validation main loss (Eq. 6, no aux)"}
+
+
 @themed
 def plot_learning_curves(result: Mapping[str, Any], title: str | None = None) -> tuple[Figure, dict[str, Any]]:
     """Protocol v2, Q1 (Figs. 8-9 at CPU scale): left, the validation main loss of every run against the training
@@ -432,7 +436,8 @@ def plot_learning_curves(result: Mapping[str, Any], title: str | None = None) ->
                          color=line.get_color(), alpha=0.7)
     axd.axhline(0.0, color="black", linewidth=0.8)
     steps = sorted({p[0] for by_seed in curves.values() for pts in by_seed.values() for p in pts})
-    for a, ylabel in ((ax, "validation main loss (Eq. 4)"), (axd, "paired difference of the main loss")):
+    main_loss = MAIN_LOSS_LABEL.get(result.get("task"), "validation main loss")
+    for a, ylabel in ((ax, main_loss), (axd, "paired difference of the main loss")):
         a.set_xscale("symlog", linthresh=10)
         ticks = _spread_ticks(steps, a.xaxis.get_transform())
         a.set_xticks(ticks, [str(t) for t in ticks])
