@@ -1,11 +1,12 @@
 """The experiment of one profile: where everything lives on disk, and the idempotent steps the notebooks call.
 
-Layout under the run directory (``runs/<profile>/`` by default):
+Layout under the run directory (``runs/<profile>/`` by default; every path: ``run_layout.RunLayout``):
 
     data/                         generated world (or prepared dataset) in COCO layout
     models/recognizer_<task>.pt   frozen recognizers (suite backend: trained by notebook 01)
     models/codec_start.pt         codec start point (Eq. 2, MSE)
     icm/<task>/<run>/             ICM training: train_state.pt (resumable), codec.pt (final), history.json
+    aux_warm/<task>/<branch>/     auxiliary branches pre-trained alone (aux_init "warm")
     results/<task>/<name>.json    one evaluation record per method and lambda
 
 Every step is idempotent: finished artefacts are reused (never silently overwritten; ``force=True`` redoes them),
@@ -41,6 +42,7 @@ from .provenance import result_provenance
 from .recognizers import build_recognizer, load_recognizer, save_recognizer
 from .registry import RESAMPLERS, check_task
 from .roi import check_roi
+from .run_layout import RunLayout
 from .training import stopping
 from .training import (
     IcmSpec,
@@ -94,6 +96,8 @@ class Experiment:
         self.device = self._check_device(device)
         self.run_dir = resolve_run_dir(self.profile, run_dir)
         self.log = log or (lambda *_: None)
+        # every path of the run directory; the profile's tasks block is read when a path is asked for
+        self.layout = RunLayout(self.run_dir, self.seed, self.cfg["tasks"])
         self._datasets: dict[str, Any] = {}
         self.source = DATA_SOURCES[self.cfg["data"]["source"]](self.cfg["data"], self.seed, self.data_dir)
         self._pretrained: dict[str, Any] = {}
@@ -114,14 +118,14 @@ class Experiment:
     def _check_device(device: str) -> str:
         return check_device(device)
 
-    # ------------------------------------------------------------------ paths
+    # ------------------------------------------------------------------ paths (run_layout.RunLayout)
     @property
     def data_dir(self) -> Path:
-        return self.run_dir / "data"
+        return self.layout.data_dir
 
     @property
     def models_dir(self) -> Path:
-        return self.run_dir / "models"
+        return self.layout.models_dir
 
     def tasks(self, task: str = "all") -> list[str]:
         """``"all"`` -> every task of the profile; else the one named task (validated)."""
@@ -176,24 +180,23 @@ class Experiment:
 
     def task_runs_dir(self, task: str) -> Path:
         """The folder of a task's ICM runs, one sub-folder per run (:meth:`run_path`)."""
-        return self.run_dir / "icm" / check_task(task)
+        return self.layout.task_runs_dir(task)
 
     def run_path(self, spec: IcmSpec) -> Path:
-        suffix = "" if spec.alpha == self.task_cfg(spec.task)["alpha"] else f"_alpha{spec.alpha:g}"
-        suffix += "" if spec.seed == self.seed else f"_seed{spec.seed}"
-        return self.task_runs_dir(spec.task) / (spec.run_name + suffix)
+        """The folder of the ICM run of ``spec`` (``RunLayout.run_path``)."""
+        return self.layout.run_path(spec)
 
     def codec_path(self, spec: IcmSpec) -> Path:
         """The final codec of an ICM run (written by :meth:`train` when the run is finished)."""
-        return self.run_path(spec) / "codec.pt"
+        return self.layout.codec_path(spec)
 
     @property
     def start_codec_path(self) -> Path:
         """The codec start point (notebook 01)."""
-        return self.models_dir / "codec_start.pt"
+        return self.layout.start_codec_path
 
     def result_path(self, task: str, name: str) -> Path:
-        return self.run_dir / "results" / check_task(task) / f"{safe_name(name.replace('.', 'p'), 'result name')}.json"
+        return self.layout.result_path(task, name)
 
     # ------------------------------------------------------------------ data
     @property
@@ -264,7 +267,7 @@ class Experiment:
 
     # ------------------------------------------------------------------ recognizers
     def recognizer_path(self, task: str) -> Path:
-        return self.models_dir / f"recognizer_{check_task(task)}.pt"
+        return self.layout.recognizer_path(task)
 
     def recognizer(self, task: str, force: bool = False):
         """The frozen recognizer of ``task``. Pretrained backends (profile ``train: null``, the paper profile) are
@@ -291,7 +294,7 @@ class Experiment:
             rec,
             self.dataset("train", task),
             TrainConfig.from_dict(rc["train"]),
-            self.models_dir / f"train_state_recognizer_{task}.pt",
+            self.layout.recognizer_train_state(task),
             seed=self.seed,
             log=self.log,
             device=self.device,
@@ -330,7 +333,7 @@ class Experiment:
             self.dataset("train"),
             TrainConfig.from_dict(cc["train"]),
             float(cc["lambda_mse"]),
-            self.models_dir / "train_state_codec_start.pt",
+            self.layout.start_codec_train_state,
             seed=self.seed,
             log=self.log,
             device=self.device,
@@ -397,11 +400,9 @@ class Experiment:
         return self._warm_path(task, position, seed, labels, dict(self.task_cfg(task).get("aux_warm_start") or {}))
 
     def _warm_path(self, task: str, position: str, seed: int, labels: str, config: dict[str, Any]) -> Path:
-        """Where the pre-trained branch lives; a file pre-trained with other settings is refused, never reused."""
-        variant = config.get("name")
-        name = (f"{position}{'' if labels == 'pseudo' else '_' + labels}_seed{seed}"
-                f"{'_' + safe_name(str(variant), 'aux_warm_start.name') if variant else ''}")
-        final = self.run_dir / "aux_warm" / task / name / "branch.pt"
+        """Where the pre-trained branch lives (``RunLayout.warm_branch_path``, the variant ``config["name"]`` in its
+        folder name); a file pre-trained with other settings is refused, never reused."""
+        final = self.layout.warm_branch_path(task, position, seed, labels, config.get("name"))
         if final.exists():
             stored = codec_lib.load_state(final)
             if stored.get("config") != config:
@@ -451,7 +452,7 @@ class Experiment:
         return cfg.epochs * cfg.steps(len(self.dataset("train", task)))
 
     def snapshot_path(self, spec: IcmSpec, fraction: float) -> Path:
-        return self.run_path(spec) / f"codec_budget{fraction:g}.pt"
+        return self.layout.snapshot_path(spec, fraction)
 
     # ------------------------------------------------------------------ ICM training
     def train(self, spec: IcmSpec, force: bool = False) -> Path:
@@ -613,7 +614,7 @@ class Experiment:
         return {"task": task, "lambda_": lam, "curves": curves, "rows": rows}
 
     def history(self, spec: IcmSpec) -> list[dict[str, Any]]:
-        return read_json(self.run_path(spec) / "history.json")
+        return read_json(self.layout.history_path(spec))
 
     # ------------------------------------------------------------------ evaluation
     def evaluation_key(self, task: str, codec: Path | dict[str, Any] | None, bitstream: bool,
@@ -712,10 +713,9 @@ class Experiment:
             "codec_path": str(path.relative_to(self.run_dir)),
         }
         fields.update(spec.later_fields())
-        name = self.run_path(spec).name
+        name = self.layout.run_result_name(spec, budget)
         if budget is not None:
             fields["budget"] = float(budget)
-            name += f"_budget{budget:g}"
         # budget snapshots: real bitstreams only if the profile asks (evaluation.budget_bitstream), else estimated bpp
         bitstream = None if budget is None else bool(self.cfg.get("evaluation", {}).get("budget_bitstream", True))
         return self._evaluate_cached(
@@ -793,7 +793,7 @@ class Experiment:
                 records.append(
                     self._evaluate_cached(
                         task,
-                        f"{name}_q{codec.quality}",
+                        self.layout.anchor_result_name(name, codec.quality),
                         float(codec.quality),
                         fields,
                         False,
@@ -833,7 +833,7 @@ class Experiment:
                 }
                 if spec.aux_init != "cold":
                     fields["aux_init"] = spec.aux_init
-                name = f"{self.run_path(spec).name}_from_{trained_for}"
+                name = self.layout.transfer_result_name(spec, trained_for)
                 records.append(
                     self._evaluate_cached(
                         evaluated_by,
@@ -873,7 +873,7 @@ class Experiment:
             records.append(
                 self._evaluate_cached(
                     task,
-                    f"{method}_qf{qf:g}_lambda{lam:g}" + ("" if seed == self.seed else f"_seed{seed}"),
+                    self.layout.roi_result_name(method, qf, lam, seed),
                     float(lam),
                     fields,
                     False,
