@@ -7,7 +7,7 @@ Layout under the run directory (``runs/<profile>/`` by default; every path: ``ru
     models/codec_start.pt         codec start point (Eq. 2, MSE)
     icm/<task>/<run>/             ICM training: train_state.pt (resumable), codec.pt (final), history.json
     aux_warm/<task>/<branch>/     auxiliary branches pre-trained alone (aux_init "warm")
-    results/<task>/<name>.json    one evaluation record per method and lambda
+    results/<task>/<name>.json    one evaluation record per method and lambda (``result_store.ResultStore``)
 
 Every step is idempotent: finished artefacts are reused (never silently overwritten; ``force=True`` redoes them),
 interrupted trainings resume from their last complete epoch. An evaluation record carries ``eval_key``: everything
@@ -18,7 +18,6 @@ and otherwise re-evaluated with a log line naming what differs.
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -41,6 +40,7 @@ from .methods import short_name
 from .provenance import result_provenance
 from .recognizers import build_recognizer, load_recognizer, save_recognizer
 from .registry import RESAMPLERS, check_task
+from .result_store import ResultStore
 from .roi import check_roi
 from .run_layout import RunLayout
 from .training import stopping
@@ -74,11 +74,6 @@ def file_identity(path: Path) -> dict[str, Any] | None:
     return {"sha256": _FILE_HASHES[memo], "bytes": st.st_size}
 
 
-def _short(value: Any, limit: int = 90) -> str:
-    text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 class Experiment:
     def __init__(
         self,
@@ -98,6 +93,8 @@ class Experiment:
         self.log = log or (lambda *_: None)
         # every path of the run directory; the profile's tasks block is read when a path is asked for
         self.layout = RunLayout(self.run_dir, self.seed, self.cfg["tasks"])
+        # the evaluation records; its log line goes to whatever self.log is when a record is checked
+        self.results = ResultStore(self.layout, lambda *a: self.log(*a))
         self._datasets: dict[str, Any] = {}
         self.source = DATA_SOURCES[self.cfg["data"]["source"]](self.cfg["data"], self.seed, self.data_dir)
         self._pretrained: dict[str, Any] = {}
@@ -642,26 +639,6 @@ class Experiment:
                            "file": file_identity(self.recognizer_path(task)) if rc.get("train") is not None else None},
         })
 
-    def _stored_record(self, path: Path, key: dict[str, Any], force: bool) -> dict[str, Any] | None:
-        """The record at ``path`` when it was evaluated with ``key``; otherwise None, with a log line saying why it is
-        re-evaluated."""
-        if force or not path.exists():
-            return None
-        record = read_json(path)
-        stored = record.get("eval_key")
-        if stored == key:
-            return record
-        label = f"{record.get('task', path.parent.name)}/{path.stem}"
-        if not isinstance(stored, dict):
-            why = ("it has no evaluation key: it was written before records were keyed by the settings they depend "
-                   "on, so it cannot be checked")
-        else:
-            changed = sorted(k for k in {*stored, *key} if stored.get(k) != key.get(k))
-            why = "it was made with other " + "; ".join(
-                f"{k}: {_short(stored.get(k))} -> {_short(key.get(k))}" for k in changed)
-        self.log(f"re-evaluating {label} ({path}): {why}")
-        return None
-
     def _evaluate_cached(self, task: str, name: str, lambda_: float | None, fields: dict[str, Any], force: bool,
                          codec_factory, codec_key: Path | dict[str, Any] | None, roi_qf: float | None = None,
                          roi_decoder: str = "as_is", bitstream: bool | None = None) -> dict[str, Any]:
@@ -672,10 +649,10 @@ class Experiment:
         bitstream = bool(ec.get("bitstream", True)) if bitstream is None else bitstream
         stored = None
         if dist_lib.is_main():  # torchrun: rank 0 decides for all
-            stored = self._stored_record(path, self.evaluation_key(task, codec_key, bitstream, roi_qf, roi_decoder),
-                                         force)
+            stored = self.results.reusable(path, self.evaluation_key(task, codec_key, bitstream, roi_qf, roi_decoder),
+                                           force)
         if dist_lib.broadcast_object(stored is not None):
-            return stored if stored is not None else read_json(path)
+            return stored if stored is not None else self.results.read(path)
         started = time.time()
         ev = evaluate(
             codec_factory(),
@@ -695,7 +672,7 @@ class Experiment:
                   "eval_key": self.evaluation_key(task, codec_key, bitstream, roi_qf, roi_decoder),
                   "provenance": self.run_provenance(started=started, ended=time.time())}
         if dist_lib.is_main():
-            atomic_write_json(path, record)
+            self.results.write(path, record)
         dist_lib.barrier()
         return record
 
@@ -889,13 +866,10 @@ class Experiment:
         self, task: str, method: str, seed: int | None = None, budget: float | None = None
     ) -> list[dict[str, Any]]:
         """Stored records (with per-image lists) of one method of ``task`` for one training ``seed`` (None: the
-        profile's seed) and training ``budget`` fraction (None: the final models), sorted by lambda. Records without
-        a ``seed`` (the conventional anchors: nothing was trained) belong to every seed."""
-        seed = self.seed if seed is None else seed
-        recs = [read_json(p) for p in sorted((self.run_dir / "results" / check_task(task)).glob("*.json"))]
-        keep = [r for r in recs if r.get("method") == method and r.get("lambda_") is not None
-                and r.get("seed", self.seed if "codec_path" in r else seed) == seed and r.get("budget") == budget]
-        return sorted(keep, key=lambda r: r["lambda_"])
+        profile's seed) and training ``budget`` fraction (None: the final models), sorted by lambda
+        (``ResultStore.full_records``; which seed a record without a ``seed`` field belongs to:
+        ``result_store.record_seed``)."""
+        return self.results.full_records(task, method, seed, budget)
 
     def bd_rate_table(
         self,
@@ -971,13 +945,9 @@ class Experiment:
     def result_paths(self, task: str, budgets: bool = False) -> list[Path]:
         """The stored evaluation records of ``task`` (JSON files, with their per-image lists); the budget snapshots'
         only with ``budgets=True``."""
-        paths = sorted((self.run_dir / "results" / check_task(task)).glob("*.json"))
-        return [p for p in paths if budgets or read_json(p).get("budget") is None]
+        return self.results.paths(task, budgets)
 
     def records(self, task: str | None = None, budgets: bool = False) -> list[dict[str, Any]]:
         """Every stored evaluation record (optionally of one task), without per-image lists; the budget snapshots'
         records (dose-response) only with ``budgets=True``."""
-        root = self.run_dir / "results"
-        paths = sorted((root / task).glob("*.json")) if task else sorted(root.glob("*/*.json"))
-        recs = [{k: v for k, v in read_json(p).items() if k != "per_image"} for p in paths]
-        return [r for r in recs if budgets or r.get("budget") is None]
+        return self.results.records(task, budgets)
