@@ -13,7 +13,8 @@ Every step is idempotent: finished artefacts are reused (never silently overwrit
 interrupted trainings resume from their last complete epoch. An evaluation record carries ``eval_key``: everything
 its numbers depend on besides its method's fields (image count, split, bitstream / decode / amp, ROI, the codec
 file's and the recognizer's identity); a record is reused only when its key equals the one the settings give now,
-and otherwise re-evaluated with a log line naming what differs.
+and otherwise re-evaluated with a log line naming what differs. BD-rate tables are computed from the stored records
+by ``bootstrap.bd_rate_table``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 
 from . import anchors
@@ -31,7 +31,7 @@ from . import distributed as dist_lib
 from .adaptive_alpha import check_alpha_mode
 from .assets import canonical, find_shipped, install_shipped, sha256
 from .aux_branches import build_aux_branch, seed_random_stream
-from .bootstrap import bd_rate_ci_seeds
+from . import bootstrap
 from .config import check_device, load_profile, resolve_data_path, resolve_run_dir, safe_name
 from .datasources import DATA_SOURCES
 from .evaluation import evaluate
@@ -883,64 +883,21 @@ class Experiment:
         seeds: Iterable[int] | None = None,
         budget: float | None = None,
     ) -> list[dict[str, Any]]:
-        """BD-rate of each ``tests`` method vs ``anchor`` with 95% paired-bootstrap CIs over the test images
-        (icm_helpers.bootstrap; resamples and confidence from the profile's ``evaluation.bootstrap``), for the models of
-        each training seed (``seeds``; default: the profile's ``train_seeds``) and, with several seeds, pooled: the mean
-        of the per-seed BD-rates with a seed-and-image bootstrap CI (``bootstrap.bd_rate_ci_seeds``). ``budget``: the
-        budget snapshots of that fraction instead of the final models. Methods with fewer than 2 operating points in
-        some seed are skipped. One row per (method, seed) and a ``seed: "pooled"`` row per method with 2+ seeds."""
-
+        """``bootstrap.bd_rate_table`` of the stored records: BD-rate of each ``tests`` method vs ``anchor`` with 95%
+        paired-bootstrap CIs over the test images (resamples, confidence and interval from the profile's
+        ``evaluation.bootstrap``; the bootstrap's random seed: the profile's seed), for the models of each training
+        seed (``seeds``; default: the profile's ``train_seeds``) and, with several seeds, pooled. ``budget``: the
+        budget snapshots of that fraction instead of the final models. One row per (method, seed) and a ``seed:
+        "pooled"`` row per method with 2+ seeds."""
         bc = self.cfg.get("evaluation", {}).get("bootstrap", {}) or {}
         samples = int(samples or bc.get("samples", 1000))
         confidence = float(confidence or bc.get("confidence", 0.95))
         seeds = self.train_seeds() if seeds is None else [int(s) for s in seeds]
+        tests = list(tests)
         test = self.dataset("test", task) if RESAMPLERS[task].needs_dataset else None
-        curves_by_seed, ids = {}, {}
-        for seed in seeds:
-            curves = {}
-            for name in [anchor, *tests]:
-                recs = self.full_records(task, name, seed=seed, budget=budget)
-                if len(recs) < 2 and name != anchor:
-                    continue
-                curves[name] = [({k: np.array([p.get(k, np.nan) for p in r["per_image"]], float) for k in bpp_keys},
-                                 RESAMPLERS[task].for_record(r, test)) for r in recs]
-                ids.update({(name, seed, r["lambda_"]): [p["image_id"] for p in r["per_image"]] for r in recs})
-            curves_by_seed[seed] = curves
-        if len({tuple(v) for v in ids.values()}) > 1:
-            raise ValueError(
-                f"{task}: the records were evaluated on different test images; re-evaluate them on the same split"
-            )
-        # a method trained with only some of the seeds: its rows for those seeds (pooled over them when 2 or more)
-        # (one bootstrap per group of methods with the same seeds: the anchor's resampled metrics are computed once)
-        groups: dict[tuple[int, ...], list[str]] = {}
-        for t in tests:
-            have = tuple(s for s in seeds if t in curves_by_seed[s] and anchor in curves_by_seed[s])
-            if have:
-                groups.setdefault(have, []).append(t)
-        results = {}
-        for have, group in groups.items():
-            res = bd_rate_ci_seeds({s: curves_by_seed[s] for s in have}, anchor, group, bpp_keys, samples, confidence,
-                                   self.seed, method, interval=str(bc.get("interval", "bca")))
-            results.update({t: (have, res) for t in group})
-        rows = []
-        for t in [t for t in tests if t in results]:
-            have, res = results[t]
-            points = len(curves_by_seed[have[0]][t])
-            rows += [{"task": task, "method": t, "anchor": anchor, "seed": s, "points": points, "budget": budget,
-                      **{k: res["per_seed"][s][t][k] for k in bpp_keys}} for s in have]
-            if t in res["pooled"]:
-                rows.append(
-                    {
-                        "task": task,
-                        "method": t,
-                        "anchor": anchor,
-                        "seed": "pooled",
-                        "points": points,
-                        "budget": budget,
-                        **{k: res["pooled"][t][k] for k in bpp_keys},
-                    }
-                )
-        return rows
+        records = self.results.records_by_seed(task, [anchor, *tests], seeds, budget)
+        return bootstrap.bd_rate_table(records, task, anchor, tests, method, bpp_keys, samples, confidence, self.seed,
+                                       str(bc.get("interval", "bca")), dataset=test, budget=budget)
 
     def result_paths(self, task: str, budgets: bool = False) -> list[Path]:
         """The stored evaluation records of ``task`` (JSON files, with their per-image lists); the budget snapshots'
