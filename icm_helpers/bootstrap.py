@@ -17,7 +17,8 @@ with its acceleration from a jackknife over the test images; ``interval_bounds``
 where the BD-rate is undefined (no overlap of the metric ranges) are counted and enter each bound at its unfavourable
 end: as -inf for the lower bound and as +inf for the upper one, so they widen the interval; when they reach into the
 tail of a bound, that bound is open. Models trained with several seeds: ``bd_rate_ci_seeds`` (per seed, and pooled
-with a two-stage seed-and-image bootstrap).
+with a two-stage seed-and-image bootstrap). From evaluation records (with their per-image lists): ``bd_rate_table``,
+one row per method and seed, as ``Experiment.bd_rate_table`` and the notebooks show it.
 """
 from __future__ import annotations
 
@@ -395,6 +396,70 @@ def bd_rate_ci_seeds(curves_by_seed: dict[Any, dict[str, list]], anchor: str, te
                 "seeds": len(seeds),
             }
     return out
+
+
+def record_curve_point(record: dict[str, Any], task: str, dataset=None,
+                       bpp_keys: Sequence[str] = ("bpp_bitstream", "bpp_estimated")
+                       ) -> tuple[dict[str, np.ndarray], Callable[[np.ndarray], float]]:
+    """One operating point of ``bd_rate_ci``'s ``curves`` from an evaluation record with its per-image list: the
+    per-image bpp of each kind in ``bpp_keys`` (NaN where an image has none) and the task's resampled metric
+    (``RESAMPLERS[task]``; ``dataset``: the test split, for a task whose resampler needs it)."""
+    bpp = {k: np.array([p.get(k, np.nan) for p in record["per_image"]], float) for k in bpp_keys}
+    return bpp, RESAMPLERS[task].for_record(record, dataset)
+
+
+def bd_rate_table(records_by_seed: dict[Any, dict[str, list[dict[str, Any]]]], task: str, anchor: str = "baseline",
+                  tests: Sequence[str] = ("aux_enc",), method: str = "pchip",
+                  bpp_keys: Sequence[str] = ("bpp_bitstream", "bpp_estimated"), samples: int = 1000,
+                  confidence: float = 0.95, seed: int = 0, interval: str = "bca", dataset=None,
+                  budget: float | None = None) -> list[dict[str, Any]]:
+    """BD-rate of each ``tests`` method vs ``anchor`` with paired-bootstrap CIs, from evaluation records.
+
+    ``records_by_seed[s][name]``: the records (with per-image lists, sorted by lambda) of method ``name`` for the
+    models of training seed ``s`` (``result_store.ResultStore.records_by_seed``), every record on the same test
+    images; ``dataset``: the test split when the task's resampler needs it (detection's COCO ground truth). A test
+    method with fewer than 2 operating points in a seed is left out of that seed; a method with points in only some
+    seeds gets rows for those seeds, pooled over them when 2 or more (``bd_rate_ci_seeds``: one bootstrap per group
+    of methods with the same seeds, so the anchor's resampled metrics are computed once per group). ``seed``: the
+    bootstrap's random seed; ``budget``: copied into the rows (the records' training budget fraction).
+
+    Returns one row per (method, seed) and a ``seed: "pooled"`` row per method with 2+ seeds: {"task", "method",
+    "anchor", "seed", "points", "budget", and per bpp kind the ``bd_rate_ci`` entry}."""
+    seeds = list(records_by_seed)
+    curves_by_seed, ids = {}, {}
+    for s in seeds:
+        curves = {}
+        for name in [anchor, *tests]:
+            recs = records_by_seed[s].get(name, [])
+            if len(recs) < 2 and name != anchor:
+                continue
+            curves[name] = [record_curve_point(r, task, dataset, bpp_keys) for r in recs]
+            ids.update({(name, s, r["lambda_"]): [p["image_id"] for p in r["per_image"]] for r in recs})
+        curves_by_seed[s] = curves
+    if len({tuple(v) for v in ids.values()}) > 1:
+        raise ValueError(
+            f"{task}: the records were evaluated on different test images; re-evaluate them on the same split"
+        )
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for t in tests:
+        have = tuple(s for s in seeds if t in curves_by_seed[s] and anchor in curves_by_seed[s])
+        if have:
+            groups.setdefault(have, []).append(t)
+    results = {}
+    for have, group in groups.items():
+        res = bd_rate_ci_seeds({s: curves_by_seed[s] for s in have}, anchor, group, bpp_keys, samples, confidence,
+                               seed, method, interval=interval)
+        results.update({t: (have, res) for t in group})
+    rows = []
+    for t in [t for t in tests if t in results]:
+        have, res = results[t]
+        points = len(curves_by_seed[have[0]][t])
+        rows += [{"task": task, "method": t, "anchor": anchor, "seed": s, "points": points, "budget": budget,
+                  **{k: res["per_seed"][s][t][k] for k in bpp_keys}} for s in have]
+        if t in res["pooled"]:
+            rows.append({"task": task, "method": t, "anchor": anchor, "seed": "pooled", "points": points,
+                         "budget": budget, **{k: res["pooled"][t][k] for k in bpp_keys}})
+    return rows
 
 
 def short_reason(error: str, limit: int = 80) -> str:

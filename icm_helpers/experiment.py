@@ -1,28 +1,28 @@
 """The experiment of one profile: where everything lives on disk, and the idempotent steps the notebooks call.
 
-Layout under the run directory (``runs/<profile>/`` by default):
+Layout under the run directory (``runs/<profile>/`` by default; every path: ``run_layout.RunLayout``):
 
     data/                         generated world (or prepared dataset) in COCO layout
     models/recognizer_<task>.pt   frozen recognizers (suite backend: trained by notebook 01)
     models/codec_start.pt         codec start point (Eq. 2, MSE)
     icm/<task>/<run>/             ICM training: train_state.pt (resumable), codec.pt (final), history.json
-    results/<task>/<name>.json    one evaluation record per method and lambda
+    aux_warm/<task>/<branch>/     auxiliary branches pre-trained alone (aux_init "warm")
+    results/<task>/<name>.json    one evaluation record per method and lambda (``result_store.ResultStore``)
 
 Every step is idempotent: finished artefacts are reused (never silently overwritten; ``force=True`` redoes them),
 interrupted trainings resume from their last complete epoch. An evaluation record carries ``eval_key``: everything
 its numbers depend on besides its method's fields (image count, split, bitstream / decode / amp, ROI, the codec
 file's and the recognizer's identity); a record is reused only when its key equals the one the settings give now,
-and otherwise re-evaluated with a log line naming what differs.
+and otherwise re-evaluated with a log line naming what differs. BD-rate tables are computed from the stored records
+by ``bootstrap.bd_rate_table``.
 """
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 
 from . import anchors
@@ -31,7 +31,7 @@ from . import distributed as dist_lib
 from .adaptive_alpha import check_alpha_mode
 from .assets import canonical, find_shipped, install_shipped, sha256
 from .aux_branches import build_aux_branch, seed_random_stream
-from .bootstrap import bd_rate_ci_seeds
+from . import bootstrap
 from .config import check_device, load_profile, resolve_data_path, resolve_run_dir, safe_name
 from .datasources import DATA_SOURCES
 from .evaluation import evaluate
@@ -40,7 +40,9 @@ from .methods import short_name
 from .provenance import result_provenance
 from .recognizers import build_recognizer, load_recognizer, save_recognizer
 from .registry import RESAMPLERS, check_task
+from .result_store import ResultStore
 from .roi import check_roi
+from .run_layout import RunLayout
 from .training import stopping
 from .training import (
     IcmSpec,
@@ -72,11 +74,6 @@ def file_identity(path: Path) -> dict[str, Any] | None:
     return {"sha256": _FILE_HASHES[memo], "bytes": st.st_size}
 
 
-def _short(value: Any, limit: int = 90) -> str:
-    text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 class Experiment:
     def __init__(
         self,
@@ -94,6 +91,10 @@ class Experiment:
         self.device = self._check_device(device)
         self.run_dir = resolve_run_dir(self.profile, run_dir)
         self.log = log or (lambda *_: None)
+        # every path of the run directory; the profile's tasks block is read when a path is asked for
+        self.layout = RunLayout(self.run_dir, self.seed, self.cfg["tasks"])
+        # the evaluation records; its log line goes to whatever self.log is when a record is checked
+        self.results = ResultStore(self.layout, lambda *a: self.log(*a))
         self._datasets: dict[str, Any] = {}
         self.source = DATA_SOURCES[self.cfg["data"]["source"]](self.cfg["data"], self.seed, self.data_dir)
         self._pretrained: dict[str, Any] = {}
@@ -114,14 +115,14 @@ class Experiment:
     def _check_device(device: str) -> str:
         return check_device(device)
 
-    # ------------------------------------------------------------------ paths
+    # ------------------------------------------------------------------ paths (run_layout.RunLayout)
     @property
     def data_dir(self) -> Path:
-        return self.run_dir / "data"
+        return self.layout.data_dir
 
     @property
     def models_dir(self) -> Path:
-        return self.run_dir / "models"
+        return self.layout.models_dir
 
     def tasks(self, task: str = "all") -> list[str]:
         """``"all"`` -> every task of the profile; else the one named task (validated)."""
@@ -176,24 +177,23 @@ class Experiment:
 
     def task_runs_dir(self, task: str) -> Path:
         """The folder of a task's ICM runs, one sub-folder per run (:meth:`run_path`)."""
-        return self.run_dir / "icm" / check_task(task)
+        return self.layout.task_runs_dir(task)
 
     def run_path(self, spec: IcmSpec) -> Path:
-        suffix = "" if spec.alpha == self.task_cfg(spec.task)["alpha"] else f"_alpha{spec.alpha:g}"
-        suffix += "" if spec.seed == self.seed else f"_seed{spec.seed}"
-        return self.task_runs_dir(spec.task) / (spec.run_name + suffix)
+        """The folder of the ICM run of ``spec`` (``RunLayout.run_path``)."""
+        return self.layout.run_path(spec)
 
     def codec_path(self, spec: IcmSpec) -> Path:
         """The final codec of an ICM run (written by :meth:`train` when the run is finished)."""
-        return self.run_path(spec) / "codec.pt"
+        return self.layout.codec_path(spec)
 
     @property
     def start_codec_path(self) -> Path:
         """The codec start point (notebook 01)."""
-        return self.models_dir / "codec_start.pt"
+        return self.layout.start_codec_path
 
     def result_path(self, task: str, name: str) -> Path:
-        return self.run_dir / "results" / check_task(task) / f"{safe_name(name.replace('.', 'p'), 'result name')}.json"
+        return self.layout.result_path(task, name)
 
     # ------------------------------------------------------------------ data
     @property
@@ -264,7 +264,7 @@ class Experiment:
 
     # ------------------------------------------------------------------ recognizers
     def recognizer_path(self, task: str) -> Path:
-        return self.models_dir / f"recognizer_{check_task(task)}.pt"
+        return self.layout.recognizer_path(task)
 
     def recognizer(self, task: str, force: bool = False):
         """The frozen recognizer of ``task``. Pretrained backends (profile ``train: null``, the paper profile) are
@@ -291,7 +291,7 @@ class Experiment:
             rec,
             self.dataset("train", task),
             TrainConfig.from_dict(rc["train"]),
-            self.models_dir / f"train_state_recognizer_{task}.pt",
+            self.layout.recognizer_train_state(task),
             seed=self.seed,
             log=self.log,
             device=self.device,
@@ -330,7 +330,7 @@ class Experiment:
             self.dataset("train"),
             TrainConfig.from_dict(cc["train"]),
             float(cc["lambda_mse"]),
-            self.models_dir / "train_state_codec_start.pt",
+            self.layout.start_codec_train_state,
             seed=self.seed,
             log=self.log,
             device=self.device,
@@ -400,11 +400,9 @@ class Experiment:
         return self._warm_path(task, position, seed, labels, config)
 
     def _warm_path(self, task: str, position: str, seed: int, labels: str, config: dict[str, Any]) -> Path:
-        """Where the pre-trained branch lives; a file pre-trained with other settings is refused, never reused."""
-        variant = config.get("name")
-        name = (f"{position}{'' if labels == 'pseudo' else '_' + labels}_seed{seed}"
-                f"{'_' + safe_name(str(variant), 'aux_warm_start.name') if variant else ''}")
-        final = self.run_dir / "aux_warm" / task / name / "branch.pt"
+        """Where the pre-trained branch lives (``RunLayout.warm_branch_path``, the variant ``config["name"]`` in its
+        folder name); a file pre-trained with other settings is refused, never reused."""
+        final = self.layout.warm_branch_path(task, position, seed, labels, config.get("name"))
         if final.exists():
             stored = codec_lib.load_state(final)
             if stored.get("config") != config:
@@ -454,7 +452,7 @@ class Experiment:
         return cfg.epochs * cfg.steps(len(self.dataset("train", task)))
 
     def snapshot_path(self, spec: IcmSpec, fraction: float) -> Path:
-        return self.run_path(spec) / f"codec_budget{fraction:g}.pt"
+        return self.layout.snapshot_path(spec, fraction)
 
     # ------------------------------------------------------------------ ICM training
     def train(self, spec: IcmSpec, force: bool = False) -> Path:
@@ -616,7 +614,7 @@ class Experiment:
         return {"task": task, "lambda_": lam, "curves": curves, "rows": rows}
 
     def history(self, spec: IcmSpec) -> list[dict[str, Any]]:
-        return read_json(self.run_path(spec) / "history.json")
+        return read_json(self.layout.history_path(spec))
 
     # ------------------------------------------------------------------ evaluation
     def evaluation_key(self, task: str, codec: Path | dict[str, Any] | None, bitstream: bool,
@@ -644,26 +642,6 @@ class Experiment:
                            "file": file_identity(self.recognizer_path(task)) if rc.get("train") is not None else None},
         })
 
-    def _stored_record(self, path: Path, key: dict[str, Any], force: bool) -> dict[str, Any] | None:
-        """The record at ``path`` when it was evaluated with ``key``; otherwise None, with a log line saying why it is
-        re-evaluated."""
-        if force or not path.exists():
-            return None
-        record = read_json(path)
-        stored = record.get("eval_key")
-        if stored == key:
-            return record
-        label = f"{record.get('task', path.parent.name)}/{path.stem}"
-        if not isinstance(stored, dict):
-            why = ("it has no evaluation key: it was written before records were keyed by the settings they depend "
-                   "on, so it cannot be checked")
-        else:
-            changed = sorted(k for k in {*stored, *key} if stored.get(k) != key.get(k))
-            why = "it was made with other " + "; ".join(
-                f"{k}: {_short(stored.get(k))} -> {_short(key.get(k))}" for k in changed)
-        self.log(f"re-evaluating {label} ({path}): {why}")
-        return None
-
     def _evaluate_cached(self, task: str, name: str, lambda_: float | None, fields: dict[str, Any], force: bool,
                          codec_factory, codec_key: Path | dict[str, Any] | None, roi_qf: float | None = None,
                          roi_decoder: str = "as_is", bitstream: bool | None = None) -> dict[str, Any]:
@@ -674,10 +652,10 @@ class Experiment:
         bitstream = bool(ec.get("bitstream", True)) if bitstream is None else bitstream
         stored = None
         if dist_lib.is_main():  # torchrun: rank 0 decides for all
-            stored = self._stored_record(path, self.evaluation_key(task, codec_key, bitstream, roi_qf, roi_decoder),
-                                         force)
+            stored = self.results.reusable(path, self.evaluation_key(task, codec_key, bitstream, roi_qf, roi_decoder),
+                                           force)
         if dist_lib.broadcast_object(stored is not None):
-            return stored if stored is not None else read_json(path)
+            return stored if stored is not None else self.results.read(path)
         started = time.time()
         ev = evaluate(
             codec_factory(),
@@ -697,7 +675,7 @@ class Experiment:
                   "eval_key": self.evaluation_key(task, codec_key, bitstream, roi_qf, roi_decoder),
                   "provenance": self.run_provenance(started=started, ended=time.time())}
         if dist_lib.is_main():
-            atomic_write_json(path, record)
+            self.results.write(path, record)
         dist_lib.barrier()
         return record
 
@@ -715,10 +693,9 @@ class Experiment:
             "codec_path": str(path.relative_to(self.run_dir)),
         }
         fields.update(spec.later_fields())
-        name = self.run_path(spec).name
+        name = self.layout.run_result_name(spec, budget)
         if budget is not None:
             fields["budget"] = float(budget)
-            name += f"_budget{budget:g}"
         # budget snapshots: real bitstreams only if the profile asks (evaluation.budget_bitstream), else estimated bpp
         bitstream = None if budget is None else bool(self.cfg.get("evaluation", {}).get("budget_bitstream", True))
         return self._evaluate_cached(
@@ -796,7 +773,7 @@ class Experiment:
                 records.append(
                     self._evaluate_cached(
                         task,
-                        f"{name}_q{codec.quality}",
+                        self.layout.anchor_result_name(name, codec.quality),
                         float(codec.quality),
                         fields,
                         False,
@@ -836,7 +813,7 @@ class Experiment:
                 }
                 if spec.aux_init != "cold":
                     fields["aux_init"] = spec.aux_init
-                name = f"{self.run_path(spec).name}_from_{trained_for}"
+                name = self.layout.transfer_result_name(spec, trained_for)
                 records.append(
                     self._evaluate_cached(
                         evaluated_by,
@@ -876,7 +853,7 @@ class Experiment:
             records.append(
                 self._evaluate_cached(
                     task,
-                    f"{method}_qf{qf:g}_lambda{lam:g}" + ("" if seed == self.seed else f"_seed{seed}"),
+                    self.layout.roi_result_name(method, qf, lam, seed),
                     float(lam),
                     fields,
                     False,
@@ -892,13 +869,10 @@ class Experiment:
         self, task: str, method: str, seed: int | None = None, budget: float | None = None
     ) -> list[dict[str, Any]]:
         """Stored records (with per-image lists) of one method of ``task`` for one training ``seed`` (None: the
-        profile's seed) and training ``budget`` fraction (None: the final models), sorted by lambda. Records without
-        a ``seed`` (the conventional anchors: nothing was trained) belong to every seed."""
-        seed = self.seed if seed is None else seed
-        recs = [read_json(p) for p in sorted((self.run_dir / "results" / check_task(task)).glob("*.json"))]
-        keep = [r for r in recs if r.get("method") == method and r.get("lambda_") is not None
-                and r.get("seed", self.seed if "codec_path" in r else seed) == seed and r.get("budget") == budget]
-        return sorted(keep, key=lambda r: r["lambda_"])
+        profile's seed) and training ``budget`` fraction (None: the final models), sorted by lambda
+        (``ResultStore.full_records``; which seed a record without a ``seed`` field belongs to:
+        ``result_store.record_seed``)."""
+        return self.results.full_records(task, method, seed, budget)
 
     def bd_rate_table(
         self,
@@ -912,75 +886,28 @@ class Experiment:
         seeds: Iterable[int] | None = None,
         budget: float | None = None,
     ) -> list[dict[str, Any]]:
-        """BD-rate of each ``tests`` method vs ``anchor`` with 95% paired-bootstrap CIs over the test images
-        (icm_helpers.bootstrap; resamples and confidence from the profile's ``evaluation.bootstrap``), for the models of
-        each training seed (``seeds``; default: the profile's ``train_seeds``) and, with several seeds, pooled: the mean
-        of the per-seed BD-rates with a seed-and-image bootstrap CI (``bootstrap.bd_rate_ci_seeds``). ``budget``: the
-        budget snapshots of that fraction instead of the final models. Methods with fewer than 2 operating points in
-        some seed are skipped. One row per (method, seed) and a ``seed: "pooled"`` row per method with 2+ seeds."""
-
+        """``bootstrap.bd_rate_table`` of the stored records: BD-rate of each ``tests`` method vs ``anchor`` with 95%
+        paired-bootstrap CIs over the test images (resamples, confidence and interval from the profile's
+        ``evaluation.bootstrap``; the bootstrap's random seed: the profile's seed), for the models of each training
+        seed (``seeds``; default: the profile's ``train_seeds``) and, with several seeds, pooled. ``budget``: the
+        budget snapshots of that fraction instead of the final models. One row per (method, seed) and a ``seed:
+        "pooled"`` row per method with 2+ seeds."""
         bc = self.cfg.get("evaluation", {}).get("bootstrap", {}) or {}
         samples = int(samples or bc.get("samples", 1000))
         confidence = float(confidence or bc.get("confidence", 0.95))
         seeds = self.train_seeds() if seeds is None else [int(s) for s in seeds]
+        tests = list(tests)
         test = self.dataset("test", task) if RESAMPLERS[task].needs_dataset else None
-        curves_by_seed, ids = {}, {}
-        for seed in seeds:
-            curves = {}
-            for name in [anchor, *tests]:
-                recs = self.full_records(task, name, seed=seed, budget=budget)
-                if len(recs) < 2 and name != anchor:
-                    continue
-                curves[name] = [({k: np.array([p.get(k, np.nan) for p in r["per_image"]], float) for k in bpp_keys},
-                                 RESAMPLERS[task].for_record(r, test)) for r in recs]
-                ids.update({(name, seed, r["lambda_"]): [p["image_id"] for p in r["per_image"]] for r in recs})
-            curves_by_seed[seed] = curves
-        if len({tuple(v) for v in ids.values()}) > 1:
-            raise ValueError(
-                f"{task}: the records were evaluated on different test images; re-evaluate them on the same split"
-            )
-        # a method trained with only some of the seeds: its rows for those seeds (pooled over them when 2 or more)
-        # (one bootstrap per group of methods with the same seeds: the anchor's resampled metrics are computed once)
-        groups: dict[tuple[int, ...], list[str]] = {}
-        for t in tests:
-            have = tuple(s for s in seeds if t in curves_by_seed[s] and anchor in curves_by_seed[s])
-            if have:
-                groups.setdefault(have, []).append(t)
-        results = {}
-        for have, group in groups.items():
-            res = bd_rate_ci_seeds({s: curves_by_seed[s] for s in have}, anchor, group, bpp_keys, samples, confidence,
-                                   self.seed, method, interval=str(bc.get("interval", "bca")))
-            results.update({t: (have, res) for t in group})
-        rows = []
-        for t in [t for t in tests if t in results]:
-            have, res = results[t]
-            points = len(curves_by_seed[have[0]][t])
-            rows += [{"task": task, "method": t, "anchor": anchor, "seed": s, "points": points, "budget": budget,
-                      **{k: res["per_seed"][s][t][k] for k in bpp_keys}} for s in have]
-            if t in res["pooled"]:
-                rows.append(
-                    {
-                        "task": task,
-                        "method": t,
-                        "anchor": anchor,
-                        "seed": "pooled",
-                        "points": points,
-                        "budget": budget,
-                        **{k: res["pooled"][t][k] for k in bpp_keys},
-                    }
-                )
-        return rows
+        records = self.results.records_by_seed(task, [anchor, *tests], seeds, budget)
+        return bootstrap.bd_rate_table(records, task, anchor, tests, method, bpp_keys, samples, confidence, self.seed,
+                                       str(bc.get("interval", "bca")), dataset=test, budget=budget)
 
     def result_paths(self, task: str, budgets: bool = False) -> list[Path]:
         """The stored evaluation records of ``task`` (JSON files, with their per-image lists); the budget snapshots'
         only with ``budgets=True``."""
-        paths = sorted((self.run_dir / "results" / check_task(task)).glob("*.json"))
-        return [p for p in paths if budgets or read_json(p).get("budget") is None]
+        return self.results.paths(task, budgets)
 
     def records(self, task: str | None = None, budgets: bool = False) -> list[dict[str, Any]]:
         """Every stored evaluation record (optionally of one task), without per-image lists; the budget snapshots'
         records (dose-response) only with ``budgets=True``."""
-        root = self.run_dir / "results"
-        paths = sorted((root / task).glob("*.json")) if task else sorted(root.glob("*/*.json"))
-        recs = [{k: v for k, v in read_json(p).items() if k != "per_image"} for p in paths]
-        return [r for r in recs if budgets or r.get("budget") is None]
+        return self.results.records(task, budgets)

@@ -2,9 +2,9 @@
 view of two runs, as numbers, a picture and a saved figure. Nothing here trains or evaluates a model.
 
 - :func:`discover_runs`: every finished codec of a task in the run directory: the start codec, every ICM run
-  (each method of ``icm_helpers.methods``, lambda, alpha and training seed whose folder holds a final codec; the
-  folder names are read back through ``Experiment.run_path``) and the ROI baseline (the w/o-aux codec under the ROI
-  latent scaling) where the task has a QF.
+  (each method of ``icm_helpers.methods``, lambda, alpha and training seed whose folder holds a final codec; every
+  path and folder name comes from the experiment's ``run_layout.RunLayout``, ``ex.layout``) and the ROI baseline (the
+  w/o-aux codec under the ROI latent scaling) where the task has a QF.
 - :func:`missing_inputs`: what the explorer needs and does not find (test images, start codec, recognizer, runs),
   each with the notebook and command that makes it.
 - :class:`ViewState`: what one view shows (task, runs A and B, image, hyper-latent, opacity, outlines, zoom
@@ -42,6 +42,7 @@ from .codec import load_codec
 from .figures import save_figure
 from .methods import METHODS, icm_method_id, short_name
 from .plots import BitMapScale, theme
+from .run_layout import RUN_FOLDER
 from .training.objective import AUX_INITS, OBJECTIVES, IcmSpec
 
 __all__ = ["START", "RunRef", "Missing", "ViewState", "discover_runs", "missing_inputs", "runs_table",
@@ -49,8 +50,6 @@ __all__ = ["START", "RunRef", "Missing", "ViewState", "discover_runs", "missing_
 
 START = "start"  # the start codec's method id and run key
 ROI_PREFIX = "roi_"  # run key of the ROI baseline on a w/o-aux run: "roi_" + that run's key
-RUN_FOLDER = re.compile(  # Experiment.run_path's folder name of an ICM run
-    r"(?P<method>[a-z_]+?)_lambda(?P<lambda_>[^_]+)(?:_alpha(?P<alpha>[^_]+))?(?:_seed(?P<seed>\d+))?")
 CACHE_SIZE = 64  # (run, image) entries kept per cache
 LABEL_CMAP = "tab20"  # the recognizer's label maps: class c in colour c % 20 (background 0 not drawn)
 
@@ -105,7 +104,8 @@ METHOD_FIELDS = _icm_method_fields()
 
 
 def spec_of_folder(ex, task: str, name: str) -> IcmSpec | None:
-    """The ICM run whose folder (``Experiment.run_path``) is ``name``, or None when ``name`` is not one."""
+    """The ICM run whose folder (``RunLayout.run_path``) is ``name``, or None when ``name`` is not one: the name is
+    read with ``run_layout.RUN_FOLDER`` and accepted when the layout names that run's folder ``name``."""
     match = RUN_FOLDER.fullmatch(name)
     fields = METHOD_FIELDS.get(match["method"]) if match else None
     if fields is None:
@@ -116,7 +116,7 @@ def spec_of_folder(ex, task: str, name: str) -> IcmSpec | None:
                        int(match["seed"]) if match["seed"] else None, fields["aux_labels"], fields["objective"])
     except ValueError:
         return None
-    return spec if ex.run_path(spec).name == name else None
+    return spec if ex.layout.run_path(spec).name == name else None
 
 
 def _method_order(method: str) -> int:
@@ -134,19 +134,20 @@ def discover_runs(ex, task: str) -> dict[str, RunRef]:
     """Run key -> run, for every finished codec of ``task`` (see the module doc), in the order of the methods table,
     then lambda, alpha and seed. Seeds are named in the labels when the task has runs of more than one seed or of a
     seed other than the profile's."""
+    layout = ex.layout
     runs: dict[str, RunRef] = {}
-    if ex.start_codec_path.is_file():
-        runs[START] = RunRef(START, short_name(START), ex.start_codec_path, START)
-    folder = ex.task_runs_dir(task)
+    if layout.start_codec_path.is_file():
+        runs[START] = RunRef(START, short_name(START), layout.start_codec_path, START)
+    folder = layout.task_runs_dir(task)
     specs = [spec_of_folder(ex, task, p.name) for p in sorted(folder.iterdir())] if folder.is_dir() else []
-    specs = [s for s in specs if s is not None and ex.codec_path(s).is_file()]
+    specs = [s for s in specs if s is not None and layout.codec_path(s).is_file()]
     specs.sort(key=lambda s: (_method_order(s.method), s.lambda_, s.alpha, s.seed))
     seeds = {s.seed for s in specs}
     show_seed = len(seeds) > 1 or seeds - {ex.seed} != set()
     default_alpha = float(ex.task_cfg(task)["alpha"])
     for spec in specs:
-        key = ex.run_path(spec).name
-        runs[key] = RunRef(key, _run_label(spec, default_alpha, show_seed), ex.codec_path(spec), spec.method,
+        key = layout.run_path(spec).name
+        runs[key] = RunRef(key, _run_label(spec, default_alpha, show_seed), layout.codec_path(spec), spec.method,
                            spec.lambda_, spec.alpha, spec.seed)
     qf = ex.task_cfg(task).get("roi_qf")
     if qf:
@@ -167,7 +168,7 @@ def _make_it(ex, *notebooks: str) -> str:
 
 def recognizer_available(ex, task: str) -> bool:
     """A pretrained backend (built from its weights) or the suite's trained recognizer on disk."""
-    return ex.cfg["recognizers"][task].get("train") is None or ex.recognizer_path(task).is_file()
+    return ex.cfg["recognizers"][task].get("train") is None or ex.layout.recognizer_path(task).is_file()
 
 
 def missing_inputs(ex, task: str, runs: dict[str, RunRef] | None = None) -> list[Missing]:
@@ -177,14 +178,15 @@ def missing_inputs(ex, task: str, runs: dict[str, RunRef] | None = None) -> list
         ex.dataset("test", task)
     except (FileNotFoundError, ValueError, OSError) as exc:
         out.append(Missing("test images", str(exc).split("\n")[0], _make_it(ex, "01")))
-    if not ex.start_codec_path.is_file():
-        out.append(Missing("start codec", f"{ex.start_codec_path} not found", _make_it(ex, "01")))
+    layout = ex.layout
+    if not layout.start_codec_path.is_file():
+        out.append(Missing("start codec", f"{layout.start_codec_path} not found", _make_it(ex, "01")))
     if not recognizer_available(ex, task):
-        out.append(Missing(f"{task} recognizer", f"{ex.recognizer_path(task)} not found (the maps work without it; "
+        out.append(Missing(f"{task} recognizer", f"{layout.recognizer_path(task)} not found (the maps work without it; "
                            "the recognizer's output is not shown)", _make_it(ex, "01")))
     runs = discover_runs(ex, task) if runs is None else runs
     if not any(r.method != START for r in runs.values()):
-        out.append(Missing(f"fine-tuned codecs of {task}", f"no finished run under {ex.task_runs_dir(task)}",
+        out.append(Missing(f"fine-tuned codecs of {task}", f"no finished run under {layout.task_runs_dir(task)}",
                            _make_it(ex, "02", "03") + "; ROI: 04, aux-dec / aux-task: 05, adaptive alpha: 08, "
                            "seeds and controls: 11"))
     return out
@@ -322,7 +324,7 @@ class BitMapExplorer:
             raise ValueError(f"no finished codec of {task} in {self.ex.run_dir}")
         lam = self.ex.task_cfg(task).get("ablation_lambda") or self.ex.task_cfg(task)["lambdas"][0]
         specs = (self.ex.spec(task, lam, None), self.ex.spec(task, lam, "enc", aux_init=self.ex.aux_inits(task)[0]))
-        a, b = (self.ex.run_path(s).name for s in specs)
+        a, b = (self.ex.layout.run_path(s).name for s in specs)
         return (a if a in keys else keys[0], b if b in keys else keys[-1])
 
     def dataset(self, task: str):

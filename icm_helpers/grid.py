@@ -71,7 +71,7 @@ def grid_specs(exp: Experiment, task: str = "all", notebooks: Iterable[str] = TR
     for t in exp.tasks(task):
         for nb in notebooks:
             for spec in _notebook_specs(exp, t, nb, lambdas, alpha):
-                specs.setdefault(str(exp.run_path(spec)), spec)
+                specs.setdefault(str(exp.layout.run_path(spec)), spec)
     return list(specs.values())
 
 
@@ -89,15 +89,16 @@ def grid_jobs(exp: Experiment, task: str = "all", notebooks: Iterable[str] = TRA
     warm = sorted({(s.task, s.aux_position, _warm_seed(exp, s)) for s in specs if s.aux_init == "warm"})
     jobs += [GridJob("warm_branch", f"{t}/warm_{pos}_seed{seed}", task=t, position=pos, seed=seed)
              for t, pos, seed in warm]
-    jobs += [GridJob("icm", f"{s.task}/{exp.run_path(s).name}", task=s.task, spec=s) for s in specs]
+    jobs += [GridJob("icm", f"{s.task}/{exp.layout.run_path(s).name}", task=s.task, spec=s) for s in specs]
     return jobs
 
 
 def prerequisites_done(exp: Experiment, tasks: Iterable[str]) -> bool:
     """The files stage 0 writes: the start codec and each task's recognizer (a backend that needs none has none).
     The data is checked by the jobs themselves (``prepare_data`` is cheap when done)."""
-    needed = [exp.models_dir / "codec_start.pt"]
-    needed += [exp.recognizer_path(t) for t in tasks if exp.cfg["recognizers"][t].get("backend", "suite") == "suite"]
+    needed = [exp.layout.start_codec_path]
+    needed += [exp.layout.recognizer_path(t) for t in tasks
+               if exp.cfg["recognizers"][t].get("backend", "suite") == "suite"]
     return all(p.exists() for p in needed)
 
 
@@ -106,8 +107,9 @@ def job_done(exp: Experiment, job: GridJob, tasks: Iterable[str]) -> bool:
     if job.kind == "prepare":
         return prerequisites_done(exp, tasks)
     if job.kind == "warm_branch":
+        # Experiment.warm_branch_path: the layout's path, refused when the file was pre-trained with other settings
         return exp.warm_branch_path(job.task, job.position, job.seed).exists()
-    return (exp.run_path(job.spec) / "codec.pt").exists()
+    return exp.layout.codec_path(job.spec).exists()
 
 
 def run_job(exp: Experiment, job: GridJob, tasks: Iterable[str], evaluate: bool = False) -> dict[str, Any]:

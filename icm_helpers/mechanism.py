@@ -250,14 +250,14 @@ def time_breakdown(ex, notebook_seconds: dict[str, float], wall_seconds: float |
     parts = {"icm_training_steps": 0.0, "validation_in_training": 0.0, "validation_before_training": 0.0,
              "snapshots": 0.0, "branch_pretraining": 0.0}
     runs = 0
-    for path in sorted((ex.run_dir / "icm").glob("*/*/timing.json")):
+    for path in sorted(ex.layout.icm_root.glob("*/*/timing.json")):
         t = read_json(path)
         runs += 1
         parts["icm_training_steps"] += t["loop_seconds"] - t["validation_seconds"] - t.get("snapshot_seconds", 0.0)
         parts["validation_in_training"] += t["validation_seconds"]
         parts["snapshots"] += t.get("snapshot_seconds", 0.0)
         parts["validation_before_training"] += t.get("validation_before_training_seconds", 0.0)
-    for path in sorted((ex.run_dir / "aux_warm").glob("*/*/timing.json")):
+    for path in sorted(ex.layout.aux_warm_root.glob("*/*/timing.json")):
         parts["branch_pretraining"] += read_json(path)["loop_seconds"]
     total = float(sum(notebook_seconds.values()) if wall_seconds is None else wall_seconds)
     parts["everything_else"] = total - sum(parts.values())

@@ -114,7 +114,7 @@ def _trained_start_model(name: str, path: Path, load: Callable[[Path], Any], shi
 
 def check_start_codec(ex: Experiment, built: dict[str, Any]) -> Check:
     cc, name = ex.cfg["codec"], "checkpoint/codec_start"
-    path = ex.models_dir / "codec_start.pt"
+    path = ex.layout.start_codec_path
     if not path.exists() and (cc.get("weights") or cc.get("pretrained")):
         quality = cc.get("quality")
         url = model_urls["cheng2020-attn"]["mse"].get(quality, "") if quality else ""
@@ -169,7 +169,8 @@ def check_recognizer(ex: Experiment, task: str, built: dict[str, Any]) -> Check:
 def check_run_checkpoints(ex: Experiment) -> Check:
     """The checkpoints already in the run directory are whole files (their zip directory reads; not loaded: the
     paper's are many GB)."""
-    files = sorted(p for sub in ("models", "icm", "aux_warm") for p in (ex.run_dir / sub).rglob("*.pt"))
+    layout = ex.layout
+    files = sorted(p for d in (layout.models_dir, layout.icm_root, layout.aux_warm_root) for p in d.rglob("*.pt"))
     bad = []
     for path in files:
         try:

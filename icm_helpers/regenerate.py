@@ -50,7 +50,7 @@ def regenerate(profile: str = "demo", work_dir: str | Path | None = None, log=pr
             "accuracy": {"metric_name": ref["metric_name"], "metric": ref["metric"], "test_images": ref["num_images"]},
         }
     ex.start_codec()
-    seconds = load_state(ex.models_dir / "codec_start.pt")["extra"].get("seconds", float("nan"))
+    seconds = load_state(ex.layout.start_codec_path)["extra"].get("seconds", float("nan"))
     start = ex.evaluate_start(ex.tasks()[0])
     files["codec_start"] = {
         "provenance": ex.provenance("codec"),
