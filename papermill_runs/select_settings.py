@@ -11,8 +11,9 @@ command line, outcome, the profile's tasks, the time budget) and writes its outc
 ``docs/protocol_outcomes/<profile>.json``; a finished stage is not redone:
 
 - ``r1``: the start codec's convergence, read from its training history (per-epoch validation loss, Eq. 2).
-- ``costs``: measured seconds of one training step per (task, arm), one warm-start step, one evaluated test image
-  (bitstream, ``evaluation.decode``, the profile's workers) and one bit-map image, with the profile's models.
+- ``costs``: measured seconds of one training step per (task, arm), one warm-start step (the real job,
+  ``Experiment.warm_aux_branch``), one evaluated test image (bitstream, ``evaluation.decode``, the profile's workers)
+  and one bit-map image, with the profile's models.
 - ``fixed``: the seconds of the profile's run that do not scale with the steps or the test images.
 - ``r2``: steps per ICM model from the costs and the time budget (``--budget-factor`` x the smoke run's
   ``--smoke-seconds``; stage ``fixed``'s seconds included: kernels, world, figures, bootstrap).
@@ -53,11 +54,11 @@ from icm_helpers.config import load_profile  # noqa: E402
 from icm_helpers.data import collate  # noqa: E402
 from icm_helpers.evaluation import evaluate  # noqa: E402
 from icm_helpers.experiment import Experiment  # noqa: E402
+from icm_helpers.io import read_json  # noqa: E402
 from icm_helpers.training import (  # noqa: E402
     TrainConfig,
     _codec_optimizers,
     _codec_step,
-    aux_features,
     clip_groups,
     icm_terms,
     train_aux_branch,
@@ -70,6 +71,7 @@ LR_FACTORS = (1, 3, 10)  # R3: the paper's learning rate x these
 STEPS_PER_EPOCH = 10  # R2 / R6: epochs of 10 steps
 WARM_MAX_EPOCHS = 8  # R6
 TEST_IMAGES = range(48, 257, 16)  # R5: the test splits it considers; the smallest is taken when none fits
+WARM_TIMING_STEPS = (1, 21)  # costs: the real warm-start job is run for 1 epoch of each; see warm_step_seconds
 STAGES = StageTable()
 
 
@@ -129,12 +131,41 @@ def stage_r1(ctx: StageContext) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------------ costs
+def step_seconds_between(short: dict[str, Any], long: dict[str, Any]) -> float:
+    """Seconds per step from the ``timing.json`` of two runs of one job that differ only in their number of steps: the
+    difference of their training loops (``loop_seconds``) over the difference of their ``steps``. What both runs do
+    once (the first step, the epoch's validation pass) cancels."""
+    return (long["loop_seconds"] - short["loop_seconds"]) / (long["steps"] - short["steps"])
+
+
+def warm_step_seconds(profile: str, task: str, root: Path) -> float:
+    """Seconds of one warm-start step as the profile's run makes them: the real job (``Experiment.warm_aux_branch``,
+    the enc branch, seed 0, the profile's ``aux_warm_start`` block) for 1 epoch of each of ``WARM_TIMING_STEPS`` steps,
+    side by side (named variants) in the run dir ``root/timing``; ``step_seconds_between`` their ``timing.json``."""
+    block = load_profile(profile)["tasks"][task]["aux_warm_start"]
+    timings = []
+    for steps in WARM_TIMING_STEPS:
+        job = {**block, "epochs": 1, "steps_per_epoch": steps, "name": f"timing{steps}"}
+        ex = experiment(profile, {f"tasks.{task}.aux_warm_start": job}, log=None, name="timing", root=root)
+        batches = len(ex.dataset("train", task)) // int(job["batch_size"])
+        if batches < steps:  # an epoch ends with the split: the job would run fewer steps than timing.json says
+            raise ValueError(f"{profile}'s training split has {batches} batches of {job['batch_size']}, fewer than "
+                             f"the {steps} steps of a timing epoch")
+        ex.warm_aux_branch(task, "enc", 0)
+        timings.append(read_json(ex.warm_branch_path(task, "enc", 0).parent / "timing.json"))
+    return step_seconds_between(*timings)
+
+
 @STAGES.register("costs")
 def stage_costs(ctx: StageContext) -> dict[str, Any]:
-    """Seconds per training step (task x arm), warm-start step, evaluated image and bit-map image (medians)."""
+    """Seconds per training step (task x arm; medians), warm-start step (the real job), evaluated image and bit-map
+    image."""
     ex = experiment(ctx.profile)
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "step": {}, "warm_step": {}, "eval_image": {},
-                           "bitmap_image": {}, "anchor_image": {}}
+                           "bitmap_image": {}, "anchor_image": {},
+                           "warm_step_job": f"Experiment.warm_aux_branch (enc, seed 0), 1 epoch of each of "
+                                            f"{list(WARM_TIMING_STEPS)} steps: loop seconds difference / steps "
+                                            "difference"}
     train = ex.dataset("train")
     batch = collate([train[i] for i in range(8)])["image"]
     for task in ctx.tasks:
@@ -153,20 +184,8 @@ def stage_costs(ctx: StageContext) -> dict[str, Any]:
                 _codec_step(loss, codec, opts, clip_groups(codec, extra), 1.0)
                 times.append(time.perf_counter() - t0)
             out["step"][f"{task}/{arm}"] = statistics.median(times[1:])
-        codec = ex.start_codec().train()
-        aux = ex.build_branch(task, "enc", 0, codec, rec)
-        opt = torch.optim.Adam(aux.parameters(), lr=1e-4)
-        times = []
-        for _ in range(6):
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                feats, labels, size = aux_features("enc", codec, rec, aux, batch, rec.pseudo_labels(batch))
-            loss = aux.loss(feats, labels, size)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            times.append(time.perf_counter() - t0)
-        out["warm_step"][task] = statistics.median(times[1:])
+        with tempfile.TemporaryDirectory(prefix=f"warm_timing_{ctx.profile}_") as tmp:
+            out["warm_step"][task] = warm_step_seconds(ctx.profile, task, Path(tmp))
         ec = ex.cfg["evaluation"]
         n = 16
         t0 = time.perf_counter()

@@ -10,6 +10,8 @@ import json
 import pytest
 
 from icm_helpers.config import REPO_ROOT, load_profile
+from icm_helpers.experiment import Experiment
+from icm_helpers.io import read_json
 from papermill_runs import selection
 from papermill_runs.selection import StageContext, StageTable
 
@@ -234,3 +236,33 @@ def test_the_logged_demo_outcome_gives_its_profile_settings():
     ctx = StageContext("demo", argparse.Namespace(), outcome, path, selection.profile_tasks("demo"), 1.45, 230.0)
     assert ctx.time_budget_seconds == pytest.approx(outcome["stages"]["r2"]["budget_seconds"])
     assert sel.settings_overrides(ctx) == outcome["profile_settings"]
+
+
+def test_steps_are_timed_from_two_lengths_of_one_job():
+    """What both runs do once (the first step, a validation pass) cancels in the difference."""
+    short, long = {"loop_seconds": 3.5, "steps": 1}, {"loop_seconds": 11.5, "steps": 21}
+    assert sel.step_seconds_between(short, long) == pytest.approx(0.4)
+
+
+def test_the_warm_step_is_timed_on_the_real_pre_training_job(tmp_path, monkeypatch):
+    """Stage costs times a warm-start step on ``Experiment.warm_aux_branch`` itself (here the smoke profile's block on
+    a tiny world, 1 epoch of 1 and of 3 steps instead of 1 and 21), side by side, read from their timing.json."""
+    monkeypatch.setattr(sel, "WARM_TIMING_STEPS", (1, 3))
+    tiny = {"data.counts": {"train": 12, "val": 4, "test": 4}, "recognizers.detection.train.epochs": 1,
+            "codec.train.epochs": 1}
+
+    def tiny_experiment(profile, overrides=None, log=None, name="main", root=None):
+        ex = Experiment(profile, run_dir=root / name, log=None, overrides={**tiny, **(overrides or {})})
+        ex.prepare_data()
+        return ex
+
+    monkeypatch.setattr(sel, "experiment", tiny_experiment)
+    seconds = sel.warm_step_seconds("smoke", "detection", tmp_path)
+    runs = sorted((tmp_path / "timing" / "aux_warm" / "detection").iterdir())
+    assert [p.name for p in runs] == ["enc_seed0_timing1", "enc_seed0_timing3"]
+    short, long = (read_json(p / "timing.json") for p in runs)
+    assert (short["steps"], long["steps"]) == (1, 3) and long["loop_seconds"] > short["loop_seconds"]
+    assert seconds == pytest.approx((long["loop_seconds"] - short["loop_seconds"]) / 2) and seconds > 0
+    tiny["data.counts"] = {"train": 8, "val": 4, "test": 4}  # 2 batches of 4: an epoch cannot hold 3 steps
+    with pytest.raises(ValueError, match="2 batches of 4, fewer than the 3 steps"):
+        sel.warm_step_seconds("smoke", "detection", tmp_path / "small")
