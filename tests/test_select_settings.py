@@ -23,7 +23,7 @@ def _script(name: str):
     return module
 
 
-sel = _script("select_settings")
+sel, sel2 = _script("select_settings"), _script("select_settings_v2")
 OUTCOMES = REPO_ROOT / "docs" / "protocol_outcomes"
 
 
@@ -110,6 +110,7 @@ def test_stages_are_a_table_dispatched_by_name(capsys):
     R6 before R5); a name is registered once; an unknown name is refused with the valid ones; ``--stage`` offers the
     table's names."""
     assert sel.STAGES.names() == ("r1", "costs", "fixed", "r2", "r3", "r4", "r6", "r5")
+    assert sel2.STAGES.names() == ("r3v2", "costs", "r2v2")
     table = StageTable()
     table.register("a")(lambda ctx: {"got": ctx})
     assert table.run("a", "ctx") == {"got": "ctx"}
@@ -141,6 +142,7 @@ def test_the_papers_numbers_are_read_from_paper_yaml(monkeypatch):
     monkeypatch.setattr(selection, "load_profile", edited)
     assert sel.lr_candidates("detection") == pytest.approx([2e-4, 6e-4, 2e-3])
     assert sel.lambda_ladder("detection") == pytest.approx([0.03125, 0.125, 0.5, 2, 8])
+    assert sel2.lr_candidates("detection") == pytest.approx([2e-5, 6.67e-5, 2e-4])
 
 
 def test_the_candidates_are_the_protocols():
@@ -150,6 +152,8 @@ def test_the_candidates_are_the_protocols():
     assert [f"{lr:g}" for lr in sel.lr_candidates("segmentation")] == ["5e-05", "0.00015", "0.0005"]
     assert sel.lambda_ladder("detection") == pytest.approx([0.025, 0.1, 0.4, 1.6, 6.4], rel=1e-15)
     assert sel.lambda_ladder("segmentation") == [0.0625, 0.25, 1, 4, 16]
+    assert sel2.lr_candidates("detection") == [1e-05, 3.33e-05, 1e-04]
+    assert sel2.lr_candidates("segmentation") == [5e-06, 1.67e-05, 5e-05]
 
 
 def test_r1_converged_iff_the_last_five_epochs_changed_by_less_than_one_percent():
@@ -236,6 +240,36 @@ def test_the_logged_demo_outcome_gives_its_profile_settings():
     ctx = StageContext("demo", argparse.Namespace(), outcome, path, selection.profile_tasks("demo"), 1.45, 230.0)
     assert ctx.time_budget_seconds == pytest.approx(outcome["stages"]["r2"]["budget_seconds"])
     assert sel.settings_overrides(ctx) == outcome["profile_settings"]
+
+
+def test_the_v2_rules_decide_what_the_logged_selection_decided(tmp_path, monkeypatch):
+    """study_v2.json reads back: R3v2 on its rows gives its rate, and stage r2v2 (``fund_parts`` within 15 x its
+    smoke run) gives the logged plan; a logged plan is not redone."""
+    logged = json.loads((OUTCOMES / "study_v2.json").read_text())
+    for task, r3 in logged["r3v2"].items():
+        assert [r["lr"] for r in r3["rows"]] == sel2.lr_candidates(task)
+        assert sel2.choose_lr(r3["rows"]) == r3["lr"]
+    path = tmp_path / "study_v2.json"
+    path.write_text(json.dumps({k: v for k, v in logged.items() if k != "r2v2"}))
+    monkeypatch.setattr(sel2, "OUTCOME", path)
+    assert sel2.main(["--stage", "r2v2", "--smoke-seconds", str(logged["smoke_seconds"])]) == 0
+    assert json.loads(path.read_text())["r2v2"] == logged["r2v2"]
+    before = path.read_text()
+    assert sel2.main(["--stage", "r2v2", "--smoke-seconds", "1"]) == 0 and path.read_text() == before
+
+
+@pytest.mark.parametrize("seconds, a, d, modelled", [
+    (6000, (600, None), {"funded": False, "needs": 3190.0, "left": 26.0}, 5974.0),
+    (15000, (1000, 200), {"funded": False, "needs": 3190.0, "left": 376.4}, 14623.6),
+    (25000, (1000, 300), {"funded": True, "curve_steps": 600, "bd_steps": None, "bd_funded": False}, 22313.6),
+    (40000, (1000, 1000), {"funded": True, "curve_steps": 1000, "bd_steps": 100, "bd_funded": True}, 37923.2)])
+def test_the_r2v2_arithmetic_is_unchanged(seconds, a, d, modelled):
+    """R2v2's funding on fixed costs: (a)'s curve and BD-rate steps, (d)'s funding and the modelled seconds."""
+    cost = {"wo_aux": 0.6, "aux_enc": 0.9, "mse": 0.3, "branch": 0.35, "validation": 3.0}
+    plan = sel2.fund_parts({"costs": {"detection": cost, "segmentation": cost}}, seconds)
+    assert (plan["a"]["curve_steps"], plan["a"]["bd_steps"]) == a and plan["b"]["seconds"] == pytest.approx(324.0)
+    assert plan["d"] == pytest.approx({"task": "segmentation", **d}) and "overrun" not in plan
+    assert plan["modelled_seconds"] == pytest.approx(modelled, rel=1e-12)
 
 
 def test_steps_are_timed_from_two_lengths_of_one_job():
