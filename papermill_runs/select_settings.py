@@ -4,26 +4,32 @@ on VALIDATION data only, and log every measurement they use.
 
     .venv/bin/python papermill_runs/select_settings.py --profile demo --stage all [--budget-factor 1.45]
 
-``--budget-factor`` defaults to the budget docs/protocol.md registers for the profile (demo 1.45, study 8.5).
+``--budget-factor`` defaults to the time budget docs/protocol.md registers for the profile (demo 1.45, study 8.5).
 
-Stages (each writes its outcome into ``docs/protocol_outcomes/<profile>.json``; a finished stage is not redone):
+Stages, registered in ``STAGES`` in the order ``--stage all`` runs them; each gets one ``StageContext`` (profile,
+command line, outcome, the profile's tasks, the time budget) and writes its outcome into
+``docs/protocol_outcomes/<profile>.json``; a finished stage is not redone:
 
 - ``r1``: the start codec's convergence, read from its training history (per-epoch validation loss, Eq. 2).
-- ``costs``: measured seconds of one training step per (task, arm), one warm-start step, one evaluated test image
-  (bitstream, ``evaluation.decode``, the profile's workers) and one bit-map image, with the profile's models.
+- ``costs``: measured seconds of one training step per (task, arm), one warm-start step (the real job,
+  ``Experiment.warm_aux_branch``), one evaluated test image (bitstream, ``evaluation.decode``, the profile's workers)
+  and one bit-map image, with the profile's models.
+- ``fixed``: the seconds of the profile's run that do not scale with the steps or the test images.
 - ``r2``: steps per ICM model from the costs and the time budget (``--budget-factor`` x the smoke run's
-  ``--smoke-seconds``, minus ``--fixed-seconds``: kernels, world, figures, bootstrap).
+  ``--smoke-seconds``; stage ``fixed``'s seconds included: kernels, world, figures, bootstrap).
 - ``r3``: learning rate: w/o aux at the ablation lambda for each candidate; lowest validation main loss.
 - ``r4``: lambdas: w/o aux at each ladder lambda; validation bpp and metric; the widest monotone window.
 - ``r6``: warm-start length: the branch alone for 8 epochs of 10 steps at R3's lr; the first epoch improving < 5%.
 - ``r5``: the test split: the largest multiple of 16 (>= 48) that still fits the budget.
 
 Nothing here trains or evaluates an auxiliary-loss ICM model: the aux branch is only pre-trained alone (R6).
-The selection's own runs live in ``runs/<profile>_selection/`` (git-ignored).
+The selection's own runs live in ``runs/<profile>_selection/`` (git-ignored). The paper's learning rates and lambdas
+are read from ``icm_helpers/profiles/paper.yaml``.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -48,24 +54,25 @@ from icm_helpers.config import load_profile  # noqa: E402
 from icm_helpers.data import collate  # noqa: E402
 from icm_helpers.evaluation import evaluate  # noqa: E402
 from icm_helpers.experiment import Experiment  # noqa: E402
-from icm_helpers.io import atomic_write_json  # noqa: E402
+from icm_helpers.io import read_json  # noqa: E402
 from icm_helpers.training import (  # noqa: E402
     TrainConfig,
     _codec_optimizers,
     _codec_step,
-    aux_features,
     clip_groups,
     icm_terms,
     train_aux_branch,
     validation_terms,
 )
+from papermill_runs.selection import StageContext, StageTable, paper_task_settings, profile_tasks  # noqa: E402
 
 LADDER_POWERS = (-2, -1, 0, 1, 2)  # R4: the paper's smallest lambda x 4^k
 LR_FACTORS = (1, 3, 10)  # R3: the paper's learning rate x these
 STEPS_PER_EPOCH = 10  # R2 / R6: epochs of 10 steps
 WARM_MAX_EPOCHS = 8  # R6
-PAPER = {"detection": {"lambdas": [0.4, 0.8, 1.6, 3.2], "lr": 1e-4, "ablation_lambda": 1.6},
-         "segmentation": {"lambdas": [1, 2, 4, 8], "lr": 5e-5, "ablation_lambda": 2}}
+TEST_IMAGES = range(48, 257, 16)  # R5: the test splits it considers; the smallest is taken when none fits
+WARM_TIMING_STEPS = (1, 21)  # costs: the real warm-start job is run for 1 epoch of each; see warm_step_seconds
+STAGES = StageTable()
 
 
 def outcome_path(profile: str) -> Path:
@@ -77,50 +84,91 @@ def load_outcome(profile: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {"profile": profile, "stages": {}}
 
 
-def save_outcome(profile: str, outcome: dict[str, Any]) -> None:
+def selection_root(profile: str) -> Path:
+    return ROOT / "runs" / f"{profile}_selection"
 
-    atomic_write_json(outcome_path(profile), outcome)
 
-
-def experiment(profile: str, overrides: dict[str, Any] | None = None, log=print, name: str = "main"):
-    """The profile's Experiment in ``runs/<profile>_selection/<name>/``; every such run dir shares one generated world
-    (``data`` is a link to the first one's)."""
-    root = ROOT / "runs" / f"{profile}_selection"
-    ex = Experiment(profile, run_dir=root / name, overrides=overrides or {}, log=log)
-    shared = root / "main" / "data"
-    if name != "main" and not ex.data_dir.exists():
+def experiment(profile: str, overrides: dict[str, Any] | None = None, log=print, name: str = "main",
+               root: Path | None = None):
+    """The profile's Experiment in ``<root>/<name>/`` (``root``: ``runs/<profile>_selection/``); every such run dir
+    shares one generated world (``data`` is a link to ``runs/<profile>_selection/main/data``)."""
+    main = selection_root(profile) / "main"
+    ex = Experiment(profile, run_dir=(root or selection_root(profile)) / name, overrides=overrides or {}, log=log)
+    if ex.run_dir != main and not ex.data_dir.exists():
         experiment(profile, log=None).prepare_data()
         ex.run_dir.mkdir(parents=True, exist_ok=True)
-        ex.data_dir.symlink_to(shared, target_is_directory=True)
+        ex.data_dir.symlink_to(main / "data", target_is_directory=True)
     ex.prepare_data()
     return ex
 
 
+def fixed_seconds(ctx: StageContext) -> float:
+    """Stage ``fixed``'s seconds of the profile's run that do not scale with the steps or the test images (0 before it
+    ran)."""
+    return ctx.outcome["stages"].get("fixed", {}).get("fixed_seconds", 0.0)
+
+
 # ------------------------------------------------------------------------------------------------------------ R1
-def stage_r1(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
+def convergence(val: list[float]) -> dict[str, Any]:
+    """R1: the change of the validation loss over its last 5 epochs, (max - min) / min; converged iff below 1%."""
+    last5 = val[-5:]
+    change = (max(last5) - min(last5)) / min(last5)
+    return {"change_over_last_5_epochs": change, "converged": change < 0.01}
+
+
+@STAGES.register("r1")
+def stage_r1(ctx: StageContext) -> dict[str, Any]:
     """Convergence of the shipped start codec: its training history holds the per-epoch validation loss (Eq. 2)."""
-    ex = experiment(profile)
+    ex = experiment(ctx.profile)
     path = asset_dir(ex.cfg) / "codec_start.pt"
     history = load_state(path)["extra"].get("history") or []
     val = [h["val_loss"] for h in history if "val_loss" in h]
     if len(val) < 6:
         raise ValueError(f"{path} has no per-epoch validation loss: regenerate it (python -m icm_helpers.regenerate "
-                         f"--profile {profile} --only codec_start)")
-    last5 = val[-5:]
-    change = (max(last5) - min(last5)) / min(last5)
-    return {"epochs": len(val), "val_loss": val, "change_over_last_5_epochs": change, "converged": change < 0.01,
+                         f"--profile {ctx.profile} --only codec_start)")
+    return {"epochs": len(val), "val_loss": val, **convergence(val),
             "rule": "converged iff the validation loss (Eq. 2) over the last 5 epochs changed by less than 1%"}
 
 
 # ------------------------------------------------------------------------------------------------------------ costs
-def stage_costs(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
-    """Seconds per training step (task x arm), warm-start step, evaluated image and bit-map image (medians)."""
-    ex = experiment(profile)
+def step_seconds_between(short: dict[str, Any], long: dict[str, Any]) -> float:
+    """Seconds per step from the ``timing.json`` of two runs of one job that differ only in their number of steps: the
+    difference of their training loops (``loop_seconds``) over the difference of their ``steps``. What both runs do
+    once (the first step, the epoch's validation pass) cancels."""
+    return (long["loop_seconds"] - short["loop_seconds"]) / (long["steps"] - short["steps"])
+
+
+def warm_step_seconds(profile: str, task: str, root: Path) -> float:
+    """Seconds of one warm-start step as the profile's run makes them: the real job (``Experiment.warm_aux_branch``,
+    the enc branch, seed 0, the profile's ``aux_warm_start`` block) for 1 epoch of each of ``WARM_TIMING_STEPS`` steps,
+    side by side (named variants) in the run dir ``root/timing``; ``step_seconds_between`` their ``timing.json``."""
+    block = load_profile(profile)["tasks"][task]["aux_warm_start"]
+    timings = []
+    for steps in WARM_TIMING_STEPS:
+        job = {**block, "epochs": 1, "steps_per_epoch": steps, "name": f"timing{steps}"}
+        ex = experiment(profile, {f"tasks.{task}.aux_warm_start": job}, log=None, name="timing", root=root)
+        batches = len(ex.dataset("train", task)) // int(job["batch_size"])
+        if batches < steps:  # an epoch ends with the split: the job would run fewer steps than timing.json says
+            raise ValueError(f"{profile}'s training split has {batches} batches of {job['batch_size']}, fewer than "
+                             f"the {steps} steps of a timing epoch")
+        ex.warm_aux_branch(task, "enc", 0)
+        timings.append(read_json(ex.warm_branch_path(task, "enc", 0).parent / "timing.json"))
+    return step_seconds_between(*timings)
+
+
+@STAGES.register("costs")
+def stage_costs(ctx: StageContext) -> dict[str, Any]:
+    """Seconds per training step (task x arm; medians), warm-start step (the real job), evaluated image and bit-map
+    image."""
+    ex = experiment(ctx.profile)
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "step": {}, "warm_step": {}, "eval_image": {},
-                           "bitmap_image": {}, "anchor_image": {}}
+                           "bitmap_image": {}, "anchor_image": {},
+                           "warm_step_job": f"Experiment.warm_aux_branch (enc, seed 0), 1 epoch of each of "
+                                            f"{list(WARM_TIMING_STEPS)} steps: loop seconds difference / steps "
+                                            "difference"}
     train = ex.dataset("train")
     batch = collate([train[i] for i in range(8)])["image"]
-    for task in ex.tasks():
+    for task in ctx.tasks:
         rec = ex.recognizer(task)
         for arm, pos in (("baseline", None), ("aux_enc", "enc")):
             codec = ex.start_codec().train()
@@ -128,7 +176,7 @@ def stage_costs(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
             cfg = TrainConfig.from_dict(ex.task_cfg(task)["train"])
             extra = list(aux.parameters()) if aux is not None else []
             opts = _codec_optimizers(codec, extra, cfg)
-            spec = ex.spec(task, PAPER[task]["ablation_lambda"], pos)
+            spec = ex.spec(task, paper_task_settings(task)["ablation_lambda"], pos)
             times = []
             for _ in range(6):
                 t0 = time.perf_counter()
@@ -136,20 +184,8 @@ def stage_costs(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
                 _codec_step(loss, codec, opts, clip_groups(codec, extra), 1.0)
                 times.append(time.perf_counter() - t0)
             out["step"][f"{task}/{arm}"] = statistics.median(times[1:])
-        codec = ex.start_codec().train()
-        aux = ex.build_branch(task, "enc", 0, codec, rec)
-        opt = torch.optim.Adam(aux.parameters(), lr=1e-4)
-        times = []
-        for _ in range(6):
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                feats, labels, size = aux_features("enc", codec, rec, aux, batch, rec.pseudo_labels(batch))
-            loss = aux.loss(feats, labels, size)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            times.append(time.perf_counter() - t0)
-        out["warm_step"][task] = statistics.median(times[1:])
+        with tempfile.TemporaryDirectory(prefix=f"warm_timing_{ctx.profile}_") as tmp:
+            out["warm_step"][task] = warm_step_seconds(ctx.profile, task, Path(tmp))
         ec = ex.cfg["evaluation"]
         n = 16
         t0 = time.perf_counter()
@@ -171,25 +207,27 @@ def stage_costs(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------------ fixed
-def stage_fixed(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
+@STAGES.register("fixed")
+def stage_fixed(ctx: StageContext) -> dict[str, Any]:
     """The profile's work that does not scale with the steps or the test images (kernels, the world, figures, the
     bootstrap): the wall time of its notebooks with 4 steps per model, 1 warm-start step and 16 test images, minus
     what the measured costs say those steps and images took."""
-    tmp = Path(tempfile.mkdtemp(prefix=f"fixed_{profile}_"))
+    args = ctx.args
+    tmp = Path(tempfile.mkdtemp(prefix=f"fixed_{ctx.profile}_"))
     sets = ["evaluation.max_images=16"]
-    for task in ("detection", "segmentation"):
+    for task in ctx.tasks:
         sets += [f"tasks.{task}.train.epochs=4", f"tasks.{task}.train.steps_per_epoch=1",
                  f"tasks.{task}.aux_warm_start.epochs=1", f"tasks.{task}.aux_warm_start.steps_per_epoch=1"]
     env = {**os.environ, "ICM_RUNS_DIR": str(tmp / "runs"), "ICM_FIGURES_DIR": str(tmp / "figures")}
-    cmd = [sys.executable, str(ROOT / "papermill_runs" / "run.py"), "--profile", profile, "--out-dir", str(tmp / "out"),
-           "--only", *args.notebooks, "--set", *sets]
+    cmd = [sys.executable, str(ROOT / "papermill_runs" / "run.py"), "--profile", ctx.profile, "--out-dir",
+           str(tmp / "out"), "--only", *args.notebooks, "--set", *sets]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.time() - t0
     if proc.returncode:
         raise RuntimeError(f"the timing run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
-    ex = experiment(profile, {k: yaml_value(v) for k, v in (x.split("=", 1) for x in sets)})
-    variable = profile_seconds(ex, outcome["stages"]["costs"], 4, 0, 16, 0.0, args.transfer)
+    ex = experiment(ctx.profile, {k: yaml_value(v) for k, v in (x.split("=", 1) for x in sets)})
+    variable = profile_seconds(ex, ctx.outcome["stages"]["costs"], 4, 0, 16, 0.0, args.transfer)
     return {"wall_seconds": wall, "modelled_variable_seconds": variable, "fixed_seconds": max(0.0, wall - variable),
             "notebooks": args.notebooks, "overrides": sets}
 
@@ -199,7 +237,7 @@ def yaml_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
-# ------------------------------------------------------------------------------------------------------------ R2 / R5
+# ------------------------------------------------------------------------------------------------------- cost model
 def profile_seconds(ex, costs: dict[str, Any], steps: int, warm_epochs: int, n_test: int, fixed: float,
                     transfer: bool = False) -> float:
     """Estimated wall seconds of the profile's notebooks for ``steps`` per model and ``n_test`` test images
@@ -208,7 +246,7 @@ def profile_seconds(ex, costs: dict[str, Any], steps: int, warm_epochs: int, n_t
     for task in ex.tasks():
         tc = ex.task_cfg(task)
         lambdas, seeds, inits = len(tc["lambdas"]), len(ex.train_seeds()), ex.aux_inits(task)
-        budgets = len(tc.get("budget_fractions") or [])
+        snapshot_fractions = len(tc.get("budget_fractions") or [])  # dose-response snapshots: fractions of the steps
         ablation = [p for p in ex.cfg["ablation"]["positions"] if p in ("dec", "task")]
         models = lambdas * seeds * (1 + len(inits)) + len(ablation) * seeds
         step = (costs["step"][f"{task}/baseline"] + len(inits) * costs["step"][f"{task}/aux_enc"]) / (1 + len(inits))
@@ -219,7 +257,7 @@ def profile_seconds(ex, costs: dict[str, Any], steps: int, warm_epochs: int, n_t
         # models (detection)
         evaluations = 2 + models + lambdas + lambdas * seeds * (tc.get("roi_qf") is not None)
         total += evaluations * n_test * costs["eval_image"][task]
-        total += budgets * lambdas * seeds * (1 + len(inits)) * n_test * costs["eval_image"][task]  # snapshots
+        total += snapshot_fractions * lambdas * seeds * (1 + len(inits)) * n_test * costs["eval_image"][task]
         total += (1 + lambdas * 2) * n_test * costs["bitmap_image"][task]  # notebook 06's inside-mask table
         anchors = sum(len(default_qualities(a)) for a in ex.anchor_names() if available(a))
         total += anchors * n_test * costs["anchor_image"][task]  # notebook 04's conventional codecs
@@ -228,45 +266,36 @@ def profile_seconds(ex, costs: dict[str, Any], steps: int, warm_epochs: int, n_t
     return total
 
 
-def choose_steps(seconds_by_steps: dict[int, float], budget: float) -> int:
+def choose_steps(seconds_by_steps: dict[int, float], time_budget_seconds: float) -> int:
     """R2 with its deviation 2 (docs/protocol.md): a multiple of 4 epochs when one fits, else the largest number of
     epochs that fits, else one epoch (the overrun is then reported, not hidden)."""
-    fitting = [s for s, seconds in seconds_by_steps.items() if seconds <= budget]
+    fitting = [s for s, seconds in seconds_by_steps.items() if seconds <= time_budget_seconds]
     by_four = [s for s in fitting if (s // STEPS_PER_EPOCH) % 4 == 0]
     return max(by_four or fitting or [STEPS_PER_EPOCH])
 
 
-def stage_r2(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
-    ex = experiment(profile)
-    costs = outcome["stages"]["costs"]
-    budget = args.budget_factor * args.smoke_seconds
+def choose_test_images(seconds_by_test_images: dict[int, float], time_budget_seconds: float) -> int:
+    """R5: the largest test split that fits the time budget; the smallest considered (48) when none does."""
+    fitting = [n for n, seconds in seconds_by_test_images.items() if seconds <= time_budget_seconds]
+    return max(fitting, default=TEST_IMAGES[0])
+
+
+# ------------------------------------------------------------------------------------------------------------ R2
+@STAGES.register("r2")
+def stage_r2(ctx: StageContext) -> dict[str, Any]:
+    ex = experiment(ctx.profile)
+    costs, fixed = ctx.outcome["stages"]["costs"], fixed_seconds(ctx)
     warm = WARM_MAX_EPOCHS  # R6 comes later: budget the longest warm start
     table = {}
     for epochs in range(1, 41):
-        table[epochs * STEPS_PER_EPOCH] = profile_seconds(ex, costs, epochs * STEPS_PER_EPOCH, warm, 48,
-                                                          args.fixed_seconds, args.transfer)
-    chosen = choose_steps(table, budget)
-    return {"budget_seconds": budget, "fixed_seconds": args.fixed_seconds, "estimated_seconds_by_steps": table,
+        table[epochs * STEPS_PER_EPOCH] = profile_seconds(ex, costs, epochs * STEPS_PER_EPOCH, warm, 48, fixed,
+                                                          ctx.args.transfer)
+    chosen = choose_steps(table, ctx.time_budget_seconds)
+    return {"budget_seconds": ctx.time_budget_seconds, "fixed_seconds": fixed, "estimated_seconds_by_steps": table,
             "steps": chosen, "epochs": chosen // STEPS_PER_EPOCH, "steps_per_epoch": STEPS_PER_EPOCH,
-            "fits": table[chosen] <= budget,
+            "fits": table[chosen] <= ctx.time_budget_seconds,
             "rule": "largest multiple of 4 epochs of 10 steps within the budget, else the largest number of epochs "
                     "within it, else 1 epoch (48 test images, the longest warm start; protocol deviation 2)"}
-
-
-def stage_r5(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
-    st = outcome["stages"]
-    overrides = settings_overrides(profile, outcome, upto="r6")
-    ex = experiment(profile, overrides)
-    budget = args.budget_factor * args.smoke_seconds
-    table, chosen = {}, 48
-    for n in range(48, 257, 16):
-        warm = max(st["r6"][t]["epochs"] for t in ex.tasks())
-        table[n] = profile_seconds(ex, st["costs"], st["r2"]["steps"], warm, n,
-                                   args.fixed_seconds, args.transfer)
-        if table[n] <= budget:
-            chosen = n
-    return {"test_images": chosen, "estimated_seconds_by_test_images": table, "budget_seconds": budget,
-            "rule": "largest multiple of 16 (>= 48) test images within the budget"}
 
 
 # ------------------------------------------------------------------------------------------------------------ R3 / R4
@@ -285,11 +314,11 @@ def budget_fractions(steps: int) -> list[float]:
     return [round(k / steps, 12) for k in (quarter, half) if k < steps]
 
 
-def _base_overrides(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
-    r2 = outcome["stages"]["r2"]
-    cfg = load_profile(profile)
+def _base_overrides(ctx: StageContext) -> dict[str, Any]:
+    r2 = ctx.outcome["stages"]["r2"]
+    cfg = load_profile(ctx.profile)
     out = {}
-    for task in ("detection", "segmentation"):
+    for task in ctx.tasks:
         out[f"tasks.{task}.train.epochs"] = r2["epochs"]
         out[f"tasks.{task}.train.steps_per_epoch"] = r2["steps_per_epoch"]
         if cfg["tasks"][task].get("budget_fractions"):  # a profile with a dose-response (the study)
@@ -297,25 +326,39 @@ def _base_overrides(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def stage_r3(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
+def lr_candidates(task: str) -> list[float]:
+    """R3: the paper's learning rate of ``task`` (paper.yaml) x ``LR_FACTORS``."""
+    return [paper_task_settings(task)["lr"] * factor for factor in LR_FACTORS]
+
+
+def choose_lr(rows: list[dict[str, float]]) -> float:
+    """R3: the lowest validation main loss; within 1% of it, the smaller rate."""
+    best = min(r["val_main"] for r in rows)
+    return min(r["lr"] for r in rows if r["val_main"] <= best * 1.01)
+
+
+@STAGES.register("r3")
+def stage_r3(ctx: StageContext) -> dict[str, Any]:
 
     out = {}
-    for task in ("detection", "segmentation"):
-        lam, rows = PAPER[task]["ablation_lambda"], []
-        for factor in LR_FACTORS:
-            lr = PAPER[task]["lr"] * factor
-            ov = {**_base_overrides(profile, outcome), f"tasks.{task}.train.lr": lr}
-            ex, final = _train_baseline(profile, ov, task, lam, f"lr{lr:g}")
+    for task in ctx.tasks:
+        lam, rows = paper_task_settings(task)["ablation_lambda"], []
+        for lr in lr_candidates(task):
+            ov = {**_base_overrides(ctx), f"tasks.{task}.train.lr": lr}
+            ex, final = _train_baseline(ctx.profile, ov, task, lam, f"lr{lr:g}")
             codec = load_codec(final).eval()
             terms = validation_terms(ex.spec(task, lam, None), codec, ex.recognizer(task), None,
                                      ex.dataset("val", task), 8, 0)
             rows.append({"lr": lr, "val_main": terms["main"], "val_rate": terms["rate"], "val_task": terms["task"]})
-            print(f"R3 {task} lr={lr:g}: validation main loss {terms['main']:.5f}", flush=True)
-        best = min(r["val_main"] for r in rows)
-        chosen = min(r["lr"] for r in rows if r["val_main"] <= best * 1.01)
-        out[task] = {"lambda": lam, "candidates": rows, "lr": chosen,
+            ctx.log(f"R3 {task} lr={lr:g}: validation main loss {terms['main']:.5f}")
+        out[task] = {"lambda": lam, "candidates": rows, "lr": choose_lr(rows),
                      "rule": "lowest validation main loss; within 1% of the lowest, the smaller lr"}
     return out
+
+
+def lambda_ladder(task: str) -> list[float]:
+    """R4: the paper's smallest lambda of ``task`` (paper.yaml) x 4^k, k in ``LADDER_POWERS``."""
+    return [paper_task_settings(task)["lambdas"][0] * 4.0 ** k for k in LADDER_POWERS]
 
 
 def choose_window(rows: list[dict[str, float]], L: int, paper_lambdas: list[float]) -> tuple[list[dict], dict]:
@@ -333,25 +376,25 @@ def choose_window(rows: list[dict[str, float]], L: int, paper_lambdas: list[floa
     return windows, max(pool, key=lambda w: (round(w["bpp_span"], 9), w["paper_lambdas"]))
 
 
-def stage_r4(profile: str, outcome: dict[str, Any], args) -> dict[str, Any]:
+@STAGES.register("r4")
+def stage_r4(ctx: StageContext) -> dict[str, Any]:
 
-    L = args.lambdas
+    L = ctx.args.lambdas
     out = {}
-    for task in ("detection", "segmentation"):
-        lr = outcome["stages"]["r3"][task]["lr"]
-        ladder = [PAPER[task]["lambdas"][0] * 4.0 ** k for k in LADDER_POWERS]
+    for task in ctx.tasks:
+        lr = ctx.outcome["stages"]["r3"][task]["lr"]
         rows = []
-        for lam in ladder:
-            ov = {**_base_overrides(profile, outcome), f"tasks.{task}.train.lr": lr}
-            ex, final = _train_baseline(profile, ov, task, lam, f"lr{lr:g}")
+        for lam in lambda_ladder(task):
+            ov = {**_base_overrides(ctx), f"tasks.{task}.train.lr": lr}
+            ex, final = _train_baseline(ctx.profile, ov, task, lam, f"lr{lr:g}")
             val = ex.dataset("val", task)
             ev = evaluate(load_codec(final), ex.recognizer(task), val, bitstream=False,
                           workers=int(ex.cfg["evaluation"].get("workers", 1)))
             rows.append({"lambda": lam, "val_bpp_estimated": ev["bpp_estimated"], "val_metric": ev["metric"],
                          "psnr": ev["psnr"]})
-            print(f"R4 {task} lambda={lam:g}: val bpp {ev['bpp_estimated']:.4f}, {ev['metric_name']} "
-                  f"{ev['metric']:.4f}", flush=True)
-        windows, chosen = choose_window(rows, L, PAPER[task]["lambdas"])
+            ctx.log(f"R4 {task} lambda={lam:g}: val bpp {ev['bpp_estimated']:.4f}, {ev['metric_name']} "
+                    f"{ev['metric']:.4f}")
+        windows, chosen = choose_window(rows, L, paper_task_settings(task)["lambdas"])
         out[task] = {"lr": lr, "ladder": rows, "windows": windows, "lambdas": chosen["lambdas"],
                      "any_monotone_window": any(w["monotone"] for w in windows),
                      "rule": f"{L} consecutive ladder values, metric non-decreasing, widest bpp span; ties: more "
@@ -368,12 +411,13 @@ def warm_epochs(val: list[float]) -> int:
     return WARM_MAX_EPOCHS
 
 
-def stage_r6(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
+@STAGES.register("r6")
+def stage_r6(ctx: StageContext) -> dict[str, Any]:
 
     out = {}
-    for task in ("detection", "segmentation"):
-        lr = outcome["stages"]["r3"][task]["lr"]
-        ex = experiment(profile, log=None)
+    for task in ctx.tasks:
+        lr = ctx.outcome["stages"]["r3"][task]["lr"]
+        ex = experiment(ctx.profile, log=None)
         codec, rec = ex.start_codec(), ex.recognizer(task)
         aux = ex.build_branch(task, "enc", 0, codec, rec)
         cfg = TrainConfig(epochs=WARM_MAX_EPOCHS, steps_per_epoch=STEPS_PER_EPOCH, batch_size=8, lr=lr, crop_size=None,
@@ -382,21 +426,33 @@ def stage_r6(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
                                ex.run_dir / "r6" / f"{task}_warm.pt", val_set=ex.dataset("val", task), seed=0, log=None)
         val = [h["val_aux"] for h in res.history]
         epochs = warm_epochs(val)
-        print(f"R6 {task}: branch validation loss per epoch {[round(v, 4) for v in val]} -> {epochs} epochs",
-              flush=True)
+        ctx.log(f"R6 {task}: branch validation loss per epoch {[round(v, 4) for v in val]} -> {epochs} epochs")
         out[task] = {"lr": lr, "val_aux_by_epoch": val, "epochs": epochs,
                      "rule": "first epoch whose validation loss improved by < 5% over the previous one; at most 8"}
     return out
 
 
+# ------------------------------------------------------------------------------------------------------------ R5
+@STAGES.register("r5")
+def stage_r5(ctx: StageContext) -> dict[str, Any]:
+    st = ctx.outcome["stages"]
+    ex = experiment(ctx.profile, settings_overrides(ctx, upto="r6"))
+    warm = max(st["r6"][t]["epochs"] for t in ctx.tasks)
+    table = {n: profile_seconds(ex, st["costs"], st["r2"]["steps"], warm, n, fixed_seconds(ctx), ctx.args.transfer)
+             for n in TEST_IMAGES}
+    return {"test_images": choose_test_images(table, ctx.time_budget_seconds),
+            "estimated_seconds_by_test_images": table, "budget_seconds": ctx.time_budget_seconds,
+            "rule": "largest multiple of 16 (>= 48) test images within the budget"}
+
+
 # ------------------------------------------------------------------------------------------------------------ all
-def settings_overrides(profile: str, outcome: dict[str, Any], upto: str = "r5") -> dict[str, Any]:
+def settings_overrides(ctx: StageContext, upto: str = "r5") -> dict[str, Any]:
     """The profile settings the finished stages decided (what goes into profiles/<profile>.yaml)."""
-    st = outcome["stages"]
+    st = ctx.outcome["stages"]
     ov: dict[str, Any] = {}
     if "r2" in st:
-        ov.update(_base_overrides(profile, outcome))
-    for task in ("detection", "segmentation"):
+        ov.update(_base_overrides(ctx))
+    for task in ctx.tasks:
         if "r3" in st:
             ov[f"tasks.{task}.train.lr"] = st["r3"][task]["lr"]
         if "r4" in st:
@@ -409,7 +465,6 @@ def settings_overrides(profile: str, outcome: dict[str, Any], upto: str = "r5") 
     return ov
 
 
-STAGES = ("r1", "costs", "fixed", "r2", "r3", "r4", "r6", "r5")
 #: The time budgets docs/protocol.md registers, as multiples of the smoke run of notebooks 01-07.
 PROTOCOL_BUDGET_FACTORS = {"demo": 1.45, "study": 8.5}
 
@@ -417,7 +472,7 @@ PROTOCOL_BUDGET_FACTORS = {"demo": 1.45, "study": 8.5}
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", required=True)
-    ap.add_argument("--stage", default="all", choices=(*STAGES, "all"))
+    ap.add_argument("--stage", default="all", choices=(*STAGES.names(), "all"))
     ap.add_argument("--budget-factor", type=float, default=None,
                     help="time budget as a multiple of the smoke run (default: the protocol's for the profile: "
                          + ", ".join(f"{k} {v}" for k, v in PROTOCOL_BUDGET_FACTORS.items()) + ")")
@@ -434,25 +489,26 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--budget-factor is needed for profile {args.profile!r}: the protocol registers a budget only "
                      f"for {', '.join(PROTOCOL_BUDGET_FACTORS)}; give one as a multiple of the smoke run, e.g. 1.45")
         args.budget_factor = PROTOCOL_BUDGET_FACTORS[args.profile]
-    outcome = load_outcome(args.profile)
-    args.fixed_seconds = outcome["stages"].get("fixed", {}).get("fixed_seconds", 0.0)
-    outcome["budget"] = {"factor": args.budget_factor, "smoke_seconds": args.smoke_seconds, "notebooks": args.notebooks}
-    for stage in STAGES if args.stage == "all" else (args.stage,):
-        if stage in outcome["stages"] and not args.redo:
+    ctx = StageContext(profile=args.profile, args=args, outcome=load_outcome(args.profile),
+                       outcome_path=outcome_path(args.profile), tasks=profile_tasks(args.profile),
+                       budget_factor=args.budget_factor, smoke_seconds=args.smoke_seconds,
+                       log=functools.partial(print, flush=True))
+    # the time budget, under the key the logged outcomes use
+    ctx.outcome["budget"] = {"factor": args.budget_factor, "smoke_seconds": args.smoke_seconds,
+                             "notebooks": args.notebooks}
+    for stage in STAGES.names() if args.stage == "all" else (args.stage,):
+        if stage in ctx.outcome["stages"] and not args.redo:
             print(f"{stage}: logged already")
             continue
         t0 = time.time()
-        fn = globals()[f"stage_{stage}"]
-        result = fn(args.profile, outcome, args) if stage in ("fixed", "r2", "r4", "r5") else fn(args.profile, outcome)
-        if stage == "fixed":
-            args.fixed_seconds = result["fixed_seconds"]
-        outcome["stages"][stage] = {**result, "seconds": round(time.time() - t0, 1)}
-        save_outcome(args.profile, outcome)
+        result = STAGES.run(stage, ctx)
+        ctx.outcome["stages"][stage] = {**result, "seconds": round(time.time() - t0, 1)}
+        ctx.save()
         shown = {k: v for k, v in result.items() if k not in ("ladder", "windows", "val_loss")}
         print(f"{stage}: {json.dumps(shown)[:600]}")
-    outcome["profile_settings"] = settings_overrides(args.profile, outcome)
-    save_outcome(args.profile, outcome)
-    print(json.dumps(outcome["profile_settings"], indent=1))
+    ctx.outcome["profile_settings"] = settings_overrides(ctx)
+    ctx.save()
+    print(json.dumps(ctx.outcome["profile_settings"], indent=1))
     return 0
 
 

@@ -295,14 +295,14 @@ def test_r2v2_funds_the_parts_in_order_and_never_cuts_the_detection_curves_below
 
     cost = {"wo_aux": 0.6, "aux_enc": 0.9, "mse": 0.3, "branch": 0.35, "validation": 3.0}
     outcome = {"costs": {"detection": cost, "segmentation": cost}}
-    tight = sel2.stage_r2v2(outcome, budget=1000.0)  # less than the curves need
+    tight = sel2.fund_parts(outcome, 1000.0)  # less than the curves need
     assert tight["a"]["curve_steps"] == 300 and tight["overrun"] and tight["a"]["bd_funded"] is False
     assert tight["d"]["funded"] is False
-    roomy = sel2.stage_r2v2(outcome, budget=1e6)
+    roomy = sel2.fund_parts(outcome, 1e6)
     assert roomy["a"]["curve_steps"] == 1000 and roomy["a"]["bd_steps"] == 1000 and roomy["d"]["funded"]
-    middle = sel2.stage_r2v2(outcome, budget=5000.0)
+    middle = sel2.fund_parts(outcome, 5000.0)
     assert middle["a"]["curve_steps"] in (300, 600) and not middle["d"]["funded"]
-    assert sel2.stage_r2v2({"costs": {"detection": cost}}, 1e6)["d"]["funded"] is False  # seg costs not measured
+    assert sel2.fund_parts({"costs": {"detection": cost}}, 1e6)["d"]["funded"] is False  # seg costs not measured
 
 
 def test_pairs_with_fewer_than_three_seeds_get_no_interval():
