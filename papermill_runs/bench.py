@@ -122,13 +122,13 @@ def build(args, device: str):
 def train_naive(args, device: str, dataset) -> dict:
     """The straightforward loop: fp32, eager, NCHW, main-process loading, loss.item() every step."""
     from icm_helpers.aux_branches import seed_random_stream
-    from icm_helpers.training import EpochLoader, TrainConfig, _codec_optimizers, clip_groups, icm_terms
+    from icm_helpers.training import EpochLoader, TrainConfig, clip_groups, codec_optimizers, icm_terms
 
     codec, rec, aux, spec = build(args, device)
     seed_random_stream(aux, spec.seed)  # = train_icm: the branch draws from its own stream
     total = args.warmup + args.steps
     cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, crop_size=args.crop, poly_start_frac=0.99)
-    opts = _codec_optimizers(codec, list(aux.parameters()), cfg)
+    opts = codec_optimizers(codec, list(aux.parameters()), cfg)
     # = train_icm's schedule
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, cfg.lr_lambda(total)) for o in opts.values()]
     torch.manual_seed(spec.seed)

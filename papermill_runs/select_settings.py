@@ -51,10 +51,10 @@ from icm_helpers.experiment import Experiment  # noqa: E402
 from icm_helpers.io import atomic_write_json  # noqa: E402
 from icm_helpers.training import (  # noqa: E402
     TrainConfig,
-    _codec_optimizers,
-    _codec_step,
     aux_features,
     clip_groups,
+    codec_optimizers,
+    codec_step,
     icm_terms,
     train_aux_branch,
     validation_terms,
@@ -127,13 +127,13 @@ def stage_costs(profile: str, outcome: dict[str, Any]) -> dict[str, Any]:
             aux = ex.build_branch(task, pos, 0, codec, rec)
             cfg = TrainConfig.from_dict(ex.task_cfg(task)["train"])
             extra = list(aux.parameters()) if aux is not None else []
-            opts = _codec_optimizers(codec, extra, cfg)
+            opts = codec_optimizers(codec, extra, cfg)
             spec = ex.spec(task, PAPER[task]["ablation_lambda"], pos)
             times = []
             for _ in range(6):
                 t0 = time.perf_counter()
                 loss = icm_terms(spec, codec, rec, aux, batch)["loss"]
-                _codec_step(loss, codec, opts, clip_groups(codec, extra), 1.0)
+                codec_step(loss, codec, opts, clip_groups(codec, extra), 1.0)
                 times.append(time.perf_counter() - t0)
             out["step"][f"{task}/{arm}"] = statistics.median(times[1:])
         codec = ex.start_codec().train()

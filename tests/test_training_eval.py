@@ -414,7 +414,7 @@ def test_decode_first_gives_the_records_of_decoding_every_image(world, roi):
 # ------------------------------------------------------------------------------ clipping, warm start, budgets, seeds
 def test_codec_update_is_clipped_alone_so_a_branch_does_not_rescale_it():
     """clip_scope="module": the codec's gradient is clipped by its own norm whatever the branch's gradient is."""
-    from icm_helpers.training import _codec_optimizers, _codec_step, clip_groups
+    from icm_helpers.training import clip_groups, codec_optimizers, codec_step
 
     codec = build_codec(N=16)
     branch = torch.nn.Linear(4, 4)
@@ -422,13 +422,13 @@ def test_codec_update_is_clipped_alone_so_a_branch_does_not_rescale_it():
     grads = {}
     for scope, branch_scale in (("module", 1.0), ("module", 1e4), ("joint", 1e4)):
         torch.manual_seed(0)
-        opts = _codec_optimizers(codec, list(branch.parameters()), cfg)
+        opts = codec_optimizers(codec, list(branch.parameters()), cfg)
         x = torch.rand(1, 3, 64, 64)
         loss = codec(x)["x_hat"].square().mean() * 100 + branch_scale * branch(torch.ones(4)).sum()
         groups = clip_groups(codec, list(branch.parameters()), scope)
         real_step = opts["main"].step
         opts["main"].step = lambda: grads.__setitem__((scope, branch_scale), codec.g_a[0].conv1.weight.grad.clone())
-        _codec_step(loss, codec, opts, groups, 1.0)
+        codec_step(loss, codec, opts, groups, 1.0)
         opts["main"].step = real_step
     assert torch.equal(grads[("module", 1.0)], grads[("module", 1e4)])  # the branch's size does not matter ...
     assert not torch.allclose(grads[("module", 1e4)], grads[("joint", 1e4)])  # ... it does with one joint norm

@@ -34,7 +34,7 @@ from .objective import IcmSpec, aux_features, icm_terms, validation_terms
 from .settings import TrainConfig
 
 
-def _codec_optimizers(
+def codec_optimizers(
     codec: nn.Module, extra: list[nn.Parameter], cfg: TrainConfig
 ) -> dict[str, torch.optim.Optimizer]:
     """Adam on the network parameters; a separate Adam on the entropy bottleneck's quantiles (CompressAI)."""
@@ -54,11 +54,12 @@ def clip_groups(codec: nn.Module, extra: list[nn.Parameter], scope: str = "modul
     return [codec_params] + ([list(extra)] if extra else [])
 
 
-def _codec_step(loss: torch.Tensor, codec: nn.Module, optimizers: dict[str, torch.optim.Optimizer],
-                groups: list[list[nn.Parameter]], clip: float) -> torch.Tensor:
-    """Backward + Adam step with each group's gradient norm clipped to ``clip`` on its own (``clip_groups``), then
-    CompressAI's quantile step. Returns the quantile loss as a 0-dim tensor (no host-device sync). Runs outside
-    autocast (the quantile loss is fp32, as the entropy model's)."""
+def codec_step(loss: torch.Tensor, codec: nn.Module, optimizers: dict[str, torch.optim.Optimizer],
+               groups: list[list[nn.Parameter]], clip: float) -> torch.Tensor:
+    """The codec's update from ``loss`` (optimizers from ``codec_optimizers``): backward, Adam step with each group's
+    gradient norm clipped to ``clip`` on its own (``clip_groups``), then CompressAI's quantile step. Returns the
+    quantile loss as a 0-dim tensor (no host-device sync). Runs outside autocast (the quantile loss is fp32, as the
+    entropy model's)."""
     with torch.autocast(loss.device.type, enabled=False):
         optimizers["main"].zero_grad(set_to_none=True)
         loss.backward()
@@ -144,7 +145,7 @@ def train_start_codec(
     """Codec start point: Eq. 2 with MSE (CompressAI's 255^2 convention). ``val_set``: the mean Eq. 2 loss on it
     (codec in eval mode: rounded latents, the quantity that decides convergence) is logged per epoch."""
     torch.manual_seed(seed)
-    opts = _codec_optimizers(codec, [], cfg)
+    opts = codec_optimizers(codec, [], cfg)
     groups = clip_groups(codec, [])
     steps = cfg.steps(len(train_set))
 
@@ -153,7 +154,7 @@ def train_start_codec(
         out = codec(x)
         rate = rate_bpp(out["likelihoods"], x.shape[-2] * x.shape[-1])
         loss = human_rd_loss(rate, x, out["x_hat"], lambda_mse)
-        q = _codec_step(loss, codec, opts, groups, cfg.clip_max_norm)
+        q = codec_step(loss, codec, opts, groups, cfg.clip_max_norm)
         return {
             "loss": loss.detach(),
             "bpp": rate.detach(),
@@ -318,7 +319,7 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
         seed_random_stream(aux_branch, spec.seed)
     torch.manual_seed(spec.seed)
     extra = list(aux_branch.parameters()) if aux_branch is not None else []
-    opts = _codec_optimizers(codec, extra, cfg)
+    opts = codec_optimizers(codec, extra, cfg)
     params = [p for g in opts["main"].param_groups for p in g["params"]]
     groups = clip_groups(codec, extra, cfg.clip_scope)
     steps = cfg.steps(len(train_set))
@@ -337,7 +338,7 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
         terms = icm_terms(spec, codec, recognizer, aux_branch, batch["image"], labels_of=labels_of)
         # alpha_mode (adaptive_alpha.py): "fixed" returns terms["loss"] and terms unchanged (the paper's step)
         loss, terms = adaptive_alpha.training_loss(spec, terms, step, cfg.epochs * steps, params)
-        q = _codec_step(loss, codec, opts, groups, cfg.clip_max_norm)
+        q = codec_step(loss, codec, opts, groups, cfg.clip_max_norm)
         return {
             **{k: v.detach() for k, v in terms.items()},
             "quantile_loss": q,
