@@ -25,6 +25,8 @@ from icm_helpers.codec import build_codec, load_codec, load_state, save_codec
 from icm_helpers.io import atomic_torch_save, atomic_write_bytes
 from icm_helpers.training import NonFiniteLossError, fit
 
+from conftest import StopAfterEpoch
+
 HERE = Path(__file__).resolve().parent
 JOB = HERE / "kill_resume_job.py"
 TMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # atomic_write_bytes' temp names: .<final name>.<random>.tmp
@@ -248,7 +250,7 @@ class _DiskFull:
 @pytest.mark.parametrize("where", ["write", "fsync"])
 def test_disk_full_during_checkpoint_keeps_previous_and_resumes(tmp_path, monkeypatch, where):
     ckpt = tmp_path / "state.pt"
-    _tiny_fit(ckpt, stop_after_epoch=1)
+    _tiny_fit(ckpt, callbacks=[StopAfterEpoch(1)])
     before = _sha(ckpt)
     real_fdopen, real_fsync = os.fdopen, os.fsync
     if where == "write":
@@ -311,7 +313,7 @@ def test_truncated_codec_file_raises_clear_error(tmp_path, keep):
 
 def test_fit_refuses_a_truncated_resume_checkpoint(tmp_path):
     ckpt = tmp_path / "state.pt"
-    _tiny_fit(ckpt, stop_after_epoch=2)
+    _tiny_fit(ckpt, callbacks=[StopAfterEpoch(2)])
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
     truncated = _sha(ckpt)
@@ -476,7 +478,7 @@ def test_kill_inside_atomic_write_leaves_old_or_nothing(tmp_path, previous):
 
 def test_fit_removes_temp_files_of_a_killed_write_and_resumes(tmp_path):
     ckpt = tmp_path / "state.pt"
-    _tiny_fit(ckpt, stop_after_epoch=1)
+    _tiny_fit(ckpt, callbacks=[StopAfterEpoch(1)])
     stale = tmp_path / ".state.pt.k1ll3d.tmp"
     stale.write_bytes(b"half a checkpoint")
     other = tmp_path / ".other.pt.x.tmp"  # not ours: left alone
