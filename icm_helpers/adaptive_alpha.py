@@ -123,7 +123,7 @@ def gradient_similarity_grads(params: Sequence[torch.nn.Parameter], main_loss: t
 
 def surrogate_loss(params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """A scalar whose ``backward()`` puts exactly ``grads`` into ``params`` (sum of <p, g>, g constant), so the
-    usual optimizer step (clipping, optimizer, quantile update in ``training._codec_step``) runs unchanged."""
+    usual optimizer step (clipping, optimizer, quantile update in ``training.codec_step``) runs unchanged."""
     terms = [torch.sum(p * g.detach()) for p, g in zip(params, grads) if g is not None]
     if not terms:
         raise ValueError("no parameter receives gradient from the ICM loss")

@@ -46,6 +46,7 @@ from .run_layout import RunLayout
 from .training import stopping
 from .training import (
     IcmSpec,
+    LrScale,
     TrainConfig,
     train_aux_branch,
     train_icm,
@@ -366,13 +367,12 @@ class Experiment:
         wc.pop("name", None)
         cfg = TrainConfig.from_dict(wc)
         rule = stopping.plateau("val_aux", **plateau_cfg) if plateau_cfg else None
-        stop, lr_scale = rule, (rule.lr_scale if rule is not None and rule.decays else None)
+        callbacks = [rule] if rule is not None else []  # stops at the plateau; with decays, also sets the rates
         if labels != "pseudo":  # the control: the competent branch's length and decays, no stopping rule of its own
             self.warm_aux_branch(task, position, seed, "pseudo")
             history = codec_lib.load_state(self._warm_path(task, position, seed, "pseudo", config))["history"]
-            cfg, stop = TrainConfig.from_dict({**wc, "epochs": len(history)}), None
-            if lr_scale is not None:
-                lr_scale = lambda h: rule.lr_scale(history[:len(h)])  # noqa: E731 - the competent's rate per epoch
+            cfg = TrainConfig.from_dict({**wc, "epochs": len(history)})
+            callbacks = [LrScale(lambda h: rule.lr_scale(history[:len(h)]))] if rule is not None and rule.decays else []
         final = self._warm_path(task, position, seed, labels, config)
         if final.exists():
             return codec_lib.load_state(final)["state_dict"]
@@ -383,8 +383,7 @@ class Experiment:
         steps_per_round = cfg.steps(len(self.dataset("train", task)))
         res = train_aux_branch(position, aux, codec, recognizer, self.dataset("train", task), cfg,
                                final.parent / "train_state.pt", val_set=self.dataset("val", task),
-                               seed=seed, log=self.log, device=self.device, labels=labels, stop_when=stop,
-                               lr_scale=lr_scale)
+                               seed=seed, log=self.log, device=self.device, labels=labels, callbacks=callbacks)
         if dist_lib.is_main():
             atomic_write_json(final.parent / "history.json", res.history)
             atomic_torch_save({"state_dict": aux.state_dict(), "config": config, "labels": labels,

@@ -104,7 +104,7 @@ def _tensors(x):
 
 def with_autocast(fn: Callable | None, amp: str | None, device: str) -> Callable | None:
     """``fn`` run under ``torch.autocast`` in ``amp``'s dtype (None: ``fn`` itself). Backward and the optimizer
-    steps in ``_codec_step`` leave autocast; ``codec_forward`` keeps the rate path fp32."""
+    steps in ``codec_step`` leave autocast; ``codec_forward`` keeps the rate path fp32."""
     if fn is None or not amp:
         return fn
     dtype = {"bf16": torch.bfloat16}[amp]

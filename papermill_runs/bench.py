@@ -122,13 +122,13 @@ def build(args, device: str):
 def train_naive(args, device: str, dataset) -> dict:
     """The straightforward loop: fp32, eager, NCHW, main-process loading, loss.item() every step."""
     from icm_helpers.aux_branches import seed_random_stream
-    from icm_helpers.training import EpochLoader, TrainConfig, _codec_optimizers, clip_groups, icm_terms
+    from icm_helpers.training import EpochLoader, TrainConfig, clip_groups, codec_optimizers, icm_terms
 
     codec, rec, aux, spec = build(args, device)
     seed_random_stream(aux, spec.seed)  # = train_icm: the branch draws from its own stream
     total = args.warmup + args.steps
     cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, crop_size=args.crop, poly_start_frac=0.99)
-    opts = _codec_optimizers(codec, list(aux.parameters()), cfg)
+    opts = codec_optimizers(codec, list(aux.parameters()), cfg)
     # = train_icm's schedule
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, cfg.lr_lambda(total)) for o in opts.values()]
     torch.manual_seed(spec.seed)
@@ -169,7 +169,7 @@ def train_naive(args, device: str, dataset) -> dict:
 
 def train_optimized(args, device: str, dataset, amp: str | None, workers: int) -> dict:
     """The suite's real ``train_icm`` with the speed knobs on."""
-    from icm_helpers.training import TrainConfig, train_icm
+    from icm_helpers.training import Callback, TrainConfig, train_icm
 
     cuda = str(device).startswith("cuda")
     codec, rec, aux, spec = build(args, device)
@@ -180,18 +180,20 @@ def train_optimized(args, device: str, dataset, amp: str | None, workers: int) -
         raise ValueError("internal: the benchmark dataset must hold warmup + steps batches")
     marks: dict = {"losses": []}
 
-    def on_step(step, logs):  # the only syncs: at the end of the warm-up and of the last step
-        marks["losses"].append(logs["loss"])  # tensors: read after the run
-        if step + 1 == args.warmup:
-            _sync(device)
-            marks["t_start"] = time.perf_counter()
-        if step + 1 == cfg.steps_per_epoch:
-            _sync(device)
-            marks["t_end"] = time.perf_counter()
+    class StepTimer(Callback):
+        def after_step(self, state, step, logs):  # the only syncs: at the end of the warm-up and of the last step
+            marks["losses"].append(logs["loss"])  # tensors: read after the run
+            if step + 1 == args.warmup:
+                _sync(device)
+                marks["t_start"] = time.perf_counter()
+            if step + 1 == cfg.steps_per_epoch:
+                _sync(device)
+                marks["t_end"] = time.perf_counter()
 
     marks["t_start"] = time.perf_counter()  # (warmup 0: includes the loader's start-up)
     with tempfile.TemporaryDirectory() as tmp:
-        train_icm(spec, codec, rec, aux, dataset, cfg, Path(tmp) / "state.pt", log=None, device=device, on_step=on_step)
+        train_icm(spec, codec, rec, aux, dataset, cfg, Path(tmp) / "state.pt", log=None, device=device,
+                  callbacks=[StepTimer()])
     seconds = marks["t_end"] - marks["t_start"]
     return {"images_per_s": args.steps * args.batch_size / seconds, "seconds": seconds,
             "losses": [float(v) for v in marks["losses"]],

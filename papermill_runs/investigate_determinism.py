@@ -46,7 +46,7 @@ def child(out: Path, steps: int) -> None:
     from icm_helpers.config import load_profile
     from icm_helpers.data import IcmDataset, WorldSpec, collate, generate_world
     from icm_helpers.recognizers import load_recognizer
-    from icm_helpers.training import IcmSpec, TrainConfig, _codec_optimizers, _codec_step, icm_terms
+    from icm_helpers.training import IcmSpec, TrainConfig, codec_optimizers, codec_step, icm_terms
 
     torch.set_num_threads(int(os.environ.get("ICM_DET_THREADS", "2")))
     cfg_demo = load_profile("demo")
@@ -60,7 +60,7 @@ def child(out: Path, steps: int) -> None:
                            **tc.get("aux", {}))
     spec = IcmSpec("detection", 1.6, "enc", 0.5)
     cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-4, crop_size=None)
-    opts = _codec_optimizers(codec, list(aux.parameters()), cfg)
+    opts = codec_optimizers(codec, list(aux.parameters()), cfg)
     params = [p for g in opts["main"].param_groups for p in g["params"]]
     train = IcmDataset(world / "train")
     batch = collate([train[i] for i in range(8)])["image"]
@@ -105,10 +105,10 @@ def child(out: Path, steps: int) -> None:
         if step == 0:
             with record:
                 terms = icm_terms(spec, codec, rec, aux, batch)
-                _codec_step(terms["loss"], codec, opts, params, cfg.clip_max_norm)
+                codec_step(terms["loss"], codec, opts, params, cfg.clip_max_norm)
         else:
             terms = icm_terms(spec, codec, rec, aux, batch)
-            _codec_step(terms["loss"], codec, opts, params, cfg.clip_max_norm)
+            codec_step(terms["loss"], codec, opts, params, cfg.clip_max_norm)
         flat = torch.cat([p.detach().flatten() for p in params])
         weights.append([hashlib.sha1(flat.numpy().tobytes()).hexdigest()[:12], flat.double().tolist()[:0]])
         torch.save(flat, out.with_suffix(f".step{step}.pt"))

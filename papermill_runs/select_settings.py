@@ -57,9 +57,9 @@ from icm_helpers.experiment import Experiment  # noqa: E402
 from icm_helpers.io import read_json  # noqa: E402
 from icm_helpers.training import (  # noqa: E402
     TrainConfig,
-    _codec_optimizers,
-    _codec_step,
     clip_groups,
+    codec_optimizers,
+    codec_step,
     icm_terms,
     train_aux_branch,
     validation_terms,
@@ -175,13 +175,13 @@ def stage_costs(ctx: StageContext) -> dict[str, Any]:
             aux = ex.build_branch(task, pos, 0, codec, rec)
             cfg = TrainConfig.from_dict(ex.task_cfg(task)["train"])
             extra = list(aux.parameters()) if aux is not None else []
-            opts = _codec_optimizers(codec, extra, cfg)
+            opts = codec_optimizers(codec, extra, cfg)
             spec = ex.spec(task, paper_task_settings(task)["ablation_lambda"], pos)
             times = []
             for _ in range(6):
                 t0 = time.perf_counter()
                 loss = icm_terms(spec, codec, rec, aux, batch)["loss"]
-                _codec_step(loss, codec, opts, clip_groups(codec, extra), 1.0)
+                codec_step(loss, codec, opts, clip_groups(codec, extra), 1.0)
                 times.append(time.perf_counter() - t0)
             out["step"][f"{task}/{arm}"] = statistics.median(times[1:])
         with tempfile.TemporaryDirectory(prefix=f"warm_timing_{ctx.profile}_") as tmp:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from icm_helpers.data import IcmDataset, WorldSpec, generate_world
-from icm_helpers.training import InMemory
+from icm_helpers.training import Callback, InMemory
 # paper_backend tests: a skip fails under ICM_REQUIRE_PAPER_BACKENDS=1; the summary lists them with their times
 from paper_backends import pytest_runtest_makereport, pytest_terminal_summary  # noqa: F401
 
@@ -40,6 +40,20 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def train_set(world):
     return InMemory(IcmDataset(world / "train"))
+
+
+class StopAfterEpoch(Callback):
+    """Ends a run of ``fit`` after epoch ``n``'s checkpoint (1-based, counted over the whole job), as if it were
+    killed there; asked only after an epoch this run trained, not on resume."""
+
+    def __init__(self, n: int):
+        self.n, self.ended = n, False
+
+    def after_epoch(self, state, record):
+        self.ended = record["epoch"] >= self.n
+
+    def should_stop(self, state):
+        return self.ended
 
 
 def tiny_icm_job(checkpoint, train_set, cfg):

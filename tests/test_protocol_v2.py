@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import AUX_DET_CFG, DET_CFG
+from conftest import AUX_DET_CFG, DET_CFG, StopAfterEpoch
 from scipy import stats
 
 from icm_helpers.aux_branches import build_aux_branch, own_random_stream, seed_random_stream, shuffle_labels
@@ -163,8 +163,9 @@ def test_plateau_with_decays_divides_the_rate_at_each_plateau_then_stops_and_eac
 
 
 def test_fit_applies_lr_scale_from_the_history_and_a_resumed_run_gets_the_same_rates_and_weights(tmp_path):
-    """``fit(lr_scale=...)`` sets each epoch's rate from the history; a run killed after any epoch and resumed
+    """An ``LrScale`` callback sets each epoch's rate from the history; a run killed after any epoch and resumed
     follows the same rates and ends with the same weights (bit-identical: same arithmetic, same RNG states)."""
+    from icm_helpers.training import LrScale
     from icm_helpers.training.loop import fit
 
     def run(ckpt, stop_after=None):
@@ -188,7 +189,8 @@ def test_fit_applies_lr_scale_from_the_history_and_a_resumed_run_gets_the_same_r
 
         res = fit(modules={"m": model}, optimizers={"main": opt}, step_fn=step_fn, loader_fn=loader, epochs=4,
                   steps_per_epoch=2, lr_lambda=lambda s: 1.0, checkpoint_path=ckpt, meta={"job": "tiny"}, log=None,
-                  lr_scale=lambda hist: 0.1 ** (len(hist) // 2), stop_after_epoch=stop_after)
+                  callbacks=[LrScale(lambda hist: 0.1 ** (len(hist) // 2)),
+                             *([StopAfterEpoch(stop_after)] if stop_after else [])])
         return model, res, seen
 
     model, res, seen = run(tmp_path / "a" / "state.pt")

@@ -23,7 +23,9 @@ from torch import nn
 import icm_helpers.io
 from icm_helpers.codec import build_codec, load_codec, load_state, save_codec
 from icm_helpers.io import atomic_torch_save, atomic_write_bytes
-from icm_helpers.training import NonFiniteLossError, fit
+from icm_helpers.training import Callback, NonFiniteLossError, Validation, fit
+
+from conftest import StopAfterEpoch
 
 HERE = Path(__file__).resolve().parent
 JOB = HERE / "kill_resume_job.py"
@@ -248,7 +250,7 @@ class _DiskFull:
 @pytest.mark.parametrize("where", ["write", "fsync"])
 def test_disk_full_during_checkpoint_keeps_previous_and_resumes(tmp_path, monkeypatch, where):
     ckpt = tmp_path / "state.pt"
-    _tiny_fit(ckpt, stop_after_epoch=1)
+    _tiny_fit(ckpt, callbacks=[StopAfterEpoch(1)])
     before = _sha(ckpt)
     real_fdopen, real_fsync = os.fdopen, os.fsync
     if where == "write":
@@ -311,7 +313,7 @@ def test_truncated_codec_file_raises_clear_error(tmp_path, keep):
 
 def test_fit_refuses_a_truncated_resume_checkpoint(tmp_path):
     ckpt = tmp_path / "state.pt"
-    _tiny_fit(ckpt, stop_after_epoch=2)
+    _tiny_fit(ckpt, callbacks=[StopAfterEpoch(2)])
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
     truncated = _sha(ckpt)
@@ -476,7 +478,7 @@ def test_kill_inside_atomic_write_leaves_old_or_nothing(tmp_path, previous):
 
 def test_fit_removes_temp_files_of_a_killed_write_and_resumes(tmp_path):
     ckpt = tmp_path / "state.pt"
-    _tiny_fit(ckpt, stop_after_epoch=1)
+    _tiny_fit(ckpt, callbacks=[StopAfterEpoch(1)])
     stale = tmp_path / ".state.pt.k1ll3d.tmp"
     stale.write_bytes(b"half a checkpoint")
     other = tmp_path / ".other.pt.x.tmp"  # not ours: left alone
@@ -516,3 +518,100 @@ def test_fit_stops_on_a_non_finite_side_loss(tmp_path):
             log=None,
         )
     assert _sha(ckpt) == before
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 6. callbacks: when fit calls them
+
+
+class _Recorder(Callback):
+    """A callback that records each hook fit calls, with the epoch of the checkpoint on disk at that moment."""
+
+    def __init__(self, ckpt: Path, calls: list, name: str = "rec"):
+        self.ckpt, self.calls, self.name = ckpt, calls, name
+
+    def _disk(self) -> int:
+        return int(load_state(self.ckpt)["epoch"]) if self.ckpt.exists() else 0
+
+    def before_train(self, state):
+        self.calls.append((self.name, "before_train", state.epoch, self._disk()))
+
+    def before_epoch(self, state):
+        self.calls.append((self.name, "before_epoch", state.epoch, self._disk()))
+
+    def after_step(self, state, step, logs):
+        self.calls.append((self.name, "after_step", step, self._disk()))
+
+    def after_epoch(self, state, record):
+        assert state.history[-1] is record
+        self.calls.append((self.name, "after_epoch", dict(record), self._disk()))
+
+    def should_stop(self, state):
+        self.calls.append((self.name, "should_stop", len(state.history), self._disk()))
+        return False
+
+    def after_train(self, state):
+        self.calls.append((self.name, "after_train", len(state.history), self._disk()))
+
+
+def test_fit_calls_the_callbacks_in_this_order_over_a_two_epoch_run_and_on_resume(tmp_path):
+    """Two epochs of two steps: each hook of each callback, in the list's order, with the epoch on disk when it is
+    called: after_epoch sees the validated record before the epoch's checkpoint, should_stop after it; a resumed run
+    is asked should_stop before before_train."""
+    ckpt = tmp_path / "state.pt"
+    calls = []
+    validation = Validation(lambda epoch: {"aux": 10.0 + epoch})
+    a, b = _Recorder(ckpt, calls, "a"), _Recorder(ckpt, calls, "b")
+    _, res = _tiny_fit(ckpt, epochs=2, callbacks=[validation, a, b])
+    trained = [(h["epoch"], h["val_aux"]) for h in res.history]
+    assert trained == [(1, 10.0), (2, 11.0)]
+
+    def both(hook, arg, disk):
+        return [("a", hook, arg, disk), ("b", hook, arg, disk)]
+
+    expected = both("before_train", 0, 0)
+    for epoch in (0, 1):
+        expected += both("before_epoch", epoch, epoch)
+        for step in (2 * epoch, 2 * epoch + 1):
+            expected += both("after_step", step, epoch)
+        expected += both("after_epoch", res.history[epoch], epoch)  # validated, not yet saved
+        expected += both("should_stop", epoch + 1, epoch + 1)
+    expected += both("after_train", 2, 2)
+    assert calls == expected
+    assert list(res.history[0]) == ["epoch", "train_loss", "lr", "val_aux"]
+
+    calls.clear()  # the same job with 3 epochs resumes after epoch 2
+    _, res = _tiny_fit(ckpt, epochs=3, callbacks=[validation, a])
+    assert res.resumed_from_epoch == 2
+    assert [c[1] for c in calls] == ["should_stop", "before_train", "before_epoch", "after_step", "after_step",
+                                     "after_epoch", "should_stop", "after_train"]
+    assert calls[1] == ("a", "before_train", 2, 2) and calls[5][2]["epoch"] == 3 and calls[5][3] == 2
+
+
+def test_an_after_epoch_hook_runs_between_validation_and_the_checkpoint_and_a_rerun_redoes_it(tmp_path):
+    """A callback that raises in after_epoch of epoch 2 (after the validation callback before it in the list) leaves
+    epoch 1's checkpoint untouched; the rerun redoes epoch 2, calls the hook again and ends bitwise like a run that
+    never failed."""
+
+    class FailOnce(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def after_epoch(self, state, record):
+            self.seen.append(dict(record))
+            if record["epoch"] == 2 and len(self.seen) == 2:
+                raise RuntimeError("hook failed")
+
+    ckpt = tmp_path / "state.pt"
+    hook = FailOnce()
+    callbacks = [Validation(lambda epoch: {"aux": float(epoch)}), hook]
+    with pytest.raises(RuntimeError, match="hook failed"):
+        _tiny_fit(ckpt, epochs=3, callbacks=callbacks)
+    assert [r["epoch"] for r in hook.seen] == [1, 2] and all("val_aux" in r for r in hook.seen)
+    assert load_state(ckpt)["epoch"] == 1, "the epoch whose hook raised was saved"
+    model, res = _tiny_fit(ckpt, epochs=3, callbacks=callbacks)
+    assert res.resumed_from_epoch == 1 and [r["epoch"] for r in hook.seen] == [1, 2, 2, 3]
+    assert hook.seen[1] == hook.seen[2]  # the redone epoch 2 has the same record
+    ref, ref_res = _tiny_fit(tmp_path / "ref" / "state.pt", epochs=3, callbacks=callbacks[:1])
+    assert ref_res.history == res.history
+    assert all(torch.equal(p, q) for p, q in zip(_params(model), _params(ref)))

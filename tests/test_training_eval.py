@@ -16,9 +16,9 @@ from icm_helpers.codec import (
 from icm_helpers.evaluation import evaluate
 from icm_helpers.recognizers import build_recognizer
 from icm_helpers.roi import roi_latent_scaling
-from icm_helpers.training import IcmSpec, TrainConfig, poly_lr_lambda, train_icm, train_start_codec
+from icm_helpers.training import Callback, IcmSpec, TrainConfig, poly_lr_lambda, train_icm, train_start_codec
 
-from conftest import AUX_DET_CFG, DET_CFG, tiny_icm_job
+from conftest import AUX_DET_CFG, DET_CFG, StopAfterEpoch, tiny_icm_job
 
 CFG = TrainConfig(epochs=3, batch_size=4, lr=1e-3, crop_size=64, steps_per_epoch=2, poly_start_frac=0.5)
 
@@ -57,7 +57,8 @@ def test_resume_gives_same_result_as_uninterrupted(tmp_path, train_set, monkeypa
         aux = build_aux_branch("detection", "enc", 16, 3, **AUX_DET_CFG)
         if stop:  # the run dies after its first epoch's checkpoint (as if killed there)
             orig = jobs.fit
-            monkeypatch.setattr(jobs, "fit", lambda **kw: orig(**kw, stop_after_epoch=stop))
+            monkeypatch.setattr(jobs, "fit", lambda callbacks=(), **kw: orig(**kw, callbacks=[*callbacks,
+                                                                                          StopAfterEpoch(stop)]))
         out = train_icm(spec, codec, rec, aux, train_set, CFG, tmp_path / "b" / "state.pt", log=None)
         monkeypatch.undo()
         return codec, aux, out
@@ -76,7 +77,7 @@ def test_resume_gives_same_result_as_uninterrupted(tmp_path, train_set, monkeypa
 def test_a_budget_snapshot_mid_epoch_holds_the_weights_after_its_step_and_leaves_the_run_unchanged(tmp_path,
                                                                                                     train_set):
     """Dose-response snapshots are taken after a number of STEPS (here 3 of 3 epochs x 2 steps: inside epoch 2): the
-    file holds the codec's weights right after step 3, the job's own on_step still sees every step, and the run goes
+    file holds the codec's weights right after step 3, the job's own callback still sees every step, and the run goes
     on exactly as without the snapshot (bit-identical final weights: saving it draws no random numbers)."""
     full, _, _, (spec, rec) = _job(tmp_path / "plain", train_set)
     torch.manual_seed(1)
@@ -84,13 +85,14 @@ def test_a_budget_snapshot_mid_epoch_holds_the_weights_after_its_step_and_leaves
     aux = build_aux_branch("detection", "enc", 16, 3, **AUX_DET_CFG)
     seen, after_step3 = [], {}
 
-    def on_step(step, logs):
-        seen.append(step)
-        if step == 2:  # 0-based: after it, 3 steps are done
-            after_step3.update({k: v.detach().clone() for k, v in codec.named_parameters()})
+    class OnStep(Callback):
+        def after_step(self, state, step, logs):
+            seen.append(step)
+            if step == 2:  # 0-based: after it, 3 steps are done
+                after_step3.update({k: v.detach().clone() for k, v in codec.named_parameters()})
 
     snap = tmp_path / "snap" / "codec_budget0.5.pt"
-    train_icm(spec, codec, rec, aux, train_set, CFG, tmp_path / "snap" / "state.pt", log=None, on_step=on_step,
+    train_icm(spec, codec, rec, aux, train_set, CFG, tmp_path / "snap" / "state.pt", log=None, callbacks=[OnStep()],
               snapshots={3: snap})
     assert seen == list(range(CFG.epochs * CFG.steps_per_epoch))
     for (k, a), b in zip(full.state_dict().items(), codec.state_dict().values()):
@@ -414,7 +416,7 @@ def test_decode_first_gives_the_records_of_decoding_every_image(world, roi):
 # ------------------------------------------------------------------------------ clipping, warm start, budgets, seeds
 def test_codec_update_is_clipped_alone_so_a_branch_does_not_rescale_it():
     """clip_scope="module": the codec's gradient is clipped by its own norm whatever the branch's gradient is."""
-    from icm_helpers.training import _codec_optimizers, _codec_step, clip_groups
+    from icm_helpers.training import clip_groups, codec_optimizers, codec_step
 
     codec = build_codec(N=16)
     branch = torch.nn.Linear(4, 4)
@@ -422,13 +424,13 @@ def test_codec_update_is_clipped_alone_so_a_branch_does_not_rescale_it():
     grads = {}
     for scope, branch_scale in (("module", 1.0), ("module", 1e4), ("joint", 1e4)):
         torch.manual_seed(0)
-        opts = _codec_optimizers(codec, list(branch.parameters()), cfg)
+        opts = codec_optimizers(codec, list(branch.parameters()), cfg)
         x = torch.rand(1, 3, 64, 64)
         loss = codec(x)["x_hat"].square().mean() * 100 + branch_scale * branch(torch.ones(4)).sum()
         groups = clip_groups(codec, list(branch.parameters()), scope)
         real_step = opts["main"].step
         opts["main"].step = lambda: grads.__setitem__((scope, branch_scale), codec.g_a[0].conv1.weight.grad.clone())
-        _codec_step(loss, codec, opts, groups, 1.0)
+        codec_step(loss, codec, opts, groups, 1.0)
         opts["main"].step = real_step
     assert torch.equal(grads[("module", 1.0)], grads[("module", 1e4)])  # the branch's size does not matter ...
     assert not torch.allclose(grads[("module", 1e4)], grads[("joint", 1e4)])  # ... it does with one joint norm

@@ -1,4 +1,5 @@
-"""The training jobs, each a ``step_fn`` given to the one loop (``training.loop.fit``).
+"""The training jobs, each a ``step_fn`` and callbacks (``training.callbacks``) given to the one loop
+(``training.loop.fit``).
 
 - ``train_recognizer``: the suite's own recognizers on ground truth (notebook 01; frozen afterwards);
 - ``train_start_codec``: the codec start point, Eq. 2 with MSE (the paper starts from CompressAI's MSE-pretrained
@@ -11,10 +12,8 @@ codec and of the branch clipped separately (``clip_groups``).
 """
 from __future__ import annotations
 
-import copy
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,18 +22,18 @@ from torch import nn
 from .. import adaptive_alpha
 from .. import distributed as dist_lib
 from ..aux_branches import keep_random_stream, own_random_stream, seed_random_stream, shuffle_labels
-from ..codec import converge_quantiles, save_codec, update_entropy_tables
-from ..io import atomic_write_json, read_json
+from ..codec import converge_quantiles, update_entropy_tables
 from ..losses import human_rd_loss, rate_bpp
 from ..precision import apply_speed_knobs, channels_last_applies, with_autocast
 from .batching import EpochLoader, equal_size_batches
+from .callbacks import CodecSnapshots, StepCurve, Validation
 from .label_cache import PseudoLabelCache, label_source
-from .loop import FitResult, fit
+from .loop import Callback, FitResult, fit
 from .objective import IcmSpec, aux_features, icm_terms, validation_terms
 from .settings import TrainConfig
 
 
-def _codec_optimizers(
+def codec_optimizers(
     codec: nn.Module, extra: list[nn.Parameter], cfg: TrainConfig
 ) -> dict[str, torch.optim.Optimizer]:
     """Adam on the network parameters; a separate Adam on the entropy bottleneck's quantiles (CompressAI)."""
@@ -54,11 +53,12 @@ def clip_groups(codec: nn.Module, extra: list[nn.Parameter], scope: str = "modul
     return [codec_params] + ([list(extra)] if extra else [])
 
 
-def _codec_step(loss: torch.Tensor, codec: nn.Module, optimizers: dict[str, torch.optim.Optimizer],
-                groups: list[list[nn.Parameter]], clip: float) -> torch.Tensor:
-    """Backward + Adam step with each group's gradient norm clipped to ``clip`` on its own (``clip_groups``), then
-    CompressAI's quantile step. Returns the quantile loss as a 0-dim tensor (no host-device sync). Runs outside
-    autocast (the quantile loss is fp32, as the entropy model's)."""
+def codec_step(loss: torch.Tensor, codec: nn.Module, optimizers: dict[str, torch.optim.Optimizer],
+               groups: list[list[nn.Parameter]], clip: float) -> torch.Tensor:
+    """The codec's update from ``loss`` (optimizers from ``codec_optimizers``): backward, Adam step with each group's
+    gradient norm clipped to ``clip`` on its own (``clip_groups``), then CompressAI's quantile step. Returns the
+    quantile loss as a 0-dim tensor (no host-device sync). Runs outside autocast (the quantile loss is fp32, as the
+    entropy model's)."""
     with torch.autocast(loss.device.type, enabled=False):
         optimizers["main"].zero_grad(set_to_none=True)
         loss.backward()
@@ -144,7 +144,7 @@ def train_start_codec(
     """Codec start point: Eq. 2 with MSE (CompressAI's 255^2 convention). ``val_set``: the mean Eq. 2 loss on it
     (codec in eval mode: rounded latents, the quantity that decides convergence) is logged per epoch."""
     torch.manual_seed(seed)
-    opts = _codec_optimizers(codec, [], cfg)
+    opts = codec_optimizers(codec, [], cfg)
     groups = clip_groups(codec, [])
     steps = cfg.steps(len(train_set))
 
@@ -153,7 +153,7 @@ def train_start_codec(
         out = codec(x)
         rate = rate_bpp(out["likelihoods"], x.shape[-2] * x.shape[-1])
         loss = human_rd_loss(rate, x, out["x_hat"], lambda_mse)
-        q = _codec_step(loss, codec, opts, groups, cfg.clip_max_norm)
+        q = codec_step(loss, codec, opts, groups, cfg.clip_max_norm)
         return {
             "loss": loss.detach(),
             "bpp": rate.detach(),
@@ -183,7 +183,7 @@ def train_start_codec(
         step_fn=step_fn,
         checkpoint_path=checkpoint_path,
         meta={"job": "start_codec", "lambda_mse": lambda_mse, "seed": seed, **cfg.job_meta()},
-        validate_fn=validate,
+        callbacks=[Validation(validate)] if validate is not None else [],
         log=log,
     )
     converge_quantiles(codec)
@@ -193,8 +193,7 @@ def train_start_codec(
 
 def train_aux_branch(position: str, aux_branch: nn.Module, codec: nn.Module, recognizer, train_set, cfg: TrainConfig,
                      checkpoint_path: str | Path, val_set=None, seed: int = 0, log=print, device: str = "cpu",
-                     labels: str = "pseudo", stop_when: Callable[[list[dict[str, Any]]], bool] | None = None,
-                     lr_scale: Callable[[list[dict[str, Any]]], float] | None = None) -> FitResult:
+                     labels: str = "pseudo", callbacks: Sequence[Callback] = ()) -> FitResult:
     """Warm start (design option ``aux.warm_start``): pre-train the auxiliary branch ALONE on the frozen codec's
     features with the recognizer's pseudo-labels, so that it is already competent when ICM training begins (in the
     paper it trains jointly for ~590k steps, competent for almost all of them; at a budget 10^4 times smaller a cold
@@ -202,8 +201,8 @@ def train_aux_branch(position: str, aux_branch: nn.Module, codec: nn.Module, rec
     branch sees during ICM training) under ``no_grad``: nothing but the branch changes. Same clipping and Adam as
     ICM training; ``val_set``: the branch's mean loss on it (codec in eval mode) is logged per epoch, always against
     the TRUE pseudo-labels (for a control branch, ``labels="shuffled"``, that is its chance level: it learns the
-    labels of other images). ``stop_when``: an early-stopping rule of the history (``training.stopping``);
-    ``lr_scale``: its learning-rate multiplier per epoch (the plateau rule's decays, R6v2b)."""
+    labels of other images). ``callbacks``: more callbacks of ``fit``, after the validation (e.g. the plateau rule,
+    ``training.stopping``, which stops the pre-training and, with decays, scales its learning rate: R6v2b)."""
     torch.manual_seed(seed)
     seed_random_stream(aux_branch, seed)
     params = list(aux_branch.parameters())
@@ -253,59 +252,25 @@ def train_aux_branch(position: str, aux_branch: nn.Module, codec: nn.Module, rec
             checkpoint_path=checkpoint_path,
             meta={"job": "aux_warm_start", "position": position, "seed": seed, **cfg.job_meta(),
                   **({"labels": labels} if labels != "pseudo" else {})},
-            validate_fn=validate,
+            callbacks=[*([Validation(validate)] if validate is not None else []), *callbacks],
             log=log,
-            stop_when=stop_when,
-            lr_scale=lr_scale,
         )
     finally:
         codec.train(codec_was)
 
 
-class StepCurve:
-    """Validation terms after chosen numbers of training steps (protocol v2: log-spaced checkpoints, Figs. 8-9), kept
-    in a JSON list at ``path`` (rewritten atomically after each measurement). A resumed run re-measures only the steps
-    not yet stored (a step after the resumed epoch is measured again on the same weights and gives the same value).
-    Measuring sets the modules to eval mode and back to training mode, under ``torch.random.fork_rng`` (and the
-    branch's own stream kept by ``validation_terms``), so the training run is the same with or without it."""
-
-    def __init__(self, path: str | Path, steps: list[int], measure: Callable[[], dict[str, float]],
-                 modules: list[nn.Module]):
-        self.path, self.steps, self.measure, self.modules = Path(path), {int(s) for s in steps}, measure, modules
-        self.points = {int(p["step"]): p for p in read_json(self.path)} if self.path.exists() else {}
-        self.measured: dict[int, float] = {}  # seconds of the measurements made by this object (this process)
-
-    def measure_at(self, step: int) -> None:
-        if step not in self.steps or step in self.points:
-            return
-        was = [m.training for m in self.modules]
-        for m in self.modules:
-            m.eval()
-        t0 = time.time()
-        try:
-            with torch.random.fork_rng(), torch.no_grad():
-                terms = self.measure()
-        finally:
-            for m, w in zip(self.modules, was):
-                m.train(w)
-        self.measured[step] = time.time() - t0
-        self.points[step] = {"step": step, **{f"val_{k}": v for k, v in terms.items()}, "seconds": self.measured[step]}
-        if dist_lib.is_main():
-            atomic_write_json(self.path, [self.points[s] for s in sorted(self.points)])
-
-
 def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module | None, train_set, cfg: TrainConfig,
               checkpoint_path: str | Path, val_set=None, log=print, device: str = "cpu",
-              on_step: Callable[[int, dict[str, Any]], None] | None = None, snapshots: dict[int, Path] | None = None,
+              callbacks: Sequence[Callback] = (), snapshots: dict[int, Path] | None = None,
               meta_extra: dict[str, Any] | None = None, val_steps: list[int] | None = None,
               curve_path: str | Path | None = None, epoch_validation: bool = True) -> FitResult:
     """Fine-tune ``codec`` (and the auxiliary branch) for ``spec``; the recognizer stays frozen.
 
     ``cfg``'s speed knobs (amp, channels_last, compile, workers) apply here; under ``torchrun`` the codec and the
     branch train with DistributedDataParallel on this rank's slice of every global batch (``icm_helpers.distributed``).
-    ``on_step(step, logs)``: see ``fit``. ``snapshots``:
-    {n: path}: the codec as it is after n training steps (quantiles fitted, tables built, as the final one) is saved
-    there, for the budget study (dose-response); saving draws no random numbers, so the run goes on as without it.
+    ``callbacks``: more callbacks of ``fit``, called after the job's own (e.g. the benchmark's step timer).
+    ``snapshots``: {n: path}: the codec as it is after n training steps (quantiles fitted, tables built, as the final
+    one) is saved there, for the budget study (dose-response, ``CodecSnapshots``); the run goes on as without it.
     ``meta_extra``: more fields of the job's identity (checkpoint meta), e.g. how a warm-started branch was
     pre-trained. ``val_steps`` + ``curve_path``: the validation terms on ``val_set`` after each of these numbers of
     steps (0 = before the first), written to ``curve_path`` (JSON list) as they come (``StepCurve``); measuring draws
@@ -318,7 +283,7 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
         seed_random_stream(aux_branch, spec.seed)
     torch.manual_seed(spec.seed)
     extra = list(aux_branch.parameters()) if aux_branch is not None else []
-    opts = _codec_optimizers(codec, extra, cfg)
+    opts = codec_optimizers(codec, extra, cfg)
     params = [p for g in opts["main"].param_groups for p in g["params"]]
     groups = clip_groups(codec, extra, cfg.clip_scope)
     steps = cfg.steps(len(train_set))
@@ -337,7 +302,7 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
         terms = icm_terms(spec, codec, recognizer, aux_branch, batch["image"], labels_of=labels_of)
         # alpha_mode (adaptive_alpha.py): "fixed" returns terms["loss"] and terms unchanged (the paper's step)
         loss, terms = adaptive_alpha.training_loss(spec, terms, step, cfg.epochs * steps, params)
-        q = _codec_step(loss, codec, opts, groups, cfg.clip_max_norm)
+        q = codec_step(loss, codec, opts, groups, cfg.clip_max_norm)
         return {
             **{k: v.detach() for k, v in terms.items()},
             "quantile_loss": q,
@@ -348,33 +313,15 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
                                 labels_of=labels_of)
 
     validate = (lambda epoch: measure()) if val_set is not None and epoch_validation else None
+    hooks: list[Callback] = [Validation(with_autocast(validate, cfg.amp, device))] if validate is not None else []
+    snapshot = CodecSnapshots(plain_codec, snapshots, spec.as_dict(), cfg.epochs * steps) if snapshots else None
     curve = None
     if val_steps:
         if val_set is None or curve_path is None:
             raise ValueError("val_steps needs val_set and curve_path")
         curve = StepCurve(curve_path, val_steps, with_autocast(measure, cfg.amp, device), list(modules.values()))
-        curve.measure_at(0)
-
-    snapshot_seconds = [0.0]
-
-    def after_step(step: int, logs: dict[str, Any]) -> None:
-        if snapshots:
-            t0 = time.time()
-            snapshot(step, logs)
-            snapshot_seconds[0] += time.time() - t0
-        if curve is not None:
-            curve.measure_at(step + 1)
-        if on_step is not None:
-            on_step(step, logs)
-
-    def snapshot(step: int, logs: dict[str, Any]) -> None:
-        path = (snapshots or {}).get(step + 1)  # fit's step is 0-based: after it, step + 1 steps are done
-        if path is not None and dist_lib.is_main():
-            with torch.random.fork_rng():
-                frozen = copy.deepcopy(plain_codec).eval()
-                converge_quantiles(frozen)
-                update_entropy_tables(frozen)
-            save_codec(path, frozen, extra={"spec": spec.as_dict(), "step": step + 1, "of_steps": cfg.epochs * steps})
+        curve.measure_at(0)  # the weights before training, before fit resumes a checkpoint
+    hooks += [h for h in (snapshot, curve) if h is not None]
 
     res = _fit_job(
         cfg, train_set, spec.seed, device, steps,
@@ -383,14 +330,14 @@ def train_icm(spec: IcmSpec, codec: nn.Module, recognizer, aux_branch: nn.Module
         step_fn=with_autocast(step_fn, cfg.amp, device),
         checkpoint_path=checkpoint_path,
         meta={"job": "icm", **spec.as_dict(), **cfg.job_meta(), **(meta_extra or {})},
-        validate_fn=with_autocast(validate, cfg.amp, device),
+        callbacks=[*hooks, *callbacks],
         log=log,
         distributed=distributed,
-        on_step=after_step,
         desc=f"{spec.task}/{spec.run_name} (seed {spec.seed})",
     )
     measured = curve.measured if curve else {}
-    res.hook_seconds = {"snapshots": snapshot_seconds[0], "validation": sum(v for k, v in measured.items() if k > 0),
+    res.hook_seconds = {"snapshots": snapshot.seconds if snapshot else 0.0,
+                        "validation": sum(v for k, v in measured.items() if k > 0),
                         "validation_before_training": measured.get(0, 0.0)}
     converge_quantiles(codec)
     update_entropy_tables(codec)

@@ -1,13 +1,14 @@
-"""Stopping rules for ``fit(stop_when=...)``: functions of the epoch history, so a resumed run decides as the
-uninterrupted run would. A rule may also set the learning rate (``fit(lr_scale=rule.lr_scale)``): the plateau rule
-with ``decays`` divides the rate at a plateau instead of stopping, a given number of times (protocol v2,
-deviation 7: R6v2b)."""
+"""Stopping rules, callbacks of ``fit`` (``fit(callbacks=[rule])``): functions of the epoch history, so a resumed run
+decides as the uninterrupted run would. The plateau rule with ``decays`` also sets the learning rate: it divides the
+rate at a plateau instead of stopping, a given number of times (protocol v2, deviation 7: R6v2b)."""
 from __future__ import annotations
 
 from typing import Any
 
+from .loop import Callback, FitState
 
-class PlateauRule:
+
+class PlateauRule(Callback):
     """Protocol v2, R6v2 (deviation 5): a plateau is reached once the best of the last ``patience`` epochs is not at
     least ``rel`` (relative) below the best of the epochs before them, and at least ``min_epochs`` epochs have run (a
     noisy round neither starts nor ends a plateau: only the best of a window counts).
@@ -17,7 +18,9 @@ class PlateauRule:
     ``min_epochs``, its window compared with the phase's earlier epochs only). The plateau after the last decay stops.
     ``max_epochs``: stop there in any case (the cap also bounds the job's ``epochs``).
 
-    Everything is replayed from the history, so a resumed run takes the decisions the uninterrupted run took."""
+    Everything is replayed from the history, so a resumed run takes the decisions the uninterrupted run took. As a
+    callback of ``fit``: ``should_stop`` after each epoch's checkpoint (and on resume); with ``decays``, the rate of
+    each epoch (``before_epoch``: ``lr_scale`` of the history so far)."""
 
     def __init__(self, key: str = "val_aux", rel: float = 0.01, patience: int = 2, min_epochs: int = 0,
                  max_epochs: int | None = None, decays: int = 0, decay_factor: float = 0.1):
@@ -60,9 +63,15 @@ class PlateauRule:
             return True
         return len(self.plateaus(history)) > self.decays
 
+    def before_epoch(self, state: FitState) -> None:
+        if self.decays:
+            state.set_lr_scale(self.lr_scale(state.history))
+
+    def should_stop(self, state: FitState) -> bool:
+        return self(state.history)
+
 
 def plateau(key: str = "val_aux", rel: float = 0.01, patience: int = 2, min_epochs: int = 0,
             max_epochs: int | None = None, decays: int = 0, decay_factor: float = 0.1) -> PlateauRule:
-    """The plateau rule (:class:`PlateauRule`) as a ``stop_when`` callable; ``decays`` > 0 also needs
-    ``fit(lr_scale=rule.lr_scale)``."""
+    """The plateau rule (:class:`PlateauRule`): a callable of the history and a callback of ``fit``."""
     return PlateauRule(key, rel, patience, min_epochs, max_epochs, decays, decay_factor)
