@@ -370,6 +370,13 @@ def _is_table(data: dict[str, Any]) -> bool:
     return {"columns", "rows", "title"} <= set(data)
 
 
+def is_figure(json_path: str | Path) -> bool:
+    """Whether the JSON file is a figure ``REDRAW`` can draw: its name has a known prefix and it is not a table (a
+    table's name may share a figure's prefix, e.g. ``gradient_cosines_table_<task>``)."""
+    json_path = Path(json_path)
+    return _redraw_of(json_path.stem) is not None and not _is_table(read_json(json_path))
+
+
 def redrawn_figures(path: str | Path, only: Iterable[str] | None = None) -> Iterator[tuple[str, Figure, dict]]:
     """``(name, figure, data)`` of every figure of the folder ``path`` that ``REDRAW`` knows, drawn from its JSON
     (``data`` keeps the run's provenance as ``replotted_from``); nothing is written. ``only``: these names."""
@@ -380,6 +387,8 @@ def redrawn_figures(path: str | Path, only: Iterable[str] | None = None) -> Iter
         if redraw is None or (only and name not in only):
             continue
         data = read_json(json_path)
+        if _is_table(data):  # a table named like a figure (gradient_cosines_table_<task>): markdown, not a picture
+            continue
         fig, new = redraw(folder, name, data)
         yield name, fig, {**new, "replotted_from": data.get("replotted_from") or data.get("provenance")}
 

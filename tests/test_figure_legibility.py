@@ -402,9 +402,9 @@ def test_point_labels_go_only_where_they_cover_no_data():
 
 def _committed_figures() -> list[tuple[str, str]]:
     from icm_helpers.config import REPO_ROOT
-    from icm_helpers.replot import _redraw_of
+    from icm_helpers.replot import is_figure
 
-    return [(p.parent.name, p.stem) for p in sorted((REPO_ROOT / "figures").glob("*/*.json")) if _redraw_of(p.stem)]
+    return [(p.parent.name, p.stem) for p in sorted((REPO_ROOT / "figures").glob("*/*.json")) if is_figure(p)]
 
 
 @pytest.mark.filterwarnings("ignore:.*record.*have no finite:UserWarning")
