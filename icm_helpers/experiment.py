@@ -361,7 +361,7 @@ class Experiment:
             raise ValueError(
                 f"aux_init='warm' needs tasks.{task}.aux_warm_start (a train block: epochs, lr, ...) in the profile"
             )
-        config = TrainConfig.without_speed_knobs(wc)  # the branch's identity
+        config = self._warm_config(task)
         plateau_cfg = wc.pop("plateau", None)
         seed = int(wc.pop("seed", seed))
         wc.pop("name", None)
@@ -395,8 +395,11 @@ class Experiment:
 
     def warm_branch_path(self, task: str, position: str, seed: int, labels: str = "pseudo") -> Path:
         """Where ``warm_aux_branch`` stores the branch of ``position`` pre-trained with ``seed`` (it may not exist)."""
-        config = TrainConfig.without_speed_knobs(dict(self.task_cfg(task).get("aux_warm_start") or {}))
-        return self._warm_path(task, position, seed, labels, config)
+        return self._warm_path(task, position, seed, labels, self._warm_config(task))
+
+    def _warm_config(self, task: str) -> dict[str, Any]:
+        """The identity of a task's branch pre-training: its ``aux_warm_start`` block without the speed knobs."""
+        return TrainConfig.without_speed_knobs(dict(self.task_cfg(task).get("aux_warm_start") or {}))
 
     def _warm_path(self, task: str, position: str, seed: int, labels: str, config: dict[str, Any]) -> Path:
         """Where the pre-trained branch lives (``RunLayout.warm_branch_path``, the variant ``config["name"]`` in its
@@ -749,6 +752,12 @@ class Experiment:
         their binaries are installed)."""
         return list((self.cfg.get("anchors") or {}).get("codecs", ["jpeg", "webp", "bpg", "vtm"]))
 
+    def anchor_qualities(self, name: str) -> list[int]:
+        """The rate points of the conventional codec ``name``: the profile's ``anchors.qualities.<name>``, else the
+        codec's default sweep."""
+        profile = (self.cfg.get("anchors") or {}).get("qualities") or {}
+        return [int(q) for q in profile.get(name, anchors.default_qualities(name))]
+
     def evaluate_anchors(
         self, task: str, names: Iterable[str] | None = None, qualities: dict[str, Iterable[int]] | None = None
     ) -> tuple[list[dict[str, Any]], dict[str, str]]:
@@ -757,13 +766,11 @@ class Experiment:
         ``describe()``: versions and command lines). Returns the records and {codec: why it was skipped} for codecs that
         cannot run here (e.g. ``bpgenc`` not on PATH)."""
 
-        qualities = {**((self.cfg.get("anchors") or {}).get("qualities") or {}), **(qualities or {})}
+        qualities = qualities or {}
         records, skipped = [], {}
         for name in (self.anchor_names() if names is None else names):
             try:
-                codecs = [
-                    anchors.build_anchor(name, int(q)) for q in qualities.get(name, anchors.default_qualities(name))
-                ]
+                codecs = [anchors.build_anchor(name, int(q)) for q in qualities.get(name, self.anchor_qualities(name))]
             except anchors.AnchorUnavailable as exc:
                 skipped[name] = str(exc)
                 continue

@@ -24,7 +24,6 @@ from typing import Any, Callable
 import torch
 from compressai.zoo.image import model_urls
 
-from . import anchors
 from . import codec as codec_lib
 from .assets import find_shipped
 from .backends import detectron2_det, hub_checkpoint_dir, mmseg_seg
@@ -193,8 +192,7 @@ def evaluation_counts(ex: Experiment) -> dict[str, dict[str, int]]:
     whether or not their binaries are installed here) and ``reference`` (the uncompressed images)."""
     seeds = len(ex.train_seeds())
     positions = (ex.cfg.get("ablation") or {}).get("positions") or []
-    anchor_cfg = (ex.cfg.get("anchors") or {}).get("qualities") or {}
-    n_anchor = sum(len(anchor_cfg.get(name, anchors.default_qualities(name))) for name in ex.anchor_names())
+    n_anchor = sum(len(ex.anchor_qualities(name)) for name in ex.anchor_names())
     out = {}
     for task in ex.tasks():
         tc = ex.task_cfg(task)

@@ -383,12 +383,9 @@ def redrawn_figures(path: str | Path, only: Iterable[str] | None = None) -> Iter
     folder = Folder(Path(path))
     for json_path in sorted(folder.path.glob("*.json")):
         name = json_path.stem
-        redraw = _redraw_of(name)
-        if redraw is None or (only and name not in only):
+        if (only and name not in only) or not is_figure(json_path):
             continue
-        data = read_json(json_path)
-        if _is_table(data):  # a table named like a figure (gradient_cosines_table_<task>): markdown, not a picture
-            continue
+        redraw, data = _redraw_of(name), read_json(json_path)
         fig, new = redraw(folder, name, data)
         yield name, fig, {**new, "replotted_from": data.get("replotted_from") or data.get("provenance")}
 
