@@ -222,9 +222,9 @@ class Experiment:
 
     # ------------------------------------------------------------------ provenance of trained start models
     def provenance(self, kind: str, task: str | None = None) -> dict[str, Any]:
-        """Everything a trained recognizer (``kind="recognizer"``) or start codec (``kind="codec"``) depends on. A
-        shipped
-        file (icm_helpers.assets) is used only when its recorded provenance equals this."""
+        """Everything a trained recognizer (``kind="recognizer"``), start codec (``kind="codec"``) or pre-trained
+        aux-enc branch (``kind="branch"``) depends on. A shipped file (icm_helpers.assets) is used only when its
+        recorded provenance equals this."""
         dc = self.cfg["data"]
         # what the training sees: the world and its TRAIN split (val/test sizes do not change these models)
         base = {
@@ -247,7 +247,11 @@ class Experiment:
             }
         if kind == "codec":
             return {**base, "codec": self.cfg["codec"]}
-        raise ValueError(f"unknown provenance kind {kind!r}; valid: recognizer, codec")
+        if kind == "branch":  # R6v2's pre-trained aux branch: it also sees the validation split (the plateau rule)
+            return {**base, "task": task, "val_images": (dc.get("counts") or {}).get("val"),
+                    "recognizer": self.provenance("recognizer", task), "codec": self.provenance("codec"),
+                    "aux": self.task_cfg(task).get("aux", {}), "warm_start": self._warm_config(task)}
+        raise ValueError(f"unknown provenance kind {kind!r}; valid: recognizer, codec, branch")
 
     def _install_shipped(self, name: str, provenance: dict[str, Any], dst: Path) -> bool:
         """Copy the profile's shipped ``name`` into the run directory when it was trained for ``provenance``."""
@@ -374,6 +378,9 @@ class Experiment:
             cfg = TrainConfig.from_dict({**wc, "epochs": len(history)})
             callbacks = [LrScale(lambda h: rule.lr_scale(history[:len(h)]))] if rule is not None and rule.decays else []
         final = self._warm_path(task, position, seed, labels, config)
+        if not final.exists() and labels == "pseudo" and dist_lib.is_main():
+            self._install_branch(task, position, seed, final)
+        dist_lib.barrier()
         if final.exists():
             return codec_lib.load_state(final)["state_dict"]
         codec, recognizer = self.start_codec(), self.recognizer(task)
@@ -392,6 +399,20 @@ class Experiment:
                                                              "steps": len(res.history) * steps_per_round})
         dist_lib.barrier()
         return aux.state_dict()
+
+    def _install_branch(self, task: str, position: str, seed: int, final: Path) -> None:
+        """The shipped pre-trained branch (``aux_branch_<task>_<position>``), when the profile's pre-training matches
+        it (same seed): its file, plus a ``timing.json`` with no training seconds (nothing was trained here)."""
+        if seed != int(self._warm_config(task).get("seed", -1)):
+            return
+        if self._install_shipped(f"aux_branch_{task}_{position}", self.provenance("branch", task), final):
+            history = codec_lib.load_state(final)["history"]
+            wc = TrainConfig.from_dict({k: v for k, v in self._warm_config(task).items()
+                                        if k not in ("plateau", "seed", "name")})
+            atomic_write_json(final.parent / "history.json", history)
+            atomic_write_json(final.parent / "timing.json", {
+                "loop_seconds": 0.0, "epochs": len(history), "shipped": True,
+                "steps": len(history) * (wc.steps_per_epoch or wc.steps(len(self.dataset("train", task))))})
 
     def warm_branch_path(self, task: str, position: str, seed: int, labels: str = "pseudo") -> Path:
         """Where ``warm_aux_branch`` stores the branch of ``position`` pre-trained with ``seed`` (it may not exist)."""

@@ -2,8 +2,10 @@
 
     python -m icm_helpers.regenerate --profile demo [--only codec_start] [--work-dir runs/assets_demo]
 
-Trains the profile's recognizers and start codec from scratch (or only the named ones), evaluates them on the test
-split, and writes the files, their sha256, provenance and accuracy into the profile's asset directory.
+Trains the profile's recognizers, start codec and pre-trained aux-enc branches (protocol v2's R6v2, on the start
+codec) from scratch (or only the named ones), evaluates them, and writes the files, their sha256, provenance and
+accuracy into the profile's asset directory. The branches are shipped packed (float16, xz: ``assets.pack``); their
+validation loss is measured again on the packed weights.
 """
 from __future__ import annotations
 
@@ -14,12 +16,41 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .assets import MAX_TOTAL_BYTES, asset_dir, install_shipped, sha256
+from .assets import MAX_TOTAL_BYTES, PACKED_SUFFIX, asset_dir, install_shipped, pack, sha256, unpack
 from .codec import load_state
 from .experiment import Experiment
-from .io import atomic_write_json
+from .io import atomic_write_bytes, atomic_write_json, read_json
 
-ASSET_NAMES = ("recognizer_detection", "recognizer_segmentation", "codec_start")
+BRANCHES = ("aux_branch_detection_enc", "aux_branch_segmentation_enc")  # shipped packed (assets.pack)
+ASSET_NAMES = ("recognizer_detection", "recognizer_segmentation", "codec_start", *BRANCHES)
+
+
+def branch_entry(ex: Experiment, task: str) -> tuple[dict[str, Any], bytes]:
+    """The pre-trained aux-enc branch of ``task`` (``Experiment.warm_aux_branch``: trained unless present), packed, and
+    its manifest entry: provenance, the pre-training's last validation loss and the packed weights' own."""
+    from .training.jobs import branch_val_loss
+
+    seed = int(ex.task_cfg(task)["aux_warm_start"].get("seed", ex.seed))
+    ex.warm_aux_branch(task, "enc", seed)
+    path = ex.warm_branch_path(task, "enc", seed)
+    data = pack(load_state(path))
+    codec, recognizer = ex.start_codec(), ex.recognizer(task)
+    batch = int(ex.task_cfg(task)["aux_warm_start"]["batch_size"])
+    val = {}
+    for kind, state_dict in (("unpacked", load_state(path)["state_dict"]), ("packed", unpack(data)["state_dict"])):
+        aux = ex.build_branch(task, "enc", seed, codec, recognizer)  # both measured alike: same draws, same images
+        aux.load_state_dict(state_dict)
+        val[kind] = branch_val_loss("enc", aux, codec, recognizer, ex.dataset("val", task), batch, seed, ex.device)
+    history = load_state(path)["history"]
+    timing_path = path.parent / "timing.json"  # absent or "shipped" when the branch was installed, not trained, here
+    timing = read_json(timing_path) if timing_path.exists() else {}
+    return {"provenance": ex.provenance("branch", task), "file": f"aux_branch_{task}_enc{PACKED_SUFFIX}",
+            "train_seconds": None if timing.get("shipped") else timing.get("loop_seconds"),
+            # the pre-training's last logged value, then the weights as trained and as shipped, measured here as the
+            # pre-training measures it (so "unpacked" equals the logged value when the data are the same)
+            "accuracy": {"val_aux_loss_pretrained": float(history[-1]["val_aux"]),
+                         "val_aux_loss_unpacked": val["unpacked"], "val_aux_loss_packed": val["packed"],
+                         "rounds": len(history), "val_images": len(ex.dataset("val", task))}}, data
 
 
 def regenerate(profile: str = "demo", work_dir: str | Path | None = None, log=print,
@@ -62,11 +93,18 @@ def regenerate(profile: str = "demo", work_dir: str | Path | None = None, log=pr
             "test_images": start["num_images"],
         },
     }
+    packed = {}
+    for task in ex.tasks():
+        if f"aux_branch_{task}_enc" in ASSET_NAMES and ex.task_cfg(task).get("aux_warm_start"):
+            files[f"aux_branch_{task}_enc"], packed[f"aux_branch_{task}_enc"] = branch_entry(ex, task)
     root.mkdir(parents=True, exist_ok=True)
     for name, entry in files.items():
-        src = ex.models_dir / f"{name}.pt"
-        install_shipped(src, root / f"{name}.pt")
-        entry.update(bytes=src.stat().st_size, sha256=sha256(src))
+        dst = root / entry.get("file", f"{name}.pt")
+        if name in packed:
+            atomic_write_bytes(dst, packed[name])
+        else:
+            install_shipped(ex.models_dir / f"{name}.pt", dst)
+        entry.update(bytes=dst.stat().st_size, sha256=sha256(dst))
     total = sum(e["bytes"] for e in files.values())
     if total > MAX_TOTAL_BYTES:
         raise ValueError(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 
 import numpy as np
-import pytest
 import torch
 
 from icm_helpers.config import REPO_ROOT, load_profile
@@ -18,11 +17,17 @@ CFG = load_profile("demo")
 
 def test_demo_runs_the_papers_method_on_the_protocols_grid():
     det, seg = CFG["tasks"]["detection"], CFG["tasks"]["segmentation"]
-    # docs/protocol.md R4: 3 consecutive values of the ladder (the paper's smallest lambda, Sec. 4.1, times 4^k)
-    for tc, smallest in ((det, 0.4), (seg, 1)):
-        ladder = [smallest * 4.0 ** k for k in range(-2, 3)]
-        i = min(range(len(ladder)), key=lambda j: abs(ladder[j] - tc["lambdas"][0]))
-        assert tc["lambdas"] == pytest.approx(ladder[i: i + 3]), tc["lambdas"]
+    # docs/protocol_v2.md section 9 (V4): the paper's smallest lambda, its Sec. 4.2 lambda, its largest
+    assert det["lambdas"] == [0.4, 1.6, 3.2] and seg["lambdas"] == [1, 2, 8]
+    # section 9: the study's R6v2 pre-training (so the shipped branch serves both), V2's recipe, R3v2's rates
+    study = load_profile("study")
+    for task, tc in (("detection", det), ("segmentation", seg)):
+        assert tc["aux_warm_start"] == study["tasks"][task]["aux_warm_start"], task
+        assert tc["aux_inits"] == ["warm"]
+        train = tc["train"]
+        assert train["epochs"] == 1 and train["warmup_steps"] == max(10, round(train["steps_per_epoch"] / 10))
+        assert train["poly_start_frac"] == 0.5 and train.get("poly_step", "iteration") != "epoch"
+        assert train["lr"] == study["tasks"][task]["train"]["lr"] and train["cache_labels"] is True
     assert det["alpha"] == seg["alpha"] == 0.5  # Eq. 5
     assert det["add_mse"] is False and seg["add_mse"] is True  # Eq. 5 / Eq. 6
     assert det["roi_qf"] is None and seg["roi_qf"] is None  # docs/protocol.md sec. 5: ROI runs in the study
@@ -30,14 +35,13 @@ def test_demo_runs_the_papers_method_on_the_protocols_grid():
     assert CFG["ablation"]["positions"] == []  # docs/protocol.md sec. 5: the ablation runs in the study
     assert load_profile("paper")["ablation"]["positions"] == [None, "enc", "dec", "task"]  # Sec. 4.2
     # protocol v2 (V1): ROI, anchors and the position ablation left the study; its lambdas are the paper's (V4)
-    study = load_profile("study")
     assert study["tasks"]["detection"]["roi_qf"] is None and study["ablation"]["positions"] == []
     assert study["tasks"]["detection"]["lambdas"] == [0.4, 1.6, 3.2]
     assert study["tasks"]["segmentation"]["lambdas"] == [1, 2, 8]
     assert study["train_seeds"] == [0, 1, 2, 3] and study["evaluation"]["max_images"] >= 96  # V9, section 4
     assert det["ablation_lambda"] in det["lambdas"] and seg["ablation_lambda"] in seg["lambdas"]  # enc/none reused
     assert CFG["evaluation"]["bitstream"] is True
-    assert CFG["evaluation"]["bootstrap"] == {"samples": 1000, "confidence": 0.95}
+    assert CFG["evaluation"]["bootstrap"] == {"samples": 1000, "confidence": 0.95, "interval": "bca"}  # V8
     assert CFG["data"]["counts"]["test"] >= 48  # enough test images for a bootstrap over images
 
 

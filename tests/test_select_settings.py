@@ -64,12 +64,12 @@ def test_r6_stops_at_the_first_epoch_improving_less_than_five_percent():
 @pytest.mark.parametrize("profile", ["demo", "study"])
 def test_profile_holds_what_its_logged_selection_decided(profile):
     """profiles/<profile>.yaml must carry the settings its logged selection decided: the demo's
-    docs/protocol_outcomes/demo.json (protocol v1, R2-R6), the study's study_v2.json (protocol v2, R3v2 / R2v2)."""
+    docs/protocol_outcomes/demo_v2.json (protocol v2 section 9, R2d), the study's study_v2.json (R3v2 / R2v2)."""
     if profile == "study":
         path = REPO_ROOT / "docs" / "protocol_outcomes" / "study_v2.json"
         settings = json.loads(path.read_text())["r2v2"]["profile_settings"]
     else:
-        path = REPO_ROOT / "docs" / "protocol_outcomes" / f"{profile}.json"
+        path = REPO_ROOT / "docs" / "protocol_outcomes" / "demo_v2.json"
         settings = json.loads(path.read_text())["profile_settings"]
     assert settings, f"{path} has no profile_settings: run the selection for {profile}"
     cfg = load_profile(profile)
@@ -300,3 +300,31 @@ def test_the_warm_step_is_timed_on_the_real_pre_training_job(tmp_path, monkeypat
     tiny["data.counts"] = {"train": 8, "val": 4, "test": 4}  # 2 batches of 4: an epoch cannot hold 3 steps
     with pytest.raises(ValueError, match="2 batches of 4, fewer than the 3 steps"):
         sel.warm_step_seconds("smoke", "detection", tmp_path / "small")
+
+
+def test_r2d_takes_the_most_steps_that_fit_else_twenty():
+    """Protocol v2 section 9: S from {60, 50, 40, 30, 20}, the largest whose modelled seconds fit; none fits -> 20;
+    the warm-up is max(10, S / 10)."""
+    from papermill_runs import select_settings_demo_v2 as d2
+
+    table = {60: 400.0, 50: 350.0, 40: 300.0, 30: 250.0, 20: 200.0}
+    assert d2.choose_steps(table, 300.0) == 40
+    assert d2.choose_steps(table, 299.9) == 30
+    assert d2.choose_steps(table, 1000.0) == 60
+    assert d2.choose_steps(table, 100.0) == 20
+    assert [d2.warmup_steps(s) for s in (20, 60, 100, 300)] == [10, 10, 10, 30]
+    over = d2.step_overrides(["detection"], 30)
+    assert over == {"tasks.detection.train.epochs": 1, "tasks.detection.train.steps_per_epoch": 30,
+                    "tasks.detection.train.warmup_steps": 10}
+
+
+def test_the_logged_demo_v2_outcome_gives_its_profile_settings():
+    """The logged R2d decision follows from its logged table and budget (a golden test of the rule on its own log)."""
+    from papermill_runs import select_settings_demo_v2 as d2
+
+    outcome = json.loads((OUTCOMES / "demo_v2.json").read_text())
+    r2d = outcome["stages"]["r2d"]
+    table = {int(k): v for k, v in r2d["estimated_seconds_by_steps"].items()}
+    assert d2.choose_steps(table, r2d["budget_seconds"]) == r2d["steps"]
+    assert r2d["budget_seconds"] == pytest.approx(outcome["budget"]["factor"] * outcome["budget"]["smoke_seconds"])
+    assert outcome["profile_settings"] == d2.step_overrides(["detection", "segmentation"], r2d["steps"])

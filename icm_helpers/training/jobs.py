@@ -191,6 +191,32 @@ def train_start_codec(
     return res
 
 
+@torch.no_grad()
+def branch_val_loss(position: str, aux_branch: nn.Module, codec: nn.Module, recognizer, val_set, batch_size: int,
+                    seed: int, device: str = "cpu", labels_of=None) -> float:
+    """The branch's mean loss over ``val_set`` against the TRUE pseudo-labels, the codec and the branch in eval mode
+    (what ``train_aux_branch`` logs as ``val_aux`` after each round); leaves the codec in eval mode, the branch in
+    its mode."""
+    labels_of = labels_of or label_source(recognizer, None)
+    codec.eval()
+    branch_was = aux_branch.training
+    aux_branch.eval()
+    torch.manual_seed(seed)
+    total, n = 0.0, 0
+    try:
+        for batch in equal_size_batches(val_set, batch_size, seed, device):
+            x = batch["image"]
+            targets = labels_of(x)
+            with keep_random_stream(aux_branch):  # as a training step computes it (train_aux_branch's branch_loss)
+                feats, targets, size = aux_features(position, codec, recognizer, aux_branch, x, targets)
+                with own_random_stream(aux_branch):
+                    total += float(aux_branch.loss(feats, targets, size)) * x.shape[0]
+            n += x.shape[0]
+    finally:
+        aux_branch.train(branch_was)
+    return total / max(1, n)
+
+
 def train_aux_branch(position: str, aux_branch: nn.Module, codec: nn.Module, recognizer, train_set, cfg: TrainConfig,
                      checkpoint_path: str | Path, val_set=None, seed: int = 0, log=print, device: str = "cpu",
                      labels: str = "pseudo", callbacks: Sequence[Callback] = ()) -> FitResult:
@@ -231,17 +257,9 @@ def train_aux_branch(position: str, aux_branch: nn.Module, codec: nn.Module, rec
 
     validate = None
     if val_set is not None:
-        @torch.no_grad()
         def validate(epoch):
-            codec.eval()
-            torch.manual_seed(seed)
-            total, n = 0.0, 0
-            for batch in equal_size_batches(val_set, cfg.batch_size, seed, device):
-                x = batch["image"]
-                with keep_random_stream(aux_branch):
-                    total += float(branch_loss(x, labels_of(x))) * x.shape[0]
-                n += x.shape[0]
-            return {"aux": total / max(1, n)}
+            return {"aux": branch_val_loss(position, aux_branch, codec, recognizer, val_set, cfg.batch_size, seed,
+                                           device, labels_of)}
 
     try:
         return _fit_job(
