@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from .io import atomic_write_bytes, atomic_write_json, read_json
+from .io import atomic_write_json, read_json
 
 SPLITS = ("train", "val", "test")
 
@@ -211,6 +212,10 @@ def generate_world(root: str | Path, spec: WorldSpec, counts: dict[str, int], ov
 
     Deterministic: split ``s`` uses seed ``(spec.seed, index of s)``. A finished world (``world.json``
     matching ``spec`` and ``counts``) is reused; a different one raises unless ``overwrite``.
+
+    ``world.json`` is what marks a world finished: it is written (atomically) only after every image and label file
+    is on disk (one ``os.sync`` for all of them: two fsyncs per file took three quarters of the generation, 6.0 s
+    of 300 images against 1.6 s); a world interrupted before it has no ``world.json`` and is generated again.
     """
     root = Path(root)
     manifest = world_manifest(spec, counts)
@@ -230,8 +235,8 @@ def generate_world(root: str | Path, spec: WorldSpec, counts: dict[str, int], ov
         for i in range(n):
             img, instances, semantic = render_image(spec, rng)
             name = f"{i:06d}.png"
-            atomic_write_bytes(root / split / "images" / name, _png_bytes((img * 255 + 0.5).astype(np.uint8)))
-            atomic_write_bytes(root / split / "labels" / name, _png_bytes(semantic))
+            _write_unsynced(root / split / "images" / name, _png_bytes((img * 255 + 0.5).astype(np.uint8)))
+            _write_unsynced(root / split / "labels" / name, _png_bytes(semantic))
             images.append({"id": i + 1, "file_name": name, "height": spec.image_size, "width": spec.image_size})
             for inst in instances:
                 ys, xs = np.nonzero(inst["mask"])
@@ -244,8 +249,18 @@ def generate_world(root: str | Path, spec: WorldSpec, counts: dict[str, int], ov
         atomic_write_json(
             root / split / "instances.json", {"images": images, "annotations": anns, "categories": categories}
         )
+    os.sync()  # every file above is on disk before world.json says the world is finished
     atomic_write_json(root / "world.json", manifest)
     return root
+
+
+def _write_unsynced(path: Path, data: bytes) -> None:
+    """Write a file of a world being generated: through a temporary name (never a half-written file under the real
+    name), without fsync (``generate_world`` syncs once before marking the world finished)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def load_rgb(path: str | Path) -> np.ndarray:

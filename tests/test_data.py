@@ -113,3 +113,36 @@ def test_epoch_loader_crops_images_of_different_sizes():
     assert [b["image"].shape for b in batches] == [(2, 3, 64, 64)] * 2
     again = list(epoch_loader(items, 2, seed=0, epoch=0, crop_size=64))
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(batches, again))  # deterministic given (seed, epoch)
+
+
+def test_an_interrupted_generation_is_not_marked_finished_and_the_rerun_equals_an_unbroken_one(tmp_path, monkeypatch):
+    """world.json is written only after every image and label file (files are written without fsync, then one
+    os.sync): a generation stopped halfway leaves no world.json and no half-written file under a real name, and
+    generating again gives byte for byte the files of an unbroken generation."""
+    import icm_helpers.data as data
+
+    counts = {"train": 6, "val": 2, "test": 2}
+    unbroken = generate_world(tmp_path / "unbroken", SPEC, counts)
+    real_render, calls = data.render_image, []
+
+    def render_then_stop(spec, rng):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("stopped halfway")
+        return real_render(spec, rng)
+
+    monkeypatch.setattr(data, "render_image", render_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        generate_world(tmp_path / "broken", SPEC, counts)
+    broken = tmp_path / "broken"
+    assert not (broken / "world.json").exists()
+    assert not [p for p in broken.rglob("*") if p.name.endswith(".tmp")]
+    monkeypatch.setattr(data, "render_image", real_render)
+    synced = []
+    monkeypatch.setattr(data.os, "sync", lambda: synced.append(1))
+    generate_world(broken, SPEC, counts)
+    assert synced == [1] and (broken / "world.json").exists()
+    files = sorted(p.relative_to(unbroken) for p in unbroken.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(broken) for p in broken.rglob("*") if p.is_file())
+    for rel in files:
+        assert (unbroken / rel).read_bytes() == (broken / rel).read_bytes(), rel
