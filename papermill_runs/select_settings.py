@@ -32,7 +32,6 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,16 +50,11 @@ from icm_helpers.assets import asset_dir  # noqa: E402
 from icm_helpers.bitmaps import compute_bit_maps  # noqa: E402
 from icm_helpers.codec import load_codec, load_state  # noqa: E402
 from icm_helpers.config import load_profile  # noqa: E402
-from icm_helpers.data import collate  # noqa: E402
 from icm_helpers.evaluation import evaluate  # noqa: E402
 from icm_helpers.experiment import Experiment  # noqa: E402
 from icm_helpers.io import read_json  # noqa: E402
 from icm_helpers.training import (  # noqa: E402
     TrainConfig,
-    clip_groups,
-    codec_optimizers,
-    codec_step,
-    icm_terms,
     train_aux_branch,
     validation_terms,
 )
@@ -72,6 +66,7 @@ STEPS_PER_EPOCH = 10  # R2 / R6: epochs of 10 steps
 WARM_MAX_EPOCHS = 8  # R6
 TEST_IMAGES = range(48, 257, 16)  # R5: the test splits it considers; the smallest is taken when none fits
 WARM_TIMING_STEPS = (1, 21)  # costs: the real warm-start job is run for 1 epoch of each; see warm_step_seconds
+ICM_TIMING_STEPS = (1, 11)  # costs: the real ICM job likewise; see icm_step_seconds
 STAGES = StageTable()
 
 
@@ -156,34 +151,48 @@ def warm_step_seconds(profile: str, task: str, root: Path) -> float:
     return step_seconds_between(*timings)
 
 
+def icm_step_seconds(profile: str, task: str, position: str | None, root: Path) -> float:
+    """Seconds of one ICM training step as the profile's run makes them: the real job (``Experiment.train``: w/o aux
+    for ``position`` None, else a cold branch at ``position``, the paper's ablation lambda, seed 0, the profile's
+    train block) for 1 epoch of each of ``ICM_TIMING_STEPS`` steps, no validation or snapshots, side by side in the
+    run dir ``root/icm_timing``; ``step_seconds_between`` their ``timing.json``."""
+    cfg = load_profile(profile)
+    block = cfg["tasks"][task]["train"]
+    quiet = {f"tasks.{task}.{k}": [] for k in ("validate_at_steps", "budget_fractions", "snapshot_steps")
+             if k in cfg["tasks"][task]}  # nothing but training steps inside the loop
+    if "validate_every_epoch" in cfg:
+        quiet["validate_every_epoch"] = False
+    timings = []
+    for steps in ICM_TIMING_STEPS:
+        over = {f"tasks.{task}.train": {**block, "epochs": 1, "steps_per_epoch": steps}, **quiet}
+        ex = experiment(profile, over, log=None, name=f"icm_timing{steps}", root=root)
+        batches = len(ex.dataset("train", task)) // int(block["batch_size"])
+        if batches < steps:  # an epoch ends with the split: the job would run fewer steps than timing.json says
+            raise ValueError(f"{profile}'s training split has {batches} batches of {block['batch_size']}, fewer than "
+                             f"the {steps} steps of a timing epoch")
+        spec = ex.spec(task, paper_task_settings(task)["ablation_lambda"], position, aux_init="cold")
+        ex.train(spec)
+        timings.append(read_json(ex.run_path(spec) / "timing.json"))
+    return step_seconds_between(*timings)
+
+
 @STAGES.register("costs")
 def stage_costs(ctx: StageContext) -> dict[str, Any]:
-    """Seconds per training step (task x arm; medians), warm-start step (the real job), evaluated image and bit-map
-    image."""
+    """Seconds per ICM training step (task x arm, the real job), warm-start step (the real job), evaluated image and
+    bit-map image."""
     ex = experiment(ctx.profile)
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "step": {}, "warm_step": {}, "eval_image": {},
                            "bitmap_image": {}, "anchor_image": {},
+                           "step_job": f"Experiment.train (seed 0, cold branch), 1 epoch of each of "
+                                       f"{list(ICM_TIMING_STEPS)} steps: loop seconds difference / steps difference",
                            "warm_step_job": f"Experiment.warm_aux_branch (enc, seed 0), 1 epoch of each of "
                                             f"{list(WARM_TIMING_STEPS)} steps: loop seconds difference / steps "
                                             "difference"}
-    train = ex.dataset("train")
-    batch = collate([train[i] for i in range(8)])["image"]
     for task in ctx.tasks:
         rec = ex.recognizer(task)
-        for arm, pos in (("baseline", None), ("aux_enc", "enc")):
-            codec = ex.start_codec().train()
-            aux = ex.build_branch(task, pos, 0, codec, rec)
-            cfg = TrainConfig.from_dict(ex.task_cfg(task)["train"])
-            extra = list(aux.parameters()) if aux is not None else []
-            opts = codec_optimizers(codec, extra, cfg)
-            spec = ex.spec(task, paper_task_settings(task)["ablation_lambda"], pos)
-            times = []
-            for _ in range(6):
-                t0 = time.perf_counter()
-                loss = icm_terms(spec, codec, rec, aux, batch)["loss"]
-                codec_step(loss, codec, opts, clip_groups(codec, extra), 1.0)
-                times.append(time.perf_counter() - t0)
-            out["step"][f"{task}/{arm}"] = statistics.median(times[1:])
+        with tempfile.TemporaryDirectory(prefix=f"icm_timing_{ctx.profile}_") as tmp:
+            for arm, pos in (("baseline", None), ("aux_enc", "enc")):
+                out["step"][f"{task}/{arm}"] = icm_step_seconds(ctx.profile, task, pos, Path(tmp))
         with tempfile.TemporaryDirectory(prefix=f"warm_timing_{ctx.profile}_") as tmp:
             out["warm_step"][task] = warm_step_seconds(ctx.profile, task, Path(tmp))
         ec = ex.cfg["evaluation"]
