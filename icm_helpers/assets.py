@@ -26,6 +26,8 @@ import lzma
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .config import REPO_ROOT
 from .io import atomic_write_bytes, read_json
 
@@ -82,8 +84,6 @@ def find_shipped(cfg: dict[str, Any], name: str, provenance: dict[str, Any]) -> 
 
 def pack(state: dict[str, Any]) -> bytes:
     """A checkpoint dict whose ``state_dict``'s float32 tensors are rounded to float16, saved and xz-compressed."""
-    import torch
-
     half = {k: v.half() if torch.is_tensor(v) and v.dtype == torch.float32 else v
             for k, v in state["state_dict"].items()}
     overflow = [k for k, v in half.items()
@@ -97,8 +97,6 @@ def pack(state: dict[str, Any]) -> bytes:
 
 def unpack(data: bytes) -> dict[str, Any]:
     """The checkpoint dict of a packed file, its float16 tensors back in float32 (exact: every float16 is a float32)."""
-    import torch
-
     state = torch.load(io.BytesIO(lzma.decompress(data)), map_location="cpu", weights_only=True)
     if state.pop("packed", None) != "float16":
         raise ValueError("not a packed checkpoint (icm_helpers.assets.pack writes them)")
@@ -111,8 +109,6 @@ def install_shipped(src: Path, dst: Path) -> Path:
     """Copy a shipped file into the run directory atomically (a packed one unpacked into an ordinary ``.pt``)."""
     src = Path(src)
     if src.name.endswith(PACKED_SUFFIX):
-        import torch
-
         buf = io.BytesIO()
         torch.save(unpack(src.read_bytes()), buf)
         return atomic_write_bytes(dst, buf.getvalue())

@@ -20,6 +20,7 @@ from .assets import MAX_TOTAL_BYTES, PACKED_SUFFIX, asset_dir, install_shipped, 
 from .codec import load_state
 from .experiment import Experiment
 from .io import atomic_write_bytes, atomic_write_json, read_json
+from .training.jobs import branch_val_loss
 
 BRANCHES = ("aux_branch_detection_enc", "aux_branch_segmentation_enc")  # shipped packed (assets.pack)
 ASSET_NAMES = ("recognizer_detection", "recognizer_segmentation", "codec_start", *BRANCHES)
@@ -28,8 +29,6 @@ ASSET_NAMES = ("recognizer_detection", "recognizer_segmentation", "codec_start",
 def branch_entry(ex: Experiment, task: str) -> tuple[dict[str, Any], bytes]:
     """The pre-trained aux-enc branch of ``task`` (``Experiment.warm_aux_branch``: trained unless present), packed, and
     its manifest entry: provenance, the pre-training's last validation loss and the packed weights' own."""
-    from .training.jobs import branch_val_loss
-
     seed = int(ex.task_cfg(task)["aux_warm_start"].get("seed", ex.seed))
     ex.warm_aux_branch(task, "enc", seed)
     path = ex.warm_branch_path(task, "enc", seed)
