@@ -14,7 +14,8 @@ Where things are: ``evaluate`` validates its options (``EvalOptions``), picks ON
 ``anchors.ImageCodec`` protocol, ``LearnedCoder`` = the learned codec: estimated rate, real bitstream, ROI, AMP),
 and runs ``_evaluate_images``: per image, the coder returns (decoded image, its record fields), the loop adds the
 PSNR and the recognizer's prediction, and the metric (``DetectionMetric`` / ``SegmentationMetric``) adds its
-per-image values.
+per-image values. ``SegmentationMetric.miou`` is the suite's one mIoU rule (also used by ``bootstrap`` and
+``plots``).
 """
 from __future__ import annotations
 
@@ -166,13 +167,26 @@ class SegmentationMetric:
     def compute(self) -> dict[str, float]:
         inter = np.diag(self.confusion).astype(float)
         union = self.confusion.sum(0) + self.confusion.sum(1) - inter
-        present = union > 0
-        iou = inter[present] / union[present]
         return {
-            "mIoU": float(iou.mean()) if iou.size else 0.0,
+            "mIoU": self.miou(inter, union),
             "pixel_accuracy": float(inter.sum() / max(1, self.confusion.sum())),
             "per_class_iou": (inter / np.maximum(union, 1)).tolist(),
         }
+
+    @staticmethod
+    def miou(intersection, union) -> float:
+        """THE mIoU rule of the suite, for per-class intersections and unions (pixel counts) of one image, of a split
+        (the confusion matrix) or of a bootstrap resample (image-weighted sums): the mean IoU over the classes whose
+        union is non-empty (present in the label map or predicted, ignored pixels excluded); 0.0 when no class is
+        (no labelled pixel: nothing was recognised). Every per-image or resampled mIoU of the suite is this one."""
+        inter, union = np.asarray(intersection, dtype=np.float64), np.asarray(union, dtype=np.float64)
+        present = union > 0
+        return float((inter[present] / union[present]).mean()) if present.any() else 0.0
+
+    @classmethod
+    def image_value(cls, record: dict[str, Any]) -> float:
+        """The mIoU of one image from its per-image record (``update``'s ``seg_intersection`` / ``seg_union``)."""
+        return cls.miou(record["seg_intersection"], record["seg_union"])
 
 
 def _to_float(prediction):

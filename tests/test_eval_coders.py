@@ -1,9 +1,11 @@
 """The per-image coders of ``evaluation`` (one analysis transform per image, the same records as the straightforward
-sequence forward + compress_image + decompress_image), the options dataclass and the forked workers."""
+sequence forward + compress_image + decompress_image), the options dataclass, the forked workers, and the one mIoU
+rule shared by the metric, the bootstrap and the plots."""
 from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from icm_helpers.codec import (bits_from_likelihoods, build_codec, codec_forward, compress_batch, compress_image,
                                compress_latent, crop_to, decompress_image, pad_to_multiple)
 from icm_helpers.data import IcmDataset
-from icm_helpers.evaluation import (AnchorCoder, EvalOptions, LearnedCoder, ReferenceCoder,
+from icm_helpers.evaluation import (AnchorCoder, EvalOptions, LearnedCoder, ReferenceCoder, SegmentationMetric,
                                     evaluate, make_coder, make_metric, psnr, without_timing)
 from icm_helpers.recognizers import build_recognizer
 from icm_helpers.roi import roi_latent_scaling
@@ -234,3 +236,30 @@ def test_forked_worker_errors_reach_the_caller(world, codec):
     test = IcmDataset(world / "test")
     with pytest.raises(ArithmeticError, match="in a worker"):
         evaluate(codec, Broken(), test, bitstream=False, workers=2)
+
+
+def test_one_miou_rule():
+    """The split's mIoU, a bootstrap resample's and an image's in the plots are SegmentationMetric.miou: mean IoU over
+    the classes with a non-empty union, 0.0 when no class has one."""
+    from icm_helpers.bootstrap import SegmentationResampler
+    from icm_helpers.plots import _image_iou
+
+    records = [{"seg_intersection": [3, 0, 1], "seg_union": [4, 0, 2]},
+               {"seg_intersection": [0, 0, 0], "seg_union": [0, 0, 0]},  # no labelled pixel
+               {"seg_intersection": [0, 5, 0], "seg_union": [2, 5, 1]}]
+    assert SegmentationMetric.miou([3, 0, 1], [4, 0, 2]) == pytest.approx((0.75 + 0.5) / 2)
+    assert SegmentationMetric.miou([0, 0, 0], [0, 0, 0]) == 0.0
+    assert [_image_iou(r) for r in records] == [SegmentationMetric.image_value(r) for r in records]
+    assert _image_iou(records[1]) == 0.0
+    resampler = SegmentationResampler({"per_image": records})
+    for weights in ([1, 1, 1], [0, 3, 0], [2, 0, 1]):
+        w = np.asarray(weights, float)
+        inter = w @ np.asarray([r["seg_intersection"] for r in records], float)
+        union = w @ np.asarray([r["seg_union"] for r in records], float)
+        assert resampler(w) == SegmentationMetric.miou(inter, union)
+    metric = SegmentationMetric(3)
+    metric.confusion = np.array([[3, 1, 0], [0, 5, 0], [0, 0, 0]])
+    inter = np.diag(metric.confusion)
+    assert metric.compute()["mIoU"] == SegmentationMetric.miou(inter, metric.confusion.sum(0)
+                                                              + metric.confusion.sum(1) - inter)
+    assert SegmentationMetric(3).compute()["mIoU"] == 0.0
