@@ -263,3 +263,20 @@ def test_one_miou_rule():
     assert metric.compute()["mIoU"] == SegmentationMetric.miou(inter, metric.confusion.sum(0)
                                                               + metric.confusion.sum(1) - inter)
     assert SegmentationMetric(3).compute()["mIoU"] == 0.0
+
+
+def test_benchmark_of_the_per_image_codec_work(tmp_path, monkeypatch):
+    """benchmarks/eval_coder.py times the old sequence and the learned coder on the same images: the same records."""
+    import json
+
+    from benchmarks.eval_coder import main
+
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
+    try:
+        report = main(["--threads", str(threads), "--config", "64x64:16", "--images", "2", "--data",
+                       str(tmp_path / "none"), "--out", str(tmp_path / "b.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert report["configs"][0]["all_identical"] and report["configs"][0]["images"] == 2
+    assert json.loads((tmp_path / "b.json").read_text())["configs"][0]["mean"]["new"]["seconds"] > 0
