@@ -10,7 +10,8 @@ image i:
   accumulation in which image i counts m_i times (``_coco_ap`` follows ``COCOeval.accumulate``: 101 recall points,
   max 100 detections, area "all"); with m = 1 it reproduces ``COCOeval.stats[0]`` exactly;
 * segmentation mIoU = mean over classes with a non-empty union of sum_i m_i I_ic / sum_i m_i U_ic (per-image
-  intersections and unions are additive, so this equals the confusion-matrix mIoU of the resampled set).
+  intersections and unions are additive, so this equals the confusion-matrix mIoU of the resampled set; the rule
+  is ``evaluation.SegmentationMetric.miou``).
 
 The CI is computed from the BD-rates of ``samples`` resamples by one of ``INTERVALS`` (default: BCa, Efron 1987,
 with its acceleration from a jackknife over the test images; ``interval_bounds`` holds the interval math). Resamples
@@ -32,6 +33,7 @@ from pycocotools.cocoeval import COCOeval
 from scipy.stats import norm
 
 from .bdrate import bd_rate
+from .evaluation import SegmentationMetric
 from .registry import RESAMPLERS
 
 REC_THRS = np.linspace(0.0, 1.00, 101)
@@ -141,9 +143,7 @@ class SegmentationResampler:
         self.union = np.asarray([r["seg_union"] for r in per_image], dtype=np.float64)
 
     def __call__(self, weights: np.ndarray) -> float:
-        inter, union = weights @ self.inter, weights @ self.union
-        present = union > 0
-        return float((inter[present] / union[present]).mean()) if present.any() else 0.0
+        return SegmentationMetric.miou(weights @ self.inter, weights @ self.union)
 
 
 def resample_weights(n_images: int, samples: int, seed: int = 0) -> np.ndarray:

@@ -135,11 +135,23 @@ def mixed_forward(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     path in fp32 (autocast off) and g_a / g_s under the caller's autocast (if any). Without autocast it computes
     exactly what CompressAI's forward computes (same ops, same order). Also returns "enc" (y_hat) and "dec" (the
     input of g_s's last layer) without hooks (hooks would defeat torch.compile)."""
-    device = x.device.type
-    y = model.g_a(x)
-    with torch.autocast(device, enabled=False):
+    likelihoods, y_hat = latent_rate(model, model.g_a(x))
+    dec = y_hat
+    for layer in list(model.g_s)[:-1]:
+        dec = layer(dec)
+    x_hat = model.g_s[-1](dec)
+    return {"x_hat": x_hat.float(), "likelihoods": likelihoods, "enc": y_hat, "dec": dec}
+
+
+def latent_rate(model: nn.Module, y: torch.Tensor, z: torch.Tensor | None = None
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The rate part of CompressAI's ``JointAutoregressiveHierarchicalPriors.forward`` from the latent y = g_a(x)
+    (and z = h_a(y) when already computed), in fp32 with autocast off: the likelihoods {"y", "z"} and y_hat (y with
+    noise in training mode, round(y) in eval mode: the latent the forward's g_s receives). The same ops in the same
+    order as CompressAI's forward, so the same bits; without g_s."""
+    with torch.autocast(y.device.type, enabled=False):
         y = y.float()
-        z = model.h_a(y)
+        z = model.h_a(y) if z is None else z
         z_hat, z_likelihoods = model.entropy_bottleneck(z)
         params = model.h_s(z_hat)
         y_hat = model.gaussian_conditional.quantize(y, "noise" if model.training else "dequantize")
@@ -147,11 +159,7 @@ def mixed_forward(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
         gaussian_params = model.entropy_parameters(torch.cat((params, ctx_params), dim=1))
         scales_hat, means_hat = gaussian_params.chunk(2, 1)
         _, y_likelihoods = model.gaussian_conditional(y, scales_hat, means=means_hat)
-    dec = y_hat
-    for layer in list(model.g_s)[:-1]:
-        dec = layer(dec)
-    x_hat = model.g_s[-1](dec)
-    return {"x_hat": x_hat.float(), "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}, "enc": y_hat, "dec": dec}
+    return {"y": y_likelihoods, "z": z_likelihoods}, y_hat
 
 
 def compile_codec(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
@@ -311,10 +319,22 @@ def compress_batch(model: nn.Module, x: torch.Tensor, reconstruct: bool = False,
     if not _is_joint_autoregressive(model):
         raise ValueError(f"the wavefront coder needs a joint autoregressive CompressAI model (cheng2020-attn), got "
                          f"{type(model).__name__}: use coder='compressai'")
-    out = wavefront.compress(model, x)
+    return compress_latent(model, *wavefront.analyse(model, x), reconstruct=reconstruct)
+
+
+@torch.no_grad()
+def compress_latent(model: nn.Module, y: torch.Tensor, z: torch.Tensor, reconstruct: bool = False
+                    ) -> list[dict[str, Any]]:
+    """``compress_batch`` (wavefront coder) from the latents y = g_a(x) and z = h_a(y) already computed (the
+    analysis transform is not run again): the same strings, and with ``reconstruct`` the same ``"x_hat"``, as
+    ``compress_batch(model, x)`` when y and z are the outputs of ``model.g_a`` / ``model.h_a`` for x."""
+    if not _is_joint_autoregressive(model):
+        raise ValueError(f"the wavefront coder needs a joint autoregressive CompressAI model (cheng2020-attn), got "
+                         f"{type(model).__name__}: use coder='compressai'")
+    out = wavefront.compress_latent(model, y, z)
     encs = []
     for i, (y_string, z_string) in enumerate(zip(*out["strings"])):
-        enc: dict[str, Any] = {"strings": [[y_string], [z_string]], "shape": out["shape"], "coder": coder}
+        enc: dict[str, Any] = {"strings": [[y_string], [z_string]], "shape": out["shape"], "coder": "wavefront"}
         if reconstruct:  # g_s image by image, as decompress_batch does: the same shapes, the same bits
             enc["x_hat"] = model.g_s(out["y_hat"][i: i + 1]).clamp_(0, 1)
         enc["num_bytes"] = _num_bytes(enc)

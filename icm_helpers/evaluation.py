@@ -8,21 +8,34 @@ decoded image to the frozen recognizer. Rates are the mean of the per-image bpp 
 
 Task metrics against the ground truth of the split: detection = COCO mAP@[.5:.95] via pycocotools (AP50 too);
 segmentation = mIoU over all classes present in the label maps (background included for the generated world).
+
+Where things are: ``evaluate`` validates its options (``EvalOptions``), picks ONE per-image coder before the loop
+(``make_coder``: ``ReferenceCoder`` = the uncompressed image, ``AnchorCoder`` = a conventional codec through the
+``anchors.ImageCodec`` protocol, ``LearnedCoder`` = the learned codec: estimated rate, real bitstream, ROI, AMP),
+and runs ``_evaluate_images``: per image, the coder returns (decoded image, its record fields), the loop adds the
+PSNR and the recognizer's prediction, and the metric (``DetectionMetric`` / ``SegmentationMetric``) adds its
+per-image values. ``SegmentationMetric.miou`` is the suite's one mIoU rule (also used by ``bootstrap`` and
+``plots``).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import multiprocessing as mp
+import pickle
 import time
-from typing import Any
+import traceback
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from pycocotools.cocoeval import COCOeval
 
 from . import distributed as dist_lib
-from .codec import bits_from_likelihoods, codec_forward, compress_image, crop_to, decompress_image, pad_to_multiple
+from .anchors import ImageCodec
+from .codec import bits_from_likelihoods, codec_forward, compress_latent, crop_to, decompress_image, latent_rate
+from .codec import pad_to_multiple
 from .config import check_device
 from .data import to_device
 from .distributed import unshard
@@ -154,13 +167,26 @@ class SegmentationMetric:
     def compute(self) -> dict[str, float]:
         inter = np.diag(self.confusion).astype(float)
         union = self.confusion.sum(0) + self.confusion.sum(1) - inter
-        present = union > 0
-        iou = inter[present] / union[present]
         return {
-            "mIoU": float(iou.mean()) if iou.size else 0.0,
+            "mIoU": self.miou(inter, union),
             "pixel_accuracy": float(inter.sum() / max(1, self.confusion.sum())),
             "per_class_iou": (inter / np.maximum(union, 1)).tolist(),
         }
+
+    @staticmethod
+    def miou(intersection, union) -> float:
+        """THE mIoU rule of the suite, for per-class intersections and unions (pixel counts) of one image, of a split
+        (the confusion matrix) or of a bootstrap resample (image-weighted sums): the mean IoU over the classes whose
+        union is non-empty (present in the label map or predicted, ignored pixels excluded); 0.0 when no class is
+        (no labelled pixel: nothing was recognised). Every per-image or resampled mIoU of the suite is this one."""
+        inter, union = np.asarray(intersection, dtype=np.float64), np.asarray(union, dtype=np.float64)
+        present = union > 0
+        return float((inter[present] / union[present]).mean()) if present.any() else 0.0
+
+    @classmethod
+    def image_value(cls, record: dict[str, Any]) -> float:
+        """The mIoU of one image from its per-image record (``update``'s ``seg_intersection`` / ``seg_union``)."""
+        return cls.miou(record["seg_intersection"], record["seg_union"])
 
 
 def _to_float(prediction):
@@ -178,31 +204,187 @@ def make_metric(recognizer, dataset):
     return METRICS[recognizer.task].for_recognizer(recognizer, dataset)
 
 
+def psnr(x_hat: torch.Tensor, x: torch.Tensor) -> float:
+    """PSNR (dB) of a decoded image in [0, 1] against the original (MSE floored at 1e-10)."""
+    return float(-10 * torch.log10(torch.mean((x_hat - x) ** 2).clamp_min(1e-10)))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """How ``evaluate`` codes and recognises the test images: its keyword arguments (see ``evaluate``)."""
+
+    bitstream: bool = True
+    roi_qf: float | None = None
+    roi_decoder: str = "as_is"
+    max_images: int | None = None
+    log: Callable[[str], Any] | None = None
+    device: str = "cpu"
+    amp: str | None = None
+    distributed: bool | None = None
+    workers: int = 1
+    shard: tuple[int, int] | None = None
+    decode: str = "all"
+    desc: str = ""
+
+    @property
+    def device_type(self) -> str:
+        return torch.device(self.device).type
+
+    def autocast(self):
+        """bf16 autocast with ``amp="bf16"``, else nothing."""
+        if self.amp == "bf16":
+            return torch.autocast(self.device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+class ReferenceCoder:
+    """The uncompressed reference: the recognizer sees the original image; no rate, no PSNR."""
+
+    measures_quality = False
+
+    def code(self, item: dict[str, Any], x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        return x, {}
+
+
+class AnchorCoder:
+    """A conventional codec (``anchors.ImageCodec``): its whole file is the bitstream; no estimated rate."""
+
+    measures_quality = True
+
+    def __init__(self, codec: ImageCodec):
+        self.codec = codec
+
+    def code(self, item: dict[str, Any], x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        t_enc = time.perf_counter()
+        data = self.codec.encode(x[0])
+        t_dec = time.perf_counter()
+        x_hat = self.codec.decode(data, x.shape[-2], x.shape[-1])[None].to(x.device)
+        return x_hat, {"bpp_bitstream": len(data) * 8.0 / (x.shape[-2] * x.shape[-1]), "enc_seconds": t_dec - t_enc,
+                       "dec_seconds": time.perf_counter() - t_dec}
+
+
+class LearnedCoder:
+    """The learned codec (cheng2020-attn) on one image, padded to a multiple of 64 and cropped back.
+
+    ``bitstream=False``: CompressAI's forward (``codec_forward`` under AMP) gives the likelihoods (estimated bpp)
+    and the decoded image g_s(round(y)). ``bitstream=True``: the analysis transform runs ONCE, y = g_a(x) and
+    z = h_a(y) feed both the estimated rate (``codec.latent_rate``: the forward's rate path, the same bits) and the
+    wavefront range coder (``codec.compress_latent``); the forward's g_s is not run, since the recognised image is the
+    one the decoder rebuilds from the bitstream (``decode="all"``: ``decompress_image``; ``"first"``: the encoder-side
+    reconstruction, the first image also decoded and compared bit for bit). Under ``amp="bf16"`` the estimated rate
+    comes from g_a under autocast (as the mixed-precision forward computes it) and the bitstream from an fp32 g_a:
+    the range coder's inputs are fp32 always, so there g_a runs twice.
+    ``roi_qf``: Ahonen et al.'s ROI scaling of the latent (``roi.roi_latent_scaling``) around the whole image."""
+
+    measures_quality = True
+
+    def __init__(self, codec, opts: EvalOptions):
+        codec.eval()
+        self.codec, self.opts = codec, opts
+        self.decoded_once = False  # decode="first": the first image this process codes is decoded and compared
+
+    @torch.no_grad()
+    def code(self, item: dict[str, Any], x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        opts = self.opts
+        xp, pad = pad_to_multiple(x)
+        num_pixels = x.shape[-2] * x.shape[-1]
+        roi_ctx = (
+            roi_latent_scaling(self.codec, pad_to_multiple(item["roi"][None, None].float())[0], opts.roi_qf,
+                               opts.roi_decoder)
+            if opts.roi_qf
+            else contextlib.nullcontext({"side_bits": 0})
+        )
+        with roi_ctx as roi_info:
+            if opts.bitstream:
+                likelihoods, x_hat, coded = self._bitstream(xp)
+            else:
+                with opts.autocast():
+                    out = codec_forward(self.codec, xp) if opts.amp else self.codec(xp)
+                likelihoods, x_hat, coded = out["likelihoods"], out["x_hat"].clamp(0, 1), {}
+        side_bits = roi_info["side_bits"]  # the signalled ROI mask (decoder="rescale"), counted in both rates
+        fields: dict[str, Any] = {
+            "bpp_estimated": (float(bits_from_likelihoods(likelihoods)[0]) + side_bits) / num_pixels}
+        if opts.roi_qf:
+            fields["bpp_side_info"] = side_bits / num_pixels
+            fields["roi_latent_fraction"] = roi_info["inside_fraction"]
+        if coded:
+            num_bytes = coded.pop("num_bytes")
+            fields.update(coded, bpp_bitstream=(num_bytes * 8.0 + side_bits) / num_pixels)
+        return crop_to(x_hat, pad), fields
+
+    def _bitstream(self, xp: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]]:
+        """(likelihoods, decoded image, {"enc_seconds", ["dec_seconds"], "num_bytes"}) with one fp32 g_a."""
+        codec, opts = self.codec, self.opts
+        with torch.autocast(opts.device_type, enabled=False):  # the range coder's inputs: fp32 always
+            t_enc = time.perf_counter()
+            y = codec.g_a(xp)
+            z = codec.h_a(y)
+            enc = compress_latent(codec, y, z, reconstruct=opts.decode == "first")[0]
+            coded: dict[str, Any] = {"enc_seconds": time.perf_counter() - t_enc}
+            if opts.decode == "all" or not self.decoded_once:
+                t_dec = time.perf_counter()
+                x_hat = decompress_image(codec, enc)
+                coded["dec_seconds"] = time.perf_counter() - t_dec
+                self.decoded_once = True
+                if opts.decode == "first" and not torch.equal(x_hat, enc["x_hat"]):
+                    raise RuntimeError(
+                        "the decoder's image differs from the encoder-side reconstruction: the entropy coder is not "
+                        "reproducible here; evaluate with decode='all'"
+                    )
+            else:
+                x_hat = enc["x_hat"]
+            if not opts.amp:
+                likelihoods = latent_rate(codec, y, z)[0]  # the forward's rate, from the coder's y and z
+        if opts.amp:  # the mixed-precision forward's rate: g_a under autocast, the rate path in fp32
+            with opts.autocast():
+                likelihoods = latent_rate(codec, codec.g_a(xp))[0]
+        coded["num_bytes"] = enc["num_bytes"]
+        return likelihoods, x_hat, coded
+
+
+def make_coder(codec, opts: EvalOptions):
+    """The per-image coder of ``codec``: None -> ``ReferenceCoder``, an ``anchors.ImageCodec`` -> ``AnchorCoder``,
+    else (a CompressAI model) ``LearnedCoder``."""
+    if codec is None:
+        return ReferenceCoder()
+    if isinstance(codec, ImageCodec):
+        if opts.roi_qf is not None:
+            raise ValueError(f"the ROI method scales a learned codec's latent; {codec.name} has none")
+        return AnchorCoder(codec)
+    return LearnedCoder(codec, opts)
+
+
+def _check_options(codec, recognizer, opts: EvalOptions) -> None:
+    check_device(opts.device)
+    if opts.amp not in (None, "bf16"):
+        raise ValueError(f"amp must be None or 'bf16', got {opts.amp!r}")
+    if opts.amp:
+        fp32_detection_heads(recognizer)  # boxes, proposals and NMS in fp32; the backbone in bf16
+    if opts.roi_qf is not None and codec is None:
+        raise ValueError("roi_qf needs a codec")
+    if opts.roi_qf is not None:
+        check_roi(opts.roi_qf, opts.roi_decoder)
+    if opts.decode not in DECODE_MODES:
+        raise ValueError(f"unknown decode {opts.decode!r}; valid: {', '.join(DECODE_MODES)}")
+    if opts.workers > 1 and opts.device_type != "cpu":
+        raise ValueError(
+            f"workers={opts.workers} forks CPU worker processes, and a forked process cannot use {opts.device} (CUDA "
+            "cannot be re-initialised in a forked subprocess): use workers=1 on a GPU"
+        )
+
+
 @torch.no_grad()
-def evaluate(
-    codec,
-    recognizer,
-    dataset,
-    *,
-    bitstream: bool = True,
-    roi_qf: float | None = None,
-    roi_decoder: str = "as_is",
-    max_images: int | None = None,
-    log=None,
-    device: str = "cpu",
-    amp: str | None = None,
-    distributed: bool | None = None,
-    workers: int = 1,
-    shard: tuple[int, int] | None = None,
-    decode: str = "all",
-    desc: str = "",
-) -> dict[str, Any]:
+def evaluate(codec, recognizer, dataset, options: EvalOptions | None = None, **settings: Any) -> dict[str, Any]:
     """Evaluate ``codec`` (None = uncompressed reference) + frozen ``recognizer`` on ``dataset``.
+
+    The settings: an ``EvalOptions`` and / or its fields as keywords (a keyword overrides the field), i.e.
+    ``evaluate(codec, rec, ds, bitstream=True, roi_qf=None, roi_decoder="as_is", max_images=None, log=None,
+    device="cpu", amp=None, distributed=None, workers=1, shard=None, decode="all", desc="")``.
 
     ``workers`` > 1 (CPU, single process run): the images are split round-robin over that many forked worker processes
     (one intra-op thread each; CompressAI's autoregressive range coding is serial Python, so processes, not threads,
     speed it up) and merged back in image order, exactly as a torchrun-sharded evaluation is. ``shard=(r, W)``:
-    evaluate only images r, r + W, ... (used by the workers).
+    evaluate only images r, r + W, ... (and return the metric's state as "metric_state").
 
     ``amp="bf16"``: the recognizer and the codec's g_a/g_s under autocast (likelihoods stay fp32); the real
     bitstream (compress/decompress) is always coded in fp32 with autocast off.
@@ -220,114 +402,19 @@ def evaluate(
     Returns {"bpp_estimated", "bpp_bitstream", "metric_name", "metric", "metrics", "per_image", "seconds"}.
     """
 
-    check_device(device)
-    sharded = dist_lib.is_distributed() if distributed is None else bool(distributed)
-    device_type = torch.device(device).type
-    amp_ctx = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if amp == "bf16" else contextlib.nullcontext
-    if amp not in (None, "bf16"):
-        raise ValueError(f"amp must be None or 'bf16', got {amp!r}")
-    if amp:
-        fp32_detection_heads(recognizer)  # boxes, proposals and NMS in fp32; the backbone in bf16
-    if roi_qf is not None and codec is None:
-        raise ValueError("roi_qf needs a codec")
-    if roi_qf is not None:
-        check_roi(roi_qf, roi_decoder)
-    if decode not in DECODE_MODES:
-        raise ValueError(f"unknown decode {decode!r}; valid: {', '.join(DECODE_MODES)}")
-    if workers > 1 and device_type != "cpu":
-        raise ValueError(
-            f"workers={workers} forks CPU worker processes, and a forked process cannot use {device} (CUDA "
-            "cannot be re-initialised in a forked subprocess): use workers=1 on a GPU"
-        )
+    opts = dataclasses.replace(options or EvalOptions(), **settings)
+    _check_options(codec, recognizer, opts)
+    sharded = dist_lib.is_distributed() if opts.distributed is None else bool(opts.distributed)
     metric = make_metric(recognizer, dataset)
-    n = len(dataset) if max_images is None else min(max_images, len(dataset))
-    is_anchor = codec is not None and hasattr(codec, "encode") and hasattr(codec, "decode")
-    if roi_qf is not None and is_anchor:
-        raise ValueError(f"the ROI method scales a learned codec's latent; {codec.name} has none")
-    if codec is not None and not is_anchor:
-        codec.eval()
-    if workers > 1 and not sharded and shard is None and n > 1:
-        return _evaluate_forked(
-            codec,
-            recognizer,
-            dataset,
-            metric,
-            n,
-            min(workers, n),
-            bitstream=bitstream,
-            roi_qf=roi_qf,
-            roi_decoder=roi_decoder,
-            max_images=max_images,
-            device=device,
-            amp=amp,
-            decode=decode,
-            desc=desc,
-        )
-    per_image = []
+    n = len(dataset) if opts.max_images is None else min(opts.max_images, len(dataset))
+    coder = make_coder(codec, opts)
+    if opts.workers > 1 and not sharded and opts.shard is None and n > 1:
+        return _evaluate_forked(coder, recognizer, dataset, metric, n, min(opts.workers, n), opts)
     t0 = time.time()
+    shard = opts.shard
     indices = list(dist_lib.shard(n) if sharded else range(shard[0], n, shard[1]) if shard else range(n))
     show = dist_lib.is_main() and (shard is None or shard[0] == 0)  # one bar: rank 0 / the first forked worker
-    for i in progress(indices, desc=desc or "evaluate", unit="image") if show else indices:
-        item = to_device(dataset[i], device)
-        x = item["image"][None]
-        record: dict[str, Any] = {"image_id": item["image_id"]}
-        if codec is None:
-            x_hat = x
-        elif is_anchor:  # a conventional codec (icm_helpers.anchors): its whole file is the bitstream, no estimate
-            t_enc = time.perf_counter()
-            data = codec.encode(x[0])
-            t_dec = time.perf_counter()
-            x_hat = codec.decode(data, x.shape[-2], x.shape[-1])[None].to(x.device)
-            record.update(bpp_bitstream=len(data) * 8.0 / (x.shape[-2] * x.shape[-1]), enc_seconds=t_dec - t_enc,
-                          dec_seconds=time.perf_counter() - t_dec)
-            record["psnr"] = float(-10 * torch.log10(torch.mean((x_hat - x) ** 2).clamp_min(1e-10)))
-        else:
-            xp, pad = pad_to_multiple(x)
-            num_pixels = x.shape[-2] * x.shape[-1]
-            roi_ctx = (
-                roi_latent_scaling(codec, pad_to_multiple(item["roi"][None, None].float())[0], roi_qf, roi_decoder)
-                if roi_qf
-                else contextlib.nullcontext({"side_bits": 0})
-            )
-            with roi_ctx as roi_info:
-                side_bits = roi_info["side_bits"]  # signalled ROI mask (decoder="rescale"), counted in both rates
-                with amp_ctx():
-                    out = codec_forward(codec, xp) if amp else codec(xp)
-                record["bpp_estimated"] = (float(bits_from_likelihoods(out["likelihoods"])[0]) + side_bits) / num_pixels
-                if roi_qf:
-                    record["bpp_side_info"] = side_bits / num_pixels
-                    record["roi_latent_fraction"] = roi_info["inside_fraction"]
-                if bitstream:
-                    with torch.autocast(device_type, enabled=False):  # the range coder's inputs: fp32 always
-                        t_enc = time.perf_counter()
-                        enc = compress_image(codec, xp, reconstruct=decode == "first")
-                        record["enc_seconds"] = time.perf_counter() - t_enc
-                        if decode == "all" or not per_image:
-                            t_dec = time.perf_counter()
-                            x_hat = decompress_image(codec, enc)
-                            record["dec_seconds"] = time.perf_counter() - t_dec
-                            if decode == "first" and not torch.equal(x_hat, enc["x_hat"]):
-                                raise RuntimeError(
-                                    "the decoder's image differs from the encoder-side reconstruction: the "
-                                    "entropy coder is not reproducible here; evaluate with decode='all'"
-                                )
-                        else:
-                            x_hat = enc["x_hat"]
-                    record["bpp_bitstream"] = (enc["num_bytes"] * 8.0 + side_bits) / num_pixels
-                else:
-                    x_hat = out["x_hat"].clamp(0, 1)
-            x_hat = crop_to(x_hat, pad)
-            record["psnr"] = float(-10 * torch.log10(torch.mean((x_hat - x) ** 2).clamp_min(1e-10)))
-        t_task = time.perf_counter()
-        with amp_ctx():
-            prediction = _to_float(recognizer.predict(x_hat))
-        if device_type == "cuda":
-            torch.cuda.synchronize()  # the time of the recognizer's kernels, not of their launch
-        record["task_seconds"] = time.perf_counter() - t_task  # the recognizer on the decoded image (VCM's nn_task)
-        record.update(metric.update(item["image_id"], prediction, item) or {})
-        per_image.append(record)
-        if log and (i + 1) % 50 == 0 and dist_lib.is_main():
-            log(f"  evaluated {i + 1}/{n} images")
+    per_image = _evaluate_images(coder, recognizer, dataset, metric, indices, opts, n, show)
     if sharded and dist_lib.is_distributed():
         per_image = dist_lib.unshard(dist_lib.all_gather_object(per_image))
         metric.load_states(dist_lib.all_gather_object(metric.state()))
@@ -337,6 +424,31 @@ def evaluate(
     if shard is not None:
         summary["metric_state"] = metric.state()
     return summary
+
+
+@torch.no_grad()
+def _evaluate_images(coder, recognizer, dataset, metric, indices: list[int], opts: EvalOptions, n: int,
+                     show: bool) -> list[dict[str, Any]]:
+    """THE per-image loop: code the image, recognise the decoded image, let the metric score it."""
+    per_image = []
+    for i in progress(indices, desc=opts.desc or "evaluate", unit="image") if show else indices:
+        item = to_device(dataset[i], opts.device)
+        x = item["image"][None]
+        x_hat, fields = coder.code(item, x)
+        record: dict[str, Any] = {"image_id": item["image_id"], **fields}
+        if coder.measures_quality:
+            record["psnr"] = psnr(x_hat, x)
+        t_task = time.perf_counter()
+        with opts.autocast():
+            prediction = _to_float(recognizer.predict(x_hat))
+        if opts.device_type == "cuda":
+            torch.cuda.synchronize()  # the time of the recognizer's kernels, not of their launch
+        record["task_seconds"] = time.perf_counter() - t_task  # the recognizer on the decoded image (VCM's nn_task)
+        record.update(metric.update(item["image_id"], prediction, item) or {})
+        per_image.append(record)
+        if opts.log and (i + 1) % 50 == 0 and dist_lib.is_main():
+            opts.log(f"  evaluated {i + 1}/{n} images")
+    return per_image
 
 
 def _summarize(metric, per_image: list[dict[str, Any]], n: int, seconds: float) -> dict[str, Any]:
@@ -350,26 +462,54 @@ def _summarize(metric, per_image: list[dict[str, Any]], n: int, seconds: float) 
     return summary
 
 
-_FORK_JOB: dict[str, Any] = {}
-
-
-def _forked_shard(rank_world: tuple[int, int]) -> tuple[list[dict[str, Any]], Any]:
+def _forked_shard(conn, coder, recognizer, dataset, metric, indices: list[int], opts: EvalOptions, n: int,
+                  show: bool) -> None:
+    """A forked worker: its arguments are the parent's objects (inherited, copy-on-write); it sends back
+    ("ok", (per-image records, metric state)) or ("error", the exception) through ``conn``."""
     torch.set_num_threads(1)
-    job = _FORK_JOB
-    out = evaluate(job["codec"], job["recognizer"], job["dataset"], shard=rank_world, **job["kwargs"])
-    return out["per_image"], out["metric_state"]
-
-
-def _evaluate_forked(codec, recognizer, dataset, metric, n: int, workers: int, **kwargs) -> dict[str, Any]:
-    """``evaluate`` over ``workers`` forked processes (the models are shared copy-on-write); results merged in image
-    order."""
-
-    t0 = time.time()
-    _FORK_JOB.update(codec=codec, recognizer=recognizer, dataset=dataset, kwargs=kwargs)
     try:
-        with mp.get_context("fork").Pool(workers) as pool:
-            parts = pool.map(_forked_shard, [(r, workers) for r in range(workers)])
+        per_image = _evaluate_images(coder, recognizer, dataset, metric, indices, opts, n, show)
+        reply: tuple[str, Any] = ("ok", (per_image, metric.state()))
+    except BaseException as exc:  # noqa: BLE001 - re-raised in the parent
+        reply = ("error", exc)
+        try:
+            pickle.dumps(exc)
+        except Exception:  # noqa: BLE001 - an exception that does not pickle travels as its traceback
+            reply = ("error", RuntimeError(f"a forked evaluation worker failed:\n{traceback.format_exc()}"))
+    conn.send(reply)
+    conn.close()
+
+
+def _evaluate_forked(coder, recognizer, dataset, metric, n: int, workers: int, opts: EvalOptions) -> dict[str, Any]:
+    """The images over ``workers`` forked processes (worker r: images r, r + workers, ...; the models are shared
+    copy-on-write), each returning its records and metric state through a pipe; merged in image order."""
+    t0 = time.time()
+    ctx = mp.get_context("fork")
+    shard_opts = dataclasses.replace(opts, log=None)
+    jobs, parts = [], []
+    try:
+        for r in range(workers):
+            receive, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_forked_shard, daemon=True,
+                               args=(send, coder, recognizer, dataset, metric, list(range(r, n, workers)),
+                                     shard_opts, n, r == 0))
+            proc.start()
+            send.close()  # the parent keeps only the receiving end: a worker that dies gives EOFError, not a hang
+            jobs.append((proc, receive))
+        for r, (proc, receive) in enumerate(jobs):
+            try:
+                status, value = receive.recv()
+            except EOFError:
+                proc.join()
+                raise RuntimeError(f"forked evaluation worker {r} died (exit code {proc.exitcode})") from None
+            if status == "error":
+                raise value
+            parts.append(value)
     finally:
-        _FORK_JOB.clear()
+        for proc, receive in jobs:
+            receive.close()
+            if len(parts) < workers:  # a worker failed: stop the others
+                proc.terminate()
+            proc.join()
     metric.load_states([st for _, st in parts])
     return {**_summarize(metric, unshard([p for p, _ in parts]), n, time.time() - t0), "workers": workers}

@@ -35,6 +35,7 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from .bootstrap import format_ci
+from .evaluation import SegmentationMetric
 from .methods import METHODS, short_name
 from .placement import PointLabel, figure_legend, legend_right, note_below, place_point_labels, unique_handles
 
@@ -967,9 +968,8 @@ def paired_differences(test: Sequence[Mapping[str, Any]], anchor: Sequence[Mappi
 
 
 def _image_iou(per_image: Mapping[str, Any]) -> float:
-    inter, union = np.asarray(per_image["seg_intersection"], float), np.asarray(per_image["seg_union"], float)
-    present = union > 0
-    return float((inter[present] / union[present]).mean()) if present.any() else float("nan")
+    """The image's mIoU by the suite's one rule (``evaluation.SegmentationMetric.miou``)."""
+    return SegmentationMetric.image_value(per_image)
 
 
 #: Axis labels of the paired per-image differences, with their units.

@@ -195,11 +195,23 @@ def _hyper_params(model: nn.Module, z_hat: torch.Tensor) -> torch.Tensor:
     return torch.cat([model.h_s(z_hat[i: i + 1]) for i in range(z_hat.shape[0])])
 
 
+def analyse(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent y = g_a(x) and the hyper-latent z = h_a(y), image by image (the same shapes whatever the batch)."""
+    y = torch.cat([model.g_a(x[i: i + 1]) for i in range(x.shape[0])])
+    z = torch.cat([model.h_a(y[i: i + 1]) for i in range(y.shape[0])])
+    return y, z
+
+
 @torch.no_grad()
 def _compress(model: nn.Module, x: torch.Tensor, slope: int | None = None) -> dict[str, Any]:
     """Encoder; ``slope`` overrides the model's wavefront slope (tests only: a wrong slope is a wrong order)."""
-    y = torch.cat([model.g_a(x[i: i + 1]) for i in range(x.shape[0])])
-    z = torch.cat([model.h_a(y[i: i + 1]) for i in range(y.shape[0])])
+    return _compress_latent(model, *analyse(model, x), slope=slope)
+
+
+@torch.no_grad()
+def _compress_latent(model: nn.Module, y: torch.Tensor, z: torch.Tensor, slope: int | None = None
+                     ) -> dict[str, Any]:
+    """Encoder from the latents ``analyse`` gives (y, z); ``slope`` as in ``_compress``."""
     z_strings = model.entropy_bottleneck.compress(z)
     params = _hyper_params(model, model.entropy_bottleneck.decompress(z_strings, z.shape[-2:]))
     tables = _Tables(model)
@@ -259,6 +271,14 @@ def compress(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     Returns {"strings": [y_strings, z_strings] (one string of each per image), "shape": z's (h, w), "y_hat": the
     latent the decoder will rebuild (B, M, H/16, W/16)}."""
     out = _compress(model, x)
+    del out["y"]
+    return out
+
+
+def compress_latent(model: nn.Module, y: torch.Tensor, z: torch.Tensor) -> dict[str, Any]:
+    """``compress`` from latents already computed: y = g_a(x) and z = h_a(y) of every image (``analyse``, or one
+    image's g_a / h_a outputs), e.g. the ones an evaluation has just used for the estimated rate."""
+    out = _compress_latent(model, y, z)
     del out["y"]
     return out
 

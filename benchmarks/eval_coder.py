@@ -1,0 +1,159 @@
+"""Benchmark of one evaluated image's codec work: the old sequence vs ``evaluation.LearnedCoder``.
+
+Per image (bitstream=True, decode="all", no ROI, fp32), in one run on one machine, alternating the two (the order
+swapped from image to image, so drift of the machine's load does not favour one):
+
+* **old**: what ``evaluate`` ran per image before the per-image coders: CompressAI's forward (estimated bpp; it runs
+  g_a and g_s), then ``compress_image`` (g_a again) and ``decompress_image`` (the decoder's g_s);
+* **new**: ``LearnedCoder.code``: g_a once (the estimated rate and the bitstream share y and z), the decoder's g_s.
+
+Both give the same record (checked: estimated bpp, bytes, decoded image bit for bit). The recognizer is not part of
+either (it is the same for both). Wall seconds and the process's CPU seconds (``time.process_time``: with one
+thread, core-seconds, less sensitive to other load on the machine); the seconds inside g_a / g_s are timed with
+forward hooks. Writes JSON (``--out``) and prints a markdown table.
+
+    python -m benchmarks.eval_coder --threads 1 --config 128x128:icm_helpers/assets/demo/codec_start.pt \\
+        --config 832x1088:192 --images 8 2 --out eval_coder.json
+
+``--config HxW:N`` (random init, the latent spread as in ``benchmarks.coder``) or ``HxW:checkpoint.pt`` (a codec saved
+by ``codec.save_codec``). Images: COCO val images from ``--data`` (resized, centre-cropped), else smooth random ones.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.coder import DEFAULT_DATA, _codec, _cpu_model, _images, _transform_timer  # noqa: E402
+
+
+def _parse_config(text: str) -> tuple[int, int, str]:
+    try:
+        size, codec = text.split(":", 1)
+        h, w = size.lower().split("x")
+        return int(h), int(w), codec
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"config {text!r}: expected HxW:N or HxW:checkpoint.pt") from None
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (and OMP_NUM_THREADS)")
+    p.add_argument("--config", type=_parse_config, action="append", dest="configs", required=True,
+                   help="HxW:N (random cheng2020-attn) or HxW:checkpoint.pt; repeatable")
+    p.add_argument("--images", type=int, nargs="+", default=[1], help="images per config: one number or one each")
+    p.add_argument("--out", type=Path, help="JSON file to write")
+    p.add_argument("--data", type=Path, default=Path(DEFAULT_DATA), help="folder of .jpg images (else random images)")
+    p.add_argument("--spread", type=float, default=20.0, help="random init: scale of g_a's last convolution")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.weights = None  # benchmarks.coder._codec reads it
+    if len(args.images) not in (1, len(args.configs)):
+        p.error(f"--images: one number or one per config ({len(args.configs)}), got {args.images}")
+    args.images = args.images * len(args.configs) if len(args.images) == 1 else args.images
+    return args
+
+
+def _old(codec, x):
+    import torch
+
+    from icm_helpers.codec import bits_from_likelihoods, compress_image, crop_to, decompress_image, pad_to_multiple
+
+    with torch.no_grad():
+        xp, pad = pad_to_multiple(x)
+        out = codec(xp)
+        bpp = float(bits_from_likelihoods(out["likelihoods"])[0]) / (x.shape[-2] * x.shape[-1])
+        enc = compress_image(codec, xp)
+        x_hat = crop_to(decompress_image(codec, enc), pad)
+    return x_hat, bpp, enc["num_bytes"]
+
+
+def _new(coder, x):
+    x_hat, fields = coder.code({"image": x[0]}, x)
+    return x_hat, fields["bpp_estimated"], round(fields["bpp_bitstream"] * x.shape[-2] * x.shape[-1] / 8)
+
+
+def _timed(codec, fn) -> tuple[Any, dict[str, float]]:
+    with _transform_timer(codec) as spent:
+        c0, t0 = time.process_time(), time.perf_counter()
+        out = fn()
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return out, {"seconds": seconds, "cpu_seconds": cpu, "g_a_s": spent["g_a"], "g_s_s": spent["g_s"]}
+
+
+def run_config(h: int, w: int, codec_spec: str, n_images: int, args: argparse.Namespace, log=print) -> dict[str, Any]:
+    import torch
+
+    from icm_helpers.codec import codec_N, load_codec
+    from icm_helpers.evaluation import EvalOptions, LearnedCoder
+
+    codec = load_codec(codec_spec).eval() if codec_spec.endswith(".pt") else _codec(int(codec_spec), args)
+    source, images = _images(args.data, n_images, h, w, args.seed)
+    coder = LearnedCoder(codec, EvalOptions())
+    rows = []
+    for i, x in enumerate(images):
+        order = ("old", "new") if i % 2 == 0 else ("new", "old")
+        results, row = {}, {"image": i, "order": list(order)}
+        for which in order:
+            results[which], row[which] = _timed(codec, (lambda: _old(codec, x)) if which == "old"
+                                                else (lambda: _new(coder, x)))
+        (x_old, bpp_old, bytes_old), (x_new, bpp_new, bytes_new) = results["old"], results["new"]
+        row["identical"] = bool(torch.equal(x_old, x_new) and bpp_old == bpp_new and bytes_old == bytes_new)
+        row["bytes"] = bytes_old
+        rows.append(row)
+        log(f"{h}x{w} {codec_spec} image {i}: old {row['old']['seconds']:.2f} s, new {row['new']['seconds']:.2f} s, "
+            f"identical {row['identical']}")
+    mean = {which: {k: sum(r[which][k] for r in rows) / len(rows) for k in ("seconds", "cpu_seconds", "g_a_s", "g_s_s")}
+            for which in ("old", "new")}
+    return {"height": h, "width": w, "codec": codec_spec, "N": codec_N(codec), "images": len(rows), "source": source,
+            "per_image": rows, "mean": mean, "all_identical": all(r["identical"] for r in rows)}
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    lines = ["| size | codec | images | old s/image (g_a, g_s; CPU s) | new s/image (g_a, g_s; CPU s) | new / old "
+             "(wall, CPU) | identical |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        o, n = r["mean"]["old"], r["mean"]["new"]
+        lines.append(f"| {r['height']}x{r['width']} | N={r['N']} {Path(r['codec']).name} | {r['images']} | "
+                     f"{o['seconds']:.3f} ({o['g_a_s']:.3f}, {o['g_s_s']:.3f}; {o['cpu_seconds']:.3f}) | "
+                     f"{n['seconds']:.3f} ({n['g_a_s']:.3f}, {n['g_s_s']:.3f}; {n['cpu_seconds']:.3f}) | "
+                     f"{n['seconds'] / o['seconds']:.2f}, {n['cpu_seconds'] / o['cpu_seconds']:.2f} | "
+                     f"{r['all_identical']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _args(argv)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch starts its thread pool
+    import compressai
+    import torch
+
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    t0 = time.time()
+    results = [run_config(h, w, spec, n, args) for (h, w, spec), n in zip(args.configs, args.images)]
+    report = {
+        "conditions": {"threads": args.threads, "torch": torch.__version__, "compressai": compressai.__version__,
+                       "python": sys.version.split()[0], "cpu": _cpu_model(), "cpus": os.cpu_count(),
+                       "nice": os.nice(0), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                       "seconds": time.time() - t0, "spread": args.spread, "seed": args.seed,
+                       "argv": sys.argv[1:] if argv is None else list(argv)},
+        "configs": results,
+    }
+    print(markdown(results))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
