@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 from .codec import crop_to, load_codec, pad_to_multiple
+from .methods import RunId, arm_name, run_label
 from .roi import roi_latent_scaling
 
 __all__ = ["BitMaps", "compute_bit_maps", "bit_allocation_map", "bit_map_rows", "inside_fraction", "roi_split",
@@ -221,16 +222,19 @@ def roi_fraction_table(
 ) -> dict[str, Any]:
     """Share of each model's bits inside the object masks over a test set.
 
-    ``models``: dicts with ``label``, ``lambda_`` (None for the start codec) and ``codec`` (a model, or a
-    zero-argument callable returning one, loaded when its turn comes), optionally ``roi_qf``, ``group`` (the
-    curve a model belongs to in :func:`icm_helpers.plots.plot_roi_fractions`, default its label) and
-    ``paired_with`` (the label of an EARLIER model: the table then adds the per-image paired difference of the
-    inside shares, this model minus that one, with its 95% CI -- much tighter than the CIs of the two means,
-    which mostly reflect how much object area varies between images). Items need a
-    ``roi`` mask (union of instance masks); images whose mask is empty are skipped (counted in ``skipped_empty``).
+    ``models``: dicts with ``run`` (a :class:`icm_helpers.methods.RunId`: method id and lambda; the model's
+    label is ``methods.run_label(run)`` and its group, the curve it belongs to in
+    :func:`icm_helpers.plots.plot_roi_fractions`, ``methods.arm_name`` of its method) -- or, for models that are no
+    run of the table, ``label`` and optionally ``group`` (default the label) -- then ``lambda_`` (None for the start
+    codec; default the run's) and ``codec`` (a model, or a zero-argument callable returning one, loaded when its
+    turn comes), optionally ``roi_qf`` and ``paired_with`` (the ``run`` -- or the label -- of an EARLIER model: the
+    table then adds the per-image paired difference of the inside shares, this model minus that one, with its 95%
+    CI -- much tighter than the CIs of the two means, which mostly reflect how much object area varies between
+    images). Items need a ``roi`` mask (union of instance masks); images whose mask is empty are skipped (counted
+    in ``skipped_empty``).
 
-    Returns ``{"columns", "rows", "summary": [{label, group, lambda_, inside: summarize(), area, concentration, bpp,
-    paired_with, delta_inside: summarize() or None}],
+    Returns ``{"columns", "rows", "summary": [{label, group, lambda_, method, inside: summarize(), area,
+    concentration, bpp, paired_with (the label), paired_group, paired_method, delta_inside: summarize() or None}],
     "per_image": {label: [{"image_id", "inside", "area", "concentration", "bpp"}]}, "include_hyper",
     "skipped_empty"}``. Raises ValueError when the dataset has no ``roi`` masks (e.g. Pascal-Context)."""
     n = len(dataset) if max_images is None else min(int(max_images), len(dataset))
@@ -248,8 +252,11 @@ def roi_fraction_table(
             continue
         items.append(it)
     per_image: dict[str, list[dict[str, Any]]] = {}
+    done: dict[Any, dict[str, Any]] = {}  # a model's id (its RunId, else its label) -> its summary and per-image values
     summary, rows = [], []
     for m in models:
+        run = m.get("run")
+        label = run_label(run) if run is not None else m["label"]
         codec = m["codec"]() if callable(m["codec"]) and not isinstance(m["codec"], torch.nn.Module) else m["codec"]
         if device is not None:
             codec = codec.to(device)
@@ -258,24 +265,33 @@ def roi_fraction_table(
             bm = compute_bit_maps(codec, it["image"], roi=it.get("roi"), roi_qf=m.get("roi_qf"))
             recs.append({"image_id": it.get("image_id"), **roi_split(bm.map(include_hyper), np.asarray(it["roi"])),
                          "bpp": bm.bpp(include_hyper)})
-        per_image[m["label"]] = recs
+        per_image[label] = recs
         s = {
-            "label": m["label"],
-            "group": m.get("group", m["label"]),
-            "lambda_": m.get("lambda_"),
+            "label": label,
+            "group": arm_name(run.method) if run is not None else m.get("group", label),
+            "lambda_": m.get("lambda_", None if run is None else run.lambda_),
+            "method": None if run is None else run.method,
             "inside": summarize(r["inside"] for r in recs),
             **{k: summarize(r[k] for r in recs)["mean"] for k in ("area", "concentration", "bpp")},
-            "paired_with": m.get("paired_with"),
+            "paired_with": None,
+            "paired_group": None,
+            "paired_method": None,
             "delta_inside": None,
         }
-        if m.get("paired_with") is not None:
-            if m["paired_with"] not in per_image:
-                raise ValueError(f"{m['label']!r} is paired with {m['paired_with']!r}, which is not an earlier model")
-            s["delta_inside"] = summarize(r["inside"] - q["inside"] for r, q in zip(recs, per_image[m["paired_with"]]))
+        partner = m.get("paired_with")
+        if partner is not None:
+            if partner not in done:
+                shown = run_label(partner) if isinstance(partner, RunId) else partner
+                raise ValueError(f"{label!r} is paired with {shown!r}, which is not an earlier model")
+            other = done[partner]
+            s.update(paired_with=other["summary"]["label"], paired_group=other["summary"]["group"],
+                     paired_method=other["summary"]["method"])
+            s["delta_inside"] = summarize(r["inside"] - q["inside"] for r, q in zip(recs, other["per_image"]))
+        done[run if run is not None else label] = {"summary": s, "per_image": recs}
         summary.append(s)
         rows.append(_roi_table_row(s))
         if log:
-            log(f"  {m['label']}: {s['inside']['mean']:.3f} of the bits inside the masks ({s['inside']['n']} images)")
+            log(f"  {label}: {s['inside']['mean']:.3f} of the bits inside the masks ({s['inside']['n']} images)")
     return {"columns": list(ROI_TABLE_COLUMNS), "rows": rows, "summary": summary, "per_image": per_image,
             "include_hyper": bool(include_hyper), "skipped_empty": skipped}
 
@@ -291,24 +307,18 @@ def profile_models(ex, task: str, lambdas: Iterable[float] | None = None, alpha:
                    aux_position: str = "enc") -> list[dict[str, Any]]:
     """The models of a profile for :func:`roi_fraction_table`: the start codec, then w/o aux and w/ aux
     (``aux_position``, its branch started as the profile's primary arm, the first of ``aux_inits``; paired with the
-    w/o-aux model of its lambda) at each lambda (default: the profile's). Codecs load lazily; ``ex.train`` trains a
-    missing run (normally notebooks 02/03 did)."""
+    w/o-aux model of its lambda) at each lambda (default: the profile's). Each is named by its ``run``
+    (:class:`icm_helpers.methods.RunId`); codecs load lazily; ``ex.train`` trains a missing run (normally notebooks
+    02/03 did)."""
 
     lambdas = ex.task_cfg(task)["lambdas"] if lambdas is None else lambdas
-    models: list[dict[str, Any]] = [
-        {"label": "start codec", "group": "start codec", "lambda_": None, "codec": ex.start_codec}
-    ]
+    models: list[dict[str, Any]] = [{"run": RunId("start"), "lambda_": None, "codec": ex.start_codec}]
     for lam in lambdas:
-        for pos, name in ((None, "w/o aux"), (aux_position, "w/ aux")):
+        baseline = None
+        for pos in (None, aux_position):
             spec = ex.spec(task, lam, pos, alpha, aux_init=None if pos is None else ex.aux_inits(task)[0])
-            models.append(
-                {
-                    "label": f"{name} λ={float(lam):g}",
-                    "group": name,
-                    "lambda_": float(lam),
-                    "method": spec.method,
-                    "paired_with": f"w/o aux λ={float(lam):g}" if pos is not None else None,
-                    "codec": (lambda s=spec: load_codec(ex.train(s)).to(ex.device)),
-                }
-            )
+            run = RunId(spec.method, float(lam))
+            models.append({"run": run, "lambda_": float(lam), "paired_with": baseline,
+                           "codec": (lambda s=spec: load_codec(ex.train(s)).to(ex.device))})
+            baseline = run if pos is None else baseline
     return models

@@ -36,7 +36,7 @@ from .config import check_device, load_profile, resolve_data_path, resolve_run_d
 from .datasources import DATA_SOURCES
 from .evaluation import evaluate
 from .io import atomic_torch_save, atomic_write_json, read_json
-from .methods import short_name
+from .methods import short_name, transfer_method_id
 from .provenance import result_provenance
 from .recognizers import build_recognizer, load_recognizer, save_recognizer
 from .registry import RESAMPLERS, check_task
@@ -821,7 +821,8 @@ class Experiment:
     ) -> list[dict[str, Any]]:
         """Cross-task transfer: the codecs fine-tuned for ``trained_for`` (w/o aux, or aux at ``position``) evaluated by
         the ``evaluated_by`` recognizer on the test split. Needs one image set labelled for both tasks (the generated
-        world). The records are stored under ``evaluated_by`` as method ``"<method>_from_<trained_for>"``."""
+        world). The records are stored under ``evaluated_by`` as method
+        ``methods.transfer_method_id(method, trained_for)`` (``"<method>_from_<trained_for>"``)."""
         if not self.shared_data:
             raise ValueError("cross-task transfer needs one image set with both tasks' labels (the generated world); "
                              f"data source {self.cfg['data']['source']!r} has one dataset per task")
@@ -832,7 +833,7 @@ class Experiment:
                 spec = self.spec(trained_for, lam, position, aux_init=aux_init, seed=seed)
                 final = self.train(spec)
                 fields = {
-                    "method": f"{spec.method}_from_{trained_for}",
+                    "method": transfer_method_id(spec.method, trained_for),
                     "trained_for": trained_for,
                     "aux_position": position,
                     "seed": spec.seed,

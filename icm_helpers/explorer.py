@@ -40,7 +40,7 @@ from .aux_branches import AUX_LABELS, AUX_POSITIONS
 from .bitmaps import BitMaps, compute_bit_maps, region_split, roi_split
 from .codec import load_codec
 from .figures import save_figure
-from .methods import METHODS, icm_method_id, short_name
+from .methods import METHODS, RunId, icm_method_id, run_label
 from .plots import BitMapScale, theme
 from .run_layout import RUN_FOLDER
 from .training.objective import AUX_INITS, OBJECTIVES, IcmSpec
@@ -124,10 +124,10 @@ def _method_order(method: str) -> int:
     return order.index(method) if method in order else len(order)
 
 
-def _run_label(spec: IcmSpec, default_alpha: float, show_seed: bool) -> str:
-    label = f"{short_name(spec.method)} λ={spec.lambda_:g}"
-    label += "" if spec.alpha == default_alpha else f" α={spec.alpha:g}"
-    return label + (f" seed {spec.seed}" if show_seed else "")
+def _shown_id(run: "RunRef | IcmSpec", default_alpha: float, show_seed: bool) -> RunId:
+    """The ids a run's label names: method and lambda, its alpha when not the profile's, its seed when asked."""
+    return RunId(run.method, run.lambda_, alpha=None if run.alpha == default_alpha else run.alpha,
+                 seed=run.seed if show_seed else None)
 
 
 def discover_runs(ex, task: str) -> dict[str, RunRef]:
@@ -137,7 +137,7 @@ def discover_runs(ex, task: str) -> dict[str, RunRef]:
     layout = ex.layout
     runs: dict[str, RunRef] = {}
     if layout.start_codec_path.is_file():
-        runs[START] = RunRef(START, short_name(START), layout.start_codec_path, START)
+        runs[START] = RunRef(START, run_label(RunId(START), naming="short"), layout.start_codec_path, START)
     folder = layout.task_runs_dir(task)
     specs = [spec_of_folder(ex, task, p.name) for p in sorted(folder.iterdir())] if folder.is_dir() else []
     specs = [s for s in specs if s is not None and layout.codec_path(s).is_file()]
@@ -147,12 +147,12 @@ def discover_runs(ex, task: str) -> dict[str, RunRef]:
     default_alpha = float(ex.task_cfg(task)["alpha"])
     for spec in specs:
         key = layout.run_path(spec).name
-        runs[key] = RunRef(key, _run_label(spec, default_alpha, show_seed), layout.codec_path(spec), spec.method,
-                           spec.lambda_, spec.alpha, spec.seed)
+        runs[key] = RunRef(key, run_label(_shown_id(spec, default_alpha, show_seed), naming="short"),
+                           layout.codec_path(spec), spec.method, spec.lambda_, spec.alpha, spec.seed)
     qf = ex.task_cfg(task).get("roi_qf")
     if qf:
         for run in [r for r in runs.values() if r.method == "baseline"]:
-            label = run.label.replace(short_name("baseline"), f"ROI (QF {float(qf):g})", 1)
+            label = run_label(_shown_id(run, default_alpha, show_seed), name=f"ROI (QF {float(qf):g})")
             runs[ROI_PREFIX + run.key] = dataclasses.replace(run, key=ROI_PREFIX + run.key, label=label,
                                                              method="roi", roi_qf=float(qf))
     return runs

@@ -10,8 +10,9 @@ Per-image table (``per_image_table``): one row per test image, in the record's i
 2. the per-image ingredients of the task metric - detection: ``num_detections`` (how many boxes the recognizer
    returned; the boxes themselves stay in the JSON record); segmentation, wide form: ``inter_0 .. inter_<C-1>`` then
    ``union_0 .. union_<C-1>`` (pixel counts of the per-class intersection and union, class index c as in the
-   label maps). The task is the record's ``task``, else read from ``metric_name`` (mAP / mIoU); any other task has
-   no ingredient columns and its per-image lists are copied as JSON text like any other key;
+   label maps). Each task's columns are a class registered in ``registry.PER_IMAGE_COLUMNS``; the record's task is
+   its ``task``, else the task whose class names its ``metric_name`` (mAP / mIoU); any other task has no ingredient
+   columns and its per-image lists are copied as JSON text like any other key;
 3. every other per-image key (e.g. ``bpp_side_info``, ``roi_latent_fraction``, ``enc_seconds``, ``dec_seconds``) in
    alphabetical order; a key some images lack is empty for them; list / dict values are JSON text.
 
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .io import atomic_write_bytes, atomic_write_text, read_json, to_jsonable
+from .registry import PER_IMAGE_COLUMNS
 
 LEADING_COLUMNS = ("image_id", "bpp_estimated", "bpp_bitstream", "psnr")
 _REFRESH = ("re-evaluate it with force=True (e.g. Experiment.evaluate_run(spec, force=True), evaluate_start / "
@@ -102,11 +104,56 @@ def _as_record(record: dict[str, Any] | str | os.PathLike) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------- per image
-def _task_of(record: dict[str, Any]) -> str | None:
+@PER_IMAGE_COLUMNS.register("detection")
+class DetectionColumns:
+    """Detection's per-image ingredient: how many boxes the recognizer returned (the boxes stay in the record)."""
+
+    metric_name = "mAP"
+
+    @staticmethod
+    def table(record: dict[str, Any], per_image: list[dict[str, Any]]
+              ) -> tuple[list[str], tuple[str, ...], list[dict[str, Any]]]:
+        """``(columns, per-image keys they replace, one dict of column values per image)``."""
+        missing = sum("detections" not in r for r in per_image)
+        if missing:
+            raise ValueError(f"{_label(record)}: {missing} of {len(per_image)} images have no per-image detections "
+                             f"list ('detections'; evaluated by an older version); {_REFRESH}")
+        return ["num_detections"], ("detections",), [{"num_detections": len(r["detections"])} for r in per_image]
+
+
+@PER_IMAGE_COLUMNS.register("segmentation")
+class SegmentationColumns:
+    """Segmentation's per-image ingredients: the per-class intersections and unions, wide form."""
+
+    metric_name = "mIoU"
+
+    @staticmethod
+    def table(record: dict[str, Any], per_image: list[dict[str, Any]]
+              ) -> tuple[list[str], tuple[str, ...], list[dict[str, Any]]]:
+        """``(columns, per-image keys they replace, one dict of column values per image)``."""
+        missing = sum("seg_intersection" not in r or "seg_union" not in r for r in per_image)
+        if missing:
+            raise ValueError(f"{_label(record)}: {missing} of {len(per_image)} images have no per-image "
+                             f"'seg_intersection' / 'seg_union' lists (evaluated by an older version); {_REFRESH}")
+        lengths = {len(r[k]) for r in per_image for k in ("seg_intersection", "seg_union")}
+        if len(lengths) != 1:
+            raise ValueError(f"{_label(record)}: the per-image 'seg_intersection' / 'seg_union' lists have different "
+                             f"lengths {sorted(lengths)}; they must have one entry per class; {_REFRESH}")
+        n_classes = lengths.pop()
+        columns = [f"inter_{c}" for c in range(n_classes)] + [f"union_{c}" for c in range(n_classes)]
+        derived = [{**{f"inter_{c}": v for c, v in enumerate(r["seg_intersection"])},
+                    **{f"union_{c}": v for c, v in enumerate(r["seg_union"])}} for r in per_image]
+        return columns, ("seg_intersection", "seg_union"), derived
+
+
+def _task_columns(record: dict[str, Any]) -> Any:
+    """The registered per-image columns of the record's task (its ``task``, else the task of its ``metric_name``);
+    None for a task without any."""
     task = record.get("task")
-    if task in ("detection", "segmentation"):
-        return task
-    return {"mAP": "detection", "mIoU": "segmentation"}.get(record.get("metric_name"))
+    if task in PER_IMAGE_COLUMNS:
+        return PER_IMAGE_COLUMNS[task]
+    by_metric = {cls.metric_name: cls for cls in PER_IMAGE_COLUMNS.values()}
+    return by_metric.get(record.get("metric_name"))
 
 
 def per_image_table(record: dict[str, Any] | str | os.PathLike) -> tuple[list[str], list[dict[str, Any]]]:
@@ -122,33 +169,12 @@ def per_image_table(record: dict[str, Any] | str | os.PathLike) -> tuple[list[st
     if num_images is not None and len(per_image) != num_images:
         raise ValueError(f"{_label(record)} lists {len(per_image)} images in 'per_image' but num_images={num_images}: "
                          f"the record is inconsistent; {_REFRESH}")
-    task = _task_of(record)
+    task_columns = _task_columns(record)
     ingredient_cols: list[str] = []
     consumed: tuple[str, ...] = ()  # per-image keys replaced by the ingredient columns
     derived: list[dict[str, Any]] = [{} for _ in per_image]
-    if task == "detection":
-        missing = sum("detections" not in r for r in per_image)
-        if missing:
-            raise ValueError(f"{_label(record)}: {missing} of {len(per_image)} images have no per-image detections "
-                             f"list ('detections'; evaluated by an older version); {_REFRESH}")
-        ingredient_cols, consumed = ["num_detections"], ("detections",)
-        for d, r in zip(derived, per_image):
-            d["num_detections"] = len(r["detections"])
-    elif task == "segmentation":
-        missing = sum("seg_intersection" not in r or "seg_union" not in r for r in per_image)
-        if missing:
-            raise ValueError(f"{_label(record)}: {missing} of {len(per_image)} images have no per-image "
-                             f"'seg_intersection' / 'seg_union' lists (evaluated by an older version); {_REFRESH}")
-        lengths = {len(r[k]) for r in per_image for k in ("seg_intersection", "seg_union")}
-        if len(lengths) != 1:
-            raise ValueError(f"{_label(record)}: the per-image 'seg_intersection' / 'seg_union' lists have different "
-                             f"lengths {sorted(lengths)}; they must have one entry per class; {_REFRESH}")
-        n_classes = lengths.pop()
-        ingredient_cols = [f"inter_{c}" for c in range(n_classes)] + [f"union_{c}" for c in range(n_classes)]
-        consumed = ("seg_intersection", "seg_union")
-        for d, r in zip(derived, per_image):
-            d.update({f"inter_{c}": v for c, v in enumerate(r["seg_intersection"])})
-            d.update({f"union_{c}": v for c, v in enumerate(r["seg_union"])})
+    if task_columns is not None:
+        ingredient_cols, consumed, derived = task_columns.table(record, per_image)
     fixed = set(LEADING_COLUMNS) | set(ingredient_cols) | set(consumed)
     others = sorted({str(k) for r in per_image for k in r} - fixed)
     columns = list(LEADING_COLUMNS) + ingredient_cols + others

@@ -61,10 +61,13 @@ def curve_specs(ex, task: str) -> list[tuple[str, IcmSpec]]:
 
 def learning_curves(ex, task: str, train: bool = True) -> dict[str, Any]:
     """Train (``train=True``) or read the curve runs of ``task``; returns {"curves": {arm: {seed: [(step, val_main)]}},
-    "differences": rows of the paired differences per step, "lambda_": ...}. Paired: the difference of two arms is
-    taken between runs of the SAME seed (same data order, codec noise, recognizer sampling: protocol v2, V7)."""
+    "methods": {arm: the method id of its runs}, "differences": rows of the paired differences per step, "lambda_":
+    ...}. Paired: the difference of two arms is taken between runs of the SAME seed (same data order, codec noise,
+    recognizer sampling: protocol v2, V7)."""
     curves: dict[str, dict[int, list[tuple[int, float]]]] = {}
+    methods: dict[str, str] = {}
     for label, spec in curve_specs(ex, task):
+        methods[label] = spec.method
         if train:
             ex.train(spec)
         path = ex.run_path(spec) / "curve.json"
@@ -73,7 +76,7 @@ def learning_curves(ex, task: str, train: bool = True) -> dict[str, Any]:
                                     f"tasks.{task}.validate_at_steps set (notebook 11 does)")
         curves.setdefault(label, {})[spec.seed] = [(int(p["step"]), float(p["val_main"])) for p in read_json(path)]
     return {"task": task, "lambda_": float(ex.task_cfg(task)["ablation_lambda"]), "curves": curves,
-            "differences": paired_differences(curves)}
+            "methods": methods, "differences": paired_differences(curves)}
 
 
 def paired_differences(curves: dict[str, dict[int, list[tuple[int, float]]]],

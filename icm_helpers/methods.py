@@ -4,11 +4,15 @@ One entry = id, what it is (an ICM run: the auxiliary branch's position, the alp
 or the start codec, the uncompressed reference, the ROI baseline, a conventional anchor), its short name (tables,
 ablation, widget), its legend label and plot style. Plots, bit maps, widgets, reports and notebooks read it here;
 ``IcmSpec.method`` takes an ICM run's id from it.
+
+Code names and colours a run by its ids, never by a display string: :class:`RunId` carries them (method id, lambda,
+the task a transferred codec was trained for, alpha, seed), :func:`run_label` is the one function that turns them
+into the label a user reads, and :func:`method_color` gives a method's colour from the table.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from .adaptive_alpha import mode_suffix
 
@@ -81,3 +85,72 @@ def icm_method_id(aux_position: str | None, alpha_mode: str = "fixed", aux_init:
 def short_name(method_id: str) -> str:
     """The short name of ``method_id`` (the id itself when the table has no entry)."""
     return METHODS[method_id].short if method_id in METHODS else method_id
+
+
+def arm_name(method_id: str) -> str:
+    """The arm an ICM run belongs to in the with / without comparisons (bit maps, notebook 06): "w/o aux" for a
+    task-fine-tuned run without a branch, "w/ aux" for one with a branch (whatever its position, start or alpha);
+    anything else by its short name ("start codec")."""
+    m = METHODS.get(method_id)
+    if m is not None and m.kind == "icm" and m.objective == "task":
+        return "w/ aux" if m.aux_position is not None else "w/o aux"
+    if m is None and method_id.startswith("aux_"):  # a composed ICM id (icm_method_id) outside the table
+        return "w/ aux"
+    return short_name(method_id)
+
+
+def method_color(method_id: str | None) -> str | None:
+    """The colour of ``method_id`` in the table (None for an id the table does not list)."""
+    return METHODS[method_id].color if method_id in METHODS else None
+
+
+def transfer_method_id(method_id: str, trained_for: str) -> str:
+    """The id records carry for a codec of ``method_id`` fine-tuned for task ``trained_for`` and evaluated by another
+    task's recognizer (notebook 10, ``Experiment.evaluate_transfer``)."""
+    return f"{method_id}_from_{trained_for}"
+
+
+#: How :func:`run_label` names a method: its id, short name, arm ("w/o aux" / "w/ aux") or legend label.
+NAMINGS: dict[str, Callable[[str], str]] = {
+    "id": lambda method_id: method_id,
+    "short": short_name,
+    "arm": arm_name,
+    "label": lambda method_id: METHODS[method_id].label if method_id in METHODS else method_id,
+}
+
+
+@dataclass(frozen=True)
+class RunId:
+    """A run, curve or table row by its ids: ``method`` (an id of :data:`METHODS`, or a composed ICM id), the R-D
+    weight ``lambda_`` (None: a single point such as the start codec), ``trained_for`` (a codec judged by another
+    task's recognizer: the task it was fine-tuned for), ``alpha`` (named only when it is not the profile's) and
+    ``seed`` (named only when the runs shown have several)."""
+
+    method: str
+    lambda_: float | None = None
+    trained_for: str | None = None
+    alpha: float | None = None
+    seed: int | None = None
+
+    def record_method(self, evaluated_by: str) -> str:
+        """The ``method`` of this run's records under task ``evaluated_by``'s recognizer."""
+        if self.trained_for is None or self.trained_for == evaluated_by:
+            return self.method
+        return transfer_method_id(self.method, self.trained_for)
+
+
+def run_label(run: RunId, naming: str = "arm", name: str | None = None) -> str:
+    """THE display label of a run: its method named by ``naming`` (a key of :data:`NAMINGS`; ``name`` replaces it,
+    e.g. "ROI (QF 8)" for the ROI reading of a w/o-aux run), then " (<trained for>)", " λ=<lambda>", " α=<alpha>" and
+    " seed <seed>" for the ids it has: "w/o aux λ=0.4", "baseline (detection)", "aux-enc λ=1.6 α=0.3 seed 1".
+    Nothing parses a label back: code keeps the :class:`RunId`."""
+    text = NAMINGS[naming](run.method) if name is None else name
+    if run.trained_for is not None:
+        text += f" ({run.trained_for})"
+    if run.lambda_ is not None:
+        text += f" λ={float(run.lambda_):g}"
+    if run.alpha is not None:
+        text += f" α={float(run.alpha):g}"
+    if run.seed is not None:
+        text += f" seed {run.seed}"
+    return text

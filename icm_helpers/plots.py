@@ -36,7 +36,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .bootstrap import format_ci
 from .evaluation import SegmentationMetric
-from .methods import METHODS, short_name
+from .methods import METHODS, method_color, short_name
 from .placement import PointLabel, figure_legend, legend_right, note_below, place_point_labels, unique_handles
 
 #: The one look of every figure of the suite: seaborn's theme, applied only while a function of this module builds a
@@ -400,20 +400,24 @@ MAIN_LOSS_LABEL = {"detection": "validation main loss (Eq. 4)", "segmentation": 
 def plot_learning_curves(result: Mapping[str, Any], title: str | None = None) -> tuple[Figure, dict[str, Any]]:
     """Protocol v2, Q1 (Figs. 8-9 at CPU scale): left, the validation main loss of every run against the training
     step (thin: each seed; thick: the mean over seeds; symlog x so step 0 shows); right, the paired differences (same
-    seed) of the arms with their 95% t-intervals, zero marked. ``result``: ``mechanism.learning_curves``'s output.
+    seed) of the arms with their 95% t-intervals, zero marked. ``result``: ``mechanism.learning_curves``'s output; an
+    arm is drawn in the colour of its method (``result["methods"][arm]``, an id of ``icm_helpers.methods``; none:
+    matplotlib's colour cycle).
 
-    Returns ``(fig, data)`` with the curves and the difference rows."""
+    Returns ``(fig, data)`` with the curves, the arms' method ids (when given) and the difference rows."""
     curves, diffs = result["curves"], result["differences"]
     if not curves:
         raise ValueError("no learning curves to plot")
     fig, (ax, axd) = plt.subplots(1, 2, figsize=(10, 4.4), layout="constrained")
-    colors = {"w/o aux": "tab:blue", "aux-enc": "tab:red", "control": "tab:gray"}
+    methods = dict(result.get("methods") or {})
     lam = result.get("lambda_")
     title = title or f"{result.get('task', '')}, lambda={lam:g}: Eq. 4 / Eq. 6 without aux"
     data: dict[str, Any] = {"xlabel": "training step", "title": title, "task": result.get("task"), "lambda_": lam,
                             "curves": {}, "differences": list(diffs)}
+    if methods:
+        data["methods"] = methods
     for arm, by_seed in curves.items():
-        color = colors.get(arm)
+        color = method_color(methods.get(arm))
         for seed, points in by_seed.items():
             ax.plot([p[0] for p in points], [p[1] for p in points], color=color, alpha=0.35, linewidth=0.8)
         steps = sorted(set.intersection(*[{p[0] for p in pts} for pts in by_seed.values()]))
@@ -721,15 +725,17 @@ def plot_samples(dataset, n: int = 4, class_names: Mapping[int, str] | Sequence[
 def plot_roi_fractions(summary: Sequence[Mapping[str, Any]], title: str | None = None) -> tuple[Figure, dict[str, Any]]:
     """Share of the bits inside the object masks vs lambda (notebook 06), from
     :func:`icm_helpers.bitmaps.roi_fraction_table`'s ``summary``. Left: one line with 95% CI error bars per
-    group (e.g. "w/o aux", "w/ aux"); models without a lambda (the start codec) are dashed horizontal lines, and
-    the mean mask area (the share bits would have if spread evenly over the pixels) is a dotted grey line.
-    Right (when entries have a paired difference ``delta_inside``): that per-image paired difference (e.g.
-    w/ aux minus w/o aux at the same lambda) with its 95% CI; above zero = more of the bits on the objects.
+    group (e.g. "w/o aux", "w/ aux"), in the colour of its entries' ``method`` (an id of
+    :data:`icm_helpers.methods.METHODS`; no method: the next colour of the cycle); models without a lambda (the
+    start codec) are dashed horizontal lines, and the mean mask area (the share bits would have if spread evenly
+    over the pixels) is a dotted grey line. Right (when entries have a paired difference ``delta_inside``): that
+    per-image paired difference (e.g. w/ aux minus w/o aux at the same lambda) with its 95% CI, named by the two
+    groups (the entry's ``group`` and ``paired_group``); above zero = more of the bits on the objects.
 
     Returns:
-        ``(fig, data)`` with ``data["groups"][group] = {"lambda", "mean", "ci_low", "ci_high", "n"}``,
-        ``data["constant"][label]`` (mean, ci), ``data["mask_area"]`` and ``data["paired"][group]`` (same keys
-        as groups, plus ``paired_with``).
+        ``(fig, data)`` with ``data["groups"][group] = {"lambda", "mean", "ci_low", "ci_high", "n"}`` (plus
+        ``method`` when the entries have one), ``data["constant"][label]`` (mean, ci), ``data["mask_area"]`` and
+        ``data["paired"][group]`` (same keys as groups, plus ``paired_with``, the labels, and ``paired_group``).
     """
     if not summary:
         raise ValueError("plot_roi_fractions needs at least one summary entry")
@@ -745,7 +751,7 @@ def plot_roi_fractions(summary: Sequence[Mapping[str, Any]], title: str | None =
             data["constant"][str(s["label"])] = {k: s["inside"][k] for k in ("mean", "ci_low", "ci_high", "n")}
         else:
             groups.setdefault(str(s.get("group", s["label"])), []).append(s)
-    colors = {"w/o aux": "tab:blue", "w/ aux": "tab:red"}
+    colors = {name: method_color(_group_method(entries)) for name, entries in groups.items()}
     for name, entries in groups.items():
         entries = sorted(entries, key=lambda e: float(e["lambda_"]))
         lam = [float(e["lambda_"]) for e in entries]
@@ -753,9 +759,11 @@ def plot_roi_fractions(summary: Sequence[Mapping[str, Any]], title: str | None =
         lo = np.array([e["inside"]["ci_low"] for e in entries], dtype=float)
         hi = np.array([e["inside"]["ci_high"] for e in entries], dtype=float)
         yerr = np.vstack([np.nan_to_num(mean - lo), np.nan_to_num(hi - mean)])
-        ax.errorbar(lam, mean, yerr=yerr, marker="o", capsize=3, label=name, color=colors.get(name))
+        ax.errorbar(lam, mean, yerr=yerr, marker="o", capsize=3, label=name, color=colors[name])
         data["groups"][name] = {"lambda": lam, "mean": mean.tolist(), "ci_low": lo.tolist(), "ci_high": hi.tolist(),
                                 "n": [e["inside"]["n"] for e in entries]}
+        if _group_method(entries) is not None:
+            data["groups"][name]["method"] = _group_method(entries)
     for label, c in data["constant"].items():
         ax.axhline(c["mean"], color="black", ls="--", lw=1, label=label)
     areas = [float(s["area"]) for s in summary if s.get("area") is not None and math.isfinite(float(s["area"]))]
@@ -780,10 +788,11 @@ def plot_roi_fractions(summary: Sequence[Mapping[str, Any]], title: str | None =
                 marker="o",
                 capsize=3,
                 color=colors.get(name),
-                label=f"{name} − {entries[0].get('paired_with', '').split(' λ=')[0]}",
+                label=f"{name} − {entries[0]['paired_group']}" if entries[0].get("paired_group") else name,
             )
             data["paired"][name] = {"lambda": lam, "mean": mean.tolist(), "ci_low": lo.tolist(), "ci_high": hi.tolist(),
-                                    "n": [x["n"] for x in d], "paired_with": [e.get("paired_with") for e in entries]}
+                                    "n": [x["n"] for x in d], "paired_with": [e.get("paired_with") for e in entries],
+                                    "paired_group": entries[0].get("paired_group")}
         pax.axhline(0.0, color="black", lw=0.8)
         pax.set_ylabel("Δ share inside (paired, per image)")
         pax.set_title("paired difference, 95% CI", fontsize=10)
@@ -799,6 +808,13 @@ def plot_roi_fractions(summary: Sequence[Mapping[str, Any]], title: str | None =
         ax.set_title(title, fontsize=10)
     figure_legend(fig, unique_handles(axes[0]))
     return fig, data
+
+
+def _group_method(entries: Sequence[Mapping[str, Any]]) -> str | None:
+    """The method id of a group of :func:`plot_roi_fractions` (its entries' ``method``; None when they have none or
+    several)."""
+    methods = {e.get("method") for e in entries}
+    return methods.pop() if len(methods) == 1 else None
 
 
 def _bd_row_label(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:

@@ -34,6 +34,7 @@ METRICS = Registry("metric task")  # task -> evaluation metric class (evaluation
 RESAMPLERS = Registry("bootstrap task")  # task -> per-record metric under image resampling (bootstrap.py)
 AUX_BRANCHES = Registry("auxiliary-branch task")  # task -> branch builder (aux_branches.py)
 DATA_SOURCES = Registry("data source")  # profile data.source -> DataSource class (datasources.py)
+PER_IMAGE_COLUMNS = Registry("per-image columns task")  # task -> its metric's per-image table columns (exports.py)
 
 
 def check_task(task: str) -> str:

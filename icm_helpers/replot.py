@@ -167,12 +167,20 @@ def _loss_title(folder: Folder, name: str) -> str:
     return f"{summary.get('title') or task}: validation main loss (Eq. 4)"
 
 
+#: The method ids of the arms of learning-curve JSON written before it stored them (``methods``): the colours those
+#: figures were drawn in.
+_LEGACY_CURVE_ARM_METHODS = {"w/o aux": "baseline", "aux-enc": "aux_enc", "control": "aux_enc_warm_shuffled"}
+
+
 def _learning_curves(folder: Folder, name: str, data: dict[str, Any]) -> tuple[Figure, dict[str, Any]]:
     task = data.get("task") or name.rsplit("_", 1)[-1]
     lam = data.get("lambda_") or folder.profile(data)["tasks"][task]["ablation_lambda"]
     curves = {arm: {_seed(s): [tuple(p) for p in pts] for s, pts in c["seeds"].items()}
               for arm, c in data["curves"].items()}
-    result = {"task": task, "lambda_": float(lam), "curves": curves, "differences": data["differences"]}
+    methods = data.get("methods") or {arm: _LEGACY_CURVE_ARM_METHODS[arm] for arm in curves
+                                       if arm in _LEGACY_CURVE_ARM_METHODS}
+    result = {"task": task, "lambda_": float(lam), "curves": curves, "methods": methods,
+              "differences": data["differences"]}
     return plot_learning_curves(result, title=data.get("title"))
 
 
@@ -209,20 +217,30 @@ def _paired_differences(folder: Folder, name: str, data: dict[str, Any]) -> tupl
     return plot_paired_differences(rows, title=title, keys=list(data["panels"]))
 
 
+#: The method ids of the groups of bit-fraction JSON written before it stored them (``groups[g]["method"]``): the
+#: colours those figures were drawn in.
+_LEGACY_ROI_GROUP_METHODS = {"w/o aux": "baseline", "w/ aux": "aux_enc"}
+
+
 def _roi_summary(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """``plot_roi_fractions``'s input from its JSON: the constant lines, then each group's entry per lambda."""
+    """``plot_roi_fractions``'s input from its JSON: the constant lines, then each group's entry per lambda, with the
+    method id and paired group the JSON stores (older JSON: the legacy groups' ids, and the paired group read from
+    the stored pair label)."""
     area = data.get("mask_area")
     summary = [{"label": label, "lambda_": None, "inside": c, "area": area, "delta_inside": None}
                for label, c in data["constant"].items()]
     for group, g in data["groups"].items():
         paired = data.get("paired", {}).get(group)
+        method = g["method"] if "method" in g else _LEGACY_ROI_GROUP_METHODS.get(group)
         for i, lam in enumerate(g["lambda"]):
-            entry = {"label": f"{group} λ={lam:g}", "group": group, "lambda_": lam, "area": area,
+            entry = {"label": f"{group} λ={lam:g}", "group": group, "lambda_": lam, "area": area, "method": method,
                      "inside": {k: g[k][i] for k in ("mean", "ci_low", "ci_high", "n")}, "delta_inside": None}
             if paired and lam in paired["lambda"]:
                 j = paired["lambda"].index(lam)
                 entry["delta_inside"] = {k: paired[k][j] for k in ("mean", "ci_low", "ci_high", "n")}
                 entry["paired_with"] = paired["paired_with"][j]
+                entry["paired_group"] = (paired["paired_group"] if "paired_group" in paired
+                                         else str(paired["paired_with"][j]).split(" λ=")[0])
             summary.append(entry)
     return summary
 

@@ -110,9 +110,10 @@ def test_warm_started_runs_are_offered_and_are_the_primary_arm(experiment):
         "start", "baseline_lambda1.6", "aux_enc_lambda1.6", "aux_enc_warm_lambda1.6", "roi_baseline_lambda1.6"]
     assert BitMapExplorer(warm, ["detection"]).default_pair("detection") == ("baseline_lambda1.6",
                                                                              "aux_enc_warm_lambda1.6")
-    methods = [m.get("method") for m in profile_models(warm, "detection", [LAM])]
-    assert methods == [None, "baseline", "aux_enc_warm"]
-    assert [m.get("method") for m in profile_models(experiment, "detection", [LAM])] == [None, "baseline", "aux_enc"]
+    methods = [m["run"].method for m in profile_models(warm, "detection", [LAM])]
+    assert methods == ["start", "baseline", "aux_enc_warm"]
+    assert [m["run"].method for m in profile_models(experiment, "detection", [LAM])] == ["start", "baseline",
+                                                                                          "aux_enc"]
 
 
 def test_missing_inputs_say_what_and_how_to_make_it(experiment, tmp_path):

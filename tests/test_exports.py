@@ -86,6 +86,23 @@ def test_segmentation_csv_wide_columns_round_trip(tmp_path):
         assert num(row["bpp_bitstream"]) == r["bpp_bitstream"] and num(row["psnr"]) == r["psnr"]
 
 
+def test_each_tasks_columns_are_registered_and_found_by_task_or_metric():
+    """The ingredient columns are a registry entry per task (``registry.PER_IMAGE_COLUMNS``), named by the same metric
+    as the task's evaluation metric; a record without a known ``task`` is placed by its ``metric_name``, and a task
+    without an entry gets no ingredient columns (its per-image lists are copied as JSON text)."""
+    from icm_helpers.evaluation import METRICS
+    from icm_helpers.registry import PER_IMAGE_COLUMNS, TASKS
+
+    assert sorted(PER_IMAGE_COLUMNS) == sorted(TASKS)
+    assert all(PER_IMAGE_COLUMNS[t].metric_name == METRICS[t].name for t in TASKS)
+    untagged = {k: v for k, v in seg_record().items() if k != "task"}
+    assert per_image_table(untagged)[0] == per_image_table(seg_record())[0]
+    other = {**seg_record(), "task": "depth", "metric_name": "AbsRel"}
+    columns, rows = per_image_table(other)
+    assert "inter_0" not in columns and "seg_intersection" in columns
+    assert rows[0]["seg_intersection"] == [3743, 0, 0]
+
+
 def test_column_order_is_stable_whatever_the_key_order(tmp_path):
     rec = det_record()
     shuffled = copy.deepcopy(rec)

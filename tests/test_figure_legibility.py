@@ -88,7 +88,8 @@ def _learning_curves() -> dict[str, Any]:
     diffs = [{"pair": pair, "step": s, "n": 3, "mean": 0.01 * k, "low": 0.01 * k - 0.02, "high": 0.01 * k + 0.02,
               "values": [0.0, 0.01, 0.02], "seeds": [0, 1, 2]}
              for pair, k in (("aux-enc - w/o aux", 1), ("control - w/o aux", 2)) for s in steps]
-    return {"task": "detection", "lambda_": 1.6, "curves": curves, "differences": diffs}
+    methods = {"w/o aux": "baseline", "aux-enc": "aux_enc_warm", "control": "aux_enc_warm_shuffled"}
+    return {"task": "detection", "lambda_": 1.6, "curves": curves, "methods": methods, "differences": diffs}
 
 
 class _Samples:
@@ -110,12 +111,14 @@ class _Samples:
 
 def _roi_summary() -> list[dict[str, Any]]:
     inside = lambda m: {"mean": m, "ci_low": m - 0.02, "ci_high": m + 0.02, "n": 48}  # noqa: E731
-    out = [{"label": "start codec", "lambda_": None, "inside": inside(0.2), "area": 0.1, "delta_inside": None}]
+    out = [{"label": "start codec", "lambda_": None, "method": "start", "inside": inside(0.2), "area": 0.1,
+            "delta_inside": None}]
     for lam in LAMBDAS:
-        out.append({"label": f"w/o aux λ={lam}", "group": "w/o aux", "lambda_": lam, "inside": inside(0.21),
-                    "area": 0.1, "delta_inside": None})
-        out.append({"label": f"w/ aux λ={lam}", "group": "w/ aux", "lambda_": lam, "inside": inside(0.22),
-                    "area": 0.1, "paired_with": f"w/o aux λ={lam}", "delta_inside": inside(0.01)})
+        out.append({"label": f"w/o aux λ={lam}", "group": "w/o aux", "lambda_": lam, "method": "baseline",
+                    "inside": inside(0.21), "area": 0.1, "delta_inside": None})
+        out.append({"label": f"w/ aux λ={lam}", "group": "w/ aux", "lambda_": lam, "method": "aux_enc_warm",
+                    "inside": inside(0.22), "area": 0.1, "paired_with": f"w/o aux λ={lam}", "paired_group": "w/o aux",
+                    "paired_method": "baseline", "delta_inside": inside(0.01)})
     return out
 
 

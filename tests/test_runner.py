@@ -388,27 +388,33 @@ def test_profile_file_with_params_beside_it_and_set_overrides(project, capsys):
     assert len(p.log()) == n
 
 
-def test_every_notebook_declares_the_parameters_it_uses():
-    """A name the runner may inject (``--profile``, ``--set`` ...) must have a default in the notebook's parameters
-    cell: papermill injects only what is given, so a notebook without ``overrides = None`` fails on a plain run."""
+def test_every_notebook_declares_exactly_the_parameters_it_uses():
+    """Each notebook's parameters cell (its first code cell) declares only what the notebook reads, and every name
+    the runner may inject that the notebook reads has a default there: papermill injects only what is given, so a
+    notebook without ``overrides = None`` fails on a plain run, and a declared parameter nothing reads would suggest a
+    knob that does nothing (the runner injects every parameter anyway; an undeclared one is an unused variable)."""
     import ast
     import json
 
-    injectable = {"profile", "task", "run_dir", "device", "seed", "overrides"}
+    import yaml
+
     from icm_helpers.config import REPO_ROOT
 
+    params_files = sorted((REPO_ROOT / "papermill_runs" / "params").glob("*.yaml"))
+    injectable = {"profile", "task", "run_dir", "device", "seed", "overrides"}
+    injectable |= {k for p in params_files for k in (yaml.safe_load(p.read_text()) or {})}
     for path in sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
         params = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
-        assert len(params) == 1, f"{path.name}: one parameters cell"
+        assert len(params) == 1 and params[0] is cells[0], f"{path.name}: one parameters cell, the first code cell"
         declared = {t.id for node in ast.walk(ast.parse("".join(params[0]["source"])))
                     if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
-        used = set()
-        for cell in cells:
-            if cell is params[0]:
-                continue
+        read = set()
+        for cell in cells[1:]:
             source = "".join(line for line in cell["source"] if not line.lstrip().startswith(("%", "!")))
-            used |= {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name) and n.id in injectable}
+            read |= {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
+        assert declared <= read, f"{path.name}: {sorted(declared - read)} declared but never used"
+        used = read & injectable
         assert used <= declared, f"{path.name}: {sorted(used - declared)} used but not in its parameters cell"
 
 

@@ -10,6 +10,9 @@ Usage (from the repository root; ``make smoke`` / ``make demo`` call it)::
   + ``profile: <profile>`` + the ``--param`` overrides (values parsed as YAML, never eval'ed)
   + ``overrides``: the ``--set`` dotted profile settings, when given. ``--profile path/to/mine.yaml``: a profile
   file; its ``name`` names the outputs, the parameters come from ``mine.params.yaml`` beside it when there.
+  A notebook's parameters cell declares only the parameters it reads; papermill injects every parameter anyway, and
+  one a notebook does not declare (``--param alpha=0.3`` for notebook 02) is an unused variable there, logged by
+  papermill as "Passed unknown parameter".
 * Notebooks ``<notebooks-dir>/[0-9][0-9]_*.ipynb`` run in numeric order, with the notebooks dir as
   working directory; executed copies go to ``<out-dir>/<profile>/<same name>.ipynb``. Which ones: the profile's
   ``notebooks:`` list (the paper profile: 01-07; no list: every notebook), or those named by ``--only`` (any
