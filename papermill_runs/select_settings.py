@@ -505,16 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     # the time budget, under the key the logged outcomes use
     ctx.outcome["budget"] = {"factor": args.budget_factor, "smoke_seconds": args.smoke_seconds,
                              "notebooks": args.notebooks}
-    for stage in STAGES.names() if args.stage == "all" else (args.stage,):
-        if stage in ctx.outcome["stages"] and not args.redo:
-            print(f"{stage}: logged already")
-            continue
-        t0 = time.time()
-        result = STAGES.run(stage, ctx)
-        ctx.outcome["stages"][stage] = {**result, "seconds": round(time.time() - t0, 1)}
-        ctx.save()
-        shown = {k: v for k, v in result.items() if k not in ("ladder", "windows", "val_loss")}
-        print(f"{stage}: {json.dumps(shown)[:600]}")
+    STAGES.run_logged(args.stage, ctx, args.redo, hidden=("ladder", "windows", "val_loss"))
     ctx.outcome["profile_settings"] = settings_overrides(ctx)
     ctx.save()
     print(json.dumps(ctx.outcome["profile_settings"], indent=1))

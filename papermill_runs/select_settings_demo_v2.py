@@ -137,15 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                        smoke_seconds=args.smoke_seconds, log=functools.partial(print, flush=True))
     ctx.outcome["budget"] = {"factor": args.budget_factor, "smoke_seconds": args.smoke_seconds,
                              "notebooks": args.notebooks}
-    for stage in STAGES.names() if args.stage == "all" else (args.stage,):
-        if stage in ctx.outcome["stages"] and not args.redo:
-            print(f"{stage}: logged already")
-            continue
-        t0 = time.time()
-        result = STAGES.run(stage, ctx)
-        ctx.outcome["stages"][stage] = {**result, "seconds": round(time.time() - t0, 1)}
-        ctx.save()
-        print(f"{stage}: {json.dumps(result)[:600]}")
+    STAGES.run_logged(args.stage, ctx, args.redo)
     if "r2d" in ctx.outcome["stages"]:
         ctx.outcome["profile_settings"] = step_overrides(ctx.tasks, ctx.outcome["stages"]["r2d"]["steps"])
         ctx.save()

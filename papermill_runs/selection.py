@@ -7,6 +7,8 @@ not the fraction of training steps that a profile's ``budget_fractions`` / ``Exp
 from __future__ import annotations
 
 import argparse
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -78,3 +80,19 @@ class StageTable:
         if name not in self._stages:
             raise ValueError(f"unknown stage {name!r}; valid stages: {', '.join(self._stages)}")
         return self._stages[name](ctx)
+
+    def run_logged(self, which: str, ctx: StageContext, redo: bool = False,
+                   hidden: tuple[str, ...] = ()) -> None:
+        """Run ``which`` (a stage name, or "all": every stage in order), each unless logged already (``redo``: again),
+        logging its result with its seconds in the outcome and saving it after each stage; ``hidden``: result keys
+        left out of the printed line."""
+        for stage in self.names() if which == "all" else (which,):
+            if stage in ctx.outcome["stages"] and not redo:
+                print(f"{stage}: logged already")
+                continue
+            t0 = time.time()
+            result = self.run(stage, ctx)
+            ctx.outcome["stages"][stage] = {**result, "seconds": round(time.time() - t0, 1)}
+            ctx.save()
+            shown = {k: v for k, v in result.items() if k not in hidden}
+            print(f"{stage}: {json.dumps(shown)[:600]}", flush=True)

@@ -278,10 +278,9 @@ def test_steps_are_timed_from_two_lengths_of_one_job():
     assert sel.step_seconds_between(short, long) == pytest.approx(0.4)
 
 
-def test_the_warm_step_is_timed_on_the_real_pre_training_job(tmp_path, monkeypatch):
-    """Stage costs times a warm-start step on ``Experiment.warm_aux_branch`` itself (here the smoke profile's block on
-    a tiny world, 1 epoch of 1 and of 3 steps instead of 1 and 21), side by side, read from their timing.json."""
-    monkeypatch.setattr(sel, "WARM_TIMING_STEPS", (1, 3))
+def _tiny_selection_experiments(monkeypatch) -> dict:
+    """``sel.experiment`` on a tiny world (12 / 4 / 4 images, 1-epoch recognizer and codec); returns its overrides,
+    which a test may change (e.g. the split sizes) before its next call."""
     tiny = {"data.counts": {"train": 12, "val": 4, "test": 4}, "recognizers.detection.train.epochs": 1,
             "codec.train.epochs": 1}
 
@@ -291,6 +290,14 @@ def test_the_warm_step_is_timed_on_the_real_pre_training_job(tmp_path, monkeypat
         return ex
 
     monkeypatch.setattr(sel, "experiment", tiny_experiment)
+    return tiny
+
+
+def test_the_warm_step_is_timed_on_the_real_pre_training_job(tmp_path, monkeypatch):
+    """Stage costs times a warm-start step on ``Experiment.warm_aux_branch`` itself (here the smoke profile's block on
+    a tiny world, 1 epoch of 1 and of 3 steps instead of 1 and 21), side by side, read from their timing.json."""
+    monkeypatch.setattr(sel, "WARM_TIMING_STEPS", (1, 3))
+    tiny = _tiny_selection_experiments(monkeypatch)
     seconds = sel.warm_step_seconds("smoke", "detection", tmp_path)
     runs = sorted((tmp_path / "timing" / "aux_warm" / "detection").iterdir())
     assert [p.name for p in runs] == ["enc_seed0_timing1", "enc_seed0_timing3"]
@@ -306,15 +313,7 @@ def test_the_icm_step_is_timed_on_the_real_training_job(tmp_path, monkeypatch):
     """Stage costs times an ICM step on ``Experiment.train`` itself (the smoke profile on a tiny world, 1 epoch of 1
     and of 3 steps), w/o aux and with a branch, read from the runs' timing.json."""
     monkeypatch.setattr(sel, "ICM_TIMING_STEPS", (1, 3))
-    tiny = {"data.counts": {"train": 12, "val": 4, "test": 4}, "recognizers.detection.train.epochs": 1,
-            "codec.train.epochs": 1}
-
-    def tiny_experiment(profile, overrides=None, log=None, name="main", root=None):
-        ex = Experiment(profile, run_dir=root / name, log=None, overrides={**tiny, **(overrides or {})})
-        ex.prepare_data()
-        return ex
-
-    monkeypatch.setattr(sel, "experiment", tiny_experiment)
+    tiny = _tiny_selection_experiments(monkeypatch)
     for position in (None, "enc"):
         seconds = sel.icm_step_seconds("smoke", "detection", position, tmp_path)
         short, long = (read_json(p) for p in sorted(tmp_path.glob("icm_timing*/icm/detection/*/timing.json"))
