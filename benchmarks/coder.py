@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import sys
@@ -226,29 +225,36 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = _args(argv)
+def run_benchmark(args: argparse.Namespace, run, to_markdown, **conditions: Any) -> dict[str, Any]:
+    """What every benchmark here does around its measurements: ``args.threads`` threads (set before torch starts its
+    pool), ``run(config, n_images)`` for each of ``args.configs``, the conditions (versions, CPU, load average before
+    and after, ``conditions``), the markdown table printed and the JSON report written to ``args.out``."""
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch starts its thread pool
     import compressai
     import torch
 
+    from icm_helpers.io import atomic_write_json
+
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     t0 = time.time()
-    results = [run_config(h, w, N, n, args) for (h, w, N), n in zip(args.configs, args.images)]
+    results = [run(config, n) for config, n in zip(args.configs, args.images)]
     report = {
         "conditions": {"threads": args.threads, "torch": torch.__version__, "compressai": compressai.__version__,
-                       "python": sys.version.split()[0], "cpu": _cpu_model(),
-                       "cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-                       "seconds": time.time() - t0, "spread": args.spread, "weights": args.weights,
-                       "seed": args.seed},
+                       "python": sys.version.split()[0], "cpu": _cpu_model(), "cpus": os.cpu_count(),
+                       "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                       "seconds": time.time() - t0, "spread": args.spread, "seed": args.seed, **conditions},
         "configs": results,
     }
-    print(markdown(results))
+    print(to_markdown(results))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+        atomic_write_json(args.out, report)
     return report
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _args(argv)
+    return run_benchmark(args, lambda config, n: run_config(*config, n, args), markdown, weights=args.weights)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ by ``codec.save_codec``). Images: COCO val images from ``--data`` (resized, cent
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.coder import DEFAULT_DATA, _codec, _cpu_model, _images, _transform_timer  # noqa: E402
+from benchmarks.coder import DEFAULT_DATA, _codec, _images, _transform_timer, run_benchmark  # noqa: E402
 
 
 def _parse_config(text: str) -> tuple[int, int, str]:
@@ -132,27 +131,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _args(argv)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch starts its thread pool
-    import compressai
-    import torch
-
-    torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
-    t0 = time.time()
-    results = [run_config(h, w, spec, n, args) for (h, w, spec), n in zip(args.configs, args.images)]
-    report = {
-        "conditions": {"threads": args.threads, "torch": torch.__version__, "compressai": compressai.__version__,
-                       "python": sys.version.split()[0], "cpu": _cpu_model(), "cpus": os.cpu_count(),
-                       "nice": os.nice(0), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-                       "seconds": time.time() - t0, "spread": args.spread, "seed": args.seed,
-                       "argv": sys.argv[1:] if argv is None else list(argv)},
-        "configs": results,
-    }
-    print(markdown(results))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
-    return report
+    return run_benchmark(args, lambda config, n: run_config(*config, n, args), markdown, nice=os.nice(0),
+                         argv=sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":
