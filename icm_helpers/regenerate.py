@@ -32,15 +32,16 @@ def branch_entry(ex: Experiment, task: str) -> tuple[dict[str, Any], bytes]:
     seed = int(ex.task_cfg(task)["aux_warm_start"].get("seed", ex.seed))
     ex.warm_aux_branch(task, "enc", seed)
     path = ex.warm_branch_path(task, "enc", seed)
-    data = pack(load_state(path))
+    state = load_state(path)
+    data = pack(state)
     codec, recognizer = ex.start_codec(), ex.recognizer(task)
     batch = int(ex.task_cfg(task)["aux_warm_start"]["batch_size"])
     val = {}
-    for kind, state_dict in (("unpacked", load_state(path)["state_dict"]), ("packed", unpack(data)["state_dict"])):
+    for kind, state_dict in (("unpacked", state["state_dict"]), ("packed", unpack(data)["state_dict"])):
         aux = ex.build_branch(task, "enc", seed, codec, recognizer)  # both measured alike: same draws, same images
         aux.load_state_dict(state_dict)
         val[kind] = branch_val_loss("enc", aux, codec, recognizer, ex.dataset("val", task), batch, seed, ex.device)
-    history = load_state(path)["history"]
+    history = state["history"]
     timing_path = path.parent / "timing.json"  # absent or "shipped" when the branch was installed, not trained, here
     timing = read_json(timing_path) if timing_path.exists() else {}
     return {"provenance": ex.provenance("branch", task), "file": f"aux_branch_{task}_enc{PACKED_SUFFIX}",
