@@ -180,21 +180,30 @@ def icm_step_seconds(profile: str, task: str, position: str | None, root: Path) 
 def stage_costs(ctx: StageContext) -> dict[str, Any]:
     """Seconds per ICM training step (task x arm, the real job), warm-start step (the real job), evaluated image and
     bit-map image."""
-    ex = experiment(ctx.profile)
+    return measure_costs(ctx)
+
+
+def measure_costs(ctx: StageContext, root: Path | None = None, warm_starts: bool = True) -> dict[str, Any]:
+    """``stage_costs`` with the run dir of its Experiment under ``root`` (default: the profile's selection dir) and,
+    with ``warm_starts`` False (a profile whose pre-trained branch is shipped), no warm-start step timed (0 s)."""
+    ex = experiment(ctx.profile, root=root)
+    warm_job = (f"Experiment.warm_aux_branch (enc, seed 0), 1 epoch of each of {list(WARM_TIMING_STEPS)} steps: loop "
+                "seconds difference / steps difference" if warm_starts else
+                "not timed: the profile installs its shipped pre-trained branch (no pre-training steps)")
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "step": {}, "warm_step": {}, "eval_image": {},
                            "bitmap_image": {}, "anchor_image": {},
                            "step_job": f"Experiment.train (seed 0, cold branch), 1 epoch of each of "
                                        f"{list(ICM_TIMING_STEPS)} steps: loop seconds difference / steps difference",
-                           "warm_step_job": f"Experiment.warm_aux_branch (enc, seed 0), 1 epoch of each of "
-                                            f"{list(WARM_TIMING_STEPS)} steps: loop seconds difference / steps "
-                                            "difference"}
+                           "warm_step_job": warm_job}
     for task in ctx.tasks:
         rec = ex.recognizer(task)
         with tempfile.TemporaryDirectory(prefix=f"icm_timing_{ctx.profile}_") as tmp:
             for arm, pos in (("baseline", None), ("aux_enc", "enc")):
                 out["step"][f"{task}/{arm}"] = icm_step_seconds(ctx.profile, task, pos, Path(tmp))
-        with tempfile.TemporaryDirectory(prefix=f"warm_timing_{ctx.profile}_") as tmp:
-            out["warm_step"][task] = warm_step_seconds(ctx.profile, task, Path(tmp))
+        out["warm_step"][task] = 0.0
+        if warm_starts:
+            with tempfile.TemporaryDirectory(prefix=f"warm_timing_{ctx.profile}_") as tmp:
+                out["warm_step"][task] = warm_step_seconds(ctx.profile, task, Path(tmp))
         ec = ex.cfg["evaluation"]
         n = 16
         t0 = time.perf_counter()

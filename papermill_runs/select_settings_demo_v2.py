@@ -78,12 +78,9 @@ def _experiment(overrides: dict[str, Any] | None = None):
 
 @STAGES.register("costs")
 def stage_costs(ctx: StageContext) -> dict[str, Any]:
-    """v1's costs stage on the v2 settings, in this selection's run dir, without the warm-start timing."""
-    v1.selection_root = lambda profile: ROOT / "runs" / "demo_v2_selection"
-    v1.warm_step_seconds = lambda profile, task, root: 0.0  # nothing is pre-trained: the branch is shipped
-    out = v1.stage_costs(ctx)
-    out["warm_step_job"] = "not timed: the demo installs the shipped R6v2 branch (no pre-training steps)"
-    return out
+    """v1's costs stage on the v2 settings, in this selection's run dir, without the warm-start timing (the branch
+    is shipped: nothing is pre-trained)."""
+    return v1.measure_costs(ctx, root=ROOT / "runs" / "demo_v2_selection", warm_starts=False)
 
 
 @STAGES.register("fixed")

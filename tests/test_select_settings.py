@@ -351,3 +351,22 @@ def test_the_logged_demo_v2_outcome_gives_its_profile_settings():
     assert d2.choose_steps(table, r2d["budget_seconds"]) == r2d["steps"]
     assert r2d["budget_seconds"] == pytest.approx(outcome["budget"]["factor"] * outcome["budget"]["smoke_seconds"])
     assert outcome["profile_settings"] == d2.step_overrides(["detection", "segmentation"], r2d["steps"])
+
+
+def test_costs_without_warm_starts_time_no_pre_training(tmp_path, monkeypatch):
+    """A profile whose branch is shipped (the demo under protocol v2) measures its costs with ``warm_starts=False``:
+    every warm-start cost is 0 and no pre-training job runs; the ICM steps are still timed on the real job."""
+    import argparse
+
+    from papermill_runs.selection import StageContext
+
+    monkeypatch.setattr(sel, "ICM_TIMING_STEPS", (1, 2))
+    tiny = _tiny_selection_experiments(monkeypatch)
+    tiny["data.counts"] = {"train": 12, "val": 4, "test": 16}  # the costs stage evaluates 16 test images
+    monkeypatch.setattr(sel, "warm_step_seconds", lambda *a: pytest.fail("a warm-start step was timed"))
+    ctx = StageContext(profile="smoke", args=argparse.Namespace(), outcome={"stages": {}},
+                       outcome_path=tmp_path / "outcome.json", tasks=["detection"], budget_factor=1.0,
+                       smoke_seconds=1.0)
+    out = sel.measure_costs(ctx, root=tmp_path, warm_starts=False)
+    assert out["warm_step"] == {"detection": 0.0} and "not timed" in out["warm_step_job"]
+    assert set(out["step"]) == {"detection/baseline", "detection/aux_enc"}
