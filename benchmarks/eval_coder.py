@@ -7,7 +7,12 @@ swapped from image to image, so drift of the machine's load does not favour one)
   g_a and g_s), then ``compress_image`` (g_a again) and ``decompress_image`` (the decoder's g_s);
 * **new**: ``LearnedCoder.code``: g_a once (the estimated rate and the bitstream share y and z), the decoder's g_s.
 
-Both give the same record (checked: estimated bpp, bytes, decoded image bit for bit). The recognizer is not part of
+With ``--batch B`` (B > 1), afterwards a third arm on the same images:
+
+* **grouped**: ``LearnedCoder.code_batch`` on B consecutive images at a time (one wavefront pass for the group's
+  latents, encoder and decoder; every network still image by image): per image, the group's time / B.
+
+All give the same record (checked: estimated bpp, bytes, decoded image bit for bit). The recognizer is not part of
 either (it is the same for both). Wall seconds and the process's CPU seconds (``time.process_time``: with one
 thread, core-seconds, less sensitive to other load on the machine); the seconds inside g_a / g_s are timed with
 forward hooks. Writes JSON (``--out``) and prints a markdown table.
@@ -53,7 +58,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=Path(DEFAULT_DATA), help="folder of .jpg images (else random images)")
     p.add_argument("--spread", type=float, default=20.0, help="random init: scale of g_a's last convolution")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=1, help="B > 1: also time the coder on groups of B images")
     args = p.parse_args(argv)
+    if args.batch < 1:
+        p.error(f"--batch must be >= 1, got {args.batch}")
     args.weights = None  # benchmarks.coder._codec reads it
     if len(args.images) not in (1, len(args.configs)):
         p.error(f"--images: one number or one per config ({len(args.configs)}), got {args.images}")
@@ -97,7 +105,7 @@ def run_config(h: int, w: int, codec_spec: str, n_images: int, args: argparse.Na
     codec = load_codec(codec_spec).eval() if codec_spec.endswith(".pt") else _codec(int(codec_spec), args)
     source, images = _images(args.data, n_images, h, w, args.seed)
     coder = LearnedCoder(codec, EvalOptions())
-    rows = []
+    rows, new_outputs = [], []
     for i, x in enumerate(images):
         order = ("old", "new") if i % 2 == 0 else ("new", "old")
         results, row = {}, {"image": i, "order": list(order)}
@@ -108,23 +116,47 @@ def run_config(h: int, w: int, codec_spec: str, n_images: int, args: argparse.Na
         row["identical"] = bool(torch.equal(x_old, x_new) and bpp_old == bpp_new and bytes_old == bytes_new)
         row["bytes"] = bytes_old
         rows.append(row)
+        new_outputs.append(results["new"] if args.batch > 1 else None)
         log(f"{h}x{w} {codec_spec} image {i}: old {row['old']['seconds']:.2f} s, new {row['new']['seconds']:.2f} s, "
             f"identical {row['identical']}")
-    mean = {which: {k: sum(r[which][k] for r in rows) / len(rows) for k in ("seconds", "cpu_seconds", "g_a_s", "g_s_s")}
-            for which in ("old", "new")}
+    arms = ["old", "new"]
+    if args.batch > 1:
+        arms.append("grouped")
+        _grouped(coder, codec, images, new_outputs, rows, args.batch, log)
+    keys = ("seconds", "cpu_seconds", "g_a_s", "g_s_s")
+    mean = {which: {k: sum(r[which][k] for r in rows) / len(rows) for k in keys} for which in arms}
     return {"height": h, "width": w, "codec": codec_spec, "N": codec_N(codec), "images": len(rows), "source": source,
-            "per_image": rows, "mean": mean, "all_identical": all(r["identical"] for r in rows)}
+            "batch": args.batch, "per_image": rows, "mean": mean, "all_identical": all(r["identical"] for r in rows)}
+
+
+def _grouped(coder, codec, images, new_outputs, rows: list[dict[str, Any]], batch: int, log) -> None:
+    """The "grouped" arm: ``code_batch`` on ``batch`` consecutive images; each row gets its group's times / size
+    and ``identical`` also checks the group's records against the one-image coder's (``new_outputs``)."""
+    import torch
+
+    for start in range(0, len(images), batch):
+        xs = images[start: start + batch]
+        coded, timing = _timed(codec, lambda: coder.code_batch([{"image": x[0]} for x in xs], xs))
+        for k, (x, (x_hat, fields)) in enumerate(zip(xs, coded)):
+            row = rows[start + k]
+            row["grouped"] = {key: value / len(xs) for key, value in timing.items()}
+            x_new, bpp_new, bytes_new = new_outputs[start + k]
+            bytes_grouped = round(fields["bpp_bitstream"] * x.shape[-2] * x.shape[-1] / 8)
+            row["identical"] = bool(row["identical"] and torch.equal(x_hat, x_new)
+                                    and fields["bpp_estimated"] == bpp_new and bytes_grouped == bytes_new)
+        log(f"group of {len(xs)} from image {start}: {timing['seconds'] / len(xs):.3f} s per image")
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
     lines = ["| size | codec | images | old s/image (g_a, g_s; CPU s) | new s/image (g_a, g_s; CPU s) | new / old "
-             "(wall, CPU) | identical |", "|---|---|---|---|---|---|---|"]
+             "(wall, CPU) | grouped s/image (CPU s) | identical |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        o, n = r["mean"]["old"], r["mean"]["new"]
+        o, n, g = r["mean"]["old"], r["mean"]["new"], r["mean"].get("grouped")
+        grouped = f"B={r['batch']}: {g['seconds']:.3f} ({g['cpu_seconds']:.3f})" if g else "-"
         lines.append(f"| {r['height']}x{r['width']} | N={r['N']} {Path(r['codec']).name} | {r['images']} | "
                      f"{o['seconds']:.3f} ({o['g_a_s']:.3f}, {o['g_s_s']:.3f}; {o['cpu_seconds']:.3f}) | "
                      f"{n['seconds']:.3f} ({n['g_a_s']:.3f}, {n['g_s_s']:.3f}; {n['cpu_seconds']:.3f}) | "
-                     f"{n['seconds'] / o['seconds']:.2f}, {n['cpu_seconds'] / o['cpu_seconds']:.2f} | "
+                     f"{n['seconds'] / o['seconds']:.2f}, {n['cpu_seconds'] / o['cpu_seconds']:.2f} | {grouped} | "
                      f"{r['all_identical']} |")
     return "\n".join(lines)
 

@@ -181,13 +181,17 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> tuple[torc
     pad)`` with ``pad = (left, right, top, bottom)`` for ``crop_to``; ``x`` itself when its size is already a
     multiple."""
     h, w = x.shape[-2:]
-    H = (h + multiple - 1) // multiple * multiple
-    W = (w + multiple - 1) // multiple * multiple
+    H, W = padded_size(h, w, multiple)
     if (H, W) == (h, w):
         return x, (0, 0, 0, 0)
     left, top = (W - w) // 2, (H - h) // 2
     pad = (left, W - w - left, top, H - h - top)
     return F.pad(x, pad, mode="constant", value=0.0), pad
+
+
+def padded_size(height: int, width: int, multiple: int = PAD_MULTIPLE) -> tuple[int, int]:
+    """The size ``pad_to_multiple`` pads an image of ``height`` x ``width`` to."""
+    return -(-height // multiple) * multiple, -(-width // multiple) * multiple
 
 
 def crop_to(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:

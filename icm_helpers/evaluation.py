@@ -26,7 +26,7 @@ import multiprocessing as mp
 import pickle
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -34,8 +34,8 @@ from pycocotools.cocoeval import COCOeval
 
 from . import distributed as dist_lib
 from .anchors import ImageCodec
-from .codec import bits_from_likelihoods, codec_forward, compress_latent, crop_to, decompress_image, latent_rate
-from .codec import pad_to_multiple
+from .codec import bits_from_likelihoods, codec_forward, compress_latent, crop_to, decompress_batch, decompress_image
+from .codec import latent_rate, pad_to_multiple, padded_size
 from .config import check_device
 from .data import to_device
 from .distributed import unshard
@@ -224,7 +224,18 @@ class EvalOptions:
     workers: int = 1
     shard: tuple[int, int] | None = None
     decode: str = "all"
+    batch_images: int = 1
     desc: str = ""
+
+    @classmethod
+    def from_profile(cls, evaluation: dict[str, Any] | None, device: str = "cpu", **fields: Any) -> "EvalOptions":
+        """The options a profile's ``evaluation`` block sets (``bitstream``, ``decode``, ``amp``, ``batch_images``,
+        ``workers``: forked CPU processes, so 1 on another device), then ``fields`` (e.g. ``max_images``, ``desc``)."""
+        ec = evaluation or {}
+        settings = {"bitstream": bool(ec.get("bitstream", True)), "decode": ec.get("decode", "all"),
+                    "amp": ec.get("amp"), "batch_images": ec.get("batch_images", 1), "device": device,
+                    "workers": int(ec.get("workers", 1)) if torch.device(device).type == "cpu" else 1}
+        return cls(**{**settings, **fields})
 
     @property
     def device_type(self) -> str:
@@ -237,7 +248,15 @@ class EvalOptions:
         return contextlib.nullcontext()
 
 
-class ReferenceCoder:
+class _OneByOne:
+    """``code_batch`` as ``code`` image by image: coders that gain nothing from coding images together."""
+
+    def code_batch(self, items: list[dict[str, Any]], xs: list[torch.Tensor]
+                   ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        return [self.code(item, x) for item, x in zip(items, xs)]
+
+
+class ReferenceCoder(_OneByOne):
     """The uncompressed reference: the recognizer sees the original image; no rate, no PSNR."""
 
     measures_quality = False
@@ -246,7 +265,7 @@ class ReferenceCoder:
         return x, {}
 
 
-class AnchorCoder:
+class AnchorCoder(_OneByOne):
     """A conventional codec (``anchors.ImageCodec``): its whole file is the bitstream; no estimated rate."""
 
     measures_quality = True
@@ -264,17 +283,26 @@ class AnchorCoder:
 
 
 class LearnedCoder:
-    """The learned codec (cheng2020-attn) on one image, padded to a multiple of 64 and cropped back.
+    """The learned codec (cheng2020-attn) on one image or a group of images, padded to a multiple of 64 and cropped
+    back.
 
     ``bitstream=False``: CompressAI's forward (``codec_forward`` under AMP) gives the likelihoods (estimated bpp)
     and the decoded image g_s(round(y)). ``bitstream=True``: the analysis transform runs ONCE, y = g_a(x) and
     z = h_a(y) feed both the estimated rate (``codec.latent_rate``: the forward's rate path, the same bits) and the
     wavefront range coder (``codec.compress_latent``); the forward's g_s is not run, since the recognised image is the
-    one the decoder rebuilds from the bitstream (``decode="all"``: ``decompress_image``; ``"first"``: the encoder-side
+    one the decoder rebuilds from the bitstream (``decode="all"``: ``decompress_batch``; ``"first"``: the encoder-side
     reconstruction, the first image also decoded and compared bit for bit). Under ``amp="bf16"`` the estimated rate
     comes from g_a under autocast (as the mixed-precision forward computes it) and the bitstream from an fp32 g_a:
     the range coder's inputs are fp32 always, so there g_a runs twice.
-    ``roi_qf``: Ahonen et al.'s ROI scaling of the latent (``roi.roi_latent_scaling``) around the whole image."""
+
+    ``code_batch``: images of one padded size (``_evaluate_images`` groups ``batch_images`` consecutive ones) share
+    ONE pass of the wavefront coder over their latents, encoder and decoder; every network (g_a, h_a, h_s, g_s, the
+    rate path) still runs image by image, and the wavefront coder's matmuls run per image, so each image's record and
+    decoded image equal the ones it gets alone, bit for bit, and each bitstream decodes alone. What a group saves is
+    the wavefront loop's per-step overhead (about 230 steps at 832x1088, whatever the group's size). A group's
+    encoding / decoding seconds are shared equally by its images (``enc_seconds``, ``dec_seconds``).
+    ``roi_qf``: Ahonen et al.'s ROI scaling of the latent (``roi.roi_latent_scaling``) around the whole image; it
+    scales each image by its own mask, so ROI images are coded one at a time."""
 
     measures_quality = True
 
@@ -283,28 +311,37 @@ class LearnedCoder:
         self.codec, self.opts = codec, opts
         self.decoded_once = False  # decode="first": the first image this process codes is decoded and compared
 
-    @torch.no_grad()
     def code(self, item: dict[str, Any], x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        return self.code_batch([item], [x])[0]
+
+    @torch.no_grad()
+    def code_batch(self, items: list[dict[str, Any]], xs: list[torch.Tensor]
+                   ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
         opts = self.opts
-        xp, pad = pad_to_multiple(x)
-        num_pixels = x.shape[-2] * x.shape[-1]
+        if opts.roi_qf and len(xs) > 1:
+            return [self.code(item, x) for item, x in zip(items, xs)]
+        padded = [pad_to_multiple(x) for x in xs]
         roi_ctx = (
-            roi_latent_scaling(self.codec, pad_to_multiple(item["roi"][None, None].float())[0], opts.roi_qf,
+            roi_latent_scaling(self.codec, pad_to_multiple(items[0]["roi"][None, None].float())[0], opts.roi_qf,
                                opts.roi_decoder)
             if opts.roi_qf
             else contextlib.nullcontext({"side_bits": 0})
         )
         with roi_ctx as roi_info:
             if opts.bitstream:
-                likelihoods, x_hat, coded = self._bitstream(xp)
+                coded = self._bitstream([xp for xp, _ in padded])
             else:
-                with opts.autocast():
-                    out = codec_forward(self.codec, xp) if opts.amp else self.codec(xp)
-                likelihoods, x_hat, coded = out["likelihoods"], out["x_hat"].clamp(0, 1), {}
+                coded = [self._forward(xp) for xp, _ in padded]
+        return [self._record(x, pad, *out, roi_info) for x, (_, pad), out in zip(xs, padded, coded)]
+
+    def _record(self, x: torch.Tensor, pad, likelihoods: dict[str, torch.Tensor], x_hat: torch.Tensor,
+                coded: dict[str, Any], roi_info: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The decoded image cropped back and the image's record fields (rates over its ORIGINAL pixels)."""
+        num_pixels = x.shape[-2] * x.shape[-1]
         side_bits = roi_info["side_bits"]  # the signalled ROI mask (decoder="rescale"), counted in both rates
         fields: dict[str, Any] = {
             "bpp_estimated": (float(bits_from_likelihoods(likelihoods)[0]) + side_bits) / num_pixels}
-        if opts.roi_qf:
+        if self.opts.roi_qf:
             fields["bpp_side_info"] = side_bits / num_pixels
             fields["roi_latent_fraction"] = roi_info["inside_fraction"]
         if coded:
@@ -312,34 +349,51 @@ class LearnedCoder:
             fields.update(coded, bpp_bitstream=(num_bytes * 8.0 + side_bits) / num_pixels)
         return crop_to(x_hat, pad), fields
 
-    def _bitstream(self, xp: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]]:
-        """(likelihoods, decoded image, {"enc_seconds", ["dec_seconds"], "num_bytes"}) with one fp32 g_a."""
-        codec, opts = self.codec, self.opts
+    def _forward(self, xp: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]]:
+        """(likelihoods, g_s(round(y)), {}): CompressAI's forward, no bitstream."""
+        with self.opts.autocast():
+            out = codec_forward(self.codec, xp) if self.opts.amp else self.codec(xp)
+        return out["likelihoods"], out["x_hat"].clamp(0, 1), {}
+
+    def _bitstream(self, xps: list[torch.Tensor]) -> list[tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]]]:
+        """Per image (likelihoods, decoded image, {"enc_seconds", ["dec_seconds"], "num_bytes"}), one fp32 g_a each,
+        the group's latents coded (and decoded) in one wavefront pass."""
+        codec, opts, n = self.codec, self.opts, len(xps)
         with torch.autocast(opts.device_type, enabled=False):  # the range coder's inputs: fp32 always
             t_enc = time.perf_counter()
-            y = codec.g_a(xp)
-            z = codec.h_a(y)
-            enc = compress_latent(codec, y, z, reconstruct=opts.decode == "first")[0]
-            coded: dict[str, Any] = {"enc_seconds": time.perf_counter() - t_enc}
-            if opts.decode == "all" or not self.decoded_once:
-                t_dec = time.perf_counter()
-                x_hat = decompress_image(codec, enc)
-                coded["dec_seconds"] = time.perf_counter() - t_dec
-                self.decoded_once = True
-                if opts.decode == "first" and not torch.equal(x_hat, enc["x_hat"]):
-                    raise RuntimeError(
-                        "the decoder's image differs from the encoder-side reconstruction: the entropy coder is not "
-                        "reproducible here; evaluate with decode='all'"
-                    )
-            else:
-                x_hat = enc["x_hat"]
+            ys = [codec.g_a(xp) for xp in xps]
+            zs = [codec.h_a(y) for y in ys]
+            encs = compress_latent(codec, torch.cat(ys), torch.cat(zs), reconstruct=opts.decode == "first")
+            timing: list[dict[str, Any]] = [{"enc_seconds": (time.perf_counter() - t_enc) / n} for _ in encs]
+            x_hats = self._decode(encs, timing)
             if not opts.amp:
-                likelihoods = latent_rate(codec, y, z)[0]  # the forward's rate, from the coder's y and z
+                likelihoods = [latent_rate(codec, y, z)[0] for y, z in zip(ys, zs)]  # the forward's rate
         if opts.amp:  # the mixed-precision forward's rate: g_a under autocast, the rate path in fp32
             with opts.autocast():
-                likelihoods = latent_rate(codec, codec.g_a(xp))[0]
-        coded["num_bytes"] = enc["num_bytes"]
-        return likelihoods, x_hat, coded
+                likelihoods = [latent_rate(codec, codec.g_a(xp))[0] for xp in xps]
+        return [(lk, x_hat, {**t, "num_bytes": enc["num_bytes"]})
+                for lk, x_hat, t, enc in zip(likelihoods, x_hats, timing, encs)]
+
+    def _decode(self, encs: list[dict[str, Any]], timing: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """The images the decoder rebuilds from ``encs`` (``decode="all"``: all of them decoded in one wavefront
+        pass; ``"first"``: the encoder-side reconstructions, the first image of this process decoded and compared)."""
+        if self.opts.decode == "all":
+            t_dec = time.perf_counter()
+            x_hats = list(decompress_batch(self.codec, encs).split(1))
+            for t in timing:
+                t["dec_seconds"] = (time.perf_counter() - t_dec) / len(encs)
+            return x_hats
+        if not self.decoded_once:
+            t_dec = time.perf_counter()
+            x_hat = decompress_image(self.codec, encs[0])
+            timing[0]["dec_seconds"] = time.perf_counter() - t_dec
+            self.decoded_once = True
+            if not torch.equal(x_hat, encs[0]["x_hat"]):
+                raise RuntimeError(
+                    "the decoder's image differs from the encoder-side reconstruction: the entropy coder is not "
+                    "reproducible here; evaluate with decode='all'"
+                )
+        return [enc["x_hat"] for enc in encs]
 
 
 def make_coder(codec, opts: EvalOptions):
@@ -364,6 +418,8 @@ def _check_options(codec, recognizer, opts: EvalOptions) -> None:
         raise ValueError("roi_qf needs a codec")
     if opts.roi_qf is not None:
         check_roi(opts.roi_qf, opts.roi_decoder)
+    if isinstance(opts.batch_images, bool) or not isinstance(opts.batch_images, int) or opts.batch_images < 1:
+        raise ValueError(f"batch_images must be an integer >= 1 (images coded together), got {opts.batch_images!r}")
     if opts.decode not in DECODE_MODES:
         raise ValueError(f"unknown decode {opts.decode!r}; valid: {', '.join(DECODE_MODES)}")
     if opts.workers > 1 and opts.device_type != "cpu":
@@ -379,7 +435,7 @@ def evaluate(codec, recognizer, dataset, options: EvalOptions | None = None, **s
 
     The settings: an ``EvalOptions`` and / or its fields as keywords (a keyword overrides the field), i.e.
     ``evaluate(codec, rec, ds, bitstream=True, roi_qf=None, roi_decoder="as_is", max_images=None, log=None,
-    device="cpu", amp=None, distributed=None, workers=1, shard=None, decode="all", desc="")``.
+    device="cpu", amp=None, distributed=None, workers=1, shard=None, decode="all", batch_images=1, desc="")``.
 
     ``workers`` > 1 (CPU, single process run): the images are split round-robin over that many forked worker processes
     (one intra-op thread each; CompressAI's autoregressive range coding is serial Python, so processes, not threads,
@@ -396,6 +452,9 @@ def evaluate(codec, recognizer, dataset, options: EvalOptions | None = None, **s
     (the image the decoder rebuilds is computed on the encoder side, ``codec.compress_image(reconstruct=True)``; the
     first image each process codes is also decoded and must be equal to it bit for bit, else a RuntimeError). Both
     give the same records; "first" skips the serial decoder's cost for the other images.
+
+    ``batch_images``: up to that many consecutive test images of one padded size are coded together, in one pass of
+    the wavefront coder (``LearnedCoder.code_batch``); the records are the same as one image at a time, bit for bit.
 
     ``roi_qf``: apply the ROI method of Ahonen et al. with the item's ``roi`` mask (needs the mask at the encoder);
     ``roi_decoder``: "as_is" or "rescale" (see ``icm_helpers.roi``; the signalled mask's bits count in both rates).
@@ -429,26 +488,46 @@ def evaluate(codec, recognizer, dataset, options: EvalOptions | None = None, **s
 @torch.no_grad()
 def _evaluate_images(coder, recognizer, dataset, metric, indices: list[int], opts: EvalOptions, n: int,
                      show: bool) -> list[dict[str, Any]]:
-    """THE per-image loop: code the image, recognise the decoded image, let the metric score it."""
+    """THE per-image loop: code the images (``batch_images`` consecutive ones of one padded size together), recognise
+    each decoded image, let the metric score it; records in the order of ``indices``."""
     per_image = []
-    for i in progress(indices, desc=opts.desc or "evaluate", unit="image") if show else indices:
-        item = to_device(dataset[i], opts.device)
-        x = item["image"][None]
-        x_hat, fields = coder.code(item, x)
-        record: dict[str, Any] = {"image_id": item["image_id"], **fields}
-        if coder.measures_quality:
-            record["psnr"] = psnr(x_hat, x)
-        t_task = time.perf_counter()
-        with opts.autocast():
-            prediction = _to_float(recognizer.predict(x_hat))
-        if opts.device_type == "cuda":
-            torch.cuda.synchronize()  # the time of the recognizer's kernels, not of their launch
-        record["task_seconds"] = time.perf_counter() - t_task  # the recognizer on the decoded image (VCM's nn_task)
-        record.update(metric.update(item["image_id"], prediction, item) or {})
-        per_image.append(record)
-        if opts.log and (i + 1) % 50 == 0 and dist_lib.is_main():
-            opts.log(f"  evaluated {i + 1}/{n} images")
+    bar = progress(total=len(indices), desc=opts.desc or "evaluate", unit="image") if show else None
+    for group in _image_groups(dataset, indices, opts):
+        coded = coder.code_batch([item for _, item in group], [item["image"][None] for _, item in group])
+        for (i, item), (x_hat, fields) in zip(group, coded):
+            record: dict[str, Any] = {"image_id": item["image_id"], **fields}
+            if coder.measures_quality:
+                record["psnr"] = psnr(x_hat, item["image"][None])
+            t_task = time.perf_counter()
+            with opts.autocast():
+                prediction = _to_float(recognizer.predict(x_hat))
+            if opts.device_type == "cuda":
+                torch.cuda.synchronize()  # the time of the recognizer's kernels, not of their launch
+            record["task_seconds"] = time.perf_counter() - t_task  # the recognizer on the decoded image (nn_task)
+            record.update(metric.update(item["image_id"], prediction, item) or {})
+            per_image.append(record)
+            if bar is not None:
+                bar.update(1)
+            if opts.log and (i + 1) % 50 == 0 and dist_lib.is_main():
+                opts.log(f"  evaluated {i + 1}/{n} images")
+    if bar is not None:
+        bar.close()
     return per_image
+
+
+def _image_groups(dataset, indices: list[int], opts: EvalOptions) -> Iterator[list[tuple[int, dict[str, Any]]]]:
+    """The items of ``indices`` in order, in groups of consecutive ones of one padded size (``codec.padded_size``),
+    at most ``opts.batch_images`` each: what ``LearnedCoder.code_batch`` codes in one wavefront pass."""
+    group: list[tuple[int, dict[str, Any]]] = []
+    for i in indices:
+        item = to_device(dataset[i], opts.device)
+        if group and (len(group) == opts.batch_images
+                      or padded_size(*item["image"].shape[-2:]) != padded_size(*group[0][1]["image"].shape[-2:])):
+            yield group
+            group = []
+        group.append((i, item))
+    if group:
+        yield group
 
 
 def _summarize(metric, per_image: list[dict[str, Any]], n: int, seconds: float) -> dict[str, Any]:

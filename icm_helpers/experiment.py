@@ -34,7 +34,7 @@ from .aux_branches import build_aux_branch, seed_random_stream
 from . import bootstrap
 from .config import check_device, load_profile, resolve_data_path, resolve_run_dir, safe_name
 from .datasources import DATA_SOURCES
-from .evaluation import evaluate
+from .evaluation import EvalOptions, evaluate
 from .io import atomic_torch_save, atomic_write_json, read_json
 from .methods import short_name, transfer_method_id
 from .provenance import result_provenance
@@ -680,20 +680,10 @@ class Experiment:
         if dist_lib.broadcast_object(stored is not None):
             return stored if stored is not None else self.results.read(path)
         started = time.time()
-        ev = evaluate(
-            codec_factory(),
-            self.recognizer(task),
-            self.dataset("test", task),
-            bitstream=bitstream,
-            roi_qf=roi_qf,
-            roi_decoder=roi_decoder,
-            max_images=self.max_images(),
-            device=self.device,
-            amp=ec.get("amp"),
-            workers=int(ec.get("workers", 1)) if self.device == "cpu" else 1,
-            decode=ec.get("decode", "all"),
-            desc=f"evaluate {task}/{name}",
-        )  # under torchrun: sharded over the ranks, gathered (same record on every rank)
+        options = EvalOptions.from_profile(ec, self.device, bitstream=bitstream, roi_qf=roi_qf, roi_decoder=roi_decoder,
+                                           max_images=self.max_images(), desc=f"evaluate {task}/{name}")
+        # under torchrun: sharded over the ranks, gathered (same record on every rank)
+        ev = evaluate(codec_factory(), self.recognizer(task), self.dataset("test", task), options)
         record = {"profile": self.profile, "task": task, "lambda_": lambda_, **fields, **ev,
                   "eval_key": self.evaluation_key(task, codec_key, bitstream, roi_qf, roi_decoder),
                   "provenance": self.run_provenance(started=started, ended=time.time())}

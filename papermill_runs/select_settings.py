@@ -50,7 +50,7 @@ from icm_helpers.assets import asset_dir  # noqa: E402
 from icm_helpers.bitmaps import compute_bit_maps  # noqa: E402
 from icm_helpers.codec import load_codec, load_state  # noqa: E402
 from icm_helpers.config import load_profile  # noqa: E402
-from icm_helpers.evaluation import evaluate  # noqa: E402
+from icm_helpers.evaluation import EvalOptions, evaluate  # noqa: E402
 from icm_helpers.experiment import Experiment  # noqa: E402
 from icm_helpers.io import read_json  # noqa: E402
 from icm_helpers.training import (  # noqa: E402
@@ -207,9 +207,7 @@ def measure_costs(ctx: StageContext, root: Path | None = None, warm_starts: bool
         ec = ex.cfg["evaluation"]
         n = 16
         t0 = time.perf_counter()
-        evaluate(ex.start_codec(), rec, ex.dataset("test"), bitstream=True, max_images=n,
-                 workers=int(ec.get("workers", 1)),
-                 decode=ec.get("decode", "all"))
+        evaluate(ex.start_codec(), rec, ex.dataset("test"), EvalOptions.from_profile(ec, ex.device, max_images=n))
         out["eval_image"][task] = (time.perf_counter() - t0) / n
         codec = ex.start_codec().eval()
         test = ex.dataset("test")

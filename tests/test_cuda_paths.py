@@ -425,6 +425,23 @@ def test_evaluate_bitstream_on_cuda_equals_cpu(world):
     assert {k: res[k] for k in keys} == {k: ref[k] for k in keys}
 
 
+def test_grouped_bitstream_on_cuda_equals_one_image_at_a_time_on_cpu(world):
+    """``batch_images`` on a GPU: the group's latents go through one wavefront pass on the device (index tensors,
+    matmuls, CDF indexes there; symbols through the host rANS coder); the records equal the CPU's one at a time."""
+    from icm_helpers.data import IcmDataset
+    from icm_helpers.evaluation import evaluate, without_timing
+
+    codec, rec = _eval_models("detection")
+    test = IcmDataset(world / "test")
+    ref = evaluate(codec, rec, test, bitstream=True)
+    with virtual_cuda() as stats:
+        _to_cuda(codec, rec)
+        res = evaluate(codec, rec, test, device="cuda", bitstream=True, batch_images=3)
+        assert stats["cuda_ops"] > 100
+    assert without_timing(res["per_image"]) == without_timing(ref["per_image"])
+    assert res["metrics"] == ref["metrics"]
+
+
 def test_evaluate_and_bit_maps_on_cuda_with_padding(tmp_path_factory):
     """Images whose size is not a multiple of 64 (padded inside evaluate / compute_bit_maps, cropped back)."""
     from icm_helpers.bitmaps import bit_map_rows, compute_bit_maps, roi_fraction_table

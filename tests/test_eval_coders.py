@@ -274,9 +274,127 @@ def test_benchmark_of_the_per_image_codec_work(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
     try:
-        report = main(["--threads", str(threads), "--config", "64x64:16", "--images", "2", "--data",
-                       str(tmp_path / "none"), "--out", str(tmp_path / "b.json")])
+        report = main(["--threads", str(threads), "--config", "64x64:16", "--images", "3", "--data",
+                       str(tmp_path / "none"), "--batch", "2", "--out", str(tmp_path / "b.json")])
     finally:
         torch.set_num_threads(threads)
-    assert report["configs"][0]["all_identical"] and report["configs"][0]["images"] == 2
+    assert report["configs"][0]["all_identical"] and report["configs"][0]["images"] == 3
+    assert all(row["grouped"]["seconds"] > 0 for row in report["configs"][0]["per_image"])  # groups of 2 and 1
     assert json.loads((tmp_path / "b.json").read_text())["configs"][0]["mean"]["new"]["seconds"] > 0
+
+
+class _Sized:
+    """A split whose images have several sizes: item i is the base split's item i (mod its length) cut or padded to
+    ``sizes[i]`` (image padded by replication, labels with the ignore index, the ROI with zeros)."""
+
+    def __init__(self, base, sizes):
+        self.base, self.sizes = base, sizes
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def __getitem__(self, i):
+        h, w = self.sizes[i]
+        item = dict(self.base[i % len(self.base)])
+        for key, mode, value in (("image", "replicate", None), ("roi", "constant", 0), ("semantic", "constant", 255)):
+            t = item[key][..., :h, :w]
+            grow = (0, w - t.shape[-1], 0, h - t.shape[-2])
+            if key == "image":
+                t = F.pad(t[None], grow, mode=mode)[0]
+            else:
+                t = F.pad(t, grow, mode=mode, value=value)
+            item[key] = t
+        return item
+
+    def __getattr__(self, name):
+        if name in ("base", "sizes"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+
+# padded sizes 64x64 (64x64, 60x50, 48x40, 40x64) and 128x128 (70x90): groups break where the padded size changes
+MIXED_SIZES = [(64, 64), (60, 50), (70, 90), (64, 64), (48, 40), (40, 64), (70, 90), (70, 90), (64, 64)]
+
+
+def test_images_are_grouped_by_padded_size_in_order(world):
+    from icm_helpers.evaluation import _image_groups
+
+    test = _Sized(IcmDataset(world / "test"), MIXED_SIZES)
+    groups = list(_image_groups(test, list(range(len(test))), EvalOptions(batch_images=3)))
+    assert [[i for i, _ in g] for g in groups] == [[0, 1], [2], [3, 4, 5], [6, 7], [8]]
+    assert [[i for i, _ in g] for g in _image_groups(test, [8, 0, 2, 1], EvalOptions(batch_images=8))] == [
+        [8, 0], [2], [1]]  # the order asked, never reordered
+    assert [len(g) for g in _image_groups(test, list(range(9)), EvalOptions())] == [1] * 9
+
+
+@pytest.mark.parametrize("decode, roi_decoder, bitstream", [
+    ("all", None, True), ("first", None, True), ("all", "rescale", True), ("all", None, False)])
+def test_images_coded_together_give_the_records_of_one_at_a_time(world, codec, segmenter, decode, roi_decoder,
+                                                                bitstream):
+    """batch_images groups consecutive images of one padded size into one wavefront pass (encoder and decoder);
+    every record, the metric and the decoded images (through the recognizer's per-image values) are the same bit
+    for bit, g_a and g_s still run once per image."""
+    test = _Sized(IcmDataset(world / "test"), MIXED_SIZES)
+    kw = dict(decode=decode, bitstream=bitstream, **(dict(roi_qf=1.4, roi_decoder=roi_decoder) if roi_decoder else {}))
+    one = evaluate(codec, segmenter, test, **kw)
+    calls = _Calls(codec)
+    try:
+        grouped = evaluate(codec, segmenter, test, batch_images=4, **kw)
+    finally:
+        calls.remove()
+    assert without_timing(grouped["per_image"]) == without_timing(one["per_image"])
+    assert grouped["metrics"] == one["metrics"]
+    assert calls.counts == {"g_a": len(test), "g_s": len(test) + (decode == "first")}
+
+
+def test_a_group_is_one_wavefront_pass(world, codec, segmenter, monkeypatch):
+    """The images of a group are coded and decoded together: one wavefront encoder and one decoder pass per group
+    (the test fails if ``code_batch`` fell back to one image at a time)."""
+    from icm_helpers import wavefront
+
+    passes = {"encode": [], "decode": []}
+    compress, decompress = wavefront._compress_latent, wavefront._decompress
+
+    def counted_compress(model, y, z, **kw):
+        passes["encode"].append(y.shape[0])
+        return compress(model, y, z, **kw)
+
+    def counted_decompress(model, strings, shape, **kw):
+        passes["decode"].append(len(strings[0]))
+        return decompress(model, strings, shape, **kw)
+
+    monkeypatch.setattr(wavefront, "_compress_latent", counted_compress)
+    monkeypatch.setattr(wavefront, "_decompress", counted_decompress)
+    test = _Sized(IcmDataset(world / "test"), MIXED_SIZES)
+    n = len(test)
+    evaluate(codec, segmenter, test, batch_images=4)
+    assert sum(passes["encode"]) == n
+    assert passes["encode"] == passes["decode"] == [2, 1, 3, 2, 1]  # the groups of MIXED_SIZES at 4 per group
+
+
+def test_forked_workers_code_their_images_together(world, codec, segmenter):
+    test = _Sized(IcmDataset(world / "test"), MIXED_SIZES)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' one intra-op thread (see test_forked_workers_merge_in_image_order)
+    try:
+        one = evaluate(codec, segmenter, test)
+    finally:
+        torch.set_num_threads(threads)
+    two = evaluate(codec, segmenter, test, workers=2, batch_images=3)
+    assert without_timing(two["per_image"]) == without_timing(one["per_image"])
+    assert two["metrics"] == one["metrics"]
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, "4", True])
+def test_batch_images_must_be_a_positive_integer(world, codec, segmenter, bad):
+    with pytest.raises(ValueError, match="batch_images must be an integer >= 1"):
+        evaluate(codec, segmenter, IcmDataset(world / "test"), batch_images=bad)
+
+
+def test_options_from_a_profile_block():
+    ec = {"bitstream": False, "decode": "first", "amp": "bf16", "batch_images": 4, "workers": 2, "max_images": 9}
+    opts = EvalOptions.from_profile(ec, "cpu", max_images=3, desc="x")
+    assert (opts.bitstream, opts.decode, opts.amp, opts.batch_images, opts.workers, opts.max_images, opts.desc) == (
+        False, "first", "bf16", 4, 2, 3, "x")
+    assert EvalOptions.from_profile(ec, "cuda").workers == 1  # forked workers are CPU processes
+    assert EvalOptions.from_profile(None) == EvalOptions()

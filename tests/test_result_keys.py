@@ -8,6 +8,7 @@ import torch
 from icm_helpers import experiment as experiment_module
 from icm_helpers.codec import load_codec, save_codec
 from icm_helpers.experiment import Experiment
+from icm_helpers.evaluation import without_timing
 from icm_helpers.io import atomic_write_json, read_json
 
 # a tiny world and start models: the keys are what is tested, not the models
@@ -25,9 +26,9 @@ def counted(monkeypatch):
     calls: list = []
     real = experiment_module.evaluate
 
-    def evaluate(*args, **kwargs):
-        calls.append(kwargs["max_images"])
-        return real(*args, **kwargs)
+    def evaluate(codec, recognizer, dataset, options, **kwargs):
+        calls.append(options.max_images)
+        return real(codec, recognizer, dataset, options, **kwargs)
 
     monkeypatch.setattr(experiment_module, "evaluate", evaluate)
     return calls
@@ -90,3 +91,31 @@ def test_another_codec_file_or_a_record_without_a_key_is_re_evaluated(tmp_path, 
     assert "no evaluation key" in redone[0]
     assert redone[1].startswith("re-evaluating detection/start") and "codec: " in redone[1]
     assert "test_images" not in redone[1]  # only what differs is named
+
+
+def test_batch_images_reaches_the_evaluation_and_does_not_re_evaluate(tmp_path, monkeypatch):
+    """``evaluation.batch_images`` is passed to ``evaluate`` (grouped wavefront passes) and is not in the record's key:
+    grouping gives the same records bit for bit (``tests/test_eval_coders.py``), so a record of another grouping is
+    reused, not re-evaluated."""
+    seen: list = []
+    real = experiment_module.evaluate
+
+    def evaluate(codec, recognizer, dataset, options, **kwargs):
+        seen.append(options.batch_images)
+        return real(codec, recognizer, dataset, options, **kwargs)
+
+    monkeypatch.setattr(experiment_module, "evaluate", evaluate)
+    bitstream = {**TINY, "evaluation.bitstream": True}
+    one = Experiment("smoke", run_dir=tmp_path / "one", overrides={**bitstream, "evaluation.batch_images": 1})
+    one.prepare_data()
+    grouped = Experiment("smoke", run_dir=tmp_path / "grouped", overrides={**bitstream, "evaluation.batch_images": 3})
+    grouped.prepare_data()
+    a, b = one.evaluate_start("detection"), grouped.evaluate_start("detection")
+    assert seen == [1, 3]
+    assert without_timing(a["per_image"]) == without_timing(b["per_image"]) and a["metric"] == b["metric"]
+    # the keys differ only in the two runs' own checkpoint files (a checkpoint stores its training's wall time)
+    assert {k: v for k, v in a["eval_key"].items() if k not in ("codec", "recognizer")} == {
+        k: v for k, v in b["eval_key"].items() if k not in ("codec", "recognizer")}
+    grouped_again = Experiment("smoke", run_dir=tmp_path / "one", overrides={**bitstream, "evaluation.batch_images": 3})
+    grouped_again.evaluate_start("detection")
+    assert seen == [1, 3]  # the record of batch_images 1 reused
