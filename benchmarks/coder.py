@@ -62,20 +62,39 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def _transform_timer(model) -> Iterator[dict[str, float]]:
-    """Seconds spent inside g_a and g_s (forward hooks), accumulated while the block runs."""
+    """Seconds spent inside g_a and g_s (forward hooks), accumulated while the block runs; on a GPU each hook waits
+    for the device's queued kernels (``sync``), so the seconds are the kernels' and not their launches'."""
     spent = {"g_a": 0.0, "g_s": 0.0}
     start: dict[str, float] = {}
+    sync = device_sync(next(model.parameters()).device)
     hooks = []
+
+    def begin(n):
+        sync()
+        start[n] = time.perf_counter()
+
+    def end(n):
+        sync()
+        spent[n] += time.perf_counter() - start[n]
+
     for name in spent:
         module = getattr(model, name)
-        hooks.append(module.register_forward_pre_hook(lambda m, i, n=name: start.__setitem__(n, time.perf_counter())))
-        hooks.append(module.register_forward_hook(
-            lambda m, i, o, n=name: spent.__setitem__(n, spent[n] + time.perf_counter() - start[n])))
+        hooks.append(module.register_forward_pre_hook(lambda m, i, n=name: begin(n)))
+        hooks.append(module.register_forward_hook(lambda m, i, o, n=name: end(n)))
     try:
         yield spent
     finally:
         for h in hooks:
             h.remove()
+
+
+def device_sync(device):
+    """A function that waits for ``device``'s queued work (``torch.cuda.synchronize`` on CUDA, nothing on the CPU)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 def _timed(model, fn) -> tuple[Any, float, float]:

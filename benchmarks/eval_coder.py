@@ -20,6 +20,12 @@ forward hooks. Writes JSON (``--out``) and prints a markdown table.
     python -m benchmarks.eval_coder --threads 1 --config 128x128:icm_helpers/assets/demo/codec_start.pt \\
         --config 832x1088:192 --images 8 2 --out eval_coder.json
 
+On a GPU (``--device cuda``; the codec, its wavefront coder's networks and the images on the device, the rANS coder
+on the CPU; each timed span waits for the device's kernels), the check a session lent a GPU runs in one go:
+
+    python -m benchmarks.eval_coder --device cuda --threads 4 --config 832x1088:192 --config 576x576:192 \\
+        --images 8 8 --batch 8 --out $OUT/eval_coder_cuda.json
+
 ``--config HxW:N`` (random init, the latent spread as in ``benchmarks.coder``) or ``HxW:checkpoint.pt`` (a codec saved
 by ``codec.save_codec``). Images: COCO val images from ``--data`` (resized, centre-cropped), else smooth random ones.
 """
@@ -36,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.coder import DEFAULT_DATA, _codec, _images, _transform_timer, run_benchmark  # noqa: E402
+from benchmarks.coder import DEFAULT_DATA, _codec, _images, _transform_timer, device_sync, run_benchmark  # noqa: E402,E501
 
 
 def _parse_config(text: str) -> tuple[int, int, str]:
@@ -59,6 +65,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spread", type=float, default=20.0, help="random init: scale of g_a's last convolution")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=1, help="B > 1: also time the coder on groups of B images")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:k]: where the codec runs (the rANS coder: the CPU)")
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error(f"--batch must be >= 1, got {args.batch}")
@@ -89,9 +96,12 @@ def _new(coder, x):
 
 
 def _timed(codec, fn) -> tuple[Any, dict[str, float]]:
+    sync = device_sync(next(codec.parameters()).device)
     with _transform_timer(codec) as spent:
+        sync()
         c0, t0 = time.process_time(), time.perf_counter()
         out = fn()
+        sync()
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return out, {"seconds": seconds, "cpu_seconds": cpu, "g_a_s": spent["g_a"], "g_s_s": spent["g_s"]}
 
@@ -103,8 +113,10 @@ def run_config(h: int, w: int, codec_spec: str, n_images: int, args: argparse.Na
     from icm_helpers.evaluation import EvalOptions, LearnedCoder
 
     codec = load_codec(codec_spec).eval() if codec_spec.endswith(".pt") else _codec(int(codec_spec), args)
+    codec.to(args.device)
     source, images = _images(args.data, n_images, h, w, args.seed)
-    coder = LearnedCoder(codec, EvalOptions())
+    images = [x.to(args.device) for x in images]
+    coder = LearnedCoder(codec, EvalOptions(device=args.device))
     rows, new_outputs = [], []
     for i, x in enumerate(images):
         order = ("old", "new") if i % 2 == 0 else ("new", "old")
@@ -164,7 +176,15 @@ def markdown(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _args(argv)
     return run_benchmark(args, lambda config, n: run_config(*config, n, args), markdown, nice=os.nice(0),
-                         argv=sys.argv[1:] if argv is None else list(argv))
+                         device=_device_name(args.device), argv=sys.argv[1:] if argv is None else list(argv))
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return f"{device}: {torch.cuda.get_device_name(torch.device(device))}"
+    return device
 
 
 if __name__ == "__main__":

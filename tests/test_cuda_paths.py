@@ -468,3 +468,20 @@ def test_evaluate_and_bit_maps_on_cuda_with_padding(tmp_path_factory):
                                     {"label": "roi", "lambda_": None, "codec": codec, "roi_qf": 1.4,
                                      "paired_with": "start"}], test, device="cuda")
         assert [r[0] for r in table["rows"]] == ["start", "roi"] and table["summary"][1]["delta_inside"]["n"] == 2
+
+
+def test_the_gpu_benchmark_runs_on_cuda(tmp_path, monkeypatch):
+    """``benchmarks.eval_coder --device cuda`` (the prepared GPU check): the codec and images on the device, every
+    arm (old sequence, coder, groups) gives the same records there."""
+    from benchmarks.eval_coder import main
+
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
+    try:
+        with virtual_cuda() as stats:
+            report = main(["--device", "cuda", "--threads", str(threads), "--config", "64x64:16", "--images", "3",
+                           "--batch", "2", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "b.json")])
+            assert stats["cuda_ops"] > 100
+    finally:
+        torch.set_num_threads(threads)
+    assert report["configs"][0]["all_identical"] and report["conditions"]["device"].startswith("cuda")
