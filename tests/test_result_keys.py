@@ -20,18 +20,23 @@ TINY = {
 }
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """The image counts of every evaluation that really runs (a reused record adds nothing)."""
+def _watch_evaluations(monkeypatch, field: str) -> list:
+    """``field`` of the options of every evaluation that really runs (a reused record adds nothing)."""
     calls: list = []
     real = experiment_module.evaluate
 
     def evaluate(codec, recognizer, dataset, options, **kwargs):
-        calls.append(options.max_images)
+        calls.append(getattr(options, field))
         return real(codec, recognizer, dataset, options, **kwargs)
 
     monkeypatch.setattr(experiment_module, "evaluate", evaluate)
     return calls
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """The image counts of every evaluation that really runs."""
+    return _watch_evaluations(monkeypatch, "max_images")
 
 
 def _evaluate_all(ex: Experiment) -> list[dict]:
@@ -97,14 +102,7 @@ def test_batch_images_reaches_the_evaluation_and_does_not_re_evaluate(tmp_path, 
     """``evaluation.batch_images`` is passed to ``evaluate`` (grouped wavefront passes) and is not in the record's key:
     grouping gives the same records bit for bit (``tests/test_eval_coders.py``), so a record of another grouping is
     reused, not re-evaluated."""
-    seen: list = []
-    real = experiment_module.evaluate
-
-    def evaluate(codec, recognizer, dataset, options, **kwargs):
-        seen.append(options.batch_images)
-        return real(codec, recognizer, dataset, options, **kwargs)
-
-    monkeypatch.setattr(experiment_module, "evaluate", evaluate)
+    seen = _watch_evaluations(monkeypatch, "batch_images")
     bitstream = {**TINY, "evaluation.bitstream": True}
     one = Experiment("smoke", run_dir=tmp_path / "one", overrides={**bitstream, "evaluation.batch_images": 1})
     one.prepare_data()
