@@ -24,7 +24,7 @@ import io
 import json
 import lzma
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -113,3 +113,20 @@ def install_shipped(src: Path, dst: Path) -> Path:
         torch.save(unpack(src.read_bytes()), buf)
         return atomic_write_bytes(dst, buf.getvalue())
     return atomic_write_bytes(dst, src.read_bytes())
+
+
+def install_matching(cfg: dict[str, Any], name: str, provenance: dict[str, Any], dst: Path,
+                     use_assets: bool | set[str] = True, log: Callable[[str], Any] = print) -> bool:
+    """Copy the profile's shipped ``name`` to ``dst`` when it was trained for ``provenance`` (:func:`find_shipped`);
+    ``use_assets``: True, False, or the names that may be installed (e.g. all but the one being regenerated). Logs
+    which file is used, or why none is when the profile ships assets. True when ``dst`` was installed."""
+    if not use_assets or (not isinstance(use_assets, bool) and name not in use_assets):
+        return False
+    src, why = find_shipped(cfg, name, provenance)
+    if src is None:
+        if cfg.get("assets"):
+            log(f"not using a shipped {name}: {why}; training it")
+        return False
+    install_shipped(src, dst)
+    log(f"using the shipped {name} ({src}; regenerate: python -m icm_helpers.regenerate)")
+    return True

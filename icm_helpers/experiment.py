@@ -10,11 +10,9 @@ Layout under the run directory (``runs/<profile>/`` by default; every path: ``ru
     results/<task>/<name>.json    one evaluation record per method and lambda (``result_store.ResultStore``)
 
 Every step is idempotent: finished artefacts are reused (never silently overwritten; ``force=True`` redoes them),
-interrupted trainings resume from their last complete epoch. An evaluation record carries ``eval_key``: everything
-its numbers depend on besides its method's fields (image count, split, bitstream / decode / amp, ROI, the codec
-file's and the recognizer's identity); a record is reused only when its key equals the one the settings give now,
-and otherwise re-evaluated with a log line naming what differs. BD-rate tables are computed from the stored records
-by ``bootstrap.bd_rate_table``.
+interrupted trainings resume from their last complete epoch. The steps orchestrate; the work is done elsewhere:
+branch pre-training in ``branch_pretraining``, evaluation records reused while their ``eval_key`` holds in
+``eval_cache``, the records themselves in ``result_store``, BD-rate tables in ``bootstrap.bd_rate_table``.
 """
 from __future__ import annotations
 
@@ -26,16 +24,16 @@ from typing import Any, Iterable
 import torch
 
 from . import anchors
+from . import branch_pretraining
 from . import codec as codec_lib
 from . import distributed as dist_lib
 from .adaptive_alpha import check_alpha_mode
-from .assets import canonical, find_shipped, install_shipped, sha256
-from .aux_branches import build_aux_branch, seed_random_stream
+from .assets import install_matching
 from . import bootstrap
 from .config import check_device, load_profile, resolve_data_path, resolve_run_dir, safe_name
 from .datasources import DATA_SOURCES
-from .evaluation import EvalOptions, evaluate
-from .io import atomic_torch_save, atomic_write_json, read_json
+from .eval_cache import evaluate_cached, evaluate_checkpoint
+from .io import atomic_write_json, read_json
 from .methods import short_name, transfer_method_id
 from .provenance import result_provenance
 from .recognizers import build_recognizer, load_recognizer, save_recognizer
@@ -43,36 +41,14 @@ from .registry import RESAMPLERS, check_task
 from .result_store import ResultStore
 from .roi import check_roi
 from .run_layout import RunLayout
-from .training import stopping
 from .training import (
     IcmSpec,
-    LrScale,
     TrainConfig,
-    train_aux_branch,
     train_icm,
     train_recognizer,
     train_start_codec,
     validation_terms,
 )
-
-
-#: Version of the evaluation key (``Experiment.evaluation_key``); records with another version are re-evaluated.
-EVAL_KEY_VERSION = 1
-
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def file_identity(path: Path) -> dict[str, Any] | None:
-    """``{"sha256", "bytes"}`` of a file, None when it is not there; each (path, size, mtime) is hashed once per
-    process."""
-    try:
-        st = Path(path).stat()
-    except FileNotFoundError:
-        return None
-    memo = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if memo not in _FILE_HASHES:
-        _FILE_HASHES[memo] = sha256(path)
-    return {"sha256": _FILE_HASHES[memo], "bytes": st.st_size}
 
 
 class Experiment:
@@ -250,22 +226,9 @@ class Experiment:
         if kind == "branch":  # R6v2's pre-trained aux branch: it also sees the validation split (the plateau rule)
             return {**base, "task": task, "val_images": (dc.get("counts") or {}).get("val"),
                     "recognizer": self.provenance("recognizer", task), "codec": self.provenance("codec"),
-                    "aux": self.task_cfg(task).get("aux", {}), "warm_start": self._warm_config(task)}
+                    "aux": self.task_cfg(task).get("aux", {}),
+                    "warm_start": branch_pretraining.warm_config(self, task)}
         raise ValueError(f"unknown provenance kind {kind!r}; valid: recognizer, codec, branch")
-
-    def _install_shipped(self, name: str, provenance: dict[str, Any], dst: Path) -> bool:
-        """Copy the profile's shipped ``name`` into the run directory when it was trained for ``provenance``."""
-        if not self.use_assets or (not isinstance(self.use_assets, bool) and name not in self.use_assets):
-            return False
-
-        src, why = find_shipped(self.cfg, name, provenance)
-        if src is None:
-            if self.cfg.get("assets"):
-                self.log(f"not using a shipped {name}: {why}; training it")
-            return False
-        install_shipped(src, dst)
-        self.log(f"using the shipped {name} ({src}; regenerate: python -m icm_helpers.regenerate)")
-        return True
 
     # ------------------------------------------------------------------ recognizers
     def recognizer_path(self, task: str) -> Path:
@@ -285,7 +248,8 @@ class Experiment:
             return self._pretrained[task]
         path = self.recognizer_path(task)
         if not path.exists() and not force:
-            self._install_shipped(f"recognizer_{task}", self.provenance("recognizer", task), path)
+            install_matching(self.cfg, f"recognizer_{task}", self.provenance("recognizer", task), path,
+                             self.use_assets, self.log)
         if path.exists() and not force:
             return load_recognizer(path, expect_task=task).to(self.device)
         torch.manual_seed(self.seed)
@@ -306,15 +270,14 @@ class Experiment:
 
     def evaluate_reference(self, task: str, force: bool = False) -> dict[str, Any]:
         """Task metric of the recognizer on the ORIGINAL (uncompressed) test images: the upper bound."""
-        return self._evaluate_cached(
-            task, "reference", None, {"method": "reference"}, force, codec_factory=lambda: None, codec_key=None
-        )
+        return evaluate_cached(self, task, "reference", None, {"method": "reference"}, force,
+                               codec_factory=lambda: None, codec_key=None)
 
     # ------------------------------------------------------------------ codec start point
     def start_codec(self, force: bool = False):
         path = self.start_codec_path
         if not path.exists() and not force:
-            self._install_shipped("codec_start", self.provenance("codec"), path)
+            install_matching(self.cfg, "codec_start", self.provenance("codec"), path, self.use_assets, self.log)
         if path.exists() and not force:
             return codec_lib.load_codec(path).to(self.device)
         cc = self.cfg["codec"]
@@ -345,104 +308,22 @@ class Experiment:
         return model
 
     def evaluate_start(self, task: str, force: bool = False) -> dict[str, Any]:
-        return self._evaluate_cached(task, "start", None, {"method": "start"}, force, codec_factory=self.start_codec,
-                                     codec_key=self.start_codec_path)
+        return evaluate_cached(self, task, "start", None, {"method": "start"}, force,
+                               codec_factory=self.start_codec, codec_key=self.start_codec_path)
 
     # ------------------------------------------------------------------ what ICM training shares between runs
     def warm_aux_branch(self, task: str, position: str, seed: int, labels: str = "pseudo") -> dict[str, Any]:
-        """State dict of the ``position`` branch pre-trained alone (``train_aux_branch``) on the START codec's features
-        with the training pseudo-labels (``labels="shuffled"``: another image's, the control branch), for training
-        seed ``seed``: shared by every lambda of that seed (it does not depend on lambda). Trained once, stored under
-        ``aux_warm/``; settings: ``tasks.<task>.aux_warm_start`` (a train block, plus optionally ``plateau: {rel,
-        patience, min_epochs, decays, decay_factor}``: stop when the validation loss plateaus, protocol v2 R6v2, or
-        first divide the rate ``decays`` times, R6v2b; ``seed``: one pre-training shared by every training seed;
-        ``name``: a variant's folder suffix, so that variants live side by side). A control branch trains for as many
-        epochs as the competent one of its task, with the competent one's plateau decays at the same epochs; the
-        block's own schedule (warm-up, polynomial tail) runs over the control's epochs, so with a polynomial tail it
-        decays within the control's run where the competent one, stopped early, may not have reached it."""
-        wc = dict(self.task_cfg(task).get("aux_warm_start") or {})
-        if not wc:
-            raise ValueError(
-                f"aux_init='warm' needs tasks.{task}.aux_warm_start (a train block: epochs, lr, ...) in the profile"
-            )
-        config = self._warm_config(task)
-        plateau_cfg = wc.pop("plateau", None)
-        seed = int(wc.pop("seed", seed))
-        wc.pop("name", None)
-        cfg = TrainConfig.from_dict(wc)
-        rule = stopping.plateau("val_aux", **plateau_cfg) if plateau_cfg else None
-        callbacks = [rule] if rule is not None else []  # stops at the plateau; with decays, also sets the rates
-        if labels != "pseudo":  # the control: the competent branch's length and decays, no stopping rule of its own
-            self.warm_aux_branch(task, position, seed, "pseudo")
-            history = codec_lib.load_state(self._warm_path(task, position, seed, "pseudo", config))["history"]
-            cfg = TrainConfig.from_dict({**wc, "epochs": len(history)})
-            callbacks = [LrScale(lambda h: rule.lr_scale(history[:len(h)]))] if rule is not None and rule.decays else []
-        final = self._warm_path(task, position, seed, labels, config)
-        if not final.exists() and labels == "pseudo" and dist_lib.is_main():
-            self._install_branch(task, position, seed, final)
-        dist_lib.barrier()
-        if final.exists():
-            return codec_lib.load_state(final)["state_dict"]
-        codec, recognizer = self.start_codec(), self.recognizer(task)
-        aux = self.build_branch(task, position, seed, codec, recognizer)
-        self.log(f"warm start: pre-training the {position} branch of {task} (seed {seed}, {labels} labels) on the "
-                 "start codec's latents")
-        steps_per_round = cfg.steps(len(self.dataset("train", task)))
-        res = train_aux_branch(position, aux, codec, recognizer, self.dataset("train", task), cfg,
-                               final.parent / "train_state.pt", val_set=self.dataset("val", task),
-                               seed=seed, log=self.log, device=self.device, labels=labels, callbacks=callbacks)
-        if dist_lib.is_main():
-            atomic_write_json(final.parent / "history.json", res.history)
-            atomic_torch_save({"state_dict": aux.state_dict(), "config": config, "labels": labels,
-                               "history": res.history}, final)
-            atomic_write_json(final.parent / "timing.json", {"loop_seconds": res.seconds, "epochs": len(res.history),
-                                                             "steps": len(res.history) * steps_per_round})
-        dist_lib.barrier()
-        return aux.state_dict()
-
-    def _install_branch(self, task: str, position: str, seed: int, final: Path) -> None:
-        """The shipped pre-trained branch (``aux_branch_<task>_<position>``), when the profile's pre-training matches
-        it (same seed): its file, plus a ``timing.json`` with no training seconds (nothing was trained here)."""
-        if seed != int(self._warm_config(task).get("seed", -1)):
-            return
-        if self._install_shipped(f"aux_branch_{task}_{position}", self.provenance("branch", task), final):
-            history = codec_lib.load_state(final)["history"]
-            wc = TrainConfig.from_dict({k: v for k, v in self._warm_config(task).items()
-                                        if k not in ("plateau", "seed", "name")})
-            atomic_write_json(final.parent / "history.json", history)
-            atomic_write_json(final.parent / "timing.json", {
-                "loop_seconds": 0.0, "epochs": len(history), "shipped": True,
-                "steps": len(history) * (wc.steps_per_epoch or wc.steps(len(self.dataset("train", task))))})
+        """The ``position`` branch pre-trained alone for training seed ``seed`` (``labels="shuffled"``: the control
+        branch), trained once under ``aux_warm/`` (``branch_pretraining.warm_aux_branch``)."""
+        return branch_pretraining.warm_aux_branch(self, task, position, seed, labels)
 
     def warm_branch_path(self, task: str, position: str, seed: int, labels: str = "pseudo") -> Path:
         """Where ``warm_aux_branch`` stores the branch of ``position`` pre-trained with ``seed`` (it may not exist)."""
-        return self._warm_path(task, position, seed, labels, self._warm_config(task))
-
-    def _warm_config(self, task: str) -> dict[str, Any]:
-        """The identity of a task's branch pre-training: its ``aux_warm_start`` block without the speed knobs."""
-        return TrainConfig.without_speed_knobs(dict(self.task_cfg(task).get("aux_warm_start") or {}))
-
-    def _warm_path(self, task: str, position: str, seed: int, labels: str, config: dict[str, Any]) -> Path:
-        """Where the pre-trained branch lives (``RunLayout.warm_branch_path``, the variant ``config["name"]`` in its
-        folder name); a file pre-trained with other settings is refused, never reused."""
-        final = self.layout.warm_branch_path(task, position, seed, labels, config.get("name"))
-        if final.exists():
-            stored = codec_lib.load_state(final)
-            if stored.get("config") != config:
-                raise FileExistsError(
-                    f"{final} was pre-trained with {stored.get('config')}, not {config}; delete it to redo"
-                )
-        return final
+        return branch_pretraining.branch_path(self, task, position, seed, labels)
 
     def build_branch(self, task: str, position: str | None, seed: int, codec, recognizer):
-        """The auxiliary branch of ``position``, initialised from ``seed`` (the same draws for cold and warm starts)."""
-        torch.manual_seed(seed)
-        aux = build_aux_branch(task, position, codec_lib.codec_N(codec), self.num_classes(task), recognizer=recognizer,
-                               **self.task_cfg(task).get("aux", {}))
-        if aux is None:
-            return None
-        seed_random_stream(aux, seed)  # its own random stream (protocol v2, V7); reseeded by every job that trains it
-        return aux.to(self.device)
+        """The auxiliary branch of ``position``, initialised from ``seed`` (``branch_pretraining.build_branch``)."""
+        return branch_pretraining.build_branch(self, task, position, seed, codec, recognizer)
 
     def budget_steps(self, task: str) -> dict[float, int]:
         """{fraction: step} of the profile's ``tasks.<task>.budget_fractions`` (dose-response): the codec is saved
@@ -639,59 +520,7 @@ class Experiment:
     def history(self, spec: IcmSpec) -> list[dict[str, Any]]:
         return read_json(self.layout.history_path(spec))
 
-    # ------------------------------------------------------------------ evaluation
-    def evaluation_key(self, task: str, codec: Path | dict[str, Any] | None, bitstream: bool,
-                       roi_qf: float | None = None, roi_decoder: str = "as_is") -> dict[str, Any]:
-        """Everything an evaluation record's numbers depend on besides its method's fields: the number of test images
-        (``evaluation.max_images`` and the split's size), the split (data settings and seed), ``bitstream``,
-        ``evaluation.decode`` / ``amp``, the ROI settings, the codec (a checkpoint file: its sha256 and size; an
-        anchor: its ``describe()``; None: the uncompressed reference) and the recognizer (backend, model settings
-        and, when the suite trains it, its file's sha256)."""
-        ec = self.cfg.get("evaluation", {}) or {}
-        rc = self.cfg["recognizers"][check_task(task)]
-        n_test, n_max = len(self.dataset("test", task)), self.max_images()
-        return canonical({
-            "version": EVAL_KEY_VERSION,
-            "test_images": n_test if n_max is None else min(n_max, n_test),
-            "max_images": n_max,
-            "split": {"test_split_images": n_test, "seed": self.seed,
-                      "data": {k: v for k, v in self.cfg["data"].items() if k != "val_images"}},
-            "bitstream": bool(bitstream),
-            "decode": ec.get("decode", "all"),
-            "amp": ec.get("amp"),
-            "roi": None if not roi_qf else {"qf": float(roi_qf), "decoder": roi_decoder},
-            "codec": {"file": file_identity(codec)} if isinstance(codec, Path) else codec,
-            "recognizer": {"backend": rc["backend"], "model": rc.get("model", {}),
-                           "file": file_identity(self.recognizer_path(task)) if rc.get("train") is not None else None},
-        })
-
-    def _evaluate_cached(self, task: str, name: str, lambda_: float | None, fields: dict[str, Any], force: bool,
-                         codec_factory, codec_key: Path | dict[str, Any] | None, roi_qf: float | None = None,
-                         roi_decoder: str = "as_is", bitstream: bool | None = None) -> dict[str, Any]:
-        """The record of ``name``: the stored one when its ``eval_key`` equals ``evaluation_key(...)`` now, else a new
-        evaluation. ``codec_key``: the codec's checkpoint file, an anchor's description, or None (the reference)."""
-        path = self.result_path(task, name)
-        ec = self.cfg.get("evaluation", {})
-        bitstream = bool(ec.get("bitstream", True)) if bitstream is None else bitstream
-        stored = None
-        if dist_lib.is_main():  # torchrun: rank 0 decides for all
-            stored = self.results.reusable(path, self.evaluation_key(task, codec_key, bitstream, roi_qf, roi_decoder),
-                                           force)
-        if dist_lib.broadcast_object(stored is not None):
-            return stored if stored is not None else self.results.read(path)
-        started = time.time()
-        options = EvalOptions.from_profile(ec, self.device, bitstream=bitstream, roi_qf=roi_qf, roi_decoder=roi_decoder,
-                                           max_images=self.max_images(), desc=f"evaluate {task}/{name}")
-        # under torchrun: sharded over the ranks, gathered (same record on every rank)
-        ev = evaluate(codec_factory(), self.recognizer(task), self.dataset("test", task), options)
-        record = {"profile": self.profile, "task": task, "lambda_": lambda_, **fields, **ev,
-                  "eval_key": self.evaluation_key(task, codec_key, bitstream, roi_qf, roi_decoder),
-                  "provenance": self.run_provenance(started=started, ended=time.time())}
-        if dist_lib.is_main():
-            self.results.write(path, record)
-        dist_lib.barrier()
-        return record
-
+    # ------------------------------------------------------------------ evaluation (eval_cache)
     def evaluate_run(self, spec: IcmSpec, force: bool = False, budget: float | None = None) -> dict[str, Any]:
         """Evaluate the trained model of ``spec`` (trained first if needed); ``budget``: the snapshot saved after that
         fraction of its training (``budget_fractions``) instead of the final model."""
@@ -711,16 +540,7 @@ class Experiment:
             fields["budget"] = float(budget)
         # budget snapshots: real bitstreams only if the profile asks (evaluation.budget_bitstream), else estimated bpp
         bitstream = None if budget is None else bool(self.cfg.get("evaluation", {}).get("budget_bitstream", True))
-        return self._evaluate_cached(
-            spec.task,
-            name,
-            spec.lambda_,
-            fields,
-            force,
-            codec_factory=lambda: codec_lib.load_codec(path).to(self.device),
-            codec_key=path,
-            bitstream=bitstream,
-        )
+        return evaluate_checkpoint(self, spec.task, name, spec.lambda_, fields, path, force, bitstream=bitstream)
 
     def run_grid(self, task: str, aux_positions: Iterable[str | None], lambdas: Iterable[float] | None = None,
                  alpha: float | None = None, alpha_mode: str | None = None, aux_init: str | None = None,
@@ -787,17 +607,10 @@ class Experiment:
                 continue
             for codec in codecs:
                 fields = {"method": name, "anchor": codec.describe()}
-                records.append(
-                    self._evaluate_cached(
-                        task,
-                        self.layout.anchor_result_name(name, codec.quality),
-                        float(codec.quality),
-                        fields,
-                        False,
-                        codec_factory=lambda codec=codec: codec,
-                        codec_key={"anchor": codec.describe()},
-                    )
-                )
+                records.append(evaluate_cached(self, task, self.layout.anchor_result_name(name, codec.quality),
+                                               float(codec.quality), fields, False,
+                                               codec_factory=lambda codec=codec: codec,
+                                               codec_key={"anchor": codec.describe()}))
         return records, skipped
 
     def evaluate_transfer(
@@ -832,17 +645,7 @@ class Experiment:
                 if spec.aux_init != "cold":
                     fields["aux_init"] = spec.aux_init
                 name = self.layout.transfer_result_name(spec, trained_for)
-                records.append(
-                    self._evaluate_cached(
-                        evaluated_by,
-                        name,
-                        spec.lambda_,
-                        fields,
-                        False,
-                        codec_factory=lambda final=final: codec_lib.load_codec(final).to(self.device),
-                        codec_key=final,
-                    )
-                )
+                records.append(evaluate_checkpoint(self, evaluated_by, name, spec.lambda_, fields, final))
         return records
 
     def evaluate_roi(self, task: str, lambdas: Iterable[float] | None = None, qf: float | None = None,
@@ -868,19 +671,8 @@ class Experiment:
             final = self.train(spec)
             fields = {"method": method, "aux_position": None, "qf": qf, "roi_decoder": decoder, "seed": seed,
                       "codec_path": str(final.relative_to(self.run_dir))}
-            records.append(
-                self._evaluate_cached(
-                    task,
-                    self.layout.roi_result_name(method, qf, lam, seed),
-                    float(lam),
-                    fields,
-                    False,
-                    codec_factory=lambda final=final: codec_lib.load_codec(final).to(self.device),
-                    codec_key=final,
-                    roi_qf=qf,
-                    roi_decoder=decoder,
-                )
-            )
+            records.append(evaluate_checkpoint(self, task, self.layout.roi_result_name(method, qf, lam, seed),
+                                               float(lam), fields, final, roi_qf=qf, roi_decoder=decoder))
         return records
 
     def full_records(

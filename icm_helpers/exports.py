@@ -1,4 +1,4 @@
-"""Tables from evaluation records (``evaluation.evaluate`` / ``Experiment._evaluate_cached``): a per-image table of one
+"""Tables from evaluation records (``evaluation.evaluate`` / ``eval_cache.evaluate_cached``): a per-image table of one
 record (CSV, and Parquet when pyarrow is installed) and a summary table with one row per rate point in the column
 layout of MPEG VCM common-test-condition reporting. Every file is written atomically (``io.atomic_write_bytes``):
 the whole table is built in memory first, so an error leaves no partial file and the previous file intact.

@@ -7,10 +7,16 @@ encoder g_a (Q2).
   ``validate_at_steps`` steps; returns every curve and the paired differences (same seed) with t-intervals.
 - ``gradient_cosines``: cos(G_aux, G_main) over g_a's parameters, per batch and branch, with the codec's noise and
   the recognizer's sampling drawn the same for every branch of a batch.
+
+Arms and branches are keyed by their method id (``icm_helpers.methods``: ``baseline``, ``aux_enc_warm``,
+``aux_enc_warm_shuffled``), in the code and in the profile (``curve_arms``, ``curve_seeds``); the display labels of
+:data:`CURVE_ARMS` and :data:`COSINE_BRANCHES` ("w/o aux", "aux-enc", "control", "competent", "random") appear only
+in figure text, legends and tables (a curve's ``label``, a difference row's ``pair``, a cosine row's ``branch``).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -21,11 +27,67 @@ from torch import nn
 from . import codec as codec_lib
 from .aux_branches import keep_random_stream, seed_random_stream
 from .io import read_json
+from .methods import METHODS, short_name
 from .training import IcmSpec, equal_size_batches, icm_terms
 
-#: the arms of the curves: (label, aux_position, aux_init, aux_labels)
-CURVE_ARMS = (("w/o aux", None, "cold", "pseudo"), ("aux-enc", "enc", "warm", "pseudo"),
-              ("control", "enc", "warm", "shuffled"))
+
+@dataclass(frozen=True)
+class Arm:
+    """An arm of the curves or a branch of the cosines: ``method``, its id in ``methods.METHODS`` (which gives its
+    aux position, branch start and labels, and its colour), and ``label``, the text figures and tables show."""
+
+    method: str
+    label: str
+
+    def spec(self, ex, task: str, lambda_: float, seed: int) -> IcmSpec:
+        """The ICM spec of this arm at ``lambda_`` and training seed ``seed``."""
+        m = METHODS[self.method]
+        spec = ex.spec(task, lambda_, m.aux_position, aux_init=m.aux_init if m.aux_position else None, seed=seed,
+                       aux_labels=m.aux_labels)
+        if spec.method != self.method:
+            raise ValueError(f"arm {self.method!r} makes runs of method {spec.method!r}: check the profile's "
+                             f"tasks.{task}.alpha_mode (the curves use the fixed alpha)")
+        return spec
+
+
+#: the arms of the curves (protocol v2, Q1): w/o aux, aux-enc with the competent (pre-trained) branch, the control
+CURVE_ARMS = (Arm("baseline", "w/o aux"), Arm("aux_enc_warm", "aux-enc"), Arm("aux_enc_warm_shuffled", "control"))
+
+#: the branches of the gradient cosines (protocol v2, Q2): the competent (pre-trained), a random (initial) and the
+#: control branch, all at the encoder
+COSINE_BRANCHES = (Arm("aux_enc_warm", "competent"), Arm("aux_enc", "random"),
+                   Arm("aux_enc_warm_shuffled", "control"))
+
+#: the paired differences of the curves, (first arm, second arm) by method id: first minus second
+CURVE_PAIRS = (("aux_enc_warm", "baseline"), ("aux_enc_warm_shuffled", "baseline"),
+               ("aux_enc_warm", "aux_enc_warm_shuffled"))
+
+#: the cosine difference summarised per codec: competent minus control on the same batches
+COSINE_PAIR = ("aux_enc_warm", "aux_enc_warm_shuffled")
+
+
+def arm_label(method_id: str, arms: Iterable[Arm] = CURVE_ARMS) -> str:
+    """The display label of the arm ``method_id`` (its method's short name when ``arms`` does not list it)."""
+    return next((a.label for a in arms if a.method == method_id), short_name(method_id))
+
+
+def _check_arm_keys(task: str, setting: str, keys: Iterable[str]) -> None:
+    """An error naming the method id to write for each key of ``tasks.<task>.<setting>`` that is no arm's id (a
+    display label such as "w/o aux": the arm's id instead)."""
+    ids = [a.method for a in CURVE_ARMS]
+    by_label = {a.label: a.method for a in CURVE_ARMS}
+    bad = [k for k in keys if k not in ids]
+    if bad:
+        fixes = "; ".join(f"{k!r} -> {by_label[k]!r}" if k in by_label else f"{k!r} is no arm" for k in bad)
+        raise ValueError(f"tasks.{task}.{setting}: arms are keyed by method id ({fixes}); valid: {ids}")
+
+
+def curve_seeds(ex, task: str) -> dict[str, list[int]]:
+    """{arm method id: training seeds} of ``task``'s curves: the profile's ``tasks.<task>.curve_seeds`` (keyed by
+    method id), each arm it does not name with the profile's ``train_seeds``."""
+    seeds = ex.task_cfg(task).get("curve_seeds") or {}
+    _check_arm_keys(task, "curve_seeds", seeds)
+    return {a.method: [int(s) for s in seeds.get(a.method, ex.train_seeds())] for a in CURVE_ARMS}
 
 
 def t_interval(values: Iterable[float], confidence: float = 0.95) -> dict[str, Any]:
@@ -41,51 +103,43 @@ def t_interval(values: Iterable[float], confidence: float = 0.95) -> dict[str, A
 
 
 def curve_specs(ex, task: str) -> list[tuple[str, IcmSpec]]:
-    """(arm label, spec) of every curve run of ``task``: the arms of ``CURVE_ARMS`` the profile asks for
-    (``tasks.<task>.curve_arms``, default all), each for its seeds (``curve_seeds``: {arm label: [seeds]}, default
-    the profile's ``train_seeds``), at the task's ``ablation_lambda``."""
+    """(arm method id, spec) of every curve run of ``task``: the arms of ``CURVE_ARMS`` the profile asks for
+    (``tasks.<task>.curve_arms``: method ids, default all), each for its seeds (:func:`curve_seeds`), at the task's
+    ``ablation_lambda``."""
     tc = ex.task_cfg(task)
     lam = float(tc["ablation_lambda"])
-    wanted = tc.get("curve_arms") or [a[0] for a in CURVE_ARMS]
-    unknown = sorted(set(wanted) - {a[0] for a in CURVE_ARMS})
-    if unknown:
-        raise ValueError(f"tasks.{task}.curve_arms: unknown arms {unknown}; valid: {[a[0] for a in CURVE_ARMS]}")
-    seeds = tc.get("curve_seeds") or {}
-    out = []
-    for label, position, init, labels in CURVE_ARMS:
-        if label in wanted:
-            for seed in seeds.get(label, ex.train_seeds()):
-                out.append((label, ex.spec(task, lam, position, aux_init=init, seed=int(seed), aux_labels=labels)))
-    return out
+    wanted = tc.get("curve_arms") or [a.method for a in CURVE_ARMS]
+    _check_arm_keys(task, "curve_arms", wanted)
+    seeds = curve_seeds(ex, task)
+    return [(arm.method, arm.spec(ex, task, lam, seed)) for arm in CURVE_ARMS if arm.method in wanted
+            for seed in seeds[arm.method]]
 
 
 def learning_curves(ex, task: str, train: bool = True) -> dict[str, Any]:
-    """Train (``train=True``) or read the curve runs of ``task``; returns {"curves": {arm: {seed: [(step, val_main)]}},
-    "methods": {arm: the method id of its runs}, "differences": rows of the paired differences per step, "lambda_":
-    ...}. Paired: the difference of two arms is taken between runs of the SAME seed (same data order, codec noise,
-    recognizer sampling: protocol v2, V7)."""
+    """Train (``train=True``) or read the curve runs of ``task``; returns {"curves": {arm method id: {seed: [(step,
+    val_main)]}}, "labels": {arm method id: its display label}, "differences": rows of the paired differences per
+    step, "lambda_": ...}. Paired: the difference of two arms is taken between runs of the SAME seed (same data
+    order, codec noise, recognizer sampling: protocol v2, V7)."""
     curves: dict[str, dict[int, list[tuple[int, float]]]] = {}
-    methods: dict[str, str] = {}
-    for label, spec in curve_specs(ex, task):
-        methods[label] = spec.method
+    for arm, spec in curve_specs(ex, task):
         if train:
             ex.train(spec)
         path = ex.run_path(spec) / "curve.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: train {spec.run_name} (seed {spec.seed}) with "
                                     f"tasks.{task}.validate_at_steps set (notebook 11 does)")
-        curves.setdefault(label, {})[spec.seed] = [(int(p["step"]), float(p["val_main"])) for p in read_json(path)]
+        curves.setdefault(arm, {})[spec.seed] = [(int(p["step"]), float(p["val_main"])) for p in read_json(path)]
     return {"task": task, "lambda_": float(ex.task_cfg(task)["ablation_lambda"]), "curves": curves,
-            "methods": methods, "differences": paired_differences(curves)}
+            "labels": {arm: arm_label(arm) for arm in curves}, "differences": paired_differences(curves)}
 
 
 def paired_differences(curves: dict[str, dict[int, list[tuple[int, float]]]],
-                       pairs: Iterable[tuple[str, str]] = (("aux-enc", "w/o aux"), ("control", "w/o aux"),
-                                                           ("aux-enc", "control")),
+                       pairs: Iterable[tuple[str, str]] = CURVE_PAIRS,
                        min_seeds: int = 3) -> list[dict[str, Any]]:
-    """Per step and pair of arms: the differences (first minus second) over the seeds both arms have, with the mean
-    and its 95% t-interval when at least ``min_seeds`` seeds have both (protocol v2 section 6: the 2-seed control is
-    reported by its values, no interval claimed; NaN bounds)."""
+    """Per step and pair of arms (method ids, :data:`CURVE_PAIRS`): the differences (first minus second) over the
+    seeds both arms have, with the mean and its 95% t-interval when at least ``min_seeds`` seeds have both (protocol
+    v2 section 6: the 2-seed control is reported by its values, no interval claimed; NaN bounds). A row names its
+    arms by id (``arms``) and by label (``pair``, "aux-enc - w/o aux")."""
     rows = []
     for a, b in pairs:
         if a not in curves or b not in curves:
@@ -99,7 +153,8 @@ def paired_differences(curves: dict[str, dict[int, list[tuple[int, float]]]],
             stats_ = t_interval(diffs)
             if len(diffs) < min_seeds:
                 stats_.update(low=math.nan, high=math.nan)
-            rows.append({"pair": f"{a} - {b}", "step": step, "seeds": seeds, "values": diffs, **stats_})
+            rows.append({"pair": f"{arm_label(a)} - {arm_label(b)}", "arms": [a, b], "step": step, "seeds": seeds,
+                         "values": diffs, **stats_})
     return rows
 
 
@@ -145,7 +200,7 @@ def cosine_study(ex, task: str, batches_start: int = 40, batches_per_seed: int =
     batches each, other batches per seed), for the competent (warm), random (initial) and control branches."""
     tc = ex.task_cfg(task)
     lam = float(tc["ablation_lambda"])
-    seeds = (tc.get("curve_seeds") or {}).get("w/o aux", ex.train_seeds())
+    seeds = curve_seeds(ex, task)["baseline"]
     recognizer = ex.recognizer(task)
     batch_size = int(tc["train"].get("batch_size", 8))
     need = batches_start + batches_per_seed * len(seeds)
@@ -160,7 +215,7 @@ def cosine_study(ex, task: str, batches_start: int = 40, batches_per_seed: int =
     seed0 = ex.train_seeds()[0]
     branches = _cosine_branches(ex, task, lam, seed0)
     rows = [{**r, "codec": "start", "seed": None}
-            for r in gradient_cosines(ex.start_codec(), recognizer, branches, batches[:batches_start])]
+            for r in _labelled(gradient_cosines(ex.start_codec(), recognizer, branches, batches[:batches_start]))]
     snapshots = sorted(ex.budget_steps(task).items())  # (fraction, step): the first one is the cosines' codec
     if snapshots:
         fraction, step = snapshots[0]
@@ -170,22 +225,28 @@ def cosine_study(ex, task: str, batches_start: int = 40, batches_per_seed: int =
             codec = codec_lib.load_codec(ex.snapshot_path(spec, fraction)).to(ex.device)
             part = batches[batches_start + k * batches_per_seed: batches_start + (k + 1) * batches_per_seed]
             rows += [{**r, "codec": f"w/o aux after {step} steps", "seed": int(seed)}
-                     for r in gradient_cosines(codec, recognizer, branches, part, base_seed=1000 * (k + 1))]
+                     for r in _labelled(gradient_cosines(codec, recognizer, branches, part, base_seed=1000 * (k + 1)))]
     return {"task": task, "lambda_": lam, "rows": rows, "summary": summarise_cosines(rows),
             "batches": {"start": batches_start, "per_seed": batches_per_seed}}
 
 
+def _labelled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Cosine rows of branches keyed by method id: ``branch`` their display label, ``method`` the id."""
+    return [{**r, "branch": arm_label(r["branch"], COSINE_BRANCHES), "method": r["branch"]} for r in rows]
+
+
 def _cosine_branches(ex, task: str, lam: float, seed: int) -> dict[str, tuple[nn.Module, IcmSpec]]:
+    """{method id: (branch, spec)} of :data:`COSINE_BRANCHES`: each built from ``seed``, the warm ones pre-trained."""
     codec, recognizer = ex.start_codec(), ex.recognizer(task)
     out = {}
-    for name, init, labels in (("competent", "warm", "pseudo"), ("random", None, "pseudo"),
-                               ("control", "warm", "shuffled")):
-        branch = ex.build_branch(task, "enc", seed, codec, recognizer)
-        if init == "warm":
-            branch.load_state_dict(ex.warm_aux_branch(task, "enc", seed, labels))
+    for arm in COSINE_BRANCHES:
+        spec = arm.spec(ex, task, lam, seed)
+        branch = ex.build_branch(task, spec.aux_position, seed, codec, recognizer)
+        if spec.aux_init == "warm":
+            branch.load_state_dict(ex.warm_aux_branch(task, spec.aux_position, seed, spec.aux_labels))
         for p in branch.parameters():
             p.requires_grad_(True)
-        out[name] = (branch.train(), ex.spec(task, lam, "enc", aux_init=init, seed=seed, aux_labels=labels))
+        out[arm.method] = (branch.train(), spec)
     return out
 
 
@@ -221,18 +282,24 @@ def branch_competence(ex, task: str, position: str = "enc", train: bool = True) 
 
 def summarise_cosines(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean cosine per (codec, branch) with a 95% t-interval: over the per-seed means where the codec has seeds,
-    over batches for the start codec; and the paired difference competent minus control on the same batches."""
+    over batches for the start codec; and the paired difference of :data:`COSINE_PAIR` (competent minus control) on
+    the same batches. Branches are told apart by their ``method`` id; each summary row has the branch's label
+    (``branch``) and its ids (``methods``: one, or the two of a difference)."""
     out = []
     codecs = list(dict.fromkeys(r["codec"] for r in rows))
     for codec_name in codecs:
         part = [r for r in rows if r["codec"] == codec_name]
         seeded = part[0]["seed"] is not None
-        by_branch = {b: [r for r in part if r["branch"] == b] for b in dict.fromkeys(r["branch"] for r in part)}
-        series = {b: _unit_means(rs, seeded) for b, rs in by_branch.items()}
-        if "competent" in series and "control" in series:
-            series["competent - control"] = [a - b for a, b in zip(series["competent"], series["control"])]
-        for name, values in series.items():
-            out.append({"codec": codec_name, "branch": name, "unit": "seed" if seeded else "batch",
+        by_id: dict[str, list[dict[str, Any]]] = {}
+        for r in part:
+            by_id.setdefault(r["method"], []).append(r)
+        series = {m: (rs[0]["branch"], [m], _unit_means(rs, seeded)) for m, rs in by_id.items()}
+        a, b = COSINE_PAIR
+        if a in series and b in series:
+            series[f"{a} - {b}"] = (f"{series[a][0]} - {series[b][0]}", [a, b],
+                                    [x - y for x, y in zip(series[a][2], series[b][2])])
+        for label, methods, values in series.values():
+            out.append({"codec": codec_name, "branch": label, "methods": methods, "unit": "seed" if seeded else "batch",
                         **t_interval(values)})
     return out
 

@@ -400,31 +400,30 @@ MAIN_LOSS_LABEL = {"detection": "validation main loss (Eq. 4)", "segmentation": 
 def plot_learning_curves(result: Mapping[str, Any], title: str | None = None) -> tuple[Figure, dict[str, Any]]:
     """Protocol v2, Q1 (Figs. 8-9 at CPU scale): left, the validation main loss of every run against the training
     step (thin: each seed; thick: the mean over seeds; symlog x so step 0 shows); right, the paired differences (same
-    seed) of the arms with their 95% t-intervals, zero marked. ``result``: ``mechanism.learning_curves``'s output; an
-    arm is drawn in the colour of its method (``result["methods"][arm]``, an id of ``icm_helpers.methods``; none:
-    matplotlib's colour cycle).
+    seed) of the arms with their 95% t-intervals, zero marked. ``result``: ``mechanism.learning_curves``'s output:
+    ``curves`` keyed by each arm's method id (an id of ``icm_helpers.methods``, which gives its colour; another key:
+    matplotlib's colour cycle), ``labels`` {id: the arm's legend text} (default: the method's short name).
 
-    Returns ``(fig, data)`` with the curves, the arms' method ids (when given) and the difference rows."""
+    Returns ``(fig, data)`` with the curves keyed by label, ``methods`` {label: method id} and the difference rows."""
     curves, diffs = result["curves"], result["differences"]
     if not curves:
         raise ValueError("no learning curves to plot")
     fig, (ax, axd) = plt.subplots(1, 2, figsize=(10, 4.4), layout="constrained")
-    methods = dict(result.get("methods") or {})
+    labels = {arm: (result.get("labels") or {}).get(arm, short_name(arm)) for arm in curves}
     lam = result.get("lambda_")
     title = title or f"{result.get('task', '')}, lambda={lam:g}: Eq. 4 / Eq. 6 without aux"
     data: dict[str, Any] = {"xlabel": "training step", "title": title, "task": result.get("task"), "lambda_": lam,
-                            "curves": {}, "differences": list(diffs)}
-    if methods:
-        data["methods"] = methods
+                            "curves": {}, "differences": list(diffs),
+                            "methods": {labels[arm]: arm for arm in curves}}
     for arm, by_seed in curves.items():
-        color = method_color(methods.get(arm))
+        color = method_color(arm)
         for seed, points in by_seed.items():
             ax.plot([p[0] for p in points], [p[1] for p in points], color=color, alpha=0.35, linewidth=0.8)
         steps = sorted(set.intersection(*[{p[0] for p in pts} for pts in by_seed.values()]))
         mean = [float(np.mean([dict(pts)[s] for pts in by_seed.values()])) for s in steps]
         ax.plot(steps, mean, color=color, marker="o", markersize=3, linewidth=2,
-                label=f"{arm} (mean of {len(by_seed)} seeds)")
-        data["curves"][arm] = {"steps": steps, "mean": mean, "seeds": {str(k): v for k, v in by_seed.items()}}
+                label=f"{labels[arm]} (mean of {len(by_seed)} seeds)")
+        data["curves"][labels[arm]] = {"steps": steps, "mean": mean, "seeds": {str(k): v for k, v in by_seed.items()}}
     for pair in dict.fromkeys(r["pair"] for r in diffs):
         rows = [r for r in diffs if r["pair"] == pair]
         x = [r["step"] for r in rows]
@@ -474,9 +473,11 @@ def _spread_ticks(values: Sequence[float], transform: Any, min_gap: float = 0.07
 
 
 @themed
-def plot_cosines(summary: Sequence[Mapping[str, Any]], title: str | None = None) -> tuple[Figure, dict[str, Any]]:
+def plot_cosines(summary: Sequence[Mapping[str, Any]], title: str | None = None,
+                 highlight: str = "aux_enc_warm") -> tuple[Figure, dict[str, Any]]:
     """Protocol v2, Q2: the mean cosine between the auxiliary and the main gradient on g_a per (codec, branch) with
-    its 95% t-interval, zero marked. ``summary``: ``mechanism.summarise_cosines``'s rows."""
+    its 95% t-interval, zero marked. ``summary``: ``mechanism.summarise_cosines``'s rows; a row whose first method id
+    (``methods``) is ``highlight`` (the competent branch, or a difference from it) is red, the others gray."""
     if not summary:
         raise ValueError("no cosines to plot")
     fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(summary) + 1.2), layout="constrained")
@@ -485,7 +486,7 @@ def plot_cosines(summary: Sequence[Mapping[str, Any]], title: str | None = None)
     y = np.arange(len(summary))[::-1]
     for yi, r in zip(y, summary):
         err = None if not np.isfinite(r["low"]) else [[r["mean"] - r["low"]], [r["high"] - r["mean"]]]
-        ax.errorbar(r["mean"], yi, xerr=err, fmt="o", color="tab:red" if "competent" in r["branch"] else "tab:gray",
+        ax.errorbar(r["mean"], yi, xerr=err, fmt="o", color="tab:red" if r["methods"][0] == highlight else "tab:gray",
                     capsize=3)
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_yticks(y, labels, fontsize=8)

@@ -175,19 +175,28 @@ _LEGACY_CURVE_ARM_METHODS = {"w/o aux": "baseline", "aux-enc": "aux_enc", "contr
 def _learning_curves(folder: Folder, name: str, data: dict[str, Any]) -> tuple[Figure, dict[str, Any]]:
     task = data.get("task") or name.rsplit("_", 1)[-1]
     lam = data.get("lambda_") or folder.profile(data)["tasks"][task]["ablation_lambda"]
-    curves = {arm: {_seed(s): [tuple(p) for p in pts] for s, pts in c["seeds"].items()}
-              for arm, c in data["curves"].items()}
-    methods = data.get("methods") or {arm: _LEGACY_CURVE_ARM_METHODS[arm] for arm in curves
-                                       if arm in _LEGACY_CURVE_ARM_METHODS}
-    result = {"task": task, "lambda_": float(lam), "curves": curves, "methods": methods,
+    methods = data.get("methods") or _LEGACY_CURVE_ARM_METHODS  # {label: method id}
+    ids = {label: methods.get(label, label) for label in data["curves"]}  # an arm without an id: its label
+    curves = {ids[label]: {_seed(s): [tuple(p) for p in pts] for s, pts in c["seeds"].items()}
+              for label, c in data["curves"].items()}
+    result = {"task": task, "lambda_": float(lam), "curves": curves, "labels": {i: label for label, i in ids.items()},
               "differences": data["differences"]}
     return plot_learning_curves(result, title=data.get("title"))
+
+
+#: The method ids of the branches of cosine JSON written before its rows stored them (``methods``): the colours those
+#: figures were drawn in (red: the competent branch and its differences).
+_LEGACY_COSINE_BRANCH_METHODS = {"competent": ["aux_enc_warm"], "random": ["aux_enc"],
+                                 "control": ["aux_enc_warm_shuffled"],
+                                 "competent - control": ["aux_enc_warm", "aux_enc_warm_shuffled"]}
 
 
 def _cosines(folder: Folder, name: str, data: dict[str, Any]) -> tuple[Figure, dict[str, Any]]:
     task = name.rsplit("_", 1)[-1]
     lam = folder.profile(data)["tasks"][task]["ablation_lambda"]
-    fig, new = plot_cosines(data["rows"], title=data.get("title") or f"{task}: cos(G_aux, G_main) on g_a, "
+    rows = [r if "methods" in r else {**r, "methods": _LEGACY_COSINE_BRANCH_METHODS.get(r["branch"], [r["branch"]])}
+            for r in data["rows"]]
+    fig, new = plot_cosines(rows, title=data.get("title") or f"{task}: cos(G_aux, G_main) on g_a, "
                                                                       f"lambda={lam:g}")
     return fig, {**new, "per_batch": data.get("per_batch")}
 

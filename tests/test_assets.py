@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from icm_helpers import branch_pretraining
 from icm_helpers.assets import MAX_TOTAL_BYTES, asset_dir, canonical, find_shipped, pack, sha256, unpack
 from icm_helpers.config import load_profile
 from icm_helpers.io import read_json
@@ -81,19 +82,17 @@ def test_experiment_installs_the_shipped_branch_without_pretraining(tmp_path, mo
     timing.json that counts no pre-training; the control branch is not shipped; another pre-training is not served."""
     import torch
 
-    import icm_helpers.experiment as experiment
-
     def no_training(*a, **k):
         raise AssertionError("pre-trained although a matching shipped branch exists")
 
-    monkeypatch.setattr(experiment, "train_aux_branch", no_training)
+    monkeypatch.setattr(branch_pretraining, "train_aux_branch", no_training)
     ex = _experiment(tmp_path)
     state = ex.warm_aux_branch("segmentation", "enc", 0)
     shipped = unpack((ROOT / MANIFEST["files"]["aux_branch_segmentation_enc"]["file"]).read_bytes())
     assert set(state) == set(shipped["state_dict"])
     for k, v in state.items():
         assert v.dtype == shipped["state_dict"][k].dtype and torch.equal(v, shipped["state_dict"][k]), k
-    timing = experiment.read_json(ex.warm_branch_path("segmentation", "enc", 0).parent / "timing.json")
+    timing = read_json(ex.warm_branch_path("segmentation", "enc", 0).parent / "timing.json")
     assert timing["shipped"] and timing["loop_seconds"] == 0.0 and timing["epochs"] == len(shipped["history"])
     ex.dataset = lambda *a, **k: [None] * 64  # no world generated: the pre-training is refused before it reads data
     with pytest.raises(AssertionError, match="pre-trained although"):

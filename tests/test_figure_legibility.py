@@ -84,12 +84,12 @@ def _bd_rows() -> list[dict[str, Any]]:
 def _learning_curves() -> dict[str, Any]:
     steps = [0, 5, 10, 20, 30, 50, 75, 100, 150, 200, 250, 300]  # validated often, as a longer run would be
     curves = {arm: {seed: [(s, 1.4 - 0.05 * math.log1p(s) + 0.01 * seed + off) for s in steps] for seed in range(3)}
-              for arm, off in (("w/o aux", 0.0), ("aux-enc", 0.005), ("control", 0.01))}
+              for arm, off in (("baseline", 0.0), ("aux_enc_warm", 0.005), ("aux_enc_warm_shuffled", 0.01))}
     diffs = [{"pair": pair, "step": s, "n": 3, "mean": 0.01 * k, "low": 0.01 * k - 0.02, "high": 0.01 * k + 0.02,
               "values": [0.0, 0.01, 0.02], "seeds": [0, 1, 2]}
              for pair, k in (("aux-enc - w/o aux", 1), ("control - w/o aux", 2)) for s in steps]
-    methods = {"w/o aux": "baseline", "aux-enc": "aux_enc_warm", "control": "aux_enc_warm_shuffled"}
-    return {"task": "detection", "lambda_": 1.6, "curves": curves, "methods": methods, "differences": diffs}
+    labels = {"baseline": "w/o aux", "aux_enc_warm": "aux-enc", "aux_enc_warm_shuffled": "control"}
+    return {"task": "detection", "lambda_": 1.6, "curves": curves, "labels": labels, "differences": diffs}
 
 
 class _Samples:
@@ -139,8 +139,10 @@ def _transfer_cells() -> dict[str, Any]:
 
 
 def _cosine_rows() -> list[dict[str, Any]]:
-    return [{"codec": codec, "branch": branch, "mean": 0.05, "low": -0.02, "high": 0.12, "n": 10, "unit": "seed"}
-            for codec in ("start codec", "w/o aux step 100") for branch in ("competent aux-enc", "control")]
+    return [{"codec": codec, "branch": branch, "methods": [method], "mean": 0.05, "low": -0.02, "high": 0.12, "n": 10,
+             "unit": "seed"}
+            for codec in ("start codec", "w/o aux step 100")
+            for branch, method in (("competent aux-enc", "aux_enc_warm"), ("control", "aux_enc_warm_shuffled"))]
 
 
 #: name -> a function drawing the figure the way a notebook does.

@@ -117,15 +117,28 @@ def test_bit_fraction_colours_come_from_the_method_not_the_label():
 
 
 def test_learning_curve_colours_come_from_the_arms_methods():
-    curves = {arm: {0: [(0, 1.0), (10, 0.9)]} for arm in ("aux-enc", "w/o aux", "renamed arm")}
+    """Curves are keyed by method id; the labels are only legend text (and the JSON's keys, with their ids)."""
+    curves = {arm: {0: [(0, 1.0), (10, 0.9)]} for arm in ("aux_enc_warm", "baseline", "aux_enc_warm_shuffled")}
     result = {"task": "detection", "lambda_": 1.6, "curves": curves, "differences": [],
-              "methods": {"aux-enc": "aux_enc_warm", "w/o aux": "baseline", "renamed arm": "aux_enc_warm_shuffled"}}
+              "labels": {"aux_enc_warm": "w/o aux", "baseline": "aux-enc", "aux_enc_warm_shuffled": "renamed arm"}}
     fig, data = plots.plot_learning_curves(result)
     colors = {label.split(" (mean")[0]: c for label, c in _line_colors(fig.axes[0]).items()}
-    assert _same_color(colors["aux-enc"], METHODS["aux_enc_warm"].color)
-    assert _same_color(colors["w/o aux"], METHODS["baseline"].color)
+    assert _same_color(colors["w/o aux"], METHODS["aux_enc_warm"].color)  # a misleading label changes no colour
+    assert _same_color(colors["aux-enc"], METHODS["baseline"].color)
     assert _same_color(colors["renamed arm"], METHODS["aux_enc_warm_shuffled"].color)
-    assert data["methods"] == result["methods"]
+    assert data["methods"] == {"w/o aux": "aux_enc_warm", "aux-enc": "baseline", "renamed arm": "aux_enc_warm_shuffled"}
+    assert list(data["curves"]) == ["w/o aux", "aux-enc", "renamed arm"]
+
+
+def test_cosine_colours_come_from_the_branches_methods():
+    """A cosine row is red when its first method id is the competent branch's, whatever its label says."""
+    rows = [{"codec": "start", "branch": branch, "methods": methods, "mean": 0.1, "low": 0.0, "high": 0.2, "n": 3,
+             "unit": "batch"} for branch, methods in (("control", ["aux_enc_warm"]),
+                                                       ("competent", ["aux_enc_warm_shuffled"]),
+                                                       ("competent - control", ["aux_enc", "aux_enc_warm"]))]
+    fig, _ = plots.plot_cosines(rows)
+    colors = [mcolors.to_rgba(c.lines[0].get_color()) for c in fig.axes[0].containers]
+    assert colors == [mcolors.to_rgba("tab:red"), mcolors.to_rgba("tab:gray"), mcolors.to_rgba("tab:gray")]
 
 
 # ------------------------------------------------------------------------------------------------ one producer

@@ -13,7 +13,9 @@ from scipy import stats
 
 from icm_helpers.aux_branches import build_aux_branch, own_random_stream, seed_random_stream, shuffle_labels
 from icm_helpers.codec import build_codec
-from icm_helpers.mechanism import flat_cosine, gradient_cosines, paired_differences, t_interval
+from icm_helpers.experiment import Experiment
+from icm_helpers.mechanism import (CURVE_ARMS, curve_specs, flat_cosine, gradient_cosines, paired_differences,
+                                   summarise_cosines, t_interval)
 from icm_helpers.methods import METHODS, icm_method_id
 from icm_helpers.recognizers import build_recognizer
 from icm_helpers.training import IcmSpec, TrainConfig, icm_terms, poly_lr_lambda, train_icm
@@ -238,10 +240,11 @@ def test_t_interval_matches_scipy_and_one_value_has_no_interval():
 
 
 def test_paired_differences_pair_runs_of_the_same_seed():
-    curves = {"w/o aux": {0: [(0, 1.0), (10, 0.9)], 1: [(0, 1.0), (10, 0.8)]},
-              "aux-enc": {0: [(0, 1.0), (10, 0.85)], 1: [(0, 1.0), (10, 0.78)], 2: [(0, 1.0), (10, 0.1)]}}
+    curves = {"baseline": {0: [(0, 1.0), (10, 0.9)], 1: [(0, 1.0), (10, 0.8)]},
+              "aux_enc_warm": {0: [(0, 1.0), (10, 0.85)], 1: [(0, 1.0), (10, 0.78)], 2: [(0, 1.0), (10, 0.1)]}}
     rows = {(r["pair"], r["step"]): r for r in paired_differences(curves)}
-    r = rows[("aux-enc - w/o aux", 10)]
+    r = rows[("aux-enc - w/o aux", 10)]  # arms keyed by method id, named by their labels
+    assert r["arms"] == ["aux_enc_warm", "baseline"]
     assert r["seeds"] == [0, 1] and r["values"] == pytest.approx([-0.05, -0.02])
     assert rows[("aux-enc - w/o aux", 0)]["values"] == [0.0, 0.0]
 
@@ -308,8 +311,46 @@ def test_r2v2_funds_the_parts_in_order_and_never_cuts_the_detection_curves_below
 
 
 def test_pairs_with_fewer_than_three_seeds_get_no_interval():
-    curves = {"w/o aux": {0: [(0, 1.0), (10, 0.9)], 1: [(0, 1.0), (10, 0.8)]},
-              "control": {0: [(0, 1.0), (10, 0.95)], 1: [(0, 1.0), (10, 0.7)]}}
+    curves = {"baseline": {0: [(0, 1.0), (10, 0.9)], 1: [(0, 1.0), (10, 0.8)]},
+              "aux_enc_warm_shuffled": {0: [(0, 1.0), (10, 0.95)], 1: [(0, 1.0), (10, 0.7)]}}
     rows = [r for r in paired_differences(curves) if r["step"] == 10]
     assert rows and all(math.isnan(r["low"]) and math.isnan(r["high"]) for r in rows)
     assert rows[0]["values"] == pytest.approx([0.05, -0.1])
+
+
+def test_curve_arms_are_keyed_by_method_id_in_the_profile(tmp_path):
+    """The curves' arms are method ids (their runs' ``method``); a profile keying ``curve_seeds`` or ``curve_arms``
+    by an arm's display label is refused with the id to write instead."""
+    ex = Experiment("smoke", run_dir=tmp_path, log=None)
+    specs = curve_specs(ex, "detection")
+    assert [arm for arm, _ in specs] == [a.method for a in CURVE_ARMS] == [
+        "baseline", "aux_enc_warm", "aux_enc_warm_shuffled"]
+    assert all(spec.method == arm for arm, spec in specs)
+    tc = ex.cfg["tasks"]["detection"]
+    tc["curve_seeds"] = {"baseline": [0, 3]}  # the other arms: the profile's train_seeds
+    assert [(arm, spec.seed) for arm, spec in curve_specs(ex, "detection")] == [
+        ("baseline", 0), ("baseline", 3), ("aux_enc_warm", 0), ("aux_enc_warm_shuffled", 0)]
+    tc["curve_seeds"] = {"w/o aux": [0], "aux_enc_warm": [0], "control": [0]}
+    with pytest.raises(ValueError, match=r"curve_seeds: arms are keyed by method id \('w/o aux' -> 'baseline'; "
+                                         r"'control' -> 'aux_enc_warm_shuffled'\)"):
+        curve_specs(ex, "detection")
+    tc["curve_seeds"] = {}
+    tc["curve_arms"] = ["aux-enc"]
+    with pytest.raises(ValueError, match=r"curve_arms: .*'aux-enc' -> 'aux_enc_warm'"):
+        curve_specs(ex, "detection")
+    tc["curve_arms"] = ["aux_dec"]
+    with pytest.raises(ValueError, match="'aux_dec' is no arm"):
+        curve_specs(ex, "detection")
+    tc["curve_arms"] = ["aux_enc_warm_shuffled"]
+    assert [arm for arm, _ in curve_specs(ex, "detection")] == ["aux_enc_warm_shuffled"]
+
+
+def test_cosine_summary_pairs_branches_by_method_id_and_keeps_their_labels():
+    rows = [{"codec": "start", "seed": None, "batch": b, "branch": label, "method": method, "cos": c + 0.1 * b}
+            for b in range(3) for label, method, c in (("competent", "aux_enc_warm", 0.3), ("random", "aux_enc", 0.0),
+                                                       ("control", "aux_enc_warm_shuffled", 0.1))]
+    summary = summarise_cosines(rows)
+    assert [(r["branch"], r["methods"]) for r in summary] == [
+        ("competent", ["aux_enc_warm"]), ("random", ["aux_enc"]), ("control", ["aux_enc_warm_shuffled"]),
+        ("competent - control", ["aux_enc_warm", "aux_enc_warm_shuffled"])]
+    assert summary[-1]["mean"] == pytest.approx(0.2) and summary[-1]["n"] == 3

@@ -1,11 +1,11 @@
-"""Evaluation records are keyed by what determines their numbers (``Experiment.evaluation_key``): a stored record is
+"""Evaluation records are keyed by what determines their numbers (``eval_cache.evaluation_key``): a stored record is
 reused only when its key equals the one the settings give now; otherwise it is re-evaluated, with a log line."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from icm_helpers import experiment as experiment_module
+from icm_helpers import eval_cache
 from icm_helpers.codec import load_codec, save_codec
 from icm_helpers.experiment import Experiment
 from icm_helpers.evaluation import without_timing
@@ -23,13 +23,13 @@ TINY = {
 def _watch_evaluations(monkeypatch, field: str) -> list:
     """``field`` of the options of every evaluation that really runs (a reused record adds nothing)."""
     calls: list = []
-    real = experiment_module.evaluate
+    real = eval_cache.evaluate
 
     def evaluate(codec, recognizer, dataset, options, **kwargs):
         calls.append(getattr(options, field))
         return real(codec, recognizer, dataset, options, **kwargs)
 
-    monkeypatch.setattr(experiment_module, "evaluate", evaluate)
+    monkeypatch.setattr(eval_cache, "evaluate", evaluate)
     return calls
 
 
