@@ -11,8 +11,9 @@ Layout under the run directory (``runs/<profile>/`` by default; every path: ``ru
 
 Every step is idempotent: finished artefacts are reused (never silently overwritten; ``force=True`` redoes them),
 interrupted trainings resume from their last complete epoch. The steps orchestrate; the work is done elsewhere:
-branch pre-training in ``branch_pretraining``, evaluation records reused while their ``eval_key`` holds in
-``eval_cache``, the records themselves in ``result_store``, BD-rate tables in ``bootstrap.bd_rate_table``.
+ICM training runs in ``icm_runs``, branch pre-training in ``branch_pretraining``, evaluation records reused while
+their ``eval_key`` holds in ``eval_cache``, the records themselves in ``result_store``, BD-rate tables in
+``bootstrap.bd_rate_table``.
 """
 from __future__ import annotations
 
@@ -25,15 +26,15 @@ import torch
 
 from . import anchors
 from . import branch_pretraining
+from . import icm_runs
 from . import codec as codec_lib
-from . import distributed as dist_lib
 from .adaptive_alpha import check_alpha_mode
 from .assets import install_matching
 from . import bootstrap
 from .config import check_device, load_profile, resolve_data_path, resolve_run_dir, safe_name
 from .datasources import DATA_SOURCES
 from .eval_cache import evaluate_cached, evaluate_checkpoint
-from .io import atomic_write_json, read_json
+from .io import read_json
 from .methods import short_name, transfer_method_id
 from .provenance import result_provenance
 from .recognizers import build_recognizer, load_recognizer, save_recognizer
@@ -44,7 +45,6 @@ from .run_layout import RunLayout
 from .training import (
     IcmSpec,
     TrainConfig,
-    train_icm,
     train_recognizer,
     train_start_codec,
     validation_terms,
@@ -326,29 +326,13 @@ class Experiment:
         return branch_pretraining.build_branch(self, task, position, seed, codec, recognizer)
 
     def budget_steps(self, task: str) -> dict[float, int]:
-        """{fraction: step} of the profile's ``tasks.<task>.budget_fractions`` (dose-response): the codec is saved
-        after that many training steps of every run (fraction x epochs x steps per epoch). A fraction must fall on a
-        whole step. ``tasks.<task>.snapshot_steps`` names the steps instead (protocol v2: the codec after 100 steps,
-        for the gradient cosines); its fractions are step / total."""
-        fractions = self.task_cfg(task).get("budget_fractions") or []
-        steps = self.task_cfg(task).get("snapshot_steps") or []
+        """{fraction: step} after which every run of ``task`` saves its codec: the profile's
+        ``tasks.<task>.budget_fractions`` and ``snapshot_steps`` (``icm_runs.snapshot_steps``)."""
+        tc = self.task_cfg(task)
+        fractions, steps = tc.get("budget_fractions") or [], tc.get("snapshot_steps") or []
         if not fractions and not steps:
             return {}
-        total = self.total_steps(task)
-        bad = [n for n in steps if int(n) <= 0]
-        if bad:
-            raise ValueError(f"tasks.{task}.snapshot_steps {bad}: a snapshot is taken after a step >= 1")
-        # a step at or past the run's end has no snapshot (e.g. a profile shortened with --set): the final codec is it
-        out = {int(n) / total: int(n) for n in steps if int(n) < total}
-        for f in fractions:
-            s = float(f) * total
-            if not (0 < f < 1) or abs(s - round(s)) > 1e-9:
-                raise ValueError(
-                    f"tasks.{task}.budget_fractions: {f} x {total} steps is not a whole step in (0, {total}); "
-                    f"use fractions that are multiples of 1/{total}"
-                )
-            out[float(f)] = int(round(s))
-        return out
+        return icm_runs.snapshot_steps(task, fractions, steps, self.total_steps(task))
 
     def total_steps(self, task: str) -> int:
         """Training steps of every ICM run of ``task`` (epochs x steps per epoch)."""
@@ -360,81 +344,14 @@ class Experiment:
 
     # ------------------------------------------------------------------ ICM training
     def train(self, spec: IcmSpec, force: bool = False) -> Path:
-        """Train one ICM model (resumes if interrupted; reuses a finished one). Returns the final codec path.
+        """Train one ICM model (resumes if interrupted; reuses a finished one trained with the same job, refuses one
+        trained otherwise). Returns the final codec path (``icm_runs.train_run``).
 
         With the profile's ``validate_every_epoch`` the validation loss terms (Eq. 4 main loss among them) are
         recorded per epoch, which the branch-position ablation plots (Figs. 8-9); with ``tasks.<task>.
         validate_at_steps`` instead after those numbers of steps (``curve.json``; protocol v2's learning curves).
         ``timing.json``: the seconds of the training loop and of those validations."""
-        out = self.run_path(spec)
-        final = self.codec_path(spec)
-        spec_dict = spec.as_dict()  # without alpha_mode when "fixed": the paper's stored runs stay valid
-        # under torchrun every rank must take the same decision: rank 0's view of the files decides
-        snapshots = {n: self.snapshot_path(spec, f) for f, n in self.budget_steps(spec.task).items()}
-        tc = self.task_cfg(spec.task)
-        cfg = TrainConfig.from_dict(tc["train"])
-        meta_extra: dict[str, Any] = ({"aux_warm_start": TrainConfig.without_speed_knobs(tc["aux_warm_start"])}
-                                      if spec.aux_init == "warm" else {})
-        total = self.total_steps(spec.task)
-        val_steps = [int(n) for n in tc.get("validate_at_steps") or [] if int(n) <= total]
-        job = {"spec": spec_dict, "train": cfg.job_meta(), **meta_extra}  # everything the trained weights depend on
-        if dist_lib.broadcast_object(final.exists() and not force):
-            extra = codec_lib.load_state(final)["extra"]
-            stored = extra.get(
-                "job", {"spec": extra.get("spec"), "train": job["train"], **meta_extra}
-            )  # older files: spec only
-            if stored != job:
-                changed = sorted(k for k in {*stored, *job} if stored.get(k) != job.get(k))
-                raise FileExistsError(
-                    f"{final} was trained with other {', '.join(changed)} ({ {k: stored.get(k) for k in changed} }) "
-                    f"than the profile asks now ({ {k: job.get(k) for k in changed} }); pass force=True "
-                    "(notebooks: rerun with --force) to retrain it, or use another run dir"
-                )
-            missing = [p.name for p in snapshots.values() if not p.exists()]
-            if missing:
-                raise FileNotFoundError(
-                    f"{out} has no budget snapshots {missing} (the profile's budget_fractions were added after "
-                    "it was trained); retrain it with force=True"
-                )
-            return final
-        if force and dist_lib.is_main():
-            for f in ("train_state.pt", "codec.pt", *(p.name for p in snapshots.values())):
-                (out / f).unlink(missing_ok=True)
-        dist_lib.barrier()
-        codec = self.start_codec()
-        recognizer = self.recognizer(spec.task)
-        aux = self.build_branch(spec.task, spec.aux_position, spec.seed, codec, recognizer)
-        if spec.aux_init == "warm":
-            aux.load_state_dict(self.warm_aux_branch(spec.task, spec.aux_position, spec.seed, spec.aux_labels))
-        self.log(f"ICM training {spec.task}/{out.name}")
-        validate = bool(val_steps) or bool(self.cfg.get("validate_every_epoch"))
-        res = train_icm(
-            spec,
-            codec,
-            recognizer,
-            aux,
-            self.dataset("train", spec.task),
-            cfg,
-            out / "train_state.pt",
-            val_set=self.dataset("val", spec.task) if validate else None,
-            log=self.log,
-            device=self.device,
-            snapshots=snapshots,
-            meta_extra=meta_extra,
-            val_steps=val_steps or None,
-            curve_path=out / "curve.json",
-            epoch_validation=bool(self.cfg.get("validate_every_epoch")),
-        )
-        if dist_lib.is_main():  # one writer (torchrun: rank 0); the others wait until the files are there
-            atomic_write_json(out / "history.json", res.history)
-            atomic_write_json(out / "timing.json", {
-                "loop_seconds": res.seconds, "resumed_from_epoch": res.resumed_from_epoch, "steps": total,
-                "validation_seconds": res.hook_seconds.get("validation", 0.0),
-                "snapshot_seconds": res.hook_seconds.get("snapshots", 0.0),
-                "validation_before_training_seconds": res.hook_seconds.get("validation_before_training", 0.0)})
-            codec_lib.save_codec(final, codec, extra={"spec": spec_dict, "job": job, "history": res.history})
-        dist_lib.barrier()
-        return final
+        return icm_runs.train_run(self, spec, force)
 
     def loss_balance(self, task: str, lambdas: Iterable[float]) -> list[dict[str, Any]]:
         """Validation terms of the START codec under Eq. 4/6 at each lambda: how much of the main loss the task

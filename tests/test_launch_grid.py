@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from icm_helpers import experiment as experiment_mod
+from icm_helpers import icm_runs
 from icm_helpers.experiment import Experiment
 from icm_helpers.grid import GridJob, GridJobCall, grid_jobs, grid_specs
 
@@ -95,7 +96,7 @@ def test_local_executor_trains_the_grid_and_notebooks_reuse_it(tmp_path, monkeyp
     def no_training(*args, **kwargs):
         raise AssertionError("a model the grid trained was trained again")
 
-    monkeypatch.setattr(experiment_mod, "train_icm", no_training)
+    monkeypatch.setattr(icm_runs, "train_icm", no_training)
     specs = grid_specs(ex, "detection", ("02", "03"))
     assert {s.aux_position for s in specs} == {None, "enc"}
     for spec in specs:
