@@ -30,10 +30,11 @@ only the values already coded (zeros elsewhere; the encoder does not keep y ther
 wavefront: gather the causal taps of every position (for all images of the batch), the masked context convolution
 as matmuls (one per image, so a batch computes what single images do), ``entropy_parameters`` (1x1
 convolutions, i.e. matmuls) on the concatenation with the hyperprior's parameters at those positions, scales ->
-indexes with ``gaussian_conditional.build_indexes``, symbols = round(y - means) (``quantize(..., "symbols",
-means)``), y_hat = symbols + means (``dequantize``). Every image of a batch is computed with the same shapes as it
-would be alone (images are never folded into one matrix dimension, and g_a, h_a, h_s run image by image), so a
-batch gives the same strings and latents as one image at a time.
+indexes as ``gaussian_conditional.build_indexes`` gives them (one ``searchsorted``: ``_Tables.indexes``),
+symbols = round(y - means) (``quantize(..., "symbols", means)``), y_hat = symbols + means (``dequantize``). Every
+image of a batch is computed with the same shapes as it would be alone (images are never folded into one matrix
+dimension, and g_a, h_a, h_s run image by image), so a batch gives the same strings and latents as one image at a
+time.
 
 Bitstream. One rANS string per image (``compressai.ans.BufferedRansEncoder`` / ``RansDecoder``), symbols in
 wavefront order (positions of a wavefront by increasing row, channels innermost), coded with the model's own tables
@@ -146,6 +147,20 @@ class _Tables:
                 self.layers.append(layer)  # an elementwise activation (LeakyReLU), channel order does not matter
         self.gc = model.gaussian_conditional
         self.cdf, self.cdf_lengths, self.offsets = _cdf_tables(self.gc)
+        bounds = self.gc.scale_table[:-1]
+        self.scale_bounds = bounds.contiguous() if bool((bounds[1:] > bounds[:-1]).all()) else None
+
+    def indexes(self, scales: torch.Tensor) -> torch.Tensor:
+        """``gaussian_conditional.build_indexes(scales)`` bit for bit, as one search instead of a loop over the scale
+        table (~190 small kernels per wavefront, most of a GPU's time here). CompressAI starts every index at L - 1
+        (L table entries) and subtracts 1 for each entry s of table[:-1] with scale <= s: index = #{s < scale}, which
+        for an increasing table is ``searchsorted(table[:-1], scale)`` (left side), the same float32 comparisons. A NaN
+        scale compares false everywhere there (index L - 1); the search would put it first, so it is kept apart."""
+        if self.scale_bounds is None:  # a table not strictly increasing: CompressAI's loop
+            return self.gc.build_indexes(scales)
+        scales = self.gc.lower_bound_scale(scales)
+        index = torch.searchsorted(self.scale_bounds, scales.contiguous()).int()
+        return index.masked_fill_(scales.isnan(), self.scale_bounds.numel())
 
     def fronts(self, height: int, width: int, slope: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
         fronts = _front_indexes(height, width, slope, tuple(self.taps), self.pad)
@@ -224,7 +239,7 @@ def _compress_latent(model: nn.Module, y: torch.Tensor, z: torch.Tensor, slope: 
     symbols, indexes = [], []
     for front in tables.fronts(H, W, tables.slope if slope is None else slope, y.device):
         scales, means = tables.gaussian_params(buf, params_cl, front)
-        idx = tables.gc.build_indexes(scales)
+        idx = tables.indexes(scales)
         sym = tables.gc.quantize(y_cl.index_select(1, front["pos"]), "symbols", means)  # round(y - mean)
         buf.index_copy_(1, front["buf"], tables.gc.dequantize(sym, means))  # y_hat = symbol + mean
         symbols.append(sym.reshape(B, -1))
@@ -257,7 +272,7 @@ def _decompress(model: nn.Module, strings: Sequence[Sequence[bytes]], shape: Seq
         decoders[-1].set_stream(s)
     for front in tables.fronts(H, W, tables.slope if slope is None else slope, params.device):
         scales, means = tables.gaussian_params(buf, params_cl, front)
-        idx = tables.gc.build_indexes(scales).reshape(B, -1).tolist()
+        idx = tables.indexes(scales).reshape(B, -1).tolist()
         sym = [dec.decode_stream(idx[i], tables.cdf, tables.cdf_lengths, tables.offsets)
                for i, dec in enumerate(decoders)]
         sym_t = torch.tensor(sym, dtype=torch.int32, device=buf.device).reshape(means.shape)

@@ -1,11 +1,16 @@
 """The wavefront coder (icm_helpers.wavefront) against the model and CompressAI's position-by-position coder.
 
+On a GPU: ``ICM_TEST_DEVICE=cuda pytest tests/test_wavefront.py`` runs the same checks with the codecs and images on
+that device (encoder and decoder on the same device; the rANS coder on the CPU), TF32 off so that the checks' own
+reference (a full convolution) computes in fp32 as the coder's matmuls do.
+
 The codecs are random-initialised cheng2020-attn (seeded, ``update(force=True)``) whose analysis transform's last
 convolution is scaled up so that the latent has the spread of a trained codec's (std of a few units instead of ~0.2):
 many distinct symbols, scales and escape codes occur, and a wrong context changes many symbols.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -23,7 +28,8 @@ from icm_helpers.codec import (
     pad_to_multiple,
 )
 
-COCO = Path("/work/shared/data/coco_tiny/val2017")
+COCO = Path(os.environ.get("ICM_TEST_COCO", "/work/shared/data/coco_tiny/val2017"))  # a folder of COCO .jpg
+DEVICE = torch.device(os.environ.get("ICM_TEST_DEVICE", "cpu"))
 # 20 sizes (multiples of 64, square and not) for the random images
 SIZES = [(64, 64), (64, 128), (128, 64), (128, 128), (64, 256), (256, 64), (192, 128), (128, 192), (192, 192),
          (256, 128), (128, 256), (64, 192), (192, 64), (256, 192), (192, 256), (256, 256), (64, 64), (128, 128),
@@ -41,7 +47,16 @@ def _codec(N: int, seed: int = 0):
         model.g_a[-2].weight.mul_(20)
         model.g_a[-2].bias.mul_(20)
     model.update(force=True)
-    return model
+    return model.to(DEVICE)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fp32_convolutions():
+    """TF32 off on a GPU (the default lets cuDNN convolve in TF32: ~1e-3 relative, more than the checks' margin)."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
 
 
 @pytest.fixture(scope="module", params=[48, 192], ids=["N48", "N192"])
@@ -58,7 +73,7 @@ def _random_image(h: int, w: int, seed: int, batch: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(batch, 3, h // 8, w // 8, generator=g)  # smooth structure + noise, values in [0, 1]
     x = 0.7 * F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
-    return (x + 0.3 * torch.rand(batch, 3, h, w, generator=g)).clamp(0, 1)
+    return (x + 0.3 * torch.rand(batch, 3, h, w, generator=g)).clamp(0, 1).to(DEVICE)
 
 
 def _coco_images(n: int = 5, short_side: int = 128) -> list[torch.Tensor]:
@@ -70,7 +85,7 @@ def _coco_images(n: int = 5, short_side: int = 128) -> list[torch.Tensor]:
         scale = short_side / min(img.size)
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
         x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(img.height, img.width, 3)
-        out.append(pad_to_multiple(x.permute(2, 0, 1)[None].float() / 255)[0])
+        out.append(pad_to_multiple(x.permute(2, 0, 1)[None].float().to(DEVICE) / 255)[0])
     return out
 
 
@@ -181,6 +196,24 @@ def test_batch_gives_the_same_strings_as_one_at_a_time(codec):
     assert torch.equal(wavefront.compress(codec, x)["y_hat"][2:], wavefront.compress(codec, x[2:])["y_hat"])
     with pytest.raises(ValueError, match="one padded size"):
         decompress_batch(codec, [batch[0], compress_image(codec, _random_image(64, 64, seed=8))])
+
+
+@torch.no_grad()
+def test_indexes_are_compressais(codec48):
+    """``_Tables.indexes`` (one searchsorted) = ``GaussianConditional.build_indexes`` (CompressAI's loop) exactly, also
+    on the table's own values and one float step either side of them, where a right-side search (or ``<`` for
+    ``<=``) would be off by one, and on 0, negative, huge, inf and NaN scales."""
+    tables = wavefront._Tables(codec48)
+    table = codec48.gaussian_conditional.scale_table.to(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    random = torch.exp(torch.empty(100_000).uniform_(-9, 7, generator=g)).to(DEVICE)
+    edges = torch.cat([table, torch.nextafter(table, table + 1), torch.nextafter(table, table - 1)])
+    special = torch.tensor([0.0, -1.0, 1e30, float("inf"), -float("inf"), float("nan")], device=DEVICE)
+    for scales in (random.reshape(10, 100, 100), edges, special):
+        assert torch.equal(tables.indexes(scales), codec48.gaussian_conditional.build_indexes(scales))
+    assert tables.scale_bounds is not None  # the search was used, not the fallback
+    off = torch.searchsorted(tables.scale_bounds, codec48.gaussian_conditional.lower_bound_scale(edges), right=True)
+    assert not torch.equal(off.int(), codec48.gaussian_conditional.build_indexes(edges))  # the ties matter
 
 
 @torch.no_grad()
