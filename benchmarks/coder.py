@@ -52,6 +52,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", help="a CompressAI cheng2020-attn checkpoint (else random init; N from --config)")
     p.add_argument("--spread", type=float, default=20.0, help="scale of g_a's last convolution (1: as initialised)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:k]: where the codec runs (the rANS coder: the CPU)")
     args = p.parse_args(argv)
     args.configs = args.configs or [_parse_config(c) for c in DEFAULT_CONFIGS]
     if len(args.images) not in (1, len(args.configs)):
@@ -98,10 +99,13 @@ def device_sync(device):
 
 
 def _timed(model, fn) -> tuple[Any, float, float]:
-    """(result, seconds, seconds of it inside g_a / g_s)."""
+    """(result, seconds, seconds of it inside g_a / g_s); on a GPU the span ends when the device's kernels have."""
+    sync = device_sync(next(model.parameters()).device)
     with _transform_timer(model) as spent:
+        sync()
         t0 = time.perf_counter()
         out = fn()
+        sync()
         seconds = time.perf_counter() - t0
     return out, seconds, spent["g_a"] + spent["g_s"]
 
@@ -157,10 +161,11 @@ def run_config(h: int, w: int, N: int, n_images: int, args: argparse.Namespace, 
         decompress_image,
     )
 
-    model = _codec(N, args)
+    model = _codec(N, args).to(args.device)
     source, images = _images(args.data, n_images, h, w, args.seed)
+    images = [x.to(args.device) for x in images]
     with torch.no_grad():
-        model(images[0])  # warm-up: the first call of each layer at a new size is slower
+        model(images[0])  # warm-up: the first call of each layer at a new size is slower (on a GPU: cuDNN's set-up)
     rows: list[dict[str, Any]] = []
     strings: dict[str, list] = {"wavefront": [], "compressai": []}
     for i, x in enumerate(images):
@@ -273,7 +278,17 @@ def run_benchmark(args: argparse.Namespace, run, to_markdown, **conditions: Any)
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _args(argv)
-    return run_benchmark(args, lambda config, n: run_config(*config, n, args), markdown, weights=args.weights)
+    return run_benchmark(args, lambda config, n: run_config(*config, n, args), markdown, weights=args.weights,
+                         device=device_name(args.device))
+
+
+def device_name(device: str) -> str:
+    """``device`` and, for a GPU, its model (the conditions of a report)."""
+    import torch
+
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return f"{device}: {torch.cuda.get_device_name(torch.device(device))}"
+    return device
 
 
 if __name__ == "__main__":

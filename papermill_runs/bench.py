@@ -18,7 +18,8 @@ measures, with the same model, data, seeds and number of steps:
   bound of what caching them could save).
 
 Model: Cheng2020Attention (``--N``, paper 192, random weights) + the aux-enc detection branch of Table 1 + a frozen
-Faster R-CNN (``--recognizer torchvision``: torchvision's R50-FPN v2 with random weights, no download; ``suite``:
+Faster R-CNN (``--recognizer torchvision``: torchvision's R50-FPN v2 with random weights, no download;
+``torchvision-x101``: the paper's X101-32x8d-FPN rebuilt from torchvision parts, random weights; ``suite``:
 the suite's small detector for quick CPU runs). Data: random images (``--image-size``) cropped to ``--crop``.
 The loss trajectories of both modes are in the JSON (same seeds and batches: they should agree within bf16 noise).
 Prints a table; writes ``--out`` atomically. CPU smoke size: ``--device cpu --N 32 --batch-size 2 --crop 64
@@ -39,6 +40,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+#: --recognizer -> the torchvision backend's Faster R-CNN arch (icm_helpers/backends/torchvision_det.py)
+TORCHVISION_ARCHS = {"torchvision": "resnet50_fpn_v2", "torchvision-x101": "resnext101_32x8d_fpn"}
 SUITE_DET = dict(width=8, anchor_sizes=(16, 32, 64, 128, 256), fpn_channels=16, representation=32,
                  box_batch_per_image=32, rpn_post_nms=(50, 50), score_threshold=0.0)
 SUITE_AUX = dict(width=0.125, anchor_sizes=(16, 32, 64, 128, 256), fpn_channels=16, representation=32,
@@ -72,7 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--image-size", type=int, default=None, help="size of the random images (default: crop + 64)")
     p.add_argument("--N", type=int, default=192, help="codec channels (paper: 192)")
-    p.add_argument("--recognizer", choices=("torchvision", "suite"), default="torchvision")
+    p.add_argument("--recognizer", choices=(*TORCHVISION_ARCHS, "suite"), default="torchvision",
+                   help="torchvision: R50-FPN v2; torchvision-x101: the paper's X101-32x8d-FPN rebuilt from "
+                        "torchvision parts (random weights either way); suite: the small CPU detector")
     p.add_argument("--aux-width", type=float, default=None,
                    help="aux branch width (default 1.0; suite recognizer 0.125)")
     p.add_argument("--amp", default="auto", help="bf16 | none | auto (bf16 on CUDA, none on CPU)")
@@ -103,8 +108,9 @@ def build(args, device: str):
     from icm_helpers.training import IcmSpec
 
     torch.manual_seed(args.seed)
-    if args.recognizer == "torchvision":
-        rec = build_recognizer("detection", "torchvision", 90, pretrained=False, score_threshold=0.5)
+    if args.recognizer in TORCHVISION_ARCHS:
+        rec = build_recognizer("detection", "torchvision", 90, arch=TORCHVISION_ARCHS[args.recognizer],
+                               pretrained=False, score_threshold=0.5)
         aux_cfg = {"width": 1.0 if args.aux_width is None else args.aux_width}
         num_classes = 90
     else:

@@ -485,3 +485,24 @@ def test_the_gpu_benchmark_runs_on_cuda(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert report["configs"][0]["all_identical"] and report["conditions"]["device"].startswith("cuda")
+
+
+def test_the_coder_benchmark_runs_on_cuda(tmp_path, monkeypatch):
+    """``benchmarks.coder --device cuda`` (the prepared GPU check of CompressAI's coder vs ours): the codec and images
+    on the device; both coders decode the same image and the batched strings equal the single ones there."""
+    from benchmarks.coder import main
+
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
+    try:
+        with virtual_cuda() as stats:
+            report = main(["--device", "cuda", "--threads", str(threads), "--config", "64x64:16", "--images", "2",
+                           "--data", str(tmp_path / "none"), "--out", str(tmp_path / "b.json")])
+            assert stats["cuda_ops"] > 100
+    finally:
+        torch.set_num_threads(threads)
+    result = report["configs"][0]
+    assert report["conditions"]["device"].startswith("cuda") and result["wavefront_batch"]["same_strings_as_single"]
+    # the two coders sum the context's means in different orders (float noise, ~3e-6 here); one symbol decoded
+    # wrongly moves a latent by >= 1, i.e. decoded pixels by far more than 1e-3
+    assert result["summary"]["max_abs_diff_decoded"] < 1e-3
