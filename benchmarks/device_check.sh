@@ -29,8 +29,8 @@ step() {  # step NAME LIMIT_S COMMAND...: run, log, and record the exit status a
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   nproc
 } > "$out/environment.txt" 2>&1
-step wavefront_tests 150 env ICM_TEST_DEVICE=cuda ICM_TEST_COCO="$coco" \
-  $py -m pytest -q -p no:cacheprovider tests/test_wavefront.py -k "not benchmark_cli" > "$out/wavefront_cuda_tests.txt" 2>&1
+step wavefront_tests 150 env ICM_TEST_DEVICE=cuda ICM_TEST_COCO="$coco" $py -m pytest -q -p no:cacheprovider \
+  tests/test_wavefront.py -k "not benchmark_cli" > "$out/wavefront_cuda_tests.txt" 2>&1
 step coder 150 $py -m benchmarks.coder --device cuda --threads 4 --data "$coco" \
   --config 832x1216:192 --config 128x128:48 --images ${CODER_IMAGES:-3 8} --out "$out/coder_cuda.json"
 step eval_coder 150 $py -m benchmarks.eval_coder --device cuda --threads 4 --data "$coco" \
