@@ -41,7 +41,7 @@ from .data import to_device
 from .distributed import unshard
 from .progress import progress
 from .roi import check_roi, roi_latent_scaling
-from .precision import fp32_detection_heads
+from .precision import fp32_detection_heads, warn_if_slow_bf16
 from .recognizers import IGNORE_INDEX
 from .registry import METRICS
 
@@ -226,6 +226,9 @@ class EvalOptions:
     decode: str = "all"
     batch_images: int = 1
     desc: str = ""
+
+    def __post_init__(self):
+        warn_if_slow_bf16(self.amp, self.device)
 
     @classmethod
     def from_profile(cls, evaluation: dict[str, Any] | None, device: str = "cpu", **fields: Any) -> "EvalOptions":

@@ -117,7 +117,8 @@ def slow_cpu_bf16() -> bool:
 
 
 def warn_if_slow_bf16(amp: str | None, device: str) -> None:
-    """A warning (once per call site) when ``amp`` asks for bf16 on a CPU without fast bf16 kernels."""
+    """A warning (once per call site) when ``amp`` asks for bf16 on a CPU without fast bf16 kernels: training
+    (``with_autocast``) and evaluation (``evaluation.EvalOptions``) both call it."""
     if amp and torch.device(device).type == "cpu" and slow_cpu_bf16():
         warnings.warn(f"amp={amp!r} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no fast bf16 kernels) "
                       f"runs ~100x slower than fp32; set amp: null for CPU runs (amp is a GPU speed knob)",

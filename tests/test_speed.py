@@ -308,18 +308,22 @@ def test_bench_runs_tiny_on_cpu_and_optimized_path_equals_naive_loop(tmp_path):
 
 
 def test_bf16_on_a_cpu_without_fast_kernels_warns(monkeypatch):
-    """amp="bf16" on a CPU whose oneDNN has no fast bf16 kernels warns once with the fix; on a GPU, with fast kernels
-    or without amp it stays silent (the check itself is oneDNN's: stubbed here, so the test is the same on any CPU)."""
+    """amp="bf16" on a CPU whose oneDNN has no fast bf16 kernels warns with the fix, in training (``with_autocast``)
+    and in evaluation (``EvalOptions``); on a GPU, with fast kernels or without amp it stays silent (the check itself
+    is oneDNN's: stubbed here, so the test is the same on any CPU)."""
     import warnings
 
     from icm_helpers import precision
+    from icm_helpers.evaluation import EvalOptions
 
     for slow, amp, device, warns in ((True, "bf16", "cpu", True), (False, "bf16", "cpu", False),
                                      (True, None, "cpu", False), (True, "bf16", "cuda", False)):
         monkeypatch.setattr(precision, "slow_cpu_bf16", lambda slow=slow: slow)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            precision.with_autocast(lambda: None, amp, device)
-        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-        assert bool(messages) == warns, (slow, amp, device, messages)
-        assert not warns or "set amp: null for CPU runs" in messages[0]
+        for make in (lambda: precision.with_autocast(lambda: None, amp, device),
+                     lambda: EvalOptions(amp=amp, device=device)):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                make()
+            messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+            assert bool(messages) == warns, (slow, amp, device, messages)
+            assert not warns or "set amp: null for CPU runs" in messages[0]
